@@ -1,0 +1,45 @@
+"""cubn: batch normalization and moments as hand-written CUDA kernels.
+
+CuPy arrays run the project's CUDA kernels on their device; NumPy arrays run
+a vectorized NumPy implementation. ``import cubn`` needs NumPy only.
+"""
+from . import activations, compat, regularizers
+from ._backend import gpu_available, use_backend
+from .layers import BatchNorm
+from ._version import __version__
+from .ops import (
+    BatchNormGrads,
+    batch_norm_backward,
+    batch_norm_with_global_normalization,
+    batch_normalization,
+    fused_batch_norm,
+    moments,
+    weighted_moments,
+)
+from .io import from_keras, from_torch, load, save, to_torch_state_dict
+from .updates import UPDATE_OPS, UpdateCollection, run_updates
+
+__all__ = [
+    "__version__",
+    "activations",
+    "gpu_available",
+    "use_backend",
+    "moments",
+    "weighted_moments",
+    "batch_normalization",
+    "batch_norm_with_global_normalization",
+    "fused_batch_norm",
+    "batch_norm_backward",
+    "BatchNormGrads",
+    "BatchNorm",
+    "UPDATE_OPS",
+    "UpdateCollection",
+    "run_updates",
+    "regularizers",
+    "compat",
+    "save",
+    "load",
+    "from_keras",
+    "from_torch",
+    "to_torch_state_dict",
+]

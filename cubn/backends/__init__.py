@@ -1,0 +1,1 @@
+"""Backends: NumPy, and the kernel backend with its CuPy and emulated launchers."""

@@ -1,0 +1,160 @@
+"""The seam between the ops and the backends: a few per-channel primitives.
+
+Every op is a sequence of these on a tensor viewed as ``(outer, C, inner)``
+(see ``cubn._plan``). The NumPy backend implements them with vectorized NumPy;
+the kernel backend (CuPy or emulated) with one kernel launch each. All
+per-channel arrays are 1-D of length C in the accumulation dtype.
+
+Normalization is always written ``y = act((x - mean) * scale + shift + side)``:
+subtracting the mean first keeps every digit when |mean| >> std, which the
+folded form ``x * scale + (shift - mean * scale)`` would lose.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What the launch configuration needs to know about a device."""
+
+    name: str
+    multiprocessor_count: int
+    max_threads_per_block: int
+    max_shared_memory_per_block: int
+    warp_size: int = 32
+
+
+class Partials(NamedTuple):
+    """Welford triples per (split, column): arrays of shape (nsplit, C * fold).
+
+    Column j belongs to channel j % C; ``fold > 1`` when a channels-last
+    kernel folded several outer rows into one row to fill its warps.
+    """
+
+    count: Any
+    mean: Any
+    m2: Any
+    fold: int = 1
+
+
+class Sums(NamedTuple):
+    """Backward partial sums S1 = sum(dy'), S2 = sum(dy' (x - mean)), laid out like Partials."""
+
+    s1: Any
+    s2: Any
+    fold: int = 1
+
+
+@dataclass
+class Weights:
+    """Frequency weights of a weighted reduction, in the accumulation dtype.
+
+    ``kind == "outer"``: ``values`` has one weight per group of ``divisor``
+    consecutive outer indices (outer index ``o`` uses ``values[o // divisor]``),
+    which is how ``[N]`` batch weights reach an NHWC tensor without being
+    expanded. ``kind == "full"``: ``values`` has the (outer, C, inner) shape.
+    """
+
+    kind: str
+    values: Any
+    divisor: int = 1
+
+
+@dataclass
+class Renorm:
+    renorm_mean: Any          # pre-update values (C,)
+    renorm_stddev: Any
+    rmin: float = 0.0
+    rmax: float = float("inf")
+    dmax: float = float("inf")
+
+
+@dataclass
+class Fold:
+    """How the statistics become the normalization coefficients.
+
+    ``y = gamma * (adj_scale * (r * xhat + d) + adj_bias) + beta`` with
+    ``xhat = (x - mean) * invstd``; missing pieces are the identity.
+    """
+
+    eps: float
+    gamma: Any = None
+    beta: Any = None
+    adj_scale: Any = None
+    adj_bias: Any = None
+    renorm: Renorm | None = None
+
+
+@dataclass
+class MovingUpdate:
+    """Moving statistics: ``new = old - (old - batch) * a`` (``old`` None: ``new = batch``).
+
+    ``mean_in``/``var_in`` and ``mean_out``/``var_out`` may be the same array
+    (in place). The variance fed in is the batch's Bessel-corrected one when
+    ``bessel`` and the biased one otherwise. With ``zd_biased`` the mean is
+    TF's zero-debiased EMA: ``biased -= (biased - batch) * a`` and
+    ``mean_out = biased / zd_factor`` (``zd_factor = 1 - decay**t``). With
+    renorm, ``renorm_mean``/``renorm_stddev`` move with ``renorm_a`` and
+    ``moving_stddev`` with ``a`` toward ``sqrt(var + eps)``, and
+    ``var_out = max(moving_stddev**2 - eps, 0)``.
+    """
+
+    a: float
+    bessel: bool
+    mean_in: Any = None
+    mean_out: Any = None
+    var_in: Any = None
+    var_out: Any = None
+    zd_biased: Any = None
+    zd_factor: float = 1.0
+    renorm_a: float = 0.0
+    renorm_mean: Any = None
+    renorm_stddev: Any = None
+    moving_stddev: Any = None
+    eps: float = 0.0
+
+
+@dataclass
+class Stats:
+    """Per-channel results of ``finalize``; what backward needs is kept here."""
+
+    count: Any
+    mean: Any
+    var: Any            # biased (population) variance
+    invstd: Any         # 1 / sqrt(var + eps)
+    scale: Any          # y = (x - mean) * scale + shift
+    shift: Any
+    gcoef: Any          # d gamma = gcoef * sum(dy' (x - mean)) + hcoef * sum(dy')
+    hcoef: Any
+    r: Any = None       # renorm corrections (None without renorm)
+    d: Any = None
+
+
+class Affine(NamedTuple):
+    """Folded coefficients: ``y = act((x - mean) * scale + shift + side)``."""
+
+    mean: Any
+    scale: Any
+    shift: Any
+
+
+class RawAffine(NamedTuple):
+    """Inference straight from statistics: ``scale = gamma / sqrt(var + eps)``,
+    ``shift = beta``; computed inside the normalize kernel (one launch)."""
+
+    mean: Any
+    var: Any
+    gamma: Any
+    beta: Any
+    eps: float
+
+
+class BackwardCoeffs(NamedTuple):
+    """``dx = scale * dy' - w * (k1 + k2 * (x - mean))``; dgamma, dbeta per channel."""
+
+    dgamma: Any
+    dbeta: Any
+    k1: Any
+    k2: Any

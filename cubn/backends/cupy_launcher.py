@@ -1,0 +1,100 @@
+"""Launch cubn's kernels on a GPU through CuPy.
+
+Each variant is compiled by NVRTC on first use into its own ``RawModule``
+(so a process pays only for the variants it launches), cached per device in
+memory and by CuPy on disk (``~/.cupy/kernel_cache``, or
+``CUPY_CACHE_DIR``). Launches go on CuPy's current stream; nothing waits.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+from ..kernels import registry
+from .base import DeviceInfo
+
+
+def cuda_include_dirs() -> tuple:
+    """Directories holding cuda_fp16.h / cuda_bf16.h, if they can be found.
+
+    The CUDA toolkit's include directory, or the one of the
+    ``nvidia-cuda-runtime`` wheel; CuPy usually finds them itself, but
+    naming them costs nothing and helps pip-only installs.
+    """
+    found = []
+    candidates = []
+    for var in ("CUDA_PATH", "CUDA_HOME"):
+        if os.environ.get(var):
+            candidates.append(Path(os.environ[var]) / "include")
+    candidates.append(Path("/usr/local/cuda/include"))
+    try:
+        import nvidia
+
+        for base in getattr(nvidia, "__path__", []):
+            candidates.extend(sorted(Path(base).glob("cu*/include")))
+            candidates.extend(sorted(Path(base).glob("cuda_runtime/include")))
+    except ImportError:
+        pass
+    for c in candidates:
+        if (c / "cuda_fp16.h").is_file() and str(c) not in found:
+            found.append(str(c))
+    return tuple(found)
+
+
+def compile_options() -> tuple:
+    """The options cubn passes to CuPy's NVRTC for every kernel."""
+    return registry.NVRTC_OPTIONS + (f"-I{registry.KERNEL_DIR}",) + tuple(f"-I{d}" for d in cuda_include_dirs())
+
+
+class CupyLauncher:
+    name = "cupy"
+
+    def __init__(self, device_id: int = 0):
+        import cupy
+
+        self.xp = cupy
+        self.device_id = int(device_id)
+        self._kernels: dict = {}
+        self._lock = threading.Lock()
+        self._options = compile_options()
+        self._info = None
+
+    def device_info(self) -> DeviceInfo:
+        if self._info is None:
+            cp = self.xp
+            dev = cp.cuda.Device(self.device_id)
+            attrs = dev.attributes
+            props = cp.cuda.runtime.getDeviceProperties(self.device_id)
+            name = props["name"]
+            self._info = DeviceInfo(
+                name=name.decode() if isinstance(name, bytes) else str(name),
+                multiprocessor_count=int(attrs["MultiProcessorCount"]),
+                max_threads_per_block=int(attrs["MaxThreadsPerBlock"]),
+                max_shared_memory_per_block=int(attrs["MaxSharedMemoryPerBlock"]),
+            )
+        return self._info
+
+    def get(self, variant):
+        k = self._kernels.get(variant)
+        if k is None:
+            with self._lock:
+                k = self._kernels.get(variant)
+                if k is None:
+                    with self.xp.cuda.Device(self.device_id):
+                        mod = self.xp.RawModule(
+                            code=variant.path.read_text(), options=self._options,
+                            name_expressions=[variant.name_expression],
+                        )
+                        k = mod.get_function(variant.name_expression)
+                    self._kernels[variant] = k
+        return k
+
+    def launch(self, kernel, grid, block, shared_bytes, args) -> None:
+        # None is a NULL pointer for CuPy; numpy scalars pass by value.
+        with self.xp.cuda.Device(self.device_id):
+            kernel(tuple(grid), tuple(block), tuple(args), shared_mem=int(shared_bytes))
+
+    def empty(self, shape, dtype):
+        with self.xp.cuda.Device(self.device_id):
+            return self.xp.empty(shape, dtype)

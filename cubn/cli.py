@@ -1,0 +1,91 @@
+"""The ``cubn`` command: ``cubn info``, ``cubn demo``, ``cubn bench``."""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+
+def _info(args) -> int:
+    import numpy as np
+
+    import cubn
+    from cubn import _backend
+
+    print(f"cubn        {cubn.__version__}")
+    print(f"python      {platform.python_version()} ({sys.executable})")
+    print(f"numpy       {np.__version__}")
+    cp = _backend.cupy_or_none()
+    print(f"cupy        {getattr(cp, '__version__', 'not installed')}")
+    try:
+        import ml_dtypes
+
+        print(f"ml_dtypes   {ml_dtypes.__version__} (bfloat16 for NumPy)")
+    except ImportError:
+        print("ml_dtypes   not installed (no bfloat16 on NumPy)")
+    print(f"backend     {'cupy (GPU)' if cubn.gpu_available() else 'numpy (CPU)'} -- {_backend.gpu_status()}")
+    if cubn.gpu_available():
+        for i in range(cp.cuda.runtime.getDeviceCount()):
+            p = cp.cuda.runtime.getDeviceProperties(i)
+            name = p["name"].decode() if isinstance(p["name"], bytes) else p["name"]
+            print(f"gpu {i}       {name}, sm_{p['major']}{p['minor']}, {p['multiProcessorCount']} SMs, "
+                  f"{p['totalGlobalMem'] / 2**30:.1f} GiB")
+        from cubn.backends.cupy_launcher import compile_options
+
+        print(f"nvrtc opts  {' '.join(compile_options())}")
+    cupy_cache = os.environ.get("CUPY_CACHE_DIR", str(Path.home() / ".cupy" / "kernel_cache"))
+    print(f"kernel cache (GPU, by CuPy)   {cupy_cache}")
+    from cubn.backends.emulated_launcher import cache_dir
+
+    cxx = os.environ.get("CXX", "g++")
+    print(f"kernel cache (emulated, CPU)  {cache_dir()}  [{cxx}: {'found' if shutil.which(cxx) else 'missing'}]")
+    return 0
+
+
+def _demo(args) -> int:
+    from cubn.demo import run
+
+    res = run(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=args.device,
+              progress=not args.no_progress)
+    return 0 if res["test_accuracy"] >= args.min_accuracy else 1
+
+
+def _bench(args) -> int:
+    try:
+        from cubn.bench_cli import main as bench_main
+    except ImportError as e:  # pragma: no cover
+        print(f"cubn bench is not available: {e}", file=sys.stderr)
+        return 2
+    return bench_main(args)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="cubn", description="Batch normalization and moments as CUDA kernels.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="versions, backend, GPU and kernel caches")
+    p.set_defaults(func=_info)
+    p = sub.add_parser("demo", help="train a small MLP with batch norm on sklearn's digits")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--min-accuracy", type=float, default=0.0,
+                   help="exit with status 1 when the final test accuracy is below this")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_demo)
+    p = sub.add_parser("bench", help="benchmark the kernels against PyTorch and naive CuPy (see docs)")
+    p.add_argument("--out", default="bench-results", help="folder for the JSON, PNG and table")
+    p.add_argument("--quick", action="store_true", help="a few shapes only")
+    p.add_argument("--dtypes", default="float32,float16,bfloat16")
+    p.add_argument("--ops", default=None, help="comma-separated subset of ops")
+    p.add_argument("--repeat", type=int, default=None)
+    p.set_defaults(func=_bench)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,233 @@
+// Batch-norm backward in two passes over memory:
+//   1. cubn_bwd_reduce_{cl,cf}: per-channel partial sums
+//        S1 = sum(dy'),  S2 = sum(dy' * (x - mean)),
+//      where dy' = dy * act'(z) and z = (x - mean) * scale + shift (+ side) is
+//      recomputed from x, never stored. Same layouts and work split as the
+//      moments kernels; cubn_bwd_finalize (finalize.cu) merges the partials.
+//   2. cubn_bwd_apply: dx = scale * dy' - w * (k1 + k2 * (x - mean)), and
+//      d side = dy' when asked (w: batch weights, 1 when unweighted).
+// Sums are deterministic: fixed trees, no atomics.
+#include "common.cuh"
+
+#define CUBN_REDUCE_THREADS 256
+#define CUBN_ELEMENTWISE_THREADS 256
+#define CUBN_UNROLL 4
+
+template <int ACT, typename A>
+__device__ __forceinline__ void bwd_accumulate(A dy, A xv, A sidev, A m, A s, A t, A alpha, A& s1, A& s2) {
+  const A xm = xv - m;
+  A g = dy;
+  if (ACT != ACT_NONE) g *= act_grad<ACT>(xm * s + t + sidev, alpha);
+  s1 += g;
+  s2 += g * xm;
+}
+
+// Channels last: a (rows, cols) matrix, column j is channel j % C.
+template <typename T, int ACT, int VEC>
+__global__ void __launch_bounds__(CUBN_REDUCE_THREADS)
+cubn_bwd_reduce_cl(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ side,
+                   i64 rows, int cols, int C,
+                   const typename AccOf<T>::type* __restrict__ mean,
+                   const typename AccOf<T>::type* __restrict__ scale,
+                   const typename AccOf<T>::type* __restrict__ shift,
+                   typename AccOf<T>::type alpha,
+                   typename AccOf<T>::type* __restrict__ p_s1,
+                   typename AccOf<T>::type* __restrict__ p_s2) {
+  typedef typename AccOf<T>::type A;
+  const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
+  const int j0 = (blockIdx.x * bx + tx) * VEC;
+  const bool active = j0 < cols;
+  const bool has_side = ACT != ACT_NONE && side != nullptr;
+  A m[VEC], s[VEC], t[VEC], s1[VEC], s2[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    s1[k] = A(0); s2[k] = A(0); m[k] = A(0); s[k] = A(0); t[k] = A(0);
+    if (active) {
+      const int c = (j0 + k) % C;
+      m[k] = mean[c];
+      if (ACT != ACT_NONE) { s[k] = scale[c]; t[k] = shift[c]; }
+    }
+  }
+  if (active) {
+    const i64 step = (i64)gridDim.y * by;
+    for (i64 r = (i64)blockIdx.y * by + ty; r < rows; r += step * CUBN_UNROLL) {
+      Vec<T, VEC> dv[CUBN_UNROLL], xv[CUBN_UNROLL], sv[CUBN_UNROLL];
+#pragma unroll
+      for (int u = 0; u < CUBN_UNROLL; ++u) {
+        const i64 ru = r + u * step;
+        if (ru < rows) {
+          dv[u] = load_vec<T, VEC>(dy + ru * cols + j0);
+          xv[u] = load_vec<T, VEC>(x + ru * cols + j0);
+          if (has_side) sv[u] = load_vec<T, VEC>(side + ru * cols + j0);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < CUBN_UNROLL; ++u) {
+        if (r + u * step >= rows) break;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k)
+          bwd_accumulate<ACT, A>(to_acc(dv[u].v[k]), to_acc(xv[u].v[k]), has_side ? to_acc(sv[u].v[k]) : A(0),
+                                 m[k], s[k], t[k], alpha, s1[k], s2[k]);
+      }
+    }
+  }
+  CUBN_DYNAMIC_SHARED(A, sh);
+  const int width = bx * VEC;
+  A* sh1 = sh;
+  A* sh2 = sh + by * width;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    sh1[ty * width + tx * VEC + k] = s1[k];
+    sh2[ty * width + tx * VEC + k] = s2[k];
+  }
+  __syncthreads();
+  for (int st = by >> 1; st > 0; st >>= 1) {
+    if (ty < st) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const int a = ty * width + tx * VEC + k, b = (ty + st) * width + tx * VEC + k;
+        sh1[a] += sh1[b];
+        sh2[a] += sh2[b];
+      }
+    }
+    __syncthreads();
+  }
+  if (ty == 0 && active) {
+    const i64 base = (i64)blockIdx.y * cols + j0;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      p_s1[base + k] = sh1[tx * VEC + k];
+      p_s2[base + k] = sh2[tx * VEC + k];
+    }
+  }
+}
+
+// Channels first: block b reduces chunk (b % nsplit) of channel (b / nsplit).
+template <typename T, int ACT, int VEC>
+__global__ void __launch_bounds__(CUBN_REDUCE_THREADS)
+cubn_bwd_reduce_cf(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ side,
+                   i64 outer, int C, i64 inner, int nsplit, i64 chunk,
+                   const typename AccOf<T>::type* __restrict__ mean,
+                   const typename AccOf<T>::type* __restrict__ scale,
+                   const typename AccOf<T>::type* __restrict__ shift,
+                   typename AccOf<T>::type alpha,
+                   typename AccOf<T>::type* __restrict__ p_s1,
+                   typename AccOf<T>::type* __restrict__ p_s2) {
+  typedef typename AccOf<T>::type A;
+  const int c = blockIdx.x / nsplit, sp = blockIdx.x % nsplit;
+  const bool has_side = ACT != ACT_NONE && side != nullptr;
+  const A m = mean[c];
+  const A s = ACT != ACT_NONE ? scale[c] : A(0);
+  const A t = ACT != ACT_NONE ? shift[c] : A(0);
+  const i64 L = outer * inner;
+  const i64 begin = (i64)sp * chunk;
+  const i64 end = begin + chunk < L ? begin + chunk : L;
+  A s1 = A(0), s2 = A(0);
+  const i64 stride = (i64)blockDim.x * VEC;
+  const i64 so = stride / inner, si = stride - so * inner;
+  i64 j = begin + (i64)threadIdx.x * VEC;
+  i64 o = j / inner, i = j - o * inner;
+  while (j < end) {
+    Vec<T, VEC> dv[CUBN_UNROLL], xv[CUBN_UNROLL], sv[CUBN_UNROLL];
+    int cnt = 0;
+#pragma unroll
+    for (int u = 0; u < CUBN_UNROLL; ++u) {
+      if (j < end) {
+        const i64 off = (o * C + c) * inner + i;
+        dv[u] = load_vec<T, VEC>(dy + off);
+        xv[u] = load_vec<T, VEC>(x + off);
+        if (has_side) sv[u] = load_vec<T, VEC>(side + off);
+        cnt = u + 1;
+        j += stride; o += so; i += si;
+        if (i >= inner) { i -= inner; ++o; }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < CUBN_UNROLL; ++u) {
+      if (u >= cnt) break;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k)
+        bwd_accumulate<ACT, A>(to_acc(dv[u].v[k]), to_acc(xv[u].v[k]), has_side ? to_acc(sv[u].v[k]) : A(0),
+                               m, s, t, alpha, s1, s2);
+    }
+  }
+  __shared__ A sh[64];
+  block_sum2(s1, s2, sh);
+  if (threadIdx.x == 0) {
+    const i64 idx = (i64)sp * C + c;
+    p_s1[idx] = s1;
+    p_s2[idx] = s2;
+  }
+}
+
+// dx (and d side) elementwise over the flat tensor; channel tracking as in
+// cubn_normalize. wmode: 0 unweighted, 1 w[(outer index) / wdiv], 2 w[e].
+template <typename T, int ACT, int VEC>
+__global__ void __launch_bounds__(CUBN_ELEMENTWISE_THREADS)
+cubn_bwd_apply(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ side,
+               T* __restrict__ dx, T* __restrict__ dside, i64 n, int C, i64 inner,
+               const typename AccOf<T>::type* __restrict__ mean,
+               const typename AccOf<T>::type* __restrict__ scale,
+               const typename AccOf<T>::type* __restrict__ shift,
+               const typename AccOf<T>::type* __restrict__ k1,
+               const typename AccOf<T>::type* __restrict__ k2,
+               const typename AccOf<T>::type* __restrict__ w, int wmode, i64 wdiv,
+               typename AccOf<T>::type alpha) {
+  typedef typename AccOf<T>::type A;
+  const bool has_side = ACT != ACT_NONE && side != nullptr;
+  const bool want_dside = dside != nullptr;
+  const i64 nvec = (n + VEC - 1) / VEC;
+  const i64 stride = (i64)gridDim.x * blockDim.x;
+  int cc = -1;
+  A m = A(0), s = A(0), t = A(0), a1 = A(0), a2 = A(0);
+  for (i64 v = (i64)blockIdx.x * blockDim.x + threadIdx.x; v < nvec; v += stride) {
+    const i64 e0 = v * VEC;
+    const bool full = e0 + VEC <= n;
+    Vec<T, VEC> dv, xv, sv, ov, dsv;
+    if (full) {
+      dv = load_vec<T, VEC>(dy + e0);
+      xv = load_vec<T, VEC>(x + e0);
+      if (has_side) sv = load_vec<T, VEC>(side + e0);
+    } else {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        if (e0 + k < n) {
+          dv.v[k] = dy[e0 + k];
+          xv.v[k] = x[e0 + k];
+          if (has_side) sv.v[k] = side[e0 + k];
+        }
+      }
+    }
+    FlatPos pos;
+    pos.seek(e0, inner, C, wmode == 1 ? wdiv : 1);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      if (pos.c != cc) {
+        cc = pos.c;
+        m = mean[cc]; s = scale[cc]; a1 = k1[cc]; a2 = k2[cc];
+        if (ACT != ACT_NONE) t = shift[cc];
+      }
+      const A xm = to_acc(xv.v[k]) - m;
+      A g = to_acc(dv.v[k]);
+      if (ACT != ACT_NONE) g *= act_grad<ACT>(xm * s + t + (has_side ? to_acc(sv.v[k]) : A(0)), alpha);
+      A wt = A(1);
+      if (wmode == 1) wt = w[pos.w];
+      else if (wmode == 2) wt = w[e0 + k];
+      ov.v[k] = Out<T>::cast(s * g - wt * (a1 + a2 * xm));
+      dsv.v[k] = Out<T>::cast(g);
+      pos.next(inner, C, wmode == 1 ? wdiv : 1);
+    }
+    if (full) {
+      store_vec<T, VEC>(dx + e0, ov);
+      if (want_dside) store_vec<T, VEC>(dside + e0, dsv);
+    } else {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        if (e0 + k < n) {
+          dx[e0 + k] = ov.v[k];
+          if (want_dside) dside[e0 + k] = dsv.v[k];
+        }
+      }
+    }
+  }
+}

@@ -1,0 +1,214 @@
+// Shared device code for cubn's kernels: types, vector access, Welford/Chan
+// merges, warp/block reductions, fused activations, and flat-index walking.
+//
+// Every kernel is compiled by NVRTC (CuPy) for the GPU and by g++ with
+// shim/cuda_shim.h for the emulated backend, so this file keeps to the CUDA
+// subset the shim models (see docs/emulator.md).
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+typedef long long i64;
+
+#ifdef CUBN_EMULATED
+#define CUBN_DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(cubn_emu::dynamic_shared())
+#else
+#define CUBN_DYNAMIC_SHARED(T, name) \
+  extern __shared__ __align__(16) unsigned char cubn_dyn_smem_[]; \
+  T* name = reinterpret_cast<T*>(cubn_dyn_smem_)
+#endif
+
+// ---------------------------------------------------------------------------
+// Types: statistics accumulate in float for 16-bit inputs, else in T itself.
+// ---------------------------------------------------------------------------
+template <typename T> struct AccOf { typedef float type; };
+template <> struct AccOf<double> { typedef double type; };
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> struct Out;
+template <> struct Out<float> { __device__ static float cast(float v) { return v; } };
+template <> struct Out<double> { __device__ static double cast(double v) { return v; } };
+template <> struct Out<__half> { __device__ static __half cast(float v) { return __float2half_rn(v); } };
+template <> struct Out<__nv_bfloat16> {
+  __device__ static __nv_bfloat16 cast(float v) { return __float2bfloat16_rn(v); }
+};
+
+// 16-byte vectors: VEC = 16 / sizeof(T) elements per load when aligned.
+template <typename T, int N> struct alignas(sizeof(T) * N) Vec { T v[N]; };
+
+template <typename T, int N>
+__device__ __forceinline__ Vec<T, N> load_vec(const T* p) {
+  return *reinterpret_cast<const Vec<T, N>*>(p);
+}
+template <typename T, int N>
+__device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {
+  *reinterpret_cast<Vec<T, N>*>(p) = v;
+}
+
+// ---------------------------------------------------------------------------
+// Welford triples and Chan's merge: never E[x^2] - E[x]^2.
+// ---------------------------------------------------------------------------
+template <typename A>
+__device__ __forceinline__ void chan_merge(A& n, A& mean, A& m2, A nb, A mb, A m2b) {
+  A nn = n + nb;
+  if (nn == A(0)) return;  // both empty (or cancelling zero weights): keep zeros
+  A delta = mb - mean;
+  A fb = nb / nn;
+  mean += delta * fb;
+  m2 += m2b + delta * delta * n * fb;
+  n = nn;
+}
+
+// Tree merge over the 32 lanes; the result is valid in lane 0.
+template <typename A>
+__device__ __forceinline__ void warp_chan_merge(A& n, A& mean, A& m2) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    A nb = __shfl_down_sync(0xffffffffu, n, off);
+    A mb = __shfl_down_sync(0xffffffffu, mean, off);
+    A m2b = __shfl_down_sync(0xffffffffu, m2, off);
+    chan_merge(n, mean, m2, nb, mb, m2b);
+  }
+}
+
+template <typename A>
+__device__ __forceinline__ A warp_sum(A v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// Block-wide Chan merge for 1-D blocks (blockDim.x a multiple of 32, <= 1024);
+// the result is valid in thread 0. `sh` holds 3 * 32 values.
+template <typename A>
+__device__ __forceinline__ void block_chan_merge(A& n, A& mean, A& m2, A* sh) {
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  warp_chan_merge(n, mean, m2);
+  if (lane == 0) { sh[wid] = n; sh[32 + wid] = mean; sh[64 + wid] = m2; }
+  __syncthreads();
+  if (wid == 0) {
+    n = lane < nw ? sh[lane] : A(0);
+    mean = lane < nw ? sh[32 + lane] : A(0);
+    m2 = lane < nw ? sh[64 + lane] : A(0);
+    warp_chan_merge(n, mean, m2);
+  }
+}
+
+// Block-wide sum of two values for 1-D blocks; valid in thread 0. `sh`: 2 * 32.
+template <typename A>
+__device__ __forceinline__ void block_sum2(A& a, A& b, A* sh) {
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  a = warp_sum(a);
+  b = warp_sum(b);
+  if (lane == 0) { sh[wid] = a; sh[32 + wid] = b; }
+  __syncthreads();
+  if (wid == 0) {
+    a = warp_sum(lane < nw ? sh[lane] : A(0));
+    b = warp_sum(lane < nw ? sh[32 + lane] : A(0));
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Activations (ids match cubn/activations.py). fwd: act(z); grad: act'(z).
+// ---------------------------------------------------------------------------
+enum { ACT_NONE = 0, ACT_RELU = 1, ACT_RELU6 = 2, ACT_LEAKY_RELU = 3, ACT_ELU = 4, ACT_SIGMOID = 5,
+       ACT_TANH = 6, ACT_GELU = 7, ACT_GELU_TANH = 8, ACT_SILU = 9 };
+
+__device__ __forceinline__ float m_exp(float v) { return expf(v); }
+__device__ __forceinline__ double m_exp(double v) { return exp(v); }
+__device__ __forceinline__ float m_expm1(float v) { return expm1f(v); }
+__device__ __forceinline__ double m_expm1(double v) { return expm1(v); }
+__device__ __forceinline__ float m_tanh(float v) { return tanhf(v); }
+__device__ __forceinline__ double m_tanh(double v) { return tanh(v); }
+__device__ __forceinline__ float m_erf(float v) { return erff(v); }
+__device__ __forceinline__ double m_erf(double v) { return erf(v); }
+__device__ __forceinline__ float m_sqrt(float v) { return sqrtf(v); }
+__device__ __forceinline__ double m_sqrt(double v) { return sqrt(v); }
+__device__ __forceinline__ float m_rsqrt(float v) { return rsqrtf(v); }
+__device__ __forceinline__ double m_rsqrt(double v) { return rsqrt(v); }
+__device__ __forceinline__ float m_max(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double m_max(double a, double b) { return fmax(a, b); }
+__device__ __forceinline__ float m_min(float a, float b) { return fminf(a, b); }
+__device__ __forceinline__ double m_min(double a, double b) { return fmin(a, b); }
+
+template <typename A>
+__device__ __forceinline__ A sigmoid(A z) {
+  // exp of -|z| never overflows
+  A e = m_exp(-(z < A(0) ? -z : z));
+  return z >= A(0) ? A(1) / (A(1) + e) : e / (A(1) + e);
+}
+
+template <int ACT, typename A>
+__device__ __forceinline__ A act_fwd(A z, A alpha) {
+  if (ACT == ACT_NONE) return z;
+  if (ACT == ACT_RELU) return z > A(0) ? z : A(0);
+  if (ACT == ACT_RELU6) return z > A(0) ? (z < A(6) ? z : A(6)) : A(0);
+  if (ACT == ACT_LEAKY_RELU) return z > A(0) ? z : alpha * z;
+  if (ACT == ACT_ELU) return z > A(0) ? z : alpha * m_expm1(z);
+  if (ACT == ACT_SIGMOID) return sigmoid(z);
+  if (ACT == ACT_TANH) return m_tanh(z);
+  if (ACT == ACT_GELU) return A(0.5) * z * (A(1) + m_erf(z * A(0.70710678118654752440)));
+  if (ACT == ACT_GELU_TANH) {
+    const A k = A(0.79788456080286535588), c = A(0.044715);
+    return A(0.5) * z * (A(1) + m_tanh(k * (z + c * z * z * z)));
+  }
+  if (ACT == ACT_SILU) return z * sigmoid(z);
+  return z;
+}
+
+template <int ACT, typename A>
+__device__ __forceinline__ A act_grad(A z, A alpha) {
+  if (ACT == ACT_NONE) return A(1);
+  if (ACT == ACT_RELU) return z > A(0) ? A(1) : A(0);
+  if (ACT == ACT_RELU6) return (z > A(0) && z < A(6)) ? A(1) : A(0);
+  if (ACT == ACT_LEAKY_RELU) return z > A(0) ? A(1) : alpha;
+  if (ACT == ACT_ELU) return z > A(0) ? A(1) : alpha * m_exp(z);
+  if (ACT == ACT_SIGMOID) { A s = sigmoid(z); return s * (A(1) - s); }
+  if (ACT == ACT_TANH) { A t = m_tanh(z); return A(1) - t * t; }
+  if (ACT == ACT_GELU) {
+    A cdf = A(0.5) * (A(1) + m_erf(z * A(0.70710678118654752440)));
+    A pdf = A(0.39894228040143267794) * m_exp(A(-0.5) * z * z);
+    return cdf + z * pdf;
+  }
+  if (ACT == ACT_GELU_TANH) {
+    const A k = A(0.79788456080286535588), c = A(0.044715);
+    A t = m_tanh(k * (z + c * z * z * z));
+    return A(0.5) * (A(1) + t) + A(0.5) * z * (A(1) - t * t) * k * (A(1) + A(3) * c * z * z);
+  }
+  if (ACT == ACT_SILU) { A s = sigmoid(z); return s * (A(1) + z * (A(1) - s)); }
+  return A(1);
+}
+
+// ---------------------------------------------------------------------------
+// Walking a flat (outer, C, inner) index: channel and weight index of each
+// element, with divisions only once per thread-step.
+// ---------------------------------------------------------------------------
+struct FlatPos {
+  i64 i;     // position inside the inner run
+  int c;     // channel
+  i64 w;     // weight index (outer index / wdiv)
+  i64 wrem;  // outer index % wdiv
+
+  __device__ __forceinline__ void seek(i64 e, i64 inner, int C, i64 wdiv) {
+    i64 row = e / inner;
+    i = e - row * inner;
+    i64 o = row / C;
+    c = int(row - o * C);
+    w = o / wdiv;
+    wrem = o - w * wdiv;
+  }
+  __device__ __forceinline__ void next(i64 inner, int C, i64 wdiv) {
+    if (++i == inner) {
+      i = 0;
+      if (++c == C) {
+        c = 0;
+        if (++wrem == wdiv) { wrem = 0; ++w; }
+      }
+    }
+  }
+};

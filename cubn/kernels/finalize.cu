@@ -1,0 +1,174 @@
+// Per-channel finalize steps, one warp per channel (4 channels per block):
+//   cubn_bn_finalize  merges the Welford partials of a channel (Chan, fixed
+//                     order), then writes mean, biased variance, 1/std, the
+//                     folded normalization coefficients and, when asked, the
+//                     moving-statistics update -- all in one launch, so no
+//                     statistic goes back to the host.
+//   cubn_bn_update    the same moving-statistics update, later, from saved
+//                     batch statistics (deferred UPDATE_OPS).
+//   cubn_bwd_finalize merges the backward partial sums and turns them into
+//                     d gamma, d beta and the two dx coefficients.
+// Partial p of channel c lives at row p / fold, column c + (p % fold) * C of
+// a (rows, C * fold) array (fold > 1: the channels-last kernels folded
+// several outer rows into one matrix row).
+#include "common.cuh"
+
+#define CUBN_FINALIZE_THREADS 128
+
+template <typename A>
+__device__ __forceinline__ i64 partial_index(int p, int C, int fold, int c) {
+  const int row = p / fold, m = p - row * fold;
+  return (i64)row * C * fold + (i64)m * C + c;
+}
+
+// Moving statistics (see backends/base.py MovingUpdate for the formulas).
+// Pointers may alias their "_in" counterparts: each channel is read then
+// written by one thread.
+template <typename A>
+__device__ __forceinline__ void moving_update(
+    int c, A bm, A bv, A n, A eps,
+    A a, int bessel, const A* mm_in, A* mm_out, const A* mv_in, A* mv_out,
+    A* zd_biased, A zd_factor, A renorm_a, A* rn_mean, A* rn_std, A* moving_std) {
+  const A sd = m_sqrt(bv + eps);
+  if (rn_mean != nullptr) {
+    rn_mean[c] = rn_mean[c] - (rn_mean[c] - bm) * renorm_a;
+    rn_std[c] = rn_std[c] - (rn_std[c] - sd) * renorm_a;
+  }
+  if (mm_out != nullptr) {
+    if (zd_biased != nullptr) {
+      const A b = zd_biased[c] - (zd_biased[c] - bm) * a;
+      zd_biased[c] = b;
+      mm_out[c] = b / zd_factor;
+    } else if (mm_in != nullptr) {
+      mm_out[c] = mm_in[c] - (mm_in[c] - bm) * a;
+    } else {
+      mm_out[c] = bm;
+    }
+  }
+  if (mv_out != nullptr) {
+    const A v = bessel ? bv * (n / m_max(n - A(1), A(1))) : bv;
+    if (moving_std != nullptr) {
+      const A s = moving_std[c] - (moving_std[c] - sd) * a;
+      moving_std[c] = s;
+      mv_out[c] = m_max(s * s - eps, A(0));
+    } else if (mv_in != nullptr) {
+      mv_out[c] = mv_in[c] - (mv_in[c] - v) * a;
+    } else {
+      mv_out[c] = v;
+    }
+  }
+}
+
+template <typename A>
+__global__ void __launch_bounds__(CUBN_FINALIZE_THREADS)
+cubn_bn_finalize(int C, int nparts, int fold,
+                 const A* p_count, const A* p_mean, const A* p_m2,
+                 const A* given_mean, const A* given_var, A eps,
+                 const A* gamma, const A* beta, const A* adj_scale, const A* adj_bias,
+                 const A* renorm_mean, const A* renorm_std, A rmin, A rmax, A dmax,
+                 A* o_count, A* o_mean, A* o_var, A* o_invstd, A* o_scale, A* o_shift,
+                 A* o_g, A* o_h, A* o_r, A* o_d,
+                 A upd_a, int bessel, const A* mm_in, A* mm_out, const A* mv_in, A* mv_out,
+                 A* zd_biased, A zd_factor, A renorm_a, A* rn_mean_io, A* rn_std_io, A* moving_std_io) {
+  const int lane = threadIdx.x & 31;
+  const int c = blockIdx.x * (CUBN_FINALIZE_THREADS / 32) + (threadIdx.x >> 5);
+  if (c >= C) return;  // a whole warp leaves together
+  A n = A(0), mean = A(0), m2 = A(0);
+  if (p_count != nullptr) {
+    const int total = nparts * fold;
+    for (int p = lane; p < total; p += 32) {
+      const i64 k = partial_index<A>(p, C, fold, c);
+      chan_merge(n, mean, m2, p_count[k], p_mean[k], p_m2[k]);
+    }
+    warp_chan_merge(n, mean, m2);
+  }
+  if (lane != 0) return;
+  A var;
+  if (p_count != nullptr) {
+    if (n > A(0)) {
+      var = m_max(m2 / n, A(0));
+    } else {  // no data: undefined statistics, as 0/0
+      mean = m_sqrt(A(-1));
+      var = mean;
+    }
+  } else {
+    mean = given_mean[c];
+    var = given_var[c];
+  }
+  if (o_count != nullptr) o_count[c] = n;
+  if (o_mean != nullptr) o_mean[c] = mean;
+  if (o_var != nullptr) o_var[c] = var;
+  const A invstd = A(1) / m_sqrt(var + eps);
+  if (o_invstd != nullptr) o_invstd[c] = invstd;
+  if (o_scale != nullptr) {
+    const A g1 = gamma != nullptr ? gamma[c] : A(1);
+    const A b1 = beta != nullptr ? beta[c] : A(0);
+    const A as = adj_scale != nullptr ? adj_scale[c] : A(1);
+    const A ab = adj_bias != nullptr ? adj_bias[c] : A(0);
+    A g, h;
+    if (renorm_mean != nullptr) {
+      // Batch renormalization: r and d from the pre-update renorm statistics.
+      const A sd = m_sqrt(var + eps);
+      const A rs = m_max(renorm_std[c], m_sqrt(eps));
+      const A r = m_min(m_max(sd / rs, rmin), rmax);
+      const A d = m_min(m_max((mean - renorm_mean[c]) / rs, -dmax), dmax);
+      if (o_r != nullptr) { o_r[c] = r; o_d[c] = d; }
+      g = as * r * invstd;
+      h = as * d + ab;
+    } else {
+      g = as * invstd;
+      h = ab;
+    }
+    o_scale[c] = g1 * g;
+    o_shift[c] = g1 * h + b1;
+    if (o_g != nullptr) { o_g[c] = g; o_h[c] = h; }
+  }
+  moving_update<A>(c, mean, var, n, eps, upd_a, bessel, mm_in, mm_out, mv_in, mv_out,
+                   zd_biased, zd_factor, renorm_a, rn_mean_io, rn_std_io, moving_std_io);
+}
+
+template <typename A>
+__global__ void __launch_bounds__(CUBN_FINALIZE_THREADS)
+cubn_bn_update(int C, const A* mean, const A* var, const A* count, A eps,
+               A upd_a, int bessel, const A* mm_in, A* mm_out, const A* mv_in, A* mv_out,
+               A* zd_biased, A zd_factor, A renorm_a, A* rn_mean_io, A* rn_std_io, A* moving_std_io) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  moving_update<A>(c, mean[c], var[c], count[c], eps, upd_a, bessel, mm_in, mm_out, mv_in, mv_out,
+                   zd_biased, zd_factor, renorm_a, rn_mean_io, rn_std_io, moving_std_io);
+}
+
+// dgamma = g * S2 + h * S1, dbeta = S1, and for training statistics
+// k1 = scale * S1 / n, k2 = scale * invstd^2 * S2 / n, so that
+// dx = scale * dy' - w * (k1 + k2 * (x - mean)).
+template <typename A>
+__global__ void __launch_bounds__(CUBN_FINALIZE_THREADS)
+cubn_bwd_finalize(int C, int nparts, int fold, const A* s1p, const A* s2p,
+                  const A* count, const A* invstd, const A* scale, const A* g, const A* h, int training,
+                  A* dgamma, A* dbeta, A* k1, A* k2) {
+  const int lane = threadIdx.x & 31;
+  const int c = blockIdx.x * (CUBN_FINALIZE_THREADS / 32) + (threadIdx.x >> 5);
+  if (c >= C) return;
+  A s1 = A(0), s2 = A(0);
+  const int total = nparts * fold;
+  for (int p = lane; p < total; p += 32) {
+    const i64 k = partial_index<A>(p, C, fold, c);
+    s1 += s1p[k];
+    s2 += s2p[k];
+  }
+  s1 = warp_sum(s1);
+  s2 = warp_sum(s2);
+  if (lane != 0) return;
+  dgamma[c] = g[c] * s2 + h[c] * s1;
+  dbeta[c] = s1;
+  if (training) {
+    const A nn = count[c];
+    const A inv_n = nn > A(0) ? A(1) / nn : A(0);
+    const A is = invstd[c];
+    k1[c] = scale[c] * s1 * inv_n;
+    k2[c] = scale[c] * is * is * s2 * inv_n;
+  } else {
+    k1[c] = A(0);
+    k2[c] = A(0);
+  }
+}

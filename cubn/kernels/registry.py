@@ -1,0 +1,125 @@
+"""Every kernel variant cubn can launch.
+
+A variant is one template instantiation of one kernel in one ``.cu`` file.
+The kernel backend obtains variants only through the constructors below,
+which refuse anything not in :func:`all_variants`; the NVRTC test compiles
+exactly :func:`all_variants`, and the emulated launcher builds them per
+source file, so no launchable variant escapes either.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import _dtypes
+from ..activations import KERNEL_IDS
+
+KERNEL_DIR = Path(__file__).resolve().parent
+SOURCES = ("moments.cu", "finalize.cu", "normalize.cu", "backward.cu", "preprocess.cu")
+
+# Options the CuPy launcher passes to NVRTC (the NVRTC test adds only the
+# target architecture and include directories).
+NVRTC_OPTIONS = ("--std=c++17",)
+# What CuPy's RawModule adds on its own before calling NVRTC (besides -arch):
+# the NVRTC test compiles with these too, so it sees what the GPU gets.
+CUPY_ADDED_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
+
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+ACC_DTYPES = ("float32", "float64")
+
+
+def vector_widths(dtype) -> tuple:
+    """Elements per access a kernel may use: powers of two up to 16 bytes."""
+    size = 2 if _dtypes.name_of(dtype) in ("float16", "bfloat16") else (4 if _dtypes.name_of(dtype) == "float32" else 8)
+    return tuple(v for v in (1, 2, 4, 8) if v * size <= 16)
+
+
+@dataclass(frozen=True)
+class Variant:
+    source: str
+    kernel: str
+    targs: tuple
+
+    @property
+    def name_expression(self) -> str:
+        return f"{self.kernel}<{', '.join(self.targs)}>"
+
+    @property
+    def path(self) -> Path:
+        return KERNEL_DIR / self.source
+
+
+def _ct(dtype) -> str:
+    return _dtypes.CTYPES[_dtypes.name_of(dtype)]
+
+
+@functools.lru_cache(maxsize=None)
+def all_variants() -> tuple:
+    out = []
+    for dt in DTYPES:
+        t = _dtypes.CTYPES[dt]
+        vmax = vector_widths(dt)[-1]
+        for layout in ("cl", "cf"):
+            for wmode in (0, 1, 2):
+                for v in vector_widths(dt):
+                    out.append(Variant("moments.cu", f"cubn_moments_{layout}", (t, str(wmode), str(v))))
+            for act in KERNEL_IDS:
+                for v in vector_widths(dt):
+                    out.append(Variant("backward.cu", f"cubn_bwd_reduce_{layout}", (t, str(act), str(v))))
+        for act in KERNEL_IDS:
+            for v in sorted({1, vmax}):
+                for raw in (0, 1):
+                    out.append(Variant("normalize.cu", "cubn_normalize", (t, str(act), str(v), str(raw))))
+                out.append(Variant("backward.cu", "cubn_bwd_apply", (t, str(act), str(v))))
+    for a in ACC_DTYPES:
+        t = _dtypes.CTYPES[a]
+        for k in ("cubn_bn_finalize", "cubn_bn_update", "cubn_bwd_finalize"):
+            out.append(Variant("finalize.cu", k, (t,)))
+    out.extend(_preprocess_variants())
+    return tuple(out)
+
+
+def _preprocess_variants() -> list:
+    """Image-normalization variants (preprocess.cu), when that source exists."""
+    try:
+        from ..preprocessing.image import kernel_variants
+    except ImportError:
+        return []
+    return list(kernel_variants(Variant))
+
+
+@functools.lru_cache(maxsize=None)
+def _known() -> frozenset:
+    return frozenset(all_variants())
+
+
+def variants_for_source(source: str) -> list:
+    return [v for v in all_variants() if v.source == source]
+
+
+def _checked(v: Variant) -> Variant:
+    if v not in _known():
+        raise KeyError(f"kernel variant {v.name_expression} ({v.source}) is not registered")
+    return v
+
+
+# -- constructors used by the kernel backend ---------------------------------
+def moments(dtype, layout: str, wmode: int, vec: int) -> Variant:
+    return _checked(Variant("moments.cu", f"cubn_moments_{layout}", (_ct(dtype), str(wmode), str(vec))))
+
+
+def normalize(dtype, act_id: int, vec: int, raw: bool) -> Variant:
+    return _checked(Variant("normalize.cu", "cubn_normalize", (_ct(dtype), str(act_id), str(vec), str(int(raw)))))
+
+
+def bwd_reduce(dtype, layout: str, act_id: int, vec: int) -> Variant:
+    return _checked(Variant("backward.cu", f"cubn_bwd_reduce_{layout}", (_ct(dtype), str(act_id), str(vec))))
+
+
+def bwd_apply(dtype, act_id: int, vec: int) -> Variant:
+    return _checked(Variant("backward.cu", "cubn_bwd_apply", (_ct(dtype), str(act_id), str(vec))))
+
+
+def finalize_kernel(name: str, acc) -> Variant:
+    return _checked(Variant("finalize.cu", name, (_ct(acc),)))

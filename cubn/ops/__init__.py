@@ -1,0 +1,14 @@
+"""Functional ops: stateless, one call per op (CONTRACT §2)."""
+from .backward import BatchNormGrads, batch_norm_backward
+from .moments import moments, weighted_moments
+from .normalization import batch_norm_with_global_normalization, batch_normalization, fused_batch_norm
+
+__all__ = [
+    "moments",
+    "weighted_moments",
+    "batch_normalization",
+    "batch_norm_with_global_normalization",
+    "fused_batch_norm",
+    "batch_norm_backward",
+    "BatchNormGrads",
+]

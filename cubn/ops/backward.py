@@ -1,0 +1,101 @@
+"""``batch_norm_backward``: gradients of (fused) batch normalization."""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from .. import _dtypes, activations
+from .._backend import select
+from .._checks import arg_error, check_float_input, check_positive_epsilon
+from .._plan import plan_for_channels
+from ..backends.base import Fold
+from ._args import as_like, channel_param, make_weights
+from .normalization import ForwardContext, bn_backward, check_side_input, check_training_batch
+
+
+class BatchNormGrads(NamedTuple):
+    """Gradients w.r.t. x, scale (gamma), offset (beta) and side_input."""
+
+    dx: Any
+    dscale: Any
+    doffset: Any
+    dside_input: Any
+
+
+def batch_norm_backward(dy, x, scale, mean, variance, epsilon=1e-3, *, offset=None, data_format="NHWC",
+                        is_training=True, activation=None, side_input=None, batch_weights=None,
+                        renorm_r=None, renorm_d=None):
+    """Gradients of ``y = act((x − mean)/sqrt(variance + eps)·scale + offset + side_input)``.
+
+    ``mean``/``variance`` are the statistics the forward pass normalized
+    with: the batch's mean and *biased* variance when ``is_training`` (the
+    gradient then flows through them), the running ones otherwise (constants).
+    The activation's derivative is fused: the pre-activation is recomputed
+    from ``x`` (and ``offset``, ``side_input``), never stored. With
+    ``renorm_r``/``renorm_d`` the forward was batch renormalization,
+    ``((x − mean)/σ·r + d)·scale + offset``, with r and d held constant.
+    ``batch_weights`` ([N]) are the forward's frequency weights.
+
+    Three kernel launches: per-channel sums of dy' and dy'·(x − mean), their
+    merge, and one elementwise pass for dx (and d side_input).
+
+    Returns:
+        :class:`BatchNormGrads` ``(dx, dscale, doffset, dside_input)``;
+        ``dscale``/``doffset`` in the accumulation dtype, ``dside_input``
+        None when there is no side input.
+    """
+    func = "batch_norm_backward"
+    check_float_input(func, "dy", dy)
+    check_float_input(func, "x", x)
+    backend = select(func, "x", x, dy=dy, scale=scale, mean=mean, variance=variance, offset=offset,
+                     side_input=side_input, batch_weights=batch_weights, renorm_r=renorm_r, renorm_d=renorm_d)
+    xp = backend.xp
+    if tuple(dy.shape) != tuple(x.shape):
+        raise arg_error(ValueError, func, "dy", f"x's shape {tuple(x.shape)}", f"shape {tuple(dy.shape)}")
+    if dy.dtype != x.dtype:
+        raise arg_error(TypeError, func, "dy", f"x's dtype {x.dtype}", f"dtype {dy.dtype}")
+    eps = check_positive_epsilon(func, "epsilon", epsilon)
+    act = activations.get(activation, func)
+    plan = plan_for_channels(x.shape, data_format, func)
+    acc = _dtypes.acc_dtype(x.dtype)
+    check_side_input(func, side_input, x)
+    p = lambda name, v, req=False: channel_param(func, name, v, plan, xp, acc, required=req)  # noqa: E731
+    gamma, beta = p("scale", scale), p("offset", offset)
+    m, v = p("mean", mean, True), p("variance", variance, True)
+    r, d = p("renorm_r", renorm_r), p("renorm_d", renorm_d)
+    if (r is None) != (d is None):
+        raise arg_error(ValueError, func, "renorm_d" if d is None else "renorm_r", "renorm_r and renorm_d together", "only one of them")
+    if is_training:
+        check_training_batch(func, plan, x)
+    weights = None
+    if batch_weights is not None:
+        w = as_like(func, "batch_weights", batch_weights, x, xp)
+        if w.ndim != 1 or w.shape[0] != x.shape[0]:
+            raise arg_error(ValueError, func, "batch_weights", f"shape ({x.shape[0]},)", f"shape {tuple(w.shape)}")
+        weights = make_weights(func, "batch_weights", w, x.shape, plan, xp, acc)
+    fold = Fold(eps, gamma, beta)
+    stats = backend.finalize(None, acc, fold, given=(m, v))
+    if r is not None:
+        # y = ((x - mean)·invstd·r + d)·gamma + beta, with r and d constants
+        g1 = 1 if gamma is None else gamma
+        stats.r, stats.d = r, d
+        stats.gcoef = r * stats.invstd
+        stats.hcoef = d
+        stats.scale = stats.gcoef * g1
+        stats.shift = d * g1 + (0 if beta is None else beta)
+    stats.count = _counts(plan, weights, xp, acc)
+    x3, dy3 = plan.view3(x), plan.view3(dy)
+    side3 = None if side_input is None else plan.view3(side_input)
+    ctx = ForwardContext(backend, plan, acc, x3, side3, act, bool(is_training), fold, stats=stats,
+                         weights=weights, x_dtype=x.dtype, side_dtype=None if side3 is None else side3.dtype)
+    dx3, dgamma, dbeta, dside3 = bn_backward(ctx, dy3, side_input is not None)
+    return BatchNormGrads(plan.unview3(dx3), dgamma, dbeta, None if dside3 is None else plan.unview3(dside3))
+
+
+def _counts(plan, weights, xp, acc):
+    """Per-channel sample count (or weight total) of the forward statistics."""
+    if weights is None:
+        return xp.full(plan.channels, plan.per_channel, dtype=acc)
+    if weights.kind == "outer":
+        total = weights.values.sum() * (weights.divisor * plan.inner)
+        return xp.full(plan.channels, 0, dtype=acc) + total.astype(acc)
+    return weights.values.sum(axis=(0, 2)).astype(acc)

@@ -1,0 +1,87 @@
+"""``moments`` and ``weighted_moments``: tf.nn.moments / tf.nn.weighted_moments."""
+from __future__ import annotations
+
+from .. import _dtypes
+from .._backend import select
+from .._checks import arg_error, check_float_input
+from .._plan import plan_for_reduction
+from ._args import as_like, make_weights
+
+
+def _reduce(func, x, axes, keepdims, weights_arg=None, weights_name="weights"):
+    check_float_input(func, "x", x)
+    backend = select(func, "x", x, **({weights_name: weights_arg} if weights_arg is not None else {}))
+    xp = backend.xp
+    plan = plan_for_reduction(x.shape, axes, func)
+    acc = _dtypes.acc_dtype(x.dtype)
+    out_shape = plan.keepdims_shape if keepdims else plan.stat_shape
+    if plan.channels == 0:
+        empty = xp.empty(out_shape, dtype=x.dtype)
+        return empty, empty.copy()
+    weights = None
+    x3 = plan.view3(x)
+    if weights_arg is not None and plan.per_channel > 0:
+        w = as_like(func, weights_name, weights_arg, x, xp)
+        weights = make_weights(func, weights_name, w, x.shape, plan, xp, acc)
+    elif weights_arg is not None:
+        as_like(func, weights_name, weights_arg, x, xp)
+    partials = backend.welford_partials(plan, x3, acc, weights)
+    stats = backend.finalize(partials, acc, fold=None)
+    mean = stats.mean.astype(x.dtype, copy=False).reshape(out_shape)
+    var = stats.var.astype(x.dtype, copy=False).reshape(out_shape)
+    return mean, var
+
+
+def moments(x, axes, *, keepdims=False, shift=None, name=None, keep_dims=None):
+    """Mean and population variance of ``x`` over ``axes`` (``tf.nn.moments``).
+
+    Welford per thread and Chan merges on the GPU; two-pass on NumPy. Both
+    stay exact where ``E[x²] − E[x]²`` cancels catastrophically (data with
+    a large offset). Accumulates in float32 for 16-bit inputs and in the
+    input's precision otherwise; results have ``x``'s dtype.
+
+    Args:
+        x: float array (numpy or cupy), any rank.
+        axes: the axes to reduce (ints; negative allowed).
+        keepdims: keep the reduced axes with length 1.
+        shift, name: accepted for TensorFlow compatibility and unused (as in TF 2).
+        keep_dims: deprecated TF 1 alias of ``keepdims``.
+
+    Returns:
+        ``(mean, variance)``. A reduction over zero elements gives NaN.
+    """
+    if keep_dims is not None:
+        keepdims = bool(keep_dims)
+    return _reduce("moments", x, axes, keepdims)
+
+
+def weighted_moments(x, axes, weights=None, *, keepdims=False, frequency_weights=None, name=None, keep_dims=None):
+    """Frequency-weighted mean and variance (``tf.nn.weighted_moments``).
+
+    ``mean = sum(w·x) / sum(w)`` and ``variance = sum(w·(x − mean)²) / sum(w)``.
+
+    Args:
+        x: float array (numpy or cupy).
+        axes: the axes to reduce.
+        weights: non-negative weights broadcastable to ``x``; a 1-D vector of
+            length ``x.shape[0]`` is one weight per batch item. Elements with
+            weight 0 are skipped, so an Inf/NaN there does not spread.
+            (``frequency_weights=`` is TensorFlow's name for the same.)
+        keepdims: keep the reduced axes with length 1.
+
+    Returns:
+        ``(mean, variance)`` in ``x``'s dtype. A channel whose weights sum to
+        zero gets NaN (0/0), as in TensorFlow.
+    """
+    func = "weighted_moments"
+    if frequency_weights is not None:
+        if weights is not None:
+            raise arg_error(TypeError, func, "frequency_weights", "only one of weights / frequency_weights", "both")
+        weights, wname = frequency_weights, "frequency_weights"
+    else:
+        wname = "weights"
+    if weights is None:
+        raise arg_error(TypeError, func, "weights", "an array broadcastable to x", "None")
+    if keep_dims is not None:
+        keepdims = bool(keep_dims)
+    return _reduce(func, x, axes, keepdims, weights, wname)

@@ -1,0 +1,266 @@
+"""Normalization ops: tf.nn.batch_normalization, fused_batch_norm, and the
+training forward/backward pair the layers are built on."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .. import _dtypes, activations
+from .._backend import is_array, select
+from .._checks import arg_error, check_float_input, check_positive_epsilon, describe
+from .._plan import channel_axis, plan_for_channels, plan_for_kept_axes
+from ..backends.base import Affine, Fold, MovingUpdate, RawAffine
+from ._args import channel_param
+
+
+# ---------------------------------------------------------------------------
+# The forward/backward pair (layers and the public ops both use these)
+# ---------------------------------------------------------------------------
+@dataclass
+class ForwardContext:
+    """What a backward pass needs from its forward pass."""
+
+    backend: Any
+    plan: Any
+    acc: Any
+    x3: Any
+    side3: Any
+    act: Any
+    training: bool
+    fold: Fold
+    stats: Any = None          # backends.base.Stats (None until needed in inference)
+    given: tuple | None = None  # (mean, var) used in inference
+    weights: Any = None
+    x_dtype: Any = None
+    side_dtype: Any = None
+
+
+def bn_forward(backend, plan, x3, acc, *, training, fold, update=None, given=None,
+               weights=None, side3=None, act=None):
+    """``y3 = act(normalize(x3) + side3)``; returns ``(y3, ForwardContext)``.
+
+    Training: statistics of ``x3`` (weighted by ``weights``), optional moving
+    update in the same finalize launch: 3 launches. Inference: ``given =
+    (mean, var)`` folded inside the normalize launch: 1 launch.
+    """
+    ctx = ForwardContext(backend, plan, acc, x3, side3, act, training, fold, weights=weights,
+                         x_dtype=x3.dtype, side_dtype=None if side3 is None else side3.dtype)
+    if training:
+        partials = backend.welford_partials(plan, x3, acc, weights)
+        ctx.stats = backend.finalize(partials, acc, fold, update)
+        affine = Affine(ctx.stats.mean, ctx.stats.scale, ctx.stats.shift)
+    else:
+        ctx.given = given
+        affine = RawAffine(given[0], given[1], fold.gamma, fold.beta, fold.eps)
+    y3 = backend.normalize(plan, x3, affine, side3, act, acc, x3.dtype)
+    return y3, ctx
+
+
+def bn_backward(ctx: ForwardContext, dy3, want_dside: bool):
+    """Gradients of :func:`bn_forward`: ``(dx3, dgamma, dbeta, dside3)``.
+
+    dgamma/dbeta are the gradients of gamma (the scale) and beta (the offset)
+    as the forward used them; r, d and the adjustment are constants.
+    """
+    b, acc = ctx.backend, ctx.acc
+    stats = ctx.stats
+    if stats is None:  # inference forward: fold the given statistics now
+        stats = ctx.stats = b.finalize(None, acc, ctx.fold, given=ctx.given)
+    affine = Affine(stats.mean, stats.scale, stats.shift)
+    sums = b.backward_partials(ctx.plan, dy3, ctx.x3, ctx.side3, affine, ctx.act, acc)
+    coeffs = b.backward_finalize(sums, stats, acc, ctx.training)
+    dx3, dside3 = b.backward_apply(
+        ctx.plan, dy3, ctx.x3, ctx.side3, affine, ctx.act, coeffs,
+        ctx.weights if ctx.training else None, acc, want_dside, ctx.x_dtype,
+        ctx.side_dtype or ctx.x_dtype,
+    )
+    return dx3, coeffs.dgamma, coeffs.dbeta, dside3
+
+
+# ---------------------------------------------------------------------------
+# Checks shared by the public ops
+# ---------------------------------------------------------------------------
+def check_side_input(func, side_input, x):
+    if side_input is None:
+        return
+    if not is_array(side_input):
+        raise arg_error(TypeError, func, "side_input", "an array like x", describe(side_input))
+    if tuple(side_input.shape) != tuple(x.shape):
+        raise arg_error(ValueError, func, "side_input", f"shape {tuple(x.shape)} (x's shape)", f"shape {tuple(side_input.shape)}")
+    if np.dtype(side_input.dtype) != np.dtype(x.dtype):
+        raise arg_error(TypeError, func, "side_input", f"dtype {np.dtype(x.dtype).name} (x's dtype)", f"dtype {np.dtype(side_input.dtype).name}")
+
+
+def check_training_batch(func, plan, x):
+    if plan.per_channel == 0:
+        raise arg_error(
+            ValueError, func, "x", "at least one element per channel to compute training statistics",
+            f"an empty batch of shape {tuple(x.shape)}",
+        )
+
+
+# ---------------------------------------------------------------------------
+# tf.nn.batch_normalization
+# ---------------------------------------------------------------------------
+def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, *, activation=None,
+                        data_format=None, name=None):
+    """``act(scale · (x − mean) / sqrt(variance + eps) + offset)`` (``tf.nn.batch_normalization``).
+
+    One kernel launch. ``mean``, ``variance``, ``offset`` and ``scale``
+    broadcast against ``x`` as in TensorFlow (a 1-D vector lines up with the
+    last axis); with ``data_format="NCHW"`` a 1-D vector lines up with axis 1
+    instead. ``offset``/``scale`` may be None. The parameters may vary along
+    any block of axes (per channel, per feature map, ...).
+
+    Args:
+        x: float array (numpy or cupy).
+        mean, variance: statistics, broadcastable to ``x``.
+        offset, scale: beta and gamma, broadcastable to ``x``, or None.
+        variance_epsilon: small float added to the variance.
+        activation: None, a name or a ``cubn.activations`` object, fused.
+        data_format: None (TensorFlow broadcasting), ``"NHWC"`` or ``"NCHW"``.
+
+    Returns:
+        An array like ``x``.
+    """
+    func = "batch_normalization"
+    check_float_input(func, "x", x)
+    params = {"mean": mean, "variance": variance, "offset": offset, "scale": scale}
+    backend = select(func, "x", x, **params)
+    xp = backend.xp
+    eps = check_positive_epsilon(func, "variance_epsilon", variance_epsilon)
+    act = activations.get(activation, func)
+    acc = _dtypes.acc_dtype(x.dtype)
+    for req in ("mean", "variance"):
+        if params[req] is None:
+            raise arg_error(TypeError, func, req, "an array or a number", "None")
+    ndim = x.ndim
+    ch_axis = None
+    if data_format is not None and ndim >= 2:
+        ch_axis = channel_axis(ndim, data_format, func)
+    # Bring every parameter to x's rank, then find the block of axes they vary on.
+    shaped = {}
+    for k, v in params.items():
+        if v is None:
+            continue
+        a = v if is_array(v) else np.asarray(v)
+        if a.dtype.kind not in "fiu" and not _dtypes.is_supported_float(a.dtype):
+            raise arg_error(TypeError, func, k, "a real-valued array or number", describe(v))
+        if a.ndim > ndim:
+            raise arg_error(ValueError, func, k, f"at most {ndim} dimensions (x's rank)", f"shape {tuple(a.shape)}")
+        if ch_axis is not None and a.ndim == 1 and a.shape[0] != 1:
+            shp = [1] * ndim
+            shp[ch_axis] = a.shape[0]
+            a = a.reshape(shp)
+        else:
+            a = a.reshape((1,) * (ndim - a.ndim) + tuple(a.shape))
+        for ax, (n, m) in enumerate(zip(a.shape, x.shape)):
+            if n not in (1, m):
+                raise arg_error(
+                    ValueError, func, k, f"a shape broadcastable to x's {tuple(x.shape)}",
+                    f"shape {tuple(v.shape) if hasattr(v, 'shape') else np.shape(v)}",
+                )
+        shaped[k] = a
+    varying = sorted({ax for a in shaped.values() for ax, n in enumerate(a.shape) if n != 1})
+    kept = tuple(range(varying[0], varying[-1] + 1)) if varying else ()
+    plan = plan_for_kept_axes(x.shape, kept)
+    block = tuple(x.shape[a] for a in kept)
+
+    def per_channel(a):
+        idx = tuple(slice(None) if ax in kept else 0 for ax in range(ndim))
+        v = a[idx]
+        v = xp.asarray(v) if not is_array(v) else v
+        return xp.ascontiguousarray(xp.broadcast_to(v, block), dtype=acc).reshape(plan.channels)
+
+    p = {k: per_channel(a) for k, a in shaped.items()}
+    if x.size == 0:
+        return xp.empty_like(x)
+    raw = RawAffine(p["mean"], p["variance"], p.get("scale"), p.get("offset"), eps)
+    y3 = backend.normalize(plan, plan.view3(x), raw, None, act, acc, x.dtype)
+    return plan.unview3(y3)
+
+
+def batch_norm_with_global_normalization(t, m, v, beta, gamma, variance_epsilon, scale_after_normalization,
+                                         *, data_format=None, name=None):
+    """TF 1's ``tf.nn.batch_norm_with_global_normalization`` (seed 004):
+    ``batch_normalization`` with gamma applied only when
+    ``scale_after_normalization``."""
+    return batch_normalization(t, m, v, beta, gamma if scale_after_normalization else None,
+                               variance_epsilon, data_format=data_format)
+
+
+# ---------------------------------------------------------------------------
+# tf.compat.v1.nn.fused_batch_norm (+ residual add and activation)
+# ---------------------------------------------------------------------------
+def fused_batch_norm(x, scale=None, offset=None, mean=None, variance=None, epsilon=1e-3, data_format="NHWC",
+                     is_training=True, exponential_avg_factor=1.0, activation=None, side_input=None, name=None):
+    """Batch normalization in one call: ``(y, batch_mean, batch_var)``.
+
+    Training: ``y`` is normalized with the batch's mean and biased variance;
+    the returned ``batch_var`` is Bessel-corrected (n/(n−1)), as in
+    TensorFlow; with ``exponential_avg_factor`` f ≠ 1 the returned statistics
+    are ``(1−f)·given + f·batch`` (``mean`` and ``variance`` required).
+    Inference: ``y`` uses the given ``mean``/``variance``, returned unchanged.
+    ``side_input`` (a residual, same shape and dtype as ``x``) is added
+    before ``activation``, as cuDNN's BN+add+activation does.
+
+    Three kernel launches in training (statistics, finalize, normalize), one
+    in inference. Statistics come back in the accumulation dtype (float32
+    for 16-bit ``x``), as TensorFlow returns them.
+
+    Args:
+        x: float array of rank 2 to 5.
+        scale, offset: gamma and beta, shape (C,), or None (1 and 0).
+        mean, variance: (C,) statistics for inference, or the previous
+            running values when ``exponential_avg_factor != 1``.
+        epsilon: added to the variance.
+        data_format: ``"NHWC"`` (channels last) or ``"NCHW"``; a rank-2
+            input is (N, C) either way.
+        is_training: batch statistics (True) or the given ones (False).
+        exponential_avg_factor: f in [0, 1].
+        activation: None, a name or a ``cubn.activations`` object, fused.
+        side_input: None or an array like ``x``.
+
+    Returns:
+        ``(y, batch_mean, batch_var)``.
+    """
+    func = "fused_batch_norm"
+    check_float_input(func, "x", x)
+    backend = select(func, "x", x, scale=scale, offset=offset, mean=mean, variance=variance, side_input=side_input)
+    xp = backend.xp
+    eps = check_positive_epsilon(func, "epsilon", epsilon)
+    f = float(exponential_avg_factor)
+    if not 0.0 <= f <= 1.0:
+        raise arg_error(ValueError, func, "exponential_avg_factor", "a float in [0, 1]", repr(exponential_avg_factor))
+    act = activations.get(activation, func)
+    plan = plan_for_channels(x.shape, data_format, func)
+    acc = _dtypes.acc_dtype(x.dtype)
+    gamma = channel_param(func, "scale", scale, plan, xp, acc)
+    beta = channel_param(func, "offset", offset, plan, xp, acc)
+    given_mean = channel_param(func, "mean", mean, plan, xp, acc)
+    given_var = channel_param(func, "variance", variance, plan, xp, acc)
+    check_side_input(func, side_input, x)
+    fold = Fold(eps, gamma, beta)
+    x3 = plan.view3(x)
+    side3 = None if side_input is None else plan.view3(side_input)
+    if is_training:
+        check_training_batch(func, plan, x)
+        if f != 1.0 and (given_mean is None or given_var is None):
+            missing = "mean" if given_mean is None else "variance"
+            raise arg_error(ValueError, func, missing, "the running statistics when exponential_avg_factor != 1", "None")
+        new_mean = xp.empty(plan.channels, acc)
+        new_var = xp.empty(plan.channels, acc)
+        upd = MovingUpdate(a=f, bessel=True, mean_in=given_mean if f != 1.0 else None, mean_out=new_mean,
+                           var_in=given_var if f != 1.0 else None, var_out=new_var)
+        y3, _ = bn_forward(backend, plan, x3, acc, training=True, fold=fold, update=upd, side3=side3, act=act)
+        return plan.unview3(y3), new_mean, new_var
+    for k, v in (("mean", given_mean), ("variance", given_var)):
+        if v is None:
+            raise arg_error(ValueError, func, k, "an array of shape (C,) when is_training=False", "None")
+    if x.size == 0:
+        return xp.empty_like(x), given_mean, given_var
+    y3, _ = bn_forward(backend, plan, x3, acc, training=False, fold=fold, given=(given_mean, given_var),
+                       side3=side3, act=act)
+    return plan.unview3(y3), given_mean, given_var

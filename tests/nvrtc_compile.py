@@ -1,0 +1,85 @@
+"""Compile cubn's kernel variants with NVRTC from PyPI (no GPU needed).
+
+Used by tests/test_nvrtc.py and runnable by hand:
+    python tests/nvrtc_compile.py sm_90
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def nvrtc_include_dirs():
+    """cuda_fp16.h / cuda_bf16.h from the nvidia-cuda-runtime wheel."""
+    import nvidia
+
+    dirs = []
+    for base in nvidia.__path__:
+        for inc in sorted(Path(base).glob("cu*/include")) + sorted(Path(base).glob("cuda_runtime/include")):
+            if (inc / "cuda_fp16.h").is_file():
+                dirs.append(str(inc))
+    return dirs
+
+
+def options_for(arch: str):
+    from cubn.kernels import registry
+
+    return (
+        list(registry.NVRTC_OPTIONS)
+        + list(registry.CUPY_ADDED_OPTIONS)
+        + [f"--gpu-architecture={arch}", f"-I{registry.KERNEL_DIR}"]
+        + [f"-I{d}" for d in nvrtc_include_dirs()]
+    )
+
+
+def compile_source(source: str, name_expressions, arch: str):
+    """Compile one .cu with the given instantiations; returns (ok, log, lowered names)."""
+    from cuda.bindings import nvrtc
+    from cubn.kernels import registry
+
+    code = (registry.KERNEL_DIR / source).read_bytes()
+    err, prog = nvrtc.nvrtcCreateProgram(code, source.encode(), 0, [], [])
+    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, err
+    try:
+        for ne in name_expressions:
+            (err,) = nvrtc.nvrtcAddNameExpression(prog, ne.encode())
+            assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, (ne, err)
+        opts = [o.encode() for o in options_for(arch)]
+        (res,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+        err, size = nvrtc.nvrtcGetProgramLogSize(prog)
+        log = b" " * size
+        nvrtc.nvrtcGetProgramLog(prog, log)
+        log = log.decode(errors="replace").rstrip("\x00").strip()
+        ok = res == nvrtc.nvrtcResult.NVRTC_SUCCESS
+        lowered = {}
+        if ok:
+            for ne in name_expressions:
+                err, name = nvrtc.nvrtcGetLoweredName(prog, ne.encode())
+                lowered[ne] = name.decode() if name else None
+            err, n = nvrtc.nvrtcGetCUBINSize(prog)
+            ok = ok and n > 0
+        return ok, log, lowered
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
+def main(arch="sm_90"):
+    from cubn.kernels import registry
+    import time
+
+    bad = 0
+    for src in registry.SOURCES:
+        vs = registry.variants_for_source(src)
+        if not vs:
+            continue
+        t = time.time()
+        ok, log, low = compile_source(src, [v.name_expression for v in vs], arch)
+        print(f"{src}: {len(vs)} variants, {'ok' if ok else 'FAILED'} in {time.time() - t:.1f}s")
+        if log:
+            print(log[:4000])
+        bad += (not ok) or bool(log)
+    return bad
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))

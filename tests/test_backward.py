@@ -1,0 +1,125 @@
+"""batch_norm_backward: float64 finite differences of an independent reference
+forward, on every backend, for every activation, layout, weighted and renorm case."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import cubn
+from conftest import ALL_DTYPES, assert_close, np_dtype
+import reference as ref
+
+ACTIVATIONS = [None, "relu", "relu6", "leaky_relu", "elu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu"]
+EPS = 1e-3
+
+
+def ref_forward(x, gamma, beta, side, *, axis, training, mean=None, var=None, w=None, r=None, d=None, act=None):
+    """Reference y (float64) with batch statistics (training) or given ones."""
+    nd = x.ndim
+    axes = ref.reduce_axes(nd, axis)
+    if training:
+        wb = None if w is None else w.reshape((-1,) + (1,) * (nd - 1))
+        mean, var = ref.moments(x, axes, weights=wb)
+    xhat = (x - ref.bcast(mean, nd, axis)) / np.sqrt(ref.bcast(var, nd, axis) + EPS)
+    if r is not None:
+        xhat = xhat * ref.bcast(r, nd, axis) + ref.bcast(d, nd, axis)
+    z = xhat * ref.bcast(gamma, nd, axis) + ref.bcast(beta, nd, axis)
+    if side is not None:
+        z = z + side
+    return ref.act(act, z)
+
+
+def numeric_grads(f, arrays, h=1e-6):
+    """Central differences of the scalar f(*arrays) w.r.t. each array."""
+    out = []
+    for k, a in enumerate(arrays):
+        if a is None:
+            out.append(None)
+            continue
+        g = np.zeros_like(a)
+        it = np.nditer(a, flags=["multi_index"])
+        for _ in it:
+            idx = it.multi_index
+            args_p = [b.copy() if b is not None else None for b in arrays]
+            args_m = [b.copy() if b is not None else None for b in arrays]
+            args_p[k][idx] += h
+            args_m[k][idx] -= h
+            g[idx] = (f(*args_p) - f(*args_m)) / (2 * h)
+        out.append(g)
+    return out
+
+
+CASES = [("NHWC", (3, 2, 2, 3)), ("NCHW", (3, 3, 2, 2)), ("NHWC", (5, 4)), ("NCHW", (2, 3, 1, 2, 2))]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("data_format,shape", CASES)
+@pytest.mark.parametrize("mode", ["training", "inference", "weighted", "renorm"])
+def test_gradients_match_finite_differences(backend, rng, activation, data_format, shape, mode):
+    nd = len(shape)
+    axis = ref.channel_axis(nd, data_format)
+    c = shape[axis]
+    x = 1.5 + rng.standard_normal(shape)
+    gamma, beta = rng.standard_normal(c), rng.standard_normal(c)
+    side = rng.standard_normal(shape) if activation is not None else None
+    dy = rng.standard_normal(shape)
+    training = mode != "inference"
+    w = rng.random(shape[0]) + 0.2 if mode == "weighted" else None
+    r = rng.random(c) + 0.5 if mode == "renorm" else None
+    d = rng.standard_normal(c) * 0.3 if mode == "renorm" else None
+    given_m, given_v = (rng.standard_normal(c), rng.random(c) + 0.5) if not training else (None, None)
+    kw = dict(axis=axis, training=training, mean=given_m, var=given_v, w=w, r=r, d=d, act=activation)
+
+    def loss(x_, g_, b_, s_):
+        return float(np.sum(dy * ref_forward(x_, g_, b_, s_, **kw)))
+
+    nx, ng, nb, ns = numeric_grads(loss, [x, gamma, beta, side])
+    if training:
+        wb = None if w is None else w.reshape((-1,) + (1,) * (nd - 1))
+        m, v = ref.moments(x, ref.reduce_axes(nd, axis), weights=wb)
+    else:
+        m, v = given_m, given_v
+    A = backend.asarray
+    g = cubn.batch_norm_backward(A(dy), A(x), A(gamma), A(m), A(v), EPS, offset=A(beta), data_format=data_format,
+                                 is_training=training, activation=activation, side_input=A(side),
+                                 batch_weights=A(w), renorm_r=A(r), renorm_d=A(d))
+    assert_close(backend.to_numpy(g.dx), nx, "float32", what="dx")
+    assert_close(backend.to_numpy(g.dscale), ng, "float32", what="dscale")
+    assert_close(backend.to_numpy(g.doffset), nb, "float32", what="doffset")
+    if side is not None:
+        assert_close(backend.to_numpy(g.dside_input), ns, "float32", what="dside_input")
+    else:
+        assert g.dside_input is None
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("data_format,shape", [("NHWC", (6, 5, 4, 3)), ("NHWC", (4, 3, 2, 64)), ("NCHW", (4, 5, 7, 7)),
+                                               ("NCHW", (3, 4, 8, 8)), ("NHWC", (40, 24))])
+@pytest.mark.parametrize("activation", [None, "relu", "gelu"])
+def test_low_precision_backward_matches_float64(backend, rng, dtype, data_format, shape, activation):
+    """16/32-bit inputs (float32 accumulation) against the float64 computation of the same gradients."""
+    nd = len(shape)
+    axis = ref.channel_axis(nd, data_format)
+    c = shape[axis]
+    dt = np_dtype(dtype)
+    x = (0.5 + rng.standard_normal(shape)).astype(dt)
+    dy = rng.standard_normal(shape).astype(dt)
+    side = rng.standard_normal(shape).astype(dt) if activation else None
+    gamma, beta = rng.standard_normal(c), rng.standard_normal(c)
+    m, v = ref.moments(x, ref.reduce_axes(nd, axis))
+    kw = dict(offset=beta, data_format=data_format, activation=activation)
+    pd = np.float64 if dtype == "float64" else np.float32
+    gamma, beta = gamma.astype(pd).astype(np.float64), beta.astype(pd).astype(np.float64)
+    m, v = m.astype(pd).astype(np.float64), v.astype(pd).astype(np.float64)
+    want = cubn.batch_norm_backward(dy.astype(np.float64), x.astype(np.float64), gamma, m, v, EPS,
+                                    side_input=None if side is None else side.astype(np.float64), **kw)
+    A = backend.asarray
+    pd = np.float64 if dtype == "float64" else np.float32  # parameters in the accumulation dtype
+    got = cubn.batch_norm_backward(A(dy), A(x), A(gamma.astype(pd)), A(m.astype(pd)),
+                                   A(v.astype(pd)), EPS, side_input=A(side),
+                                   **{**kw, "offset": A(beta.astype(pd))})
+    assert got.dx.dtype == dt
+    scale = np.abs(want.dx).max()
+    assert_close(backend.to_numpy(got.dx).astype(np.float64), want.dx, dtype, scale=scale, what="dx")
+    assert_close(backend.to_numpy(got.dscale), want.dscale, dtype, scale=np.abs(want.dscale).max() + 1, what="dscale")
+    assert_close(backend.to_numpy(got.doffset), want.doffset, dtype, scale=np.abs(want.doffset).max() + 1, what="doffset")
