@@ -54,12 +54,17 @@ def _demo(args) -> int:
 
 
 def _bench(args) -> int:
-    try:
-        from cubn.bench_cli import main as bench_main
-    except ImportError as e:  # pragma: no cover
-        print(f"cubn bench is not available: {e}", file=sys.stderr)
-        return 2
+    from cubn.benchmarking import main as bench_main
+
     return bench_main(args)
+
+
+def _precompile(args) -> int:
+    from cubn.backends.cupy_launcher import precompile
+
+    n = precompile(jobs=args.jobs, progress=True)
+    print(f"compiled {n} kernel variants into CuPy's cache")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -83,6 +88,9 @@ def main(argv=None) -> int:
     p.add_argument("--ops", default=None, help="comma-separated subset of ops")
     p.add_argument("--repeat", type=int, default=None)
     p.set_defaults(func=_bench)
+    p = sub.add_parser("precompile", help="compile every kernel variant for this GPU into CuPy's disk cache")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    p.set_defaults(func=_precompile)
     args = parser.parse_args(argv)
     return args.func(args)
 

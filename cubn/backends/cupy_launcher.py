@@ -98,3 +98,35 @@ class CupyLauncher:
     def empty(self, shape, dtype):
         with self.xp.cuda.Device(self.device_id):
             return self.xp.empty(shape, dtype)
+
+
+def _compile_chunk(names):
+    from ..kernels import registry as reg
+
+    by_name = {(v.source, v.name_expression): v for v in reg.all_variants()}
+    launcher = CupyLauncher(0)
+    for key in names:
+        launcher.get(by_name[tuple(key)])
+    return len(names)
+
+
+def precompile(jobs: int = 1, progress: bool = False) -> int:
+    """Compile every registered variant for device 0 into CuPy's disk cache,
+    in ``jobs`` processes, so that first calls (and test runs) load cubins."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    import sys
+
+    variants = registry.all_variants()
+    keys = [(v.source, v.name_expression) for v in variants]
+    chunks = [keys[i::max(1, jobs)] for i in range(max(1, jobs))]
+    done = 0
+    ctx = mp.get_context("spawn")  # CUDA does not survive fork
+    with cf.ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx) as ex:
+        for n in ex.map(_compile_chunk, chunks):
+            done += n
+            if progress:
+                print(f"\rprecompiled {done}/{len(keys)}", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    return done

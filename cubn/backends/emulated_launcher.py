@@ -288,6 +288,11 @@ def _compiler_identity() -> str:
     return _compiler_id
 
 
+def cache_dir() -> pathlib.Path:
+    """Where built emulated kernels are cached."""
+    return _cache_dir()
+
+
 def _cache_dir() -> pathlib.Path:
     root = os.environ.get("CUBN_CACHE_DIR")
     base = pathlib.Path(root) if root else pathlib.Path.home() / ".cache" / "cubn"

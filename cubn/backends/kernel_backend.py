@@ -187,6 +187,24 @@ class KernelBackend:
             count, mean, var = o["count"], o["mean"], o["var"]
         return Stats(count, mean, var, o["invstd"], o["scale"], o["shift"], o["g"], o["h"], o["r"], o["d"])
 
+    def merge_partials(self, partials, acc) -> Partials:
+        """One (count, mean, M2) per channel: Partials of shape (1, C)."""
+        C = partials.count.shape[1] // partials.fold
+        buf = self.xp.empty((3, C), acc)
+        self._launch(registry.finalize_kernel("cubn_merge_partials", acc),
+                     (-(-C // CHANNELS_PER_FINALIZE_BLOCK), 1, 1), (FINALIZE_THREADS, 1, 1), 0,
+                     (np.int32(C), np.int32(partials.count.shape[0]), np.int32(partials.fold), *partials[:3],
+                      buf[0], buf[1], buf[2]))
+        return Partials(buf[0:1], buf[1:2], buf[2:3], 1)
+
+    def merge_sums(self, sums, acc) -> Sums:
+        C = sums.s1.shape[1] // sums.fold
+        buf = self.xp.empty((2, C), acc)
+        self._launch(registry.finalize_kernel("cubn_merge_sums", acc),
+                     (-(-C // CHANNELS_PER_FINALIZE_BLOCK), 1, 1), (FINALIZE_THREADS, 1, 1), 0,
+                     (np.int32(C), np.int32(sums.s1.shape[0]), np.int32(sums.fold), sums.s1, sums.s2, buf[0], buf[1]))
+        return Sums(buf[0:1], buf[1:2], 1)
+
     @staticmethod
     def _update_args(u, acc):
         a = acc.type

@@ -140,6 +140,14 @@ class NumpyBackend:
         return stats
 
     @_quiet
+    def merge_partials(self, partials, acc) -> Partials:
+        count, mean, m2 = _tree_merge(*[_by_channel(np.asarray(p, dtype=acc), partials.fold) for p in partials[:3]])
+        return Partials(count[None, :], mean[None, :], m2[None, :], 1)
+
+    def merge_sums(self, sums, acc) -> Sums:
+        return Sums(np.asarray(sums.s1, acc).sum(axis=0)[None, :], np.asarray(sums.s2, acc).sum(axis=0)[None, :], 1)
+
+    @_quiet
     def moving_update(self, stats, acc, u) -> None:
         """Apply a :class:`MovingUpdate` from saved batch statistics (in place)."""
         a = acc.type(u.a)

@@ -15,7 +15,7 @@
 
 #define CUBN_FINALIZE_THREADS 128
 
-template <typename A>
+template <typename A>  // A unused: keeps one instantiation per accumulation type
 __device__ __forceinline__ i64 partial_index(int p, int C, int fold, int c) {
   const int row = p / fold, m = p - row * fold;
   return (i64)row * C * fold + (i64)m * C + c;
@@ -171,4 +171,42 @@ cubn_bwd_finalize(int C, int nparts, int fold, const A* s1p, const A* s2p,
     k1[c] = A(0);
     k2[c] = A(0);
   }
+}
+
+// Merge the partials of each channel into one (count, mean, M2) triple --
+// what ranks exchange in SyncBatchNorm (empty channels stay (0, 0, 0)).
+template <typename A>
+__global__ void __launch_bounds__(CUBN_FINALIZE_THREADS)
+cubn_merge_partials(int C, int nparts, int fold, const A* p_count, const A* p_mean, const A* p_m2,
+                    A* o_count, A* o_mean, A* o_m2) {
+  const int lane = threadIdx.x & 31;
+  const int c = blockIdx.x * (CUBN_FINALIZE_THREADS / 32) + (threadIdx.x >> 5);
+  if (c >= C) return;
+  A n = A(0), mean = A(0), m2 = A(0);
+  const int total = nparts * fold;
+  for (int p = lane; p < total; p += 32) {
+    const i64 k = partial_index<A>(p, C, fold, c);
+    chan_merge(n, mean, m2, p_count[k], p_mean[k], p_m2[k]);
+  }
+  warp_chan_merge(n, mean, m2);
+  if (lane == 0) { o_count[c] = n; o_mean[c] = mean; o_m2[c] = m2; }
+}
+
+// Sum the backward partial sums of each channel (S1, S2).
+template <typename A>
+__global__ void __launch_bounds__(CUBN_FINALIZE_THREADS)
+cubn_merge_sums(int C, int nparts, int fold, const A* s1p, const A* s2p, A* o1, A* o2) {
+  const int lane = threadIdx.x & 31;
+  const int c = blockIdx.x * (CUBN_FINALIZE_THREADS / 32) + (threadIdx.x >> 5);
+  if (c >= C) return;
+  A s1 = A(0), s2 = A(0);
+  const int total = nparts * fold;
+  for (int p = lane; p < total; p += 32) {
+    const i64 k = partial_index<A>(p, C, fold, c);
+    s1 += s1p[k];
+    s2 += s2p[k];
+  }
+  s1 = warp_sum(s1);
+  s2 = warp_sum(s2);
+  if (lane == 0) { o1[c] = s1; o2[c] = s2; }
 }

@@ -74,7 +74,7 @@ def all_variants() -> tuple:
                 out.append(Variant("backward.cu", "cubn_bwd_apply", (t, str(act), str(v))))
     for a in ACC_DTYPES:
         t = _dtypes.CTYPES[a]
-        for k in ("cubn_bn_finalize", "cubn_bn_update", "cubn_bwd_finalize"):
+        for k in ("cubn_bn_finalize", "cubn_bn_update", "cubn_bwd_finalize", "cubn_merge_partials", "cubn_merge_sums"):
             out.append(Variant("finalize.cu", k, (t,)))
     out.extend(_preprocess_variants())
     return tuple(out)

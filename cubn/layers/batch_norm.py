@@ -254,7 +254,7 @@ class BatchNorm:
         weights = None
         update = None
         if training:
-            check_training_batch(f, plan, x)
+            self._check_training_batch(plan, x)
             if batch_weights is not None:
                 w = as_like(f, "batch_weights", batch_weights, x, xp)
                 if w.ndim != 1 or w.shape[0] != x.shape[0]:
@@ -271,7 +271,8 @@ class BatchNorm:
                 update = self._moving_update(bessel, step=self._step + 1)
                 self._step += 1
             y3, ctx = bn_forward(backend, plan, x3, acc, training=True, fold=fold, update=update,
-                                 weights=weights, side3=side3, act=fused_act)
+                                 weights=weights, side3=side3, act=fused_act,
+                                 exchange=self._exchange(backend, plan, x, batch_weights is not None))
             if self.updates_collections is not None:
                 self.updates_collections.append(_DeferredUpdate(self, backend, ctx.stats, bessel))
         else:
@@ -284,6 +285,14 @@ class BatchNorm:
             y = self._custom.forward(z)
         self._ctx = (ctx, side_input is not None, z, ch_axis)
         return y
+
+    # -- hooks SyncBatchNorm overrides -------------------------------------
+    def _check_training_batch(self, plan, x):
+        check_training_batch("BatchNorm", plan, x)
+
+    def _exchange(self, backend, plan, x, weighted):
+        """None: statistics of this process's batch only."""
+        return None
 
     def _ensure_built(self, x, channels, backend):
         on_gpu = is_cupy_array(x)

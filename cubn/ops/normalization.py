@@ -31,6 +31,7 @@ class ForwardContext:
     training: bool
     fold: Fold
     stats: Any = None          # backends.base.Stats (None until needed in inference)
+    exchange: Any = None       # SyncBatchNorm's cross-process exchange (training only)
     given: tuple | None = None  # (mean, var) used in inference
     weights: Any = None
     x_dtype: Any = None
@@ -38,17 +39,24 @@ class ForwardContext:
 
 
 def bn_forward(backend, plan, x3, acc, *, training, fold, update=None, given=None,
-               weights=None, side3=None, act=None):
+               weights=None, side3=None, act=None, exchange=None):
     """``y3 = act(normalize(x3) + side3)``; returns ``(y3, ForwardContext)``.
 
     Training: statistics of ``x3`` (weighted by ``weights``), optional moving
     update in the same finalize launch: 3 launches. Inference: ``given =
     (mean, var)`` folded inside the normalize launch: 1 launch.
+
+    ``exchange`` (SyncBatchNorm) sits between the statistics and finalize:
+    ``exchange.partials(backend, partials, acc)`` returns the partials of the
+    whole distributed batch, and the context keeps it for the backward sums.
     """
     ctx = ForwardContext(backend, plan, acc, x3, side3, act, training, fold, weights=weights,
-                         x_dtype=x3.dtype, side_dtype=None if side3 is None else side3.dtype)
+                         x_dtype=x3.dtype, side_dtype=None if side3 is None else side3.dtype,
+                         exchange=exchange if training else None)
     if training:
         partials = backend.welford_partials(plan, x3, acc, weights)
+        if exchange is not None:
+            partials = exchange.partials(backend, partials, acc)
         ctx.stats = backend.finalize(partials, acc, fold, update)
         affine = Affine(ctx.stats.mean, ctx.stats.scale, ctx.stats.shift)
     else:
@@ -70,6 +78,8 @@ def bn_backward(ctx: ForwardContext, dy3, want_dside: bool):
         stats = ctx.stats = b.finalize(None, acc, ctx.fold, given=ctx.given)
     affine = Affine(stats.mean, stats.scale, stats.shift)
     sums = b.backward_partials(ctx.plan, dy3, ctx.x3, ctx.side3, affine, ctx.act, acc)
+    if ctx.exchange is not None:  # sums over the whole distributed batch
+        sums = ctx.exchange.sums(b, sums, acc)
     coeffs = b.backward_finalize(sums, stats, acc, ctx.training)
     dx3, dside3 = b.backward_apply(
         ctx.plan, dy3, ctx.x3, ctx.side3, affine, ctx.act, coeffs,
