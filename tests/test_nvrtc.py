@@ -1,0 +1,67 @@
+"""NVRTC (from PyPI, no GPU) compiles every kernel variant cubn can launch,
+for sm_80 and sm_90, with the options the CuPy path uses; any error or
+warning fails. The variant list is the registry the backends draw from."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing as mp
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings is not installed")
+import nvrtc_compile  # noqa: E402
+
+from cubn.kernels import registry  # noqa: E402
+
+ARCHS = ("sm_80", "sm_90")
+
+
+def _job(args):
+    source, arch = args
+    names = [v.name_expression for v in registry.variants_for_source(source)]
+    ok, log, lowered = nvrtc_compile.compile_source(source, names, arch)
+    return source, arch, ok, log, {k: v for k, v in lowered.items() if not v}, len(names)
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    try:
+        nvrtc_compile.nvrtc_include_dirs()
+    except ImportError:
+        pytest.skip("nvidia-cuda-runtime (cuda_fp16.h) is not installed")
+    jobs = [(s, a) for s in registry.SOURCES if registry.variants_for_source(s) for a in ARCHS]
+    with cf.ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("spawn")) as ex:
+        return {(s, a): r for s, a, *r in ex.map(_job, jobs)}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("source", [s for s in registry.SOURCES if registry.variants_for_source(s)])
+def test_every_variant_compiles_cleanly(compiled, source, arch):
+    ok, log, unlowered, n = compiled[(source, arch)]
+    assert ok, f"{source} for {arch}: compilation failed:\n{log}"
+    assert not log, f"{source} for {arch}: NVRTC printed warnings:\n{log}"
+    assert not unlowered, f"{source}: no lowered name for {sorted(unlowered)}"
+    assert n == len(registry.variants_for_source(source))
+
+
+def test_registry_is_complete_and_unique():
+    vs = registry.all_variants()
+    assert len(set(vs)) == len(vs)
+    # every kernel template defined in a source is registered at least once
+    import re
+
+    for src in registry.SOURCES:
+        path = registry.KERNEL_DIR / src
+        if not path.exists():
+            continue
+        defined = set(re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*)?(\w+)\(", path.read_text()))
+        registered = {v.kernel for v in registry.variants_for_source(src)}
+        assert defined <= registered, f"{src}: kernels never registered: {sorted(defined - registered)}"
+
+
+def test_backend_cannot_launch_unregistered_variants():
+    with pytest.raises(KeyError, match="not registered"):
+        registry.normalize("float32", 42, 4, False)
