@@ -479,6 +479,8 @@ def chart(data, path):
 
     summ = data["summary"]
     keys = [k for k in summ if summ[k]["speedup_vs_torch_geomean"]]
+    if not keys and not any(summ[k]["roofline_geomean"] for k in summ):
+        return  # nothing measured on a GPU: no chart
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     ax = axes[0]
     ax.barh(keys, [summ[k]["speedup_vs_torch_geomean"] for k in keys], color="tab:green")
