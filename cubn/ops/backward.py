@@ -35,8 +35,10 @@ def batch_norm_backward(dy, x, scale, mean, variance, epsilon=1e-3, *, offset=No
     ``((x − mean)/σ·r + d)·scale + offset``, with r and d held constant.
     ``batch_weights`` ([N]) are the forward's frequency weights.
 
-    Three kernel launches: per-channel sums of dy' and dy'·(x − mean), their
-    merge, and one elementwise pass for dx (and d side_input).
+    Per-channel sums of dy' and dy'·(x − mean), their merge, and one
+    elementwise pass for dx (and d side_input): three launches, plus one
+    small one here to fold the given statistics (``BatchNorm.backward``
+    reuses its forward's and skips it).
 
     Returns:
         :class:`BatchNormGrads` ``(dx, dscale, doffset, dside_input)``;

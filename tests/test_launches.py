@@ -1,0 +1,52 @@
+"""Kernel launches per op, counted on the emulated launcher (the CuPy path
+runs the same orchestration): what docs/kernels.md promises."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import cubn
+from cubn._backend import get_backend
+from conftest import backend_skip_reason
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    reason = backend_skip_reason("emulated")
+    if reason:
+        pytest.skip(reason)
+    backend = get_backend("emulated")
+    names = []
+    real = backend.launcher.launch
+
+    def counting(kernel, grid, block, shared, args):
+        names.append(kernel.name_expression.split("<")[0])
+        return real(kernel, grid, block, shared, args)
+
+    monkeypatch.setattr(backend.launcher, "launch", counting)
+    with cubn.use_backend("emulated"):
+        yield names
+
+
+@pytest.mark.parametrize("shape,fmt", [((4, 3, 5, 6), "NHWC"), ((4, 6, 5, 3), "NCHW")])
+def test_launch_counts(launches, rng, shape, fmt):
+    x = rng.standard_normal(shape).astype(np.float32)
+    c = shape[-1] if fmt == "NHWC" else shape[1]
+    g, b = np.ones(c, np.float32), np.zeros(c, np.float32)
+
+    def count(fn):
+        launches.clear()
+        fn()
+        return list(launches)
+
+    assert len(count(lambda: cubn.moments(x, [0, 1, 2] if fmt == "NHWC" else [0, 2, 3]))) == 2
+    train = count(lambda: cubn.fused_batch_norm(x, g, b, data_format=fmt, activation="relu", side_input=x))
+    assert len(train) == 3 and train[1] == "cubn_bn_finalize"
+    assert len(count(lambda: cubn.fused_batch_norm(x, g, b, g, g, data_format=fmt, is_training=False))) == 1
+    assert len(count(lambda: cubn.batch_normalization(x, 0.5, 2.0, None, None, 1e-3))) == 1
+    bn = cubn.BatchNorm(scale=True, data_format=fmt, updates_collections=None, zero_debias_moving_mean=True)
+    assert len(count(lambda: bn(x))) == 3  # the in-place update rides in the finalize launch
+    assert len(count(lambda: bn.backward(x))) == 3
+    deferred = cubn.BatchNorm(data_format=fmt, updates_collections=cubn.UpdateCollection())
+    assert len(count(lambda: deferred(x))) == 3
+    assert count(lambda: cubn.run_updates(deferred.updates_collections)) == ["cubn_bn_update"]
