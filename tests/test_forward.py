@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import cubn
-from conftest import ALL_DTYPES, TOL, assert_close, np_dtype
+from conftest import ALL_DTYPES, assert_close, np_dtype
 import reference as ref
 
 ACTIVATIONS = [None, "relu", "relu6", "leaky_relu", "elu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu"]

@@ -44,8 +44,9 @@ def test_moments_property(backend_name, n):
         x = (loc + np.random.default_rng(seed).standard_normal(shape)).astype(dtype)
         m, v = _run(backend_name, lambda: cubn.moments(x, axes))
         rm, rv = ref.moments(x, axes)
+        # Welford rounds its running mean at the data's magnitude: errors scale with |loc|·std
         assert_close(m, rm, dtype, scale=max(1.0, abs(loc)))
-        assert_close(v, rv, dtype)
+        assert_close(v, rv, dtype, scale=max(1.0, 0.1 * abs(loc)))
 
     check()
 

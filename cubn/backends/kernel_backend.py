@@ -13,7 +13,6 @@ import math
 
 import numpy as np
 
-from .. import _dtypes
 from ..kernels import registry
 from .base import BackwardCoeffs, Partials, RawAffine, Stats, Sums
 
@@ -125,7 +124,7 @@ class KernelBackend:
 
     # -- statistics -------------------------------------------------------
     def welford_partials(self, plan, x3, acc, weights=None) -> Partials:
-        xp, a = self.xp, acc.type
+        xp = self.xp
         wmode, wvals, wdiv = 0, None, 1
         if weights is not None:
             wmode = 1 if weights.kind == "outer" else 2

@@ -321,7 +321,7 @@ class BatchNorm:
         return fused_path
 
     def _moving_update(self, bessel, step):
-        v, acc = self._vars, self._acc
+        v = self._vars
         u = MovingUpdate(a=1.0 - self.decay, bessel=bessel, mean_in=v["moving_mean"], mean_out=v["moving_mean"],
                          var_in=v["moving_variance"], var_out=v["moving_variance"], eps=self.epsilon)
         if self.zero_debias_moving_mean:
