@@ -48,7 +48,8 @@ class BatchNorm:
 
     Args:
         decay: moving-average decay: ``moving -= (1 - decay) * (moving - batch)``.
-        center: add ``beta``. scale: multiply by ``gamma``.
+        center: add ``beta``.
+        scale: multiply by ``gamma``.
         epsilon: added to the variance.
         activation_fn: None, an activation name or ``cubn.activations`` object
             (fused into the kernels), or any callable (applied after, unfused;
@@ -66,7 +67,9 @@ class BatchNorm:
             ``unbiased_moving_variance``), never the speed.
         data_format: ``"NHWC"`` or ``"NCHW"`` (rank-2 inputs are (N, C)).
         zero_debias_moving_mean: TF's zero-debiased moving mean.
-        renorm, renorm_clipping, renorm_decay: batch renormalization.
+        renorm: batch renormalization (arXiv:1702.03275).
+        renorm_clipping: dict with keys among ``rmax``, ``rmin``, ``dmax``.
+        renorm_decay: decay of the renorm statistics.
         adjustment: ``f(shape) -> (scale, bias)`` applied to the normalized
             value before gamma/beta, in training only.
         unbiased_moving_variance: None (TF's rule: Bessel-corrected batch

@@ -44,7 +44,8 @@ def moments(x, axes, *, keepdims=False, shift=None, name=None, keep_dims=None):
         x: float array (numpy or cupy), any rank.
         axes: the axes to reduce (ints; negative allowed).
         keepdims: keep the reduced axes with length 1.
-        shift, name: accepted for TensorFlow compatibility and unused (as in TF 2).
+        shift: accepted for TensorFlow compatibility and unused (as in TF 2).
+        name: accepted for TensorFlow compatibility and unused.
         keep_dims: deprecated TF 1 alias of ``keepdims``.
 
     Returns:

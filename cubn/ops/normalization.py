@@ -126,8 +126,10 @@ def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, *, a
 
     Args:
         x: float array (numpy or cupy).
-        mean, variance: statistics, broadcastable to ``x``.
-        offset, scale: beta and gamma, broadcastable to ``x``, or None.
+        mean: statistics, broadcastable to ``x``.
+        variance: likewise.
+        offset: beta, broadcastable to ``x``, or None.
+        scale: gamma, broadcastable to ``x``, or None.
         variance_epsilon: small float added to the variance.
         activation: None, a name or a ``cubn.activations`` object, fused.
         data_format: None (TensorFlow broadcasting), ``"NHWC"`` or ``"NCHW"``.
@@ -222,9 +224,11 @@ def fused_batch_norm(x, scale=None, offset=None, mean=None, variance=None, epsil
 
     Args:
         x: float array of rank 2 to 5.
-        scale, offset: gamma and beta, shape (C,), or None (1 and 0).
-        mean, variance: (C,) statistics for inference, or the previous
-            running values when ``exponential_avg_factor != 1``.
+        scale: gamma, shape (C,), or None (ones).
+        offset: beta, shape (C,), or None (zeros).
+        mean: (C,) statistics for inference, or the previous running
+            values when ``exponential_avg_factor != 1``.
+        variance: likewise.
         epsilon: added to the variance.
         data_format: ``"NHWC"`` (channels last) or ``"NCHW"``; a rank-2
             input is (N, C) either way.
