@@ -80,7 +80,7 @@ def main():
                    + (f"; copy bandwidth {env['copy_gbps']:.0f} GB/s" if env.get("copy_gbps") else "") + ".\n")
         table = (r.parent / "table.txt").read_text() if (r.parent / "table.txt").exists() else ""
         out.append("```\n" + table.rstrip() + "\n```")
-        if (r.parent / "chart.png").exists() and env.get("device"):
+        if (r.parent / "chart.png").exists():
             assets = ROOT / "docs" / "assets"
             assets.mkdir(exist_ok=True)
             (assets / f"bench-{name}.png").write_bytes((r.parent / "chart.png").read_bytes())

@@ -45,7 +45,8 @@ EPS = 1e-3
 MOMENTUM = 0.1
 L2_FLUSH_BYTES = 128 << 20     # rotate inputs over at least this much memory
 ROTATION_CAP_BYTES = 3 << 30
-NUMPY_MAX_ELEMENTS = 1 << 22
+NUMPY_MAX_ELEMENTS = 1 << 22          # with a GPU: NumPy is only there for scale
+NUMPY_MAX_ELEMENTS_CPU_ONLY = 1 << 24  # without one, NumPy is all there is to plot
 
 
 @dataclasses.dataclass
@@ -338,8 +339,8 @@ def run_suite(shapes=None, dtypes=("float32", "float16", "bfloat16"), ops=OPS, p
                     skip = f"{dt} is not available"
                 elif not on_cpu and not gpu:
                     skip = "no CUDA device"
-                elif on_cpu and (n > NUMPY_MAX_ELEMENTS or dt != "float32"):
-                    skip = "numpy runs only float32 shapes up to 4M elements"
+                elif on_cpu and (n > (NUMPY_MAX_ELEMENTS if gpu else NUMPY_MAX_ELEMENTS_CPU_ONLY) or dt != "float32"):
+                    skip = f"numpy runs only float32 shapes up to {(NUMPY_MAX_ELEMENTS if gpu else NUMPY_MAX_ELEMENTS_CPU_ONLY) >> 20}M elements"
                 if skip:
                     for r in recs:
                         r.error = "skipped: " + skip
@@ -480,7 +481,7 @@ def chart(data, path):
     summ = data["summary"]
     keys = [k for k in summ if summ[k]["speedup_vs_torch_geomean"]]
     if not keys and not any(summ[k]["roofline_geomean"] for k in summ):
-        return  # nothing measured on a GPU: no chart
+        return cpu_chart(data, path)
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     ax = axes[0]
     ax.barh(keys, [summ[k]["speedup_vs_torch_geomean"] for k in keys], color="tab:green")
@@ -493,6 +494,35 @@ def chart(data, path):
     ax.set_xlim(0, 100)
     env = data["environment"]
     fig.suptitle(f"cubn {env.get('cubn')} on {env.get('device', 'CPU')} ({env.get('date', '')[:10]})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def cpu_chart(data, path):
+    """Without a GPU run: the NumPy backend's throughput per op and shape."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [r for r in data["records"] if r["peer"] == "numpy" and r["median_ms"]]
+    if not recs:
+        return
+    labels = sorted({f"{r['layout']} {'x'.join(map(str, r['shape']))}" for r in recs})
+    fig, ax = plt.subplots(figsize=(12, 5))
+    width = 0.8 / len(OPS)
+    for k, op in enumerate(OPS):
+        vals = []
+        for lab in labels:
+            hit = [r for r in recs if r["op"] == op and f"{r['layout']} {'x'.join(map(str, r['shape']))}" == lab]
+            vals.append(hit[0]["gbps"] if hit else 0)
+        ax.bar([i + k * width for i in range(len(labels))], vals, width, label=op)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, rotation=20, ha="right")
+    ax.set_ylabel("GB/s of tensor traffic (NumPy backend, 1 CPU thread)")
+    ax.legend(ncol=3, fontsize=8)
+    env = data["environment"]
+    fig.suptitle(f"cubn {env.get('cubn')} NumPy backend on {env.get('machine')} ({env.get('date', '')[:10]}): no GPU in this run")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
