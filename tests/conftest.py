@@ -81,25 +81,24 @@ def backend_skip_reason(name):
     return None
 
 
-@pytest.fixture(params=["numpy", "emulated", "cupy"])
-def backend(request):
+def _backend_fixture(request):
     reason = backend_skip_reason(request.param)
     if reason:
         pytest.skip(reason)
     b = Backend(request.param)
     with b.context():
         yield b
+
+
+@pytest.fixture(params=["numpy", "emulated", "cupy"])
+def backend(request):
+    yield from _backend_fixture(request)
 
 
 @pytest.fixture(params=["emulated", "cupy"])
 def kernel_backend(request):
     """Only the backends that run the CUDA sources."""
-    reason = backend_skip_reason(request.param)
-    if reason:
-        pytest.skip(reason)
-    b = Backend(request.param)
-    with b.context():
-        yield b
+    yield from _backend_fixture(request)
 
 
 @pytest.fixture

@@ -184,20 +184,9 @@ cubn_bwd_apply(const T* __restrict__ dy, const T* __restrict__ x, const T* __res
     const i64 e0 = v * VEC;
     const bool full = e0 + VEC <= n;
     Vec<T, VEC> dv, xv, sv, ov, dsv;
-    if (full) {
-      dv = load_vec<T, VEC>(dy + e0);
-      xv = load_vec<T, VEC>(x + e0);
-      if (has_side) sv = load_vec<T, VEC>(side + e0);
-    } else {
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        if (e0 + k < n) {
-          dv.v[k] = dy[e0 + k];
-          xv.v[k] = x[e0 + k];
-          if (has_side) sv.v[k] = side[e0 + k];
-        }
-      }
-    }
+    load_or_tail(dv, dy, e0, n, full);
+    load_or_tail(xv, x, e0, n, full);
+    if (has_side) load_or_tail(sv, side, e0, n, full);
     FlatPos pos;
     pos.seek(e0, inner, C, wmode == 1 ? wdiv : 1);
 #pragma unroll
@@ -212,22 +201,12 @@ cubn_bwd_apply(const T* __restrict__ dy, const T* __restrict__ x, const T* __res
       if (ACT != ACT_NONE) g *= act_grad<ACT>(xm * s + t + (has_side ? to_acc(sv.v[k]) : A(0)), alpha);
       A wt = A(1);
       if (wmode == 1) wt = w[pos.w];
-      else if (wmode == 2) wt = w[e0 + k];
+      else if (wmode == 2 && e0 + k < n) wt = w[e0 + k];
       ov.v[k] = Out<T>::cast(s * g - wt * (a1 + a2 * xm));
       dsv.v[k] = Out<T>::cast(g);
       pos.next(inner, C, wmode == 1 ? wdiv : 1);
     }
-    if (full) {
-      store_vec<T, VEC>(dx + e0, ov);
-      if (want_dside) store_vec<T, VEC>(dside + e0, dsv);
-    } else {
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        if (e0 + k < n) {
-          dx[e0 + k] = ov.v[k];
-          if (want_dside) dside[e0 + k] = dsv.v[k];
-        }
-      }
-    }
+    store_or_tail(dx, ov, e0, n, full);
+    if (want_dside) store_or_tail(dside, dsv, e0, n, full);
   }
 }

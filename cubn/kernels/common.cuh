@@ -50,6 +50,30 @@ __device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {
   *reinterpret_cast<Vec<T, N>*>(p) = v;
 }
 
+// A full vector at flat index e0, or the elements of it that exist (< n)
+// when the tensor ends inside it; missing elements are left unset.
+template <typename T, int N>
+__device__ __forceinline__ void load_or_tail(Vec<T, N>& out, const T* p, i64 e0, i64 n, bool full) {
+  if (full) {
+    out = load_vec<T, N>(p + e0);
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k)
+      if (e0 + k < n) out.v[k] = p[e0 + k];
+  }
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_or_tail(T* p, const Vec<T, N>& v, i64 e0, i64 n, bool full) {
+  if (full) {
+    store_vec<T, N>(p + e0, v);
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k)
+      if (e0 + k < n) p[e0 + k] = v.v[k];
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Welford triples and Chan's merge: never E[x^2] - E[x]^2.
 // ---------------------------------------------------------------------------

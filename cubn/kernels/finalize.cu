@@ -21,6 +21,35 @@ __device__ __forceinline__ i64 partial_index(int p, int C, int fold, int c) {
   return (i64)row * C * fold + (i64)m * C + c;
 }
 
+// Chan-merge the partials of channel c across a warp (lane-strided, then a
+// shuffle tree): a fixed order, so the result is reproducible. Valid in lane 0.
+template <typename A>
+__device__ __forceinline__ void merge_channel(int c, int C, int nparts, int fold, const A* p_count,
+                                              const A* p_mean, const A* p_m2, A& n, A& mean, A& m2) {
+  n = A(0); mean = A(0); m2 = A(0);
+  const int total = nparts * fold;
+  for (int p = (threadIdx.x & 31); p < total; p += 32) {
+    const i64 k = partial_index<A>(p, C, fold, c);
+    chan_merge(n, mean, m2, p_count[k], p_mean[k], p_m2[k]);
+  }
+  warp_chan_merge(n, mean, m2);
+}
+
+// Sum the backward partial sums of channel c across a warp. Valid in lane 0.
+template <typename A>
+__device__ __forceinline__ void sum_channel(int c, int C, int nparts, int fold, const A* s1p, const A* s2p,
+                                            A& s1, A& s2) {
+  s1 = A(0); s2 = A(0);
+  const int total = nparts * fold;
+  for (int p = (threadIdx.x & 31); p < total; p += 32) {
+    const i64 k = partial_index<A>(p, C, fold, c);
+    s1 += s1p[k];
+    s2 += s2p[k];
+  }
+  s1 = warp_sum(s1);
+  s2 = warp_sum(s2);
+}
+
 // Moving statistics (see backends/base.py MovingUpdate for the formulas).
 // Pointers may alias their "_in" counterparts: each channel is read then
 // written by one thread.
@@ -74,14 +103,7 @@ cubn_bn_finalize(int C, int nparts, int fold,
   const int c = blockIdx.x * (CUBN_FINALIZE_THREADS / 32) + (threadIdx.x >> 5);
   if (c >= C) return;  // a whole warp leaves together
   A n = A(0), mean = A(0), m2 = A(0);
-  if (p_count != nullptr) {
-    const int total = nparts * fold;
-    for (int p = lane; p < total; p += 32) {
-      const i64 k = partial_index<A>(p, C, fold, c);
-      chan_merge(n, mean, m2, p_count[k], p_mean[k], p_m2[k]);
-    }
-    warp_chan_merge(n, mean, m2);
-  }
+  if (p_count != nullptr) merge_channel(c, C, nparts, fold, p_count, p_mean, p_m2, n, mean, m2);
   if (lane != 0) return;
   A var;
   if (p_count != nullptr) {
@@ -149,15 +171,8 @@ cubn_bwd_finalize(int C, int nparts, int fold, const A* s1p, const A* s2p,
   const int lane = threadIdx.x & 31;
   const int c = blockIdx.x * (CUBN_FINALIZE_THREADS / 32) + (threadIdx.x >> 5);
   if (c >= C) return;
-  A s1 = A(0), s2 = A(0);
-  const int total = nparts * fold;
-  for (int p = lane; p < total; p += 32) {
-    const i64 k = partial_index<A>(p, C, fold, c);
-    s1 += s1p[k];
-    s2 += s2p[k];
-  }
-  s1 = warp_sum(s1);
-  s2 = warp_sum(s2);
+  A s1, s2;
+  sum_channel(c, C, nparts, fold, s1p, s2p, s1, s2);
   if (lane != 0) return;
   dgamma[c] = g[c] * s2 + h[c] * s1;
   dbeta[c] = s1;
@@ -182,13 +197,8 @@ cubn_merge_partials(int C, int nparts, int fold, const A* p_count, const A* p_me
   const int lane = threadIdx.x & 31;
   const int c = blockIdx.x * (CUBN_FINALIZE_THREADS / 32) + (threadIdx.x >> 5);
   if (c >= C) return;
-  A n = A(0), mean = A(0), m2 = A(0);
-  const int total = nparts * fold;
-  for (int p = lane; p < total; p += 32) {
-    const i64 k = partial_index<A>(p, C, fold, c);
-    chan_merge(n, mean, m2, p_count[k], p_mean[k], p_m2[k]);
-  }
-  warp_chan_merge(n, mean, m2);
+  A n, mean, m2;
+  merge_channel(c, C, nparts, fold, p_count, p_mean, p_m2, n, mean, m2);
   if (lane == 0) { o_count[c] = n; o_mean[c] = mean; o_m2[c] = m2; }
 }
 
@@ -199,14 +209,7 @@ cubn_merge_sums(int C, int nparts, int fold, const A* s1p, const A* s2p, A* o1, 
   const int lane = threadIdx.x & 31;
   const int c = blockIdx.x * (CUBN_FINALIZE_THREADS / 32) + (threadIdx.x >> 5);
   if (c >= C) return;
-  A s1 = A(0), s2 = A(0);
-  const int total = nparts * fold;
-  for (int p = lane; p < total; p += 32) {
-    const i64 k = partial_index<A>(p, C, fold, c);
-    s1 += s1p[k];
-    s2 += s2p[k];
-  }
-  s1 = warp_sum(s1);
-  s2 = warp_sum(s2);
+  A s1, s2;
+  sum_channel(c, C, nparts, fold, s1p, s2p, s1, s2);
   if (lane == 0) { o1[c] = s1; o2[c] = s2; }
 }

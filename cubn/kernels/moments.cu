@@ -16,6 +16,18 @@
 #define CUBN_MOMENTS_THREADS 256
 #define CUBN_UNROLL 4
 
+// Mean and M2 of VEC values held in registers (two passes over registers).
+template <typename A, int VEC>
+__device__ __forceinline__ void vec_moments(const A* v, A& mean, A& m2) {
+  A sum = A(0);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) sum += v[k];
+  mean = sum * (A(1) / A(VEC));
+  m2 = A(0);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) { const A d = v[k] - mean; m2 += d * d; }
+}
+
 template <typename T, int WMODE, int VEC>
 __global__ void __launch_bounds__(CUBN_MOMENTS_THREADS)
 cubn_moments_cl(const T* __restrict__ x, i64 rows, int cols,
@@ -167,24 +179,14 @@ cubn_moments_cf(const T* __restrict__ x, i64 outer, int C, i64 inner, int nsplit
       for (int k = 0; k < VEC; ++k) v[k] = to_acc(q[u].v[k]);
       if (WMODE == 0) {
         // mean and M2 of the vector, then one Chan merge
-        A sum = A(0);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) sum += v[k];
-        const A lm = sum * (A(1) / A(VEC));
-        A lm2 = A(0);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) { const A d = v[k] - lm; lm2 += d * d; }
+        A lm, lm2;
+        vec_moments<A, VEC>(v, lm, lm2);
         chan_merge(n, mean, m2, A(VEC), lm, lm2);
       } else if (WMODE == 1) {
-        const A wt = w[row[u] / wdiv];
+        const A wt = w[row[u] / wdiv];  // the vector lies in one outer row: one weight
         if (wt == A(0)) continue;
-        A sum = A(0);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) sum += v[k];
-        const A lm = sum * (A(1) / A(VEC));
-        A lm2 = A(0);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) { const A d = v[k] - lm; lm2 += d * d; }
+        A lm, lm2;
+        vec_moments<A, VEC>(v, lm, lm2);
         chan_merge(n, mean, m2, wt * A(VEC), lm, wt * lm2);
       } else {
         // element weights: recover the element offset of this vector

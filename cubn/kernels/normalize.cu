@@ -32,18 +32,8 @@ cubn_normalize(const T* __restrict__ x, const T* __restrict__ side, T* __restric
     const i64 e0 = v * VEC;
     const bool full = e0 + VEC <= n;
     Vec<T, VEC> xv, sv, yv;
-    if (full) {
-      xv = load_vec<T, VEC>(x + e0);
-      if (has_side) sv = load_vec<T, VEC>(side + e0);
-    } else {
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        if (e0 + k < n) {
-          xv.v[k] = x[e0 + k];
-          if (has_side) sv.v[k] = side[e0 + k];
-        }
-      }
-    }
+    load_or_tail(xv, x, e0, n, full);
+    if (has_side) load_or_tail(sv, side, e0, n, full);
     FlatPos pos;
     pos.seek(e0, inner, C, 1);
 #pragma unroll
@@ -65,12 +55,6 @@ cubn_normalize(const T* __restrict__ x, const T* __restrict__ side, T* __restric
       yv.v[k] = Out<T>::cast(act_fwd<ACT>(z, alpha));
       pos.next(inner, C, 1);
     }
-    if (full) {
-      store_vec<T, VEC>(y + e0, yv);
-    } else {
-#pragma unroll
-      for (int k = 0; k < VEC; ++k)
-        if (e0 + k < n) y[e0 + k] = yv.v[k];
-    }
+    store_or_tail(y, yv, e0, n, full);
   }
 }
