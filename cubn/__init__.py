@@ -3,9 +3,9 @@
 CuPy arrays run the project's CUDA kernels on their device; NumPy arrays run
 a vectorized NumPy implementation. ``import cubn`` needs NumPy only.
 """
-from . import activations, compat, regularizers
+from . import activations, compat, distributed, regularizers
 from ._backend import gpu_available, use_backend
-from .layers import BatchNorm
+from .layers import BatchNorm, SyncBatchNorm
 from ._version import __version__
 from .ops import (
     BatchNormGrads,
@@ -32,6 +32,8 @@ __all__ = [
     "batch_norm_backward",
     "BatchNormGrads",
     "BatchNorm",
+    "SyncBatchNorm",
+    "distributed",
     "UPDATE_OPS",
     "UpdateCollection",
     "run_updates",

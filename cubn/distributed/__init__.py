@@ -1,0 +1,10 @@
+"""Scale-out: the communicators SyncBatchNorm exchanges its statistics through.
+
+cubn has no transport of its own: :class:`MPIComm` wraps ``mpi4py`` and
+:class:`NCCLComm` wraps CuPy's NCCL; both offer the two collectives the layer
+needs (see ``docs/distributed.md``). Importing this package imports neither
+engine.
+"""
+from .comm import Communicator, MPIComm, NCCLComm, as_communicator
+
+__all__ = ["Communicator", "MPIComm", "NCCLComm", "as_communicator"]
