@@ -3,7 +3,7 @@
 CuPy arrays run the project's CUDA kernels on their device; NumPy arrays run
 a vectorized NumPy implementation. ``import cubn`` needs NumPy only.
 """
-from . import activations, compat, distributed, regularizers
+from . import activations, compat, distributed, preprocessing, regularizers
 from ._backend import gpu_available, use_backend
 from .layers import BatchNorm, SyncBatchNorm
 from ._version import __version__
@@ -17,6 +17,7 @@ from .ops import (
     weighted_moments,
 )
 from .io import from_keras, from_torch, load, save, to_torch_state_dict
+from .preprocessing import RunningMoments, Standardizer, normalize_images
 from .updates import UPDATE_OPS, UpdateCollection, run_updates
 
 __all__ = [
@@ -34,6 +35,10 @@ __all__ = [
     "BatchNorm",
     "SyncBatchNorm",
     "distributed",
+    "preprocessing",
+    "RunningMoments",
+    "Standardizer",
+    "normalize_images",
     "UPDATE_OPS",
     "UpdateCollection",
     "run_updates",

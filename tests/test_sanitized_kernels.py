@@ -28,6 +28,12 @@ SELECTION = (
     ") or emulated and (test_gradients_match_finite_differences and relu and (renorm or weighted))"
 )
 
+PREPROCESSING = (
+    "emulated and (test_running_moments_batches and (uint8 or float32) or test_running_moments_weighted"
+    " or test_normalize_images_shapes or (test_normalize_images_exact and uint8 and float16)"
+    " or (test_normalize_images_exact and float64 and float32) or test_standardizer_images)"
+)
+
 
 @pytest.mark.parametrize("mode", ["address", "thread"])
 def test_kernels_are_clean_under_sanitizer(mode):
@@ -37,7 +43,8 @@ def test_kernels_are_clean_under_sanitizer(mode):
         pytest.skip(str(e))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-o", "addopts=",
-           "tests/test_forward.py", "tests/test_backward.py", "-k", SELECTION]
+           "tests/test_forward.py", "tests/test_backward.py", "tests/test_preprocessing.py",
+           "-k", f"({SELECTION}) or ({PREPROCESSING})"]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     out = r.stdout + r.stderr
     tail = out[-6000:]

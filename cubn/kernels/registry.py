@@ -12,6 +12,8 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .. import _dtypes
 from ..activations import KERNEL_IDS
 
@@ -31,8 +33,8 @@ ACC_DTYPES = ("float32", "float64")
 
 def vector_widths(dtype) -> tuple:
     """Elements per access a kernel may use: powers of two up to 16 bytes."""
-    size = 2 if _dtypes.name_of(dtype) in ("float16", "bfloat16") else (4 if _dtypes.name_of(dtype) == "float32" else 8)
-    return tuple(v for v in (1, 2, 4, 8) if v * size <= 16)
+    size = np.dtype(dtype).itemsize
+    return tuple(v for v in (1, 2, 4, 8, 16) if v * size <= 16)
 
 
 @dataclass(frozen=True)

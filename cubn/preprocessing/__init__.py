@@ -1,0 +1,17 @@
+"""Preprocessing for GPU-resident pipelines (CONTRACT §5).
+
+* :class:`RunningMoments` -- streaming, mergeable per-feature mean/variance.
+* :class:`Standardizer` -- scikit-learn's ``StandardScaler`` (interface and
+  numbers) on cubn's kernels, taking uint8/uint16/16-bit inputs and writing
+  any float dtype and layout in one pass.
+* :func:`normalize_images` -- convert, normalize per channel and change
+  layout (NHWC -> NCHW) in one kernel launch.
+
+Integer inputs (uint8, uint16) are accepted here and only here; they are
+converted inside the kernels, never materialized as floats.
+"""
+from .image import normalize_images
+from .running_moments import RunningMoments
+from .standardizer import NotFittedError, Standardizer
+
+__all__ = ["RunningMoments", "Standardizer", "normalize_images", "NotFittedError"]

@@ -1,0 +1,331 @@
+"""Streaming, mergeable per-feature statistics: :class:`RunningMoments`.
+
+The state is one Welford triple per kept element, ``(count, mean, M2)``, kept
+in float64 whatever the data's dtype (so counts stay exact to 2**53 and a long
+stream does not drift). A batch is reduced to its own triples (partials in
+float64 for float32/float64 data, in float32 for 8- and 16-bit data: see
+``image.stats_acc``) and merged into the state with Chan et al.'s pairwise
+formula; two accumulators merge the same way, so any split of the data into
+batches, in any order, and any tree of merges gives the same statistics up to
+rounding.
+
+On a kernel backend (CuPy, emulated) an update is two launches and never
+reads a device value back on the host: moments.cu's Welford partials (one
+launch), then ``cubn_rm_merge`` (preprocess.cu), which merges the partials and
+folds them into the state in place (one launch).
+"""
+from __future__ import annotations
+
+import copy as _copy
+import operator
+
+import numpy as np
+
+from .._backend import array_module, is_array, select
+from .._checks import arg_error, describe
+from .._plan import plan_for_kept_axes
+from ..ops._args import as_like, make_weights
+from . import image
+
+
+def is_dask_array(a) -> bool:
+    # By module name, so that NumPy/CuPy calls never import dask.
+    return type(a).__module__.split(".")[0] == "dask" and hasattr(a, "chunks")
+
+
+def result_dtype(dtype) -> np.dtype:
+    """Default dtype of the statistics of a batch: float64 for float64 data, float32 otherwise."""
+    return np.dtype(np.float64 if np.dtype(dtype).name == "float64" else np.float32)
+
+
+# ---------------------------------------------------------------------------
+# Chan's merge, written once for any array module (NumPy, CuPy, dask blocks)
+# ---------------------------------------------------------------------------
+def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Merge two sets of Welford triples elementwise (Chan, Golub & LeVeque 1979).
+
+    ``n = n_a + n_b``, ``mean = mean_a + delta * n_b / n``,
+    ``M2 = M2_a + M2_b + delta**2 * n_a * n_b / n`` with
+    ``delta = mean_b - mean_a``; where ``n == 0`` the result is ``a``
+    (the same arithmetic as ``chan_merge`` in common.cuh).
+    """
+    xp = array_module(n_a)
+    with np.errstate(all="ignore"):  # Inf/NaN in the data propagate to their feature, quietly
+        n = n_a + n_b
+        live = n > 0
+        fb = xp.where(live, n_b / xp.where(live, n, 1), 0)
+        delta = mean_b - mean_a
+        return n, mean_a + delta * fb, m2_a + m2_b + delta * delta * n_a * fb
+
+
+def tree_merge(count, mean, m2):
+    """Merge triples stacked along axis 0 in a fixed balanced tree."""
+    xp = array_module(count)
+    while count.shape[0] > 1:
+        if count.shape[0] % 2:
+            count, mean, m2 = (xp.concatenate([a, xp.zeros_like(a[:1])]) for a in (count, mean, m2))
+        count, mean, m2 = chan_merge(count[0::2], mean[0::2], m2[0::2], count[1::2], mean[1::2], m2[1::2])
+    return count[0], mean[0], m2[0]
+
+
+def merge_into_state(backend, partials, acc, state) -> None:
+    """Fold a batch's Welford partials into ``state`` ((3, C) float64: count, mean, M2) in place.
+
+    One ``cubn_rm_merge`` launch on a kernel backend (no host synchronization).
+    """
+    if backend.name == "numpy":
+        merged = backend.merge_partials(partials, acc)
+        n, m, s = chan_merge(state[0], state[1], state[2],
+                             *(np.asarray(p[0], np.float64) for p in merged[:3]))
+        state[0], state[1], state[2] = n, m, s
+        return
+    C = partials.count.shape[1] // partials.fold
+    if C == 0:
+        return
+    per_block = image.RM_MERGE_THREADS // 32
+    backend._launch(
+        image.variant("cubn_rm_merge", (image.ctype(acc),)),
+        (-(-C // per_block), 1, 1), (image.RM_MERGE_THREADS, 1, 1), 0,
+        (np.int32(C), np.int32(partials.count.shape[0]), np.int32(partials.fold), *partials[:3],
+         state[0], state[1], state[2]),
+    )
+
+
+def _merge_triple_into(backend, state, count, mean, m2) -> None:
+    """``state`` merged with float64 (C,) triples (another accumulator's state)."""
+    from ..backends.base import Partials
+
+    C = state.shape[1]
+    p = Partials(count.reshape(1, C), mean.reshape(1, C), m2.reshape(1, C), 1)
+    merge_into_state(backend, p, np.dtype(np.float64), state)
+
+
+# ---------------------------------------------------------------------------
+# RunningMoments
+# ---------------------------------------------------------------------------
+def _check_axis_type(func, axis):
+    if axis is None:
+        return
+    items = (axis,) if isinstance(axis, (int, np.integer)) and not isinstance(axis, bool) else axis
+    try:
+        [operator.index(a) for a in items]
+    except TypeError:
+        raise arg_error(TypeError, func, "axis", "None, an int or a sequence of ints", repr(axis)) from None
+
+
+def normalize_axes(func, axis, ndim, name="axis") -> tuple:
+    """``axis`` (None, an int or a sequence of ints) as sorted non-negative axes of a rank-``ndim`` array."""
+    if axis is None:
+        return tuple(range(ndim))
+    items = (axis,) if isinstance(axis, (int, np.integer)) and not isinstance(axis, bool) else axis
+    try:
+        axes = [operator.index(a) for a in items]
+    except TypeError:
+        raise arg_error(TypeError, func, name, "None, an int or a sequence of ints", repr(axis)) from None
+    out = []
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise arg_error(ValueError, func, name, f"axes in [-{ndim}, {ndim}) for a rank-{ndim} array", repr(axis))
+        out.append(a % ndim)
+    if len(set(out)) != len(out):
+        raise arg_error(ValueError, func, name, "no repeated axis", repr(axis))
+    return tuple(sorted(out))
+
+
+class RunningMoments:
+    """Streaming mean and variance over batches, mergeable across accumulators.
+
+    ``rm = RunningMoments(axis=0)``; ``rm.update(batch)`` for each batch;
+    ``rm.mean``, ``rm.var`` (population variance), ``rm.std``, ``rm.count``.
+    The statistics are those of all batches concatenated along the reduced
+    axes, whatever the split, the order, or the tree of ``merge`` calls
+    (Welford within a batch, Chan's formula between batches), up to rounding.
+
+    The state lives where the first batch lives (NumPy or a CUDA device);
+    a later batch on the other side is a ``TypeError``, never a silent copy.
+    On the GPU an update is two kernel launches on device arrays and no host
+    synchronization (the Welford partials of the batch, then one launch that
+    merges them into the state in place).
+
+    Args:
+        axis: the axes reduced over (None: all). Statistics have the shape of
+            the other axes, which every batch must share; the reduced axes may
+            differ in length from batch to batch. Default 0: rows of a
+            ``(samples, features)`` matrix.
+        dtype: dtype of ``mean``/``var``/``std`` (a float dtype). Default:
+            float64 for float64 data, float32 otherwise. The state itself is
+            always float64.
+
+    Batches may be uint8, uint16, float16, bfloat16, float32 or float64 arrays
+    (numpy or cupy), or dask arrays (reduced by :mod:`cubn.dask`). NaN is not
+    treated as missing: it propagates to its feature's statistics.
+    """
+
+    def __init__(self, axis=0, *, dtype=None):
+        _check_axis_type("RunningMoments", axis)  # ranges are checked against the first batch's rank
+        self.axis = axis
+        self.dtype = None if dtype is None else image.check_out_dtype("RunningMoments", "dtype", dtype)
+        self.reset()
+
+    def reset(self):
+        """Forget every batch (and the shape and device of the first)."""
+        self._state = None       # (3, C) float64: count, mean, M2
+        self._axes = None        # normalized reduced axes
+        self._ndim = None
+        self._stat_shape = None
+        self._result_dtype = None         # default dtype of the results
+        return self
+
+    # -- updating ---------------------------------------------------------
+    def update(self, batch, weights=None):
+        """Add a batch (``weights``: frequency weights broadcastable to it; a
+        ``[N]`` vector weighs each item of the batch). Returns ``self``."""
+        return self._update(batch, weights, "RunningMoments.update", "batch", "weights")
+
+    def _update(self, x, weights, func, xname, wname):
+        if is_dask_array(x) or is_dask_array(weights):
+            from .. import dask as cubn_dask
+
+            if not is_dask_array(x):
+                raise arg_error(TypeError, func, xname, "a dask array when the weights are one", describe(x))
+            axes = self._axes_for(func, x.ndim)
+            stat_shape = tuple(x.shape[a] for a in range(x.ndim) if a not in axes)
+            self._check_shape(func, xname, x.ndim, stat_shape)
+            count, mean, m2 = cubn_dask._compute_triple(func, xname, wname, x, axes, weights)
+            self._merge_triple(func, xname, x.ndim, axes, stat_shape, result_dtype(x.dtype), count, mean, m2)
+            return self
+        image.check_input(func, xname, x)
+        axes = self._axes_for(func, x.ndim)
+        plan = plan_for_kept_axes(x.shape, tuple(a for a in range(x.ndim) if a not in axes))
+        self._check_shape(func, xname, x.ndim, plan.stat_shape)
+        others = {wname: weights} if is_array(weights) else {}
+        if self._state is not None:
+            others["running state (from the first batch)"] = self._state
+        backend = select(func, xname, x, **others)
+        xp = backend.xp
+        acc = image.stats_acc(x.dtype)
+        w = None
+        if weights is not None:
+            wa = as_like(func, wname, weights, x, xp)
+            if plan.size > 0:
+                w = make_weights(func, wname, wa, x.shape, plan, xp, acc)
+        if self._state is None:
+            self._init(xp, x.ndim, axes, plan.stat_shape, result_dtype(x.dtype))
+        if plan.size > 0:
+            partials = image.welford_partials(backend, plan, plan.view3(x), acc, w)
+            merge_into_state(backend, partials, acc, self._state)
+        return self
+
+    def _axes_for(self, func, ndim):
+        return normalize_axes(func, self.axis, ndim)
+
+    def _check_shape(self, func, xname, ndim, stat_shape):
+        if self._state is None:
+            return
+        if ndim != self._ndim or tuple(stat_shape) != self._stat_shape:
+            raise arg_error(
+                ValueError, func, xname,
+                f"a rank-{self._ndim} batch whose kept axes have shape {self._stat_shape} (as the first batch's)",
+                f"rank {ndim} with kept shape {tuple(stat_shape)}",
+            )
+
+    def _init(self, xp, ndim, axes, stat_shape, result):
+        c = int(np.prod(stat_shape, dtype=np.int64)) if stat_shape else 1
+        self._state = xp.zeros((3, c), np.float64)
+        self._ndim, self._axes, self._stat_shape = ndim, tuple(axes), tuple(stat_shape)
+        self._result_dtype = np.dtype(result)
+
+    def _merge_triple(self, func, xname, ndim, axes, stat_shape, result, count, mean, m2):
+        """Merge float64 triples of shape ``stat_shape`` (computed elsewhere, e.g. by dask)."""
+        self._check_shape(func, xname, ndim, stat_shape)
+        others = {"running state (from the first batch)": self._state} if self._state is not None else {}
+        backend = select(func, xname + " (computed)", count, **others)
+        if self._state is None:
+            self._init(backend.xp, ndim, axes, stat_shape, result)
+        xp = backend.xp
+        flat = [xp.ascontiguousarray(xp.asarray(a, dtype=np.float64).reshape(-1)) for a in (count, mean, m2)]
+        if flat[0].size:
+            _merge_triple_into(backend, self._state, *flat)
+
+    def merge(self, other):
+        """Merge another accumulator (same axes and statistic shape, same side) into this one. Returns ``self``."""
+        func = "RunningMoments.merge"
+        if not isinstance(other, RunningMoments):
+            raise arg_error(TypeError, func, "other", "a RunningMoments", describe(other))
+        if other._state is None:
+            return self
+        if self._axes_for(func, other._ndim) != other._axes:
+            raise arg_error(ValueError, func, "other", f"an accumulator over axes {self._axes_for(func, other._ndim)}",
+                            f"axes {other._axes}")
+        if self._state is None:
+            self._ndim, self._axes, self._stat_shape = other._ndim, other._axes, other._stat_shape
+            self._result_dtype = other._result_dtype
+            self._state = other._state.copy()
+            return self
+        if other._stat_shape != self._stat_shape:
+            raise arg_error(ValueError, func, "other", f"statistics of shape {self._stat_shape}",
+                            f"shape {other._stat_shape}")
+        backend = select(func, "self", self._state, other=other._state)
+        src = other._state.copy() if other is self else other._state
+        if self._state.shape[1]:
+            _merge_triple_into(backend, self._state, src[0], src[1], src[2])
+        return self
+
+    def copy(self):
+        """An independent accumulator with the same state."""
+        return _copy.deepcopy(self)
+
+    # -- results ------------------------------------------------------------
+    @property
+    def shape(self):
+        """Shape of the statistics (None before the first batch)."""
+        return self._stat_shape
+
+    def _out(self, a):
+        return a.astype(self.dtype or self._result_dtype).reshape(self._stat_shape)
+
+    @property
+    def count(self):
+        """Samples (sum of weights) seen per statistic, float64; 0 before the first batch."""
+        if self._state is None:
+            return 0
+        return self._state[0].copy().reshape(self._stat_shape)
+
+    @property
+    def mean(self):
+        """Mean per statistic (NaN where nothing was seen); None before the first batch."""
+        if self._state is None:
+            return None
+        xp = array_module(self._state)
+        n = self._state[0]
+        return self._out(xp.where(n > 0, self._state[1], np.nan))
+
+    def _var64(self):
+        xp = array_module(self._state)
+        n, m2 = self._state[0], self._state[2]
+        live = n > 0
+        with np.errstate(all="ignore"):
+            return xp.where(live, xp.maximum(m2, 0) / xp.where(live, n, 1), np.nan)
+
+    @property
+    def var(self):
+        """Population variance (ddof 0) per statistic; None before the first batch."""
+        if self._state is None:
+            return None
+        return self._out(self._var64())
+
+    @property
+    def std(self):
+        """Square root of :attr:`var`; None before the first batch."""
+        if self._state is None:
+            return None
+        return self._out(array_module(self._state).sqrt(self._var64()))
+
+    def triple(self):
+        """The float64 state ``(count, mean, M2)`` (copies), each of shape :attr:`shape`."""
+        if self._state is None:
+            return None
+        return tuple(self._state[i].copy().reshape(self._stat_shape) for i in range(3))
+
+    def __repr__(self):
+        return f"RunningMoments(axis={self.axis!r}, shape={self._stat_shape})"
