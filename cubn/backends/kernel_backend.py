@@ -123,8 +123,12 @@ class KernelBackend:
         return (blocks, 1, 1), (ELEMENTWISE_THREADS, 1, 1)
 
     # -- statistics -------------------------------------------------------
-    def welford_partials(self, plan, x3, acc, weights=None) -> Partials:
+    def welford_partials(self, plan, x3, acc, weights=None, kernel=None) -> Partials:
+        """Per-block Welford partials. ``kernel(layout, wmode, vec)`` picks
+        another registered instantiation of the moments kernels (the
+        preprocessing API uses it for integer inputs and float64 partials)."""
         xp = self.xp
+        kernel = kernel or (lambda layout, wmode, vec: registry.moments(x3.dtype, layout, wmode, vec))
         wmode, wvals, wdiv = 0, None, 1
         if weights is not None:
             wmode = 1 if weights.kind == "outer" else 2
@@ -136,7 +140,7 @@ class KernelBackend:
             pc, pm, p2 = xp.empty(shape, acc), xp.empty(shape, acc), xp.empty(shape, acc)
             shared = 3 * cfg.block[0] * cfg.block[1] * cfg.vec * acc.itemsize
             self._launch(
-                registry.moments(dt, "cl", wmode, cfg.vec), cfg.grid, cfg.block, shared,
+                kernel("cl", wmode, cfg.vec), cfg.grid, cfg.block, shared,
                 (x3, np.int64(cfg.rows), np.int32(cfg.cols), wvals, np.int64(wdiv), pc, pm, p2),
             )
             return Partials(pc, pm, p2, cfg.fold)
@@ -144,7 +148,7 @@ class KernelBackend:
         shape = (cfg.nsplit, plan.channels)
         pc, pm, p2 = xp.empty(shape, acc), xp.empty(shape, acc), xp.empty(shape, acc)
         self._launch(
-            registry.moments(dt, "cf", wmode, cfg.vec), cfg.grid, cfg.block, 0,
+            kernel("cf", wmode, cfg.vec), cfg.grid, cfg.block, 0,
             (x3, np.int64(plan.outer), np.int32(plan.channels), np.int64(plan.inner), np.int32(cfg.nsplit),
              np.int64(cfg.chunk), wvals, np.int64(wdiv), pc, pm, p2),
         )

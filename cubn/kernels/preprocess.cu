@@ -133,13 +133,7 @@ cubn_pp_affine(const Tin* __restrict__ x, Tout* __restrict__ y, i64 n, int C, i6
     const bool full = e0 + VEC <= n;
     Vec<Tin, VEC> xv;
     Vec<Tout, VEC> yv;
-    if (full) {
-      xv = load_vec<Tin, VEC>(x + e0);
-    } else {
-#pragma unroll
-      for (int k = 0; k < VEC; ++k)
-        if (e0 + k < n) xv.v[k] = x[e0 + k];
-    }
+    load_or_tail(xv, x, e0, n, full);
     FlatPos pos;
     pos.seek(e0, inner, C, 1);
 #pragma unroll
@@ -152,13 +146,7 @@ cubn_pp_affine(const Tin* __restrict__ x, Tout* __restrict__ y, i64 n, int C, i6
       if (e0 + k < n) yv.v[k] = PpOut<Tout>::cast(pp_apply<INVERSE, A>(A(pp_load(xv.v[k])), ca, cd));
       pos.next(inner, C, 1);
     }
-    if (full) {
-      store_vec<Tout, VEC>(y + e0, yv);
-    } else {
-#pragma unroll
-      for (int k = 0; k < VEC; ++k)
-        if (e0 + k < n) y[e0 + k] = yv.v[k];
-    }
+    store_or_tail(y, yv, e0, n, full);
   }
 }
 

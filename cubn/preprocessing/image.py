@@ -272,8 +272,7 @@ def welford_partials(backend, plan, x3, acc, weights=None) -> Partials:
     (16-bit floats, float64) go to it (moments.cu). uint8/uint16 inputs, and
     float32 inputs with float64 partials, launch moments.cu's kernels
     instantiated for them in preprocess.cu, with the backend's own launch
-    configuration (mirroring ``KernelBackend.welford_partials`` line for
-    line). The NumPy backend converts rows to ``acc`` for every dtype.
+    configuration (``KernelBackend.welford_partials`` with its ``kernel`` hook). The NumPy backend converts rows to ``acc`` for every dtype.
     """
     own = x3.dtype.kind not in "ui" and not (x3.dtype == np.float32 and acc == np.float64)
     if backend.name == "numpy":
@@ -282,31 +281,10 @@ def welford_partials(backend, plan, x3, acc, weights=None) -> Partials:
         return backend.welford_partials(plan, x3, acc, weights)
     if own:
         return backend.welford_partials(plan, x3, acc, weights)
-    xp = backend.xp
-    wmode, wvals, wdiv = 0, None, 1
-    if weights is not None:
-        wmode = 1 if weights.kind == "outer" else 2
-        wvals, wdiv = weights.values, weights.divisor
-    dt, t = x3.dtype, _stats_ctype(x3.dtype.name)
-    if plan.channels_last:
-        cfg = backend._cl_config(plan, dt, (x3,), allow_fold=weights is None)
-        shape = (cfg.nsplit, cfg.cols)
-        pc, pm, p2 = xp.empty(shape, acc), xp.empty(shape, acc), xp.empty(shape, acc)
-        shared = 3 * cfg.block[0] * cfg.block[1] * cfg.vec * acc.itemsize
-        backend._launch(
-            variant("cubn_moments_cl", (t, str(wmode), str(cfg.vec))), cfg.grid, cfg.block, shared,
-            (x3, np.int64(cfg.rows), np.int32(cfg.cols), wvals, np.int64(wdiv), pc, pm, p2),
-        )
-        return Partials(pc, pm, p2, cfg.fold)
-    cfg = backend._cf_config(plan, dt, (x3,))
-    shape = (cfg.nsplit, plan.channels)
-    pc, pm, p2 = xp.empty(shape, acc), xp.empty(shape, acc), xp.empty(shape, acc)
-    backend._launch(
-        variant("cubn_moments_cf", (t, str(wmode), str(cfg.vec))), cfg.grid, cfg.block, 0,
-        (x3, np.int64(plan.outer), np.int32(plan.channels), np.int64(plan.inner), np.int32(cfg.nsplit),
-         np.int64(cfg.chunk), wvals, np.int64(wdiv), pc, pm, p2),
-    )
-    return Partials(pc, pm, p2, 1)
+    t = _stats_ctype(x3.dtype.name)
+    return backend.welford_partials(
+        plan, x3, acc, weights,
+        kernel=lambda layout, wmode, vec: variant(f"cubn_moments_{layout}", (t, str(wmode), str(vec))))
 
 
 def _numpy_columns_f64(x3) -> Partials:
