@@ -121,3 +121,23 @@ def assert_close(actual, expected, dtype_name, scale=None, what=""):
     s = scale if scale is not None else max(1.0, float(np.max(np.abs(expected[fin]))))
     err = float(np.max(np.abs(actual[fin] - expected[fin]))) / s
     assert err <= TOL[dtype_name], f"{what}: relative error {err:.3g} > {TOL[dtype_name]} ({dtype_name})"
+
+
+@pytest.fixture
+def emulated_launches(monkeypatch):
+    """Names of the kernels launched on the emulated backend inside the test (in order)."""
+    reason = backend_skip_reason("emulated")
+    if reason:
+        pytest.skip(reason)
+    from cubn._backend import get_backend
+
+    launcher = get_backend("emulated").launcher
+    names = []
+    real = launcher.launch
+
+    def counting(kernel, grid, block, shared, args):
+        names.append(kernel.name_expression.split("<")[0])
+        return real(kernel, grid, block, shared, args)
+
+    monkeypatch.setattr(launcher, "launch", counting)
+    return names

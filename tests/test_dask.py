@@ -10,18 +10,13 @@ da = pytest.importorskip("dask.array")
 dask = pytest.importorskip("dask")
 
 import cubn  # noqa: E402
+import reference  # noqa: E402
 import cubn.dask as cdask  # noqa: E402
 from cubn.preprocessing import RunningMoments, Standardizer  # noqa: E402
 
 
 def _truth(x, axes, w=None):
-    x = np.asarray(x, np.float64)
-    if w is None:
-        return x.mean(axis=axes), x.var(axis=axes)
-    w = np.broadcast_to(np.asarray(w, np.float64), x.shape)
-    sw = w.sum(axis=axes, keepdims=True)
-    m = (w * x).sum(axis=axes, keepdims=True) / sw
-    return m.squeeze(axes), ((w * (x - m) ** 2).sum(axis=axes, keepdims=True) / sw).squeeze(axes)
+    return reference.moments(x, tuple(np.atleast_1d(axes)), weights=w)
 
 
 def _random_chunks(rng, n, k):

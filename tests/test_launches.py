@@ -6,26 +6,12 @@ import numpy as np
 import pytest
 
 import cubn
-from cubn._backend import get_backend
-from conftest import backend_skip_reason
 
 
 @pytest.fixture
-def launches(monkeypatch):
-    reason = backend_skip_reason("emulated")
-    if reason:
-        pytest.skip(reason)
-    backend = get_backend("emulated")
-    names = []
-    real = backend.launcher.launch
-
-    def counting(kernel, grid, block, shared, args):
-        names.append(kernel.name_expression.split("<")[0])
-        return real(kernel, grid, block, shared, args)
-
-    monkeypatch.setattr(backend.launcher, "launch", counting)
+def launches(emulated_launches):
     with cubn.use_backend("emulated"):
-        yield names
+        yield emulated_launches
 
 
 @pytest.mark.parametrize("shape,fmt", [((4, 3, 5, 6), "NHWC"), ((4, 6, 5, 3), "NCHW")])
