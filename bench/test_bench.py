@@ -27,9 +27,13 @@ def shape(request):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("op", B.OPS)
-@pytest.mark.parametrize("peer", ["cubn", "torch", "cupy_naive", "numpy"])
-def test_bench(benchmark, shape, dtype, op, peer):
+@pytest.mark.parametrize("peer", B.PEERS)
+def test_bench(benchmark, shape, dtype, op, peer, monkeypatch):
     layout, shp = shape
+    if peer == "cubn_3launch" and op not in B.TRAIN_FORWARD_OPS:
+        pytest.skip(f"{op} runs the same kernels as cubn")
+    for k, v in B.PEER_ENV.get(peer, {}).items():
+        monkeypatch.setenv(k, v)
     dt = B._resolve_dtype(dtype)
     if dt is None:
         pytest.skip(f"{dtype} unavailable")

@@ -4,7 +4,9 @@ Peers measured side by side in one run, on the same device buffers:
 ``cubn`` (our kernels), ``torch`` (``torch.nn.functional.batch_norm`` and its
 relu/add, channels_last for NHWC, tensors shared through DLPack),
 ``cupy_naive`` (CuPy mean/var and elementwise expressions) and ``numpy``
-(cubn's NumPy backend on the CPU, a few shapes, for scale).
+(cubn's NumPy backend on the CPU, a few shapes, for scale); for the training
+forward ops also ``cubn_3launch``: cubn with its one-launch kernel switched
+off (``CUBN_PERSISTENT=0``), so the two paths are compared in the same run.
 
 GPU timing: CUDA events around each call, warm-up first, the median of many
 repetitions, input buffers rotated so that the L2 cache (50 MB on an H100)
@@ -16,7 +18,9 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import contextlib
 import math
+import os
 import platform
 import statistics
 import sys
@@ -37,7 +41,9 @@ SUITE = [
 ]
 QUICK = [SUITE[2], SUITE[3], SUITE[10], SUITE[11], SUITE[12]]
 OPS = ("moments", "bn_train", "bn_infer", "bn_relu", "bn_add_relu", "backward")
-PEERS = ("cubn", "torch", "cupy_naive", "numpy")
+PEERS = ("cubn", "cubn_3launch", "torch", "cupy_naive", "numpy")
+TRAIN_FORWARD_OPS = ("bn_train", "bn_relu", "bn_add_relu")  # where cubn_3launch differs from cubn
+PEER_ENV = {"cubn_3launch": {"CUBN_PERSISTENT": "0"}}
 # Tensor-sized transfers each op must make (x reads, dy/side reads, y/dx writes):
 # statistics need one read of x, normalizing another read and a write.
 TENSOR_PASSES = {"moments": 1, "bn_train": 3, "bn_infer": 2, "bn_relu": 3, "bn_add_relu": 4, "backward": 5}
@@ -231,7 +237,34 @@ def _numpy_case(op, inp):
     return _cubn_case(op, inp)  # cubn on NumPy arrays: the NumPy backend
 
 
-CASE_BUILDERS = {"cubn": _cubn_case, "torch": _torch_case, "cupy_naive": _cupy_naive_case, "numpy": _numpy_case}
+class SameAsCubn(Exception):
+    """cubn_3launch on an op whose kernels do not depend on CUBN_PERSISTENT."""
+
+
+def _cubn_3launch_case(op, inp):
+    if op not in TRAIN_FORWARD_OPS:
+        raise SameAsCubn(f"{op} runs the same kernels as cubn")
+    return _cubn_case(op, inp)  # built and timed under PEER_ENV (see peer_env)
+
+
+@contextlib.contextmanager
+def peer_env(peer):
+    """The environment a peer is built and timed under."""
+    env = PEER_ENV.get(peer, {})
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+CASE_BUILDERS = {"cubn": _cubn_case, "cubn_3launch": _cubn_3launch_case, "torch": _torch_case,
+                 "cupy_naive": _cupy_naive_case, "numpy": _numpy_case}
 
 
 # ---------------------------------------------------------------------------
@@ -360,16 +393,19 @@ def run_suite(shapes=None, dtypes=("float32", "float16", "bfloat16"), ops=OPS, p
                     continue
                 for r in recs:
                     try:
-                        run = CASE_BUILDERS[peer](r.op, inp)
-                        if on_cpu:
-                            med, p10, p90, cnt = time_cpu(run, inp.k)
-                        else:
-                            med, p10, p90, cnt = time_gpu(cp, run, inp.k, reps=reps)
+                        with peer_env(peer):
+                            run = CASE_BUILDERS[peer](r.op, inp)
+                            if on_cpu:
+                                med, p10, p90, cnt = time_cpu(run, inp.k)
+                            else:
+                                med, p10, p90, cnt = time_gpu(cp, run, inp.k, reps=reps)
                         r.median_ms, r.p10_ms, r.p90_ms, r.reps = med, p10, p90, cnt
                         r.bytes = TENSOR_PASSES[r.op] * inp.nbytes
                         r.gbps = r.bytes / (med * 1e-3) / 1e9
                         if bw and not on_cpu:
                             r.roofline = r.gbps / bw
+                    except SameAsCubn as e:
+                        r.error = f"skipped: {e}"
                     except Exception as e:
                         r.error = f"{type(e).__name__}: {e}"[:300]
                     log(_fmt_record(r))
@@ -430,6 +466,12 @@ def summarize(records):
                     "speedup_vs_torch_geomean": _geomean(speed), "roofline_geomean": _geomean(roof),
                     "slowest_vs_torch": worst[0] if worst else None,
                     "slowest_case": f"{worst[1]} {worst[2]}" if worst else None, "cases": len(roof) or len(speed)}
+                if op in TRAIN_FORWARD_OPS:
+                    # cubn (one launch where the shape allows) over its three-launch path
+                    gains = [by[(o, lay, shp, d, "cubn_3launch")].median_ms / r.median_ms
+                             for (o, lay, shp, d, p), r in by.items()
+                             if o == op and d == dt and p == "cubn" and (o, lay, shp, d, "cubn_3launch") in by]
+                    out[f"{op}/{dt}"]["speedup_vs_3launch_geomean"] = _geomean(gains)
     return out
 
 
@@ -443,8 +485,8 @@ def table(records):
     rows = {}
     for r in records:
         rows.setdefault((r.op, r.layout, r.shape, r.dtype), {})[r.peer] = r
-    lines = [f"{'op':11s} {'layout':6s} {'shape':22s} {'dtype':8s} {'cubn ms':>9s} {'torch ms':>9s} {'naive ms':>9s} "
-             f"{'numpy ms':>9s} {'x torch':>8s} {'roofline':>8s}"]
+    lines = [f"{'op':11s} {'layout':6s} {'shape':22s} {'dtype':8s} {'cubn ms':>9s} {'3-launch':>9s} {'torch ms':>9s} "
+             f"{'naive ms':>9s} {'numpy ms':>9s} {'x torch':>8s} {'roofline':>8s}"]
     for (op, lay, shp, dt), peers in rows.items():
         def ms(p):
             r = peers.get(p)
@@ -454,8 +496,8 @@ def table(records):
         rf = f"{100 * c.roofline:7.1f}%" if c and c.roofline else f"{'-':>8s}"
         if all(p.median_ms is None for p in peers.values()):
             continue
-        lines.append(f"{op:11s} {lay:6s} {str(shp):22s} {dt:8s} {ms('cubn')} {ms('torch')} {ms('cupy_naive')} "
-                     f"{ms('numpy')} {sp} {rf}")
+        lines.append(f"{op:11s} {lay:6s} {str(shp):22s} {dt:8s} {ms('cubn')} {ms('cubn_3launch')} {ms('torch')} "
+                     f"{ms('cupy_naive')} {ms('numpy')} {sp} {rf}")
     return "\n".join(lines)
 
 

@@ -95,6 +95,23 @@ def backend(request):
     yield from _backend_fixture(request)
 
 
+@pytest.fixture(params=["numpy", "emulated", "emulated-3launch", "cupy", "cupy-3launch"])
+def train_backend(request, monkeypatch):
+    """``backend`` for training-forward tests: the kernel backends run twice,
+    with the one-launch (persistent.cu) path where the shape allows it, and
+    with it switched off (``CUBN_PERSISTENT=0``: statistics, finalize,
+    normalize), so both paths meet the same assertions."""
+    name, _, path = request.param.partition("-")
+    reason = backend_skip_reason(name)
+    if reason:
+        pytest.skip(reason)
+    if path:
+        monkeypatch.setenv("CUBN_PERSISTENT", "0")
+    b = Backend(name)
+    with b.context():
+        yield b
+
+
 @pytest.fixture(params=["emulated", "cupy"])
 def kernel_backend(request):
     """Only the backends that run the CUDA sources."""

@@ -64,3 +64,24 @@ def test_demo_reaches_ninety_percent_quickly():
     res = run(epochs=8, progress=False, out=open("/dev/null", "w"))
     assert res["test_accuracy"] >= 0.9
     assert res["device"] in ("cpu", "cuda")
+
+
+def test_cupy_source_text_changes_with_any_header(tmp_path, monkeypatch):
+    """CuPy caches compiled kernels by source text: a header edit must change it."""
+    import shutil
+
+    from cubn.backends import cupy_launcher
+    from cubn.kernels import registry
+
+    for p in registry.KERNEL_DIR.glob("*.c*"):
+        shutil.copy(p, tmp_path / p.name)
+    monkeypatch.setattr(registry, "KERNEL_DIR", tmp_path)
+    cupy_launcher.source_text.cache_clear()
+    before = cupy_launcher.source_text(tmp_path / "persistent.cu")
+    assert before.endswith((tmp_path / "persistent.cu").read_text())
+    with open(tmp_path / "finalize.cuh", "a") as f:
+        f.write("\n// edited\n")
+    cupy_launcher.source_text.cache_clear()
+    after = cupy_launcher.source_text(tmp_path / "persistent.cu")
+    cupy_launcher.source_text.cache_clear()
+    assert after != before and after.splitlines()[1:] == before.splitlines()[1:]

@@ -80,8 +80,9 @@ def test_weighted_moments_zero_weight_channel(backend, rng):
     assert_close(v[keep], rv, "float32")
 
 
-def test_large_offset_is_exact_where_naive_formula_fails(backend, rng):
+def test_large_offset_is_exact_where_naive_formula_fails(train_backend, rng):
     """CONTRACT §2: 1e4 + N(0,1) in float32 keeps 1e-4 relative error; E[x²]−E[x]² loses all digits."""
+    backend = train_backend
     x = (1e4 + rng.standard_normal((64, 16, 16, 8))).astype(np.float32)
     m, v = cubn.moments(backend.asarray(x), (0, 1, 2))
     tm, tv = ref.moments(x, (0, 1, 2))
@@ -125,7 +126,8 @@ def test_batch_normalization_tf_broadcasting(backend, rng):
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("data_format,shape", LAYOUTS)
 @pytest.mark.parametrize("with_side", [False, True])
-def test_fused_batch_norm_training(backend, rng, dtype, data_format, shape, with_side):
+def test_fused_batch_norm_training(train_backend, rng, dtype, data_format, shape, with_side):
+    backend = train_backend
     x = _data(rng, shape, dtype, loc=1.0)
     ax = ref.channel_axis(len(shape), data_format)
     c = shape[ax]
@@ -147,7 +149,8 @@ def test_fused_batch_norm_training(backend, rng, dtype, data_format, shape, with
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("factor", [0.0, 0.3, 1.0])
-def test_fused_batch_norm_exponential_avg_factor(backend, rng, dtype, factor):
+def test_fused_batch_norm_exponential_avg_factor(train_backend, rng, dtype, factor):
+    backend = train_backend
     x = _data(rng, (6, 4, 5, 3), dtype)
     old_m, old_v = rng.standard_normal(3).astype(np.float32), (rng.random(3) + 0.5).astype(np.float32)
     y, bm, bv = cubn.fused_batch_norm(backend.asarray(x), None, None, backend.asarray(old_m), backend.asarray(old_v),
@@ -210,7 +213,8 @@ def test_many_blocks_per_channel(backend, rng):
         assert_close(backend.to_numpy(y), ref.batch_norm(x, m, v, None, None, 1e-3, ax, "silu"), "float32")
 
 
-def test_nan_and_inf_stay_in_their_channel(backend, rng):
+def test_nan_and_inf_stay_in_their_channel(train_backend, rng):
+    backend = train_backend
     x = _data(rng, (6, 5, 4, 4), "float32")
     x[2, 1, 0, 3] = np.nan
     x[4, 3, 2, 2] = np.inf

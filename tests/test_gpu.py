@@ -192,3 +192,39 @@ def test_bfloat16_on_cupy_if_supported():
     assert y.dtype == x.dtype
     xf = x.get().astype(np.float64)
     np.testing.assert_allclose(bm.get(), xf.mean((0, 1, 2)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt,shape", [("NCHW", (64, 2048, 7, 7)), ("NHWC", (256, 1024)), ("NHWC", (1024, 64)),
+                                       ("NCHW", (32, 256, 16, 32))])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_one_launch_forward_on_device_shapes(fmt, shape, dtype, monkeypatch):
+    """The one-launch training forward on shapes of the benchmark suite that
+    fit it: the kernel really is chosen, and it agrees with the three-launch
+    path (statistics to float32 rounding, y to the dtype's rounding)."""
+    from cubn.backends import kernel_backend as kb
+
+    rs = cp.random.RandomState(7)
+    x = (3 + 2 * rs.standard_normal(shape, dtype=cp.float32)).astype(dtype)
+    c = shape[-1] if fmt == "NHWC" else shape[1]
+    g = cp.asarray(np.linspace(0.5, 1.5, c, dtype=np.float32))
+    b = cp.asarray(np.linspace(-1, 1, c, dtype=np.float32))
+    backend = cubn._backend.get_backend("cupy")
+    plan = cubn._plan.plan_for_channels(shape, fmt, "test")
+    assert backend._persist_config(plan, x.dtype, (x,)) is not None
+    calls = []
+    real = kb.KernelBackend.train_forward_persistent
+
+    def spy(self, *a):
+        out = real(self, *a)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(kb.KernelBackend, "train_forward_persistent", spy)
+    y1, m1, v1 = cubn.fused_batch_norm(x, g, b, data_format=fmt, activation="relu")
+    assert calls == [True]
+    monkeypatch.setenv("CUBN_PERSISTENT", "0")
+    y3, m3, v3 = cubn.fused_batch_norm(x, g, b, data_format=fmt, activation="relu")
+    cp.testing.assert_allclose(m1, m3, rtol=1e-5, atol=1e-5)
+    cp.testing.assert_allclose(v1, v3, rtol=1e-4, atol=1e-5)
+    tol = 2e-5 if dtype == "float32" else 4e-3
+    cp.testing.assert_allclose(y1.astype(cp.float32), y3.astype(cp.float32), rtol=tol, atol=tol * 4)

@@ -14,11 +14,17 @@ def launches(emulated_launches):
         yield emulated_launches
 
 
+@pytest.mark.parametrize("one_launch", [True, False])
 @pytest.mark.parametrize("shape,fmt", [((4, 3, 5, 6), "NHWC"), ((4, 6, 5, 3), "NCHW")])
-def test_launch_counts(launches, rng, shape, fmt):
+def test_launch_counts(launches, rng, shape, fmt, one_launch, monkeypatch):
+    """Small tensors take the one-launch training forward (persistent.cu);
+    with it switched off, statistics + finalize + normalize."""
+    if not one_launch:
+        monkeypatch.setenv("CUBN_PERSISTENT", "0")
     x = rng.standard_normal(shape).astype(np.float32)
     c = shape[-1] if fmt == "NHWC" else shape[1]
     g, b = np.ones(c, np.float32), np.zeros(c, np.float32)
+    train_launches = 1 if one_launch else 3
 
     def count(fn):
         launches.clear()
@@ -27,12 +33,13 @@ def test_launch_counts(launches, rng, shape, fmt):
 
     assert len(count(lambda: cubn.moments(x, [0, 1, 2] if fmt == "NHWC" else [0, 2, 3]))) == 2
     train = count(lambda: cubn.fused_batch_norm(x, g, b, data_format=fmt, activation="relu", side_input=x))
-    assert len(train) == 3 and train[1] == "cubn_bn_finalize"
+    assert len(train) == train_launches
+    assert train[0 if one_launch else 1] == ("cubn_bn_train_persistent" if one_launch else "cubn_bn_finalize")
     assert len(count(lambda: cubn.fused_batch_norm(x, g, b, g, g, data_format=fmt, is_training=False))) == 1
     assert len(count(lambda: cubn.batch_normalization(x, 0.5, 2.0, None, None, 1e-3))) == 1
     bn = cubn.BatchNorm(scale=True, data_format=fmt, updates_collections=None, zero_debias_moving_mean=True)
-    assert len(count(lambda: bn(x))) == 3  # the in-place update rides in the finalize launch
+    assert len(count(lambda: bn(x))) == train_launches  # the in-place update rides in the finalize step
     assert len(count(lambda: bn.backward(x))) == 3
     deferred = cubn.BatchNorm(data_format=fmt, updates_collections=cubn.UpdateCollection())
-    assert len(count(lambda: deferred(x))) == 3
+    assert len(count(lambda: deferred(x))) == train_launches
     assert count(lambda: cubn.run_updates(deferred.updates_collections)) == ["cubn_bn_update"]

@@ -86,7 +86,8 @@ CONFIGS = {
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 @pytest.mark.parametrize("data_format,shape", [("NHWC", (6, 3, 4, 5)), ("NCHW", (5, 4, 3, 3)), ("NHWC", (12, 7))])
 @pytest.mark.parametrize("in_place", [True, False])
-def test_training_sequence_then_inference(backend, rng, config, data_format, shape, in_place):
+def test_training_sequence_then_inference(train_backend, rng, config, data_format, shape, in_place):
+    backend = train_backend
     kw = CONFIGS[config]
     axis = ref.channel_axis(len(shape), data_format)
     c = shape[axis]
@@ -182,7 +183,8 @@ def test_batch_weights_training(backend, rng):
     assert_close(backend.to_numpy(bn.variables["moving_variance"]), rl.mv, "float32")
 
 
-def test_adjustment_training_only(backend, rng):
+def test_adjustment_training_only(train_backend, rng):
+    backend = train_backend
     xp_side = backend.asarray
     a_s, a_b = rng.uniform(0.9, 1.1, 5), rng.uniform(-0.1, 0.1, 5)
     bn = cubn.BatchNorm(scale=True, updates_collections=None,
@@ -210,7 +212,8 @@ def test_trainable_false(backend, rng):
 
 @pytest.mark.parametrize("mode", ["renorm_clipped", "adjust", "weighted", "inference", "side_relu"])
 @pytest.mark.parametrize("data_format,shape", [("NHWC", (4, 2, 3)), ("NCHW", (3, 3, 2, 2))])
-def test_layer_gradients_finite_differences(backend, rng, mode, data_format, shape):
+def test_layer_gradients_finite_differences(train_backend, rng, mode, data_format, shape):
+    backend = train_backend
     from test_backward import numeric_grads
 
     nd = len(shape)
@@ -388,8 +391,9 @@ def test_layer_argument_errors(rng):
         bn.to("tpu")
 
 
-def test_half_precision_layer(backend, rng):
+def test_half_precision_layer(train_backend, rng):
     """16-bit activations with float32 state (statistics accumulate in float32)."""
+    backend = train_backend
     for dt in ("float16", "bfloat16"):
         bn = cubn.BatchNorm(scale=True, updates_collections=None, decay=0.0)
         x = _batch(rng, (8, 3, 3, 4), dt)

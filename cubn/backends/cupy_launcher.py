@@ -7,6 +7,8 @@ memory and by CuPy on disk (``~/.cupy/kernel_cache``, or
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import threading
 from pathlib import Path
@@ -47,6 +49,17 @@ def compile_options() -> tuple:
     return registry.NVRTC_OPTIONS + (f"-I{registry.KERNEL_DIR}",) + tuple(f"-I{d}" for d in cuda_include_dirs())
 
 
+@functools.lru_cache(maxsize=None)
+def source_text(path) -> str:
+    """A kernel source as handed to NVRTC, headed by a digest of cubn's own
+    headers: CuPy's on-disk cache keys on the source text, not on what it
+    includes, so a changed ``.cuh`` must change the text."""
+    h = hashlib.sha256()
+    for p in sorted(registry.KERNEL_DIR.glob("*.cuh")):
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return f"// cubn headers {h.hexdigest()[:16]}\n" + Path(path).read_text()
+
+
 class CupyLauncher:
     name = "cupy"
 
@@ -83,7 +96,7 @@ class CupyLauncher:
                 if k is None:
                     with self.xp.cuda.Device(self.device_id):
                         mod = self.xp.RawModule(
-                            code=variant.path.read_text(), options=self._options,
+                            code=source_text(variant.path), options=self._options,
                             name_expressions=[variant.name_expression],
                         )
                         k = mod.get_function(variant.name_expression)

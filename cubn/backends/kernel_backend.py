@@ -10,6 +10,7 @@ the host: every statistic stays on the device between launches.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
@@ -24,6 +25,14 @@ BLOCKS_PER_SM = 2048 // REDUCE_THREADS  # resident 256-thread blocks per SM at f
 REDUCE_WAVES = 2
 ELEMENTWISE_WAVES = 4
 MIN_VECTORS_PER_THREAD = 4  # below this a reduction thread's setup dominates
+PERSIST_THREADS = 512       # CUBN_PERSIST_THREADS in persistent.cu
+PERSIST_ITEMS = 8           # CUBN_PERSIST_ITEMS: vectors each thread keeps in registers
+
+
+def persistent_enabled() -> bool:
+    """The one-launch training forward is on unless ``CUBN_PERSISTENT=0``
+    (benchmarks set it to time the three-launch path on the same shapes)."""
+    return os.environ.get("CUBN_PERSISTENT", "1") != "0"
 
 
 def _ptr(a) -> int:
@@ -72,10 +81,12 @@ class KernelBackend:
         return self.info.multiprocessor_count * BLOCKS_PER_SM * waves
 
     @staticmethod
-    def _vec(dtype, divisible_by, arrays):
-        """Widest access (elements) that divides ``divisible_by`` with all arrays aligned."""
+    def _vec(dtype, divisible_by, arrays, widths=None):
+        """Widest access (elements, among ``widths``: default every width) that
+        divides ``divisible_by`` with all arrays aligned."""
         size = np.dtype(dtype).itemsize
-        for v in reversed(registry.vector_widths(dtype)):
+        widths = registry.vector_widths(dtype) if widths is None else widths
+        for v in sorted(widths, reverse=True):
             if divisible_by % v == 0 and _aligned(v * size, *arrays):
                 return v
         return 1
@@ -155,32 +166,18 @@ class KernelBackend:
         return Partials(pc, pm, p2, 1)
 
     def finalize(self, partials, acc, fold, update=None, given=None) -> Stats:
-        xp, a = self.xp, acc.type
+        xp = self.xp
         if partials is not None:
             C = partials.count.shape[1] // partials.fold
         else:
             C = given[0].shape[0]
-        buf = xp.empty((3 if fold is None else 10, C), acc)  # one allocation for every output
-        o = dict(count=buf[0], mean=buf[1], var=buf[2], invstd=None, scale=None, shift=None, g=None, h=None, r=None, d=None)
-        if fold is not None:
-            o.update(invstd=buf[3], scale=buf[4], shift=buf[5], g=buf[6], h=buf[7])
-            if fold.renorm is not None:
-                o.update(r=buf[8], d=buf[9])
-        rn = fold.renorm if fold is not None else None
-        u = update
+        o = self._stats_buffers(xp, C, acc, fold)
         nparts, pfold = (partials.count.shape[0], partials.fold) if partials is not None else (0, 1)
         args = (
             np.int32(C), np.int32(nparts), np.int32(pfold),
             *(partials[:3] if partials is not None else (None, None, None)),
             *(given if partials is None else (None, None)),
-            a(fold.eps if fold is not None else 0.0),
-            *((fold.gamma, fold.beta, fold.adj_scale, fold.adj_bias) if fold is not None else (None,) * 4),
-            *((rn.renorm_mean, rn.renorm_stddev) if rn is not None else (None, None)),
-            a(rn.rmin if rn else 0.0), a(rn.rmax if rn else np.inf), a(rn.dmax if rn else np.inf),
-            o["count"] if partials is not None else None, o["mean"] if partials is not None else None,
-            o["var"] if partials is not None else None,
-            o["invstd"], o["scale"], o["shift"], o["g"], o["h"], o["r"], o["d"],
-            *self._update_args(u, acc),
+            *self._finalize_args(fold, update, acc, o, with_stats=partials is not None),
         )
         self._launch(registry.finalize_kernel("cubn_bn_finalize", acc),
                      (-(-C // CHANNELS_PER_FINALIZE_BLOCK), 1, 1), (FINALIZE_THREADS, 1, 1), 0, args)
@@ -207,6 +204,30 @@ class KernelBackend:
                      (-(-C // CHANNELS_PER_FINALIZE_BLOCK), 1, 1), (FINALIZE_THREADS, 1, 1), 0,
                      (np.int32(C), np.int32(sums.s1.shape[0]), np.int32(sums.fold), sums.s1, sums.s2, buf[0], buf[1]))
         return Sums(buf[0:1], buf[1:2], 1)
+
+    def _finalize_args(self, fold, update, acc, o, with_stats=True):
+        """CUBN_FINALIZE_PARAMS (finalize.cuh): the fold, the outputs ``o``, the update."""
+        a = acc.type
+        rn = fold.renorm if fold is not None else None
+        return (
+            a(fold.eps if fold is not None else 0.0),
+            *((fold.gamma, fold.beta, fold.adj_scale, fold.adj_bias) if fold is not None else (None,) * 4),
+            *((rn.renorm_mean, rn.renorm_stddev) if rn is not None else (None, None)),
+            a(rn.rmin if rn else 0.0), a(rn.rmax if rn else np.inf), a(rn.dmax if rn else np.inf),
+            *((o["count"], o["mean"], o["var"]) if with_stats else (None, None, None)),
+            o["invstd"], o["scale"], o["shift"], o["g"], o["h"], o["r"], o["d"],
+            *self._update_args(update, acc),
+        )
+
+    @staticmethod
+    def _stats_buffers(xp, C, acc, fold):
+        buf = xp.empty((3 if fold is None else 10, C), acc)  # one allocation for every output
+        o = dict(count=buf[0], mean=buf[1], var=buf[2], invstd=None, scale=None, shift=None, g=None, h=None, r=None, d=None)
+        if fold is not None:
+            o.update(invstd=buf[3], scale=buf[4], shift=buf[5], g=buf[6], h=buf[7])
+            if fold.renorm is not None:
+                o.update(r=buf[8], d=buf[9])
+        return o
 
     @staticmethod
     def _update_args(u, acc):
@@ -247,6 +268,61 @@ class KernelBackend:
              a(eps), a(act.alpha if act else 0.0)),
         )
         return y3
+
+    # -- the one-launch training forward ---------------------------------------
+    def _persist_config(self, plan, dtype, arrays):
+        """``(vec, grid, block)`` when every channel fits in one block's register
+        cache (persistent.cu), else None."""
+        cap = PERSIST_THREADS * PERSIST_ITEMS  # vectors one block holds
+        widths = (1, registry.vector_widths(dtype)[-1])  # the registered ones
+        if plan.outer == 0 or plan.channels == 0:
+            return None
+        if not plan.channels_last:
+            vec = self._vec(dtype, plan.inner, arrays, widths)
+            nvec = -(-plan.outer * plan.inner // vec)
+            if nvec > cap:
+                return None
+            threads = max(32, _pow2_at_least(-(-nvec // PERSIST_ITEMS)))
+            return vec, (plan.channels, 1, 1), (threads, 1, 1)
+        # Channels last: a block owns bx vectors of columns and every row; keep
+        # bx >= 2 (32-byte row segments) so that the loads stay coalesced.
+        vec = self._vec(dtype, plan.channels, arrays, widths)
+        cv = plan.channels // vec
+        by = _pow2_at_least(-(-plan.outer // PERSIST_ITEMS))
+        bx = min(32, _pow2_at_least(cv))
+        while bx * by > PERSIST_THREADS and bx > 2:
+            bx //= 2
+        if bx * by > PERSIST_THREADS or (bx < 2 and cv >= 2):
+            return None
+        return vec, (-(-cv // bx), 1, 1), (bx, by, 1)
+
+    def train_forward_persistent(self, plan, x3, acc, fold, update, side3, act):
+        """Training forward in one launch (statistics, finalize with the
+        moving update, normalize + add + activation) when every channel's data
+        fits in one block's registers; ``(y3, Stats)``, or None when it does
+        not fit (the caller then runs the three-launch path)."""
+        if not persistent_enabled():
+            return None
+        xp, a = self.xp, acc.type
+        dt = x3.dtype
+        y3 = xp.empty(x3.shape, dt)
+        cfg = self._persist_config(plan, dt, (x3, side3, y3))
+        if cfg is None:
+            return None
+        vec, grid, block = cfg
+        C = plan.channels
+        o = self._stats_buffers(xp, C, acc, fold)
+        if plan.channels_last:
+            shared = (block[1] + 3) * block[0] * vec * acc.itemsize
+        else:
+            shared = 67 * acc.itemsize
+        self._launch(
+            registry.train_persistent(dt, act.kernel_id if act else 0, vec, plan.channels_last), grid, block, shared,
+            (x3, side3, y3, np.int64(plan.outer), np.int32(C), np.int64(plan.inner), a(act.alpha if act else 0.0),
+             *self._finalize_args(fold, update, acc, o)),
+        )
+        stats = Stats(o["count"], o["mean"], o["var"], o["invstd"], o["scale"], o["shift"], o["g"], o["h"], o["r"], o["d"])
+        return y3, stats
 
     # -- backward -----------------------------------------------------------
     def backward_partials(self, plan, dy3, x3, side3, affine, act, acc):

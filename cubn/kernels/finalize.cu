@@ -11,7 +11,7 @@
 // Partial p of channel c lives at row p / fold, column c + (p % fold) * C of
 // a (rows, C * fold) array (fold > 1: the channels-last kernels folded
 // several outer rows into one matrix row).
-#include "common.cuh"
+#include "finalize.cuh"
 
 #define CUBN_FINALIZE_THREADS 128
 
@@ -50,55 +50,11 @@ __device__ __forceinline__ void sum_channel(int c, int C, int nparts, int fold, 
   s2 = warp_sum(s2);
 }
 
-// Moving statistics (see backends/base.py MovingUpdate for the formulas).
-// Pointers may alias their "_in" counterparts: each channel is read then
-// written by one thread.
-template <typename A>
-__device__ __forceinline__ void moving_update(
-    int c, A bm, A bv, A n, A eps,
-    A a, int bessel, const A* mm_in, A* mm_out, const A* mv_in, A* mv_out,
-    A* zd_biased, A zd_factor, A renorm_a, A* rn_mean, A* rn_std, A* moving_std) {
-  const A sd = m_sqrt(bv + eps);
-  if (rn_mean != nullptr) {
-    rn_mean[c] = rn_mean[c] - (rn_mean[c] - bm) * renorm_a;
-    rn_std[c] = rn_std[c] - (rn_std[c] - sd) * renorm_a;
-  }
-  if (mm_out != nullptr) {
-    if (zd_biased != nullptr) {
-      const A b = zd_biased[c] - (zd_biased[c] - bm) * a;
-      zd_biased[c] = b;
-      mm_out[c] = b / zd_factor;
-    } else if (mm_in != nullptr) {
-      mm_out[c] = mm_in[c] - (mm_in[c] - bm) * a;
-    } else {
-      mm_out[c] = bm;
-    }
-  }
-  if (mv_out != nullptr) {
-    const A v = bessel ? bv * (n / m_max(n - A(1), A(1))) : bv;
-    if (moving_std != nullptr) {
-      const A s = moving_std[c] - (moving_std[c] - sd) * a;
-      moving_std[c] = s;
-      mv_out[c] = m_max(s * s - eps, A(0));
-    } else if (mv_in != nullptr) {
-      mv_out[c] = mv_in[c] - (mv_in[c] - v) * a;
-    } else {
-      mv_out[c] = v;
-    }
-  }
-}
-
 template <typename A>
 __global__ void __launch_bounds__(CUBN_FINALIZE_THREADS)
 cubn_bn_finalize(int C, int nparts, int fold,
                  const A* p_count, const A* p_mean, const A* p_m2,
-                 const A* given_mean, const A* given_var, A eps,
-                 const A* gamma, const A* beta, const A* adj_scale, const A* adj_bias,
-                 const A* renorm_mean, const A* renorm_std, A rmin, A rmax, A dmax,
-                 A* o_count, A* o_mean, A* o_var, A* o_invstd, A* o_scale, A* o_shift,
-                 A* o_g, A* o_h, A* o_r, A* o_d,
-                 A upd_a, int bessel, const A* mm_in, A* mm_out, const A* mv_in, A* mv_out,
-                 A* zd_biased, A zd_factor, A renorm_a, A* rn_mean_io, A* rn_std_io, A* moving_std_io) {
+                 const A* given_mean, const A* given_var, CUBN_FINALIZE_PARAMS(A)) {
   const int lane = threadIdx.x & 31;
   const int c = blockIdx.x * (CUBN_FINALIZE_THREADS / 32) + (threadIdx.x >> 5);
   if (c >= C) return;  // a whole warp leaves together
@@ -117,36 +73,8 @@ cubn_bn_finalize(int C, int nparts, int fold,
     mean = given_mean[c];
     var = given_var[c];
   }
-  if (o_count != nullptr) o_count[c] = n;
-  if (o_mean != nullptr) o_mean[c] = mean;
-  if (o_var != nullptr) o_var[c] = var;
-  const A invstd = A(1) / m_sqrt(var + eps);
-  if (o_invstd != nullptr) o_invstd[c] = invstd;
-  if (o_scale != nullptr) {
-    const A g1 = gamma != nullptr ? gamma[c] : A(1);
-    const A b1 = beta != nullptr ? beta[c] : A(0);
-    const A as = adj_scale != nullptr ? adj_scale[c] : A(1);
-    const A ab = adj_bias != nullptr ? adj_bias[c] : A(0);
-    A g, h;
-    if (renorm_mean != nullptr) {
-      // Batch renormalization: r and d from the pre-update renorm statistics.
-      const A sd = m_sqrt(var + eps);
-      const A rs = m_max(renorm_std[c], m_sqrt(eps));
-      const A r = m_min(m_max(sd / rs, rmin), rmax);
-      const A d = m_min(m_max((mean - renorm_mean[c]) / rs, -dmax), dmax);
-      if (o_r != nullptr) { o_r[c] = r; o_d[c] = d; }
-      g = as * r * invstd;
-      h = as * d + ab;
-    } else {
-      g = as * invstd;
-      h = ab;
-    }
-    o_scale[c] = g1 * g;
-    o_shift[c] = g1 * h + b1;
-    if (o_g != nullptr) { o_g[c] = g; o_h[c] = h; }
-  }
-  moving_update<A>(c, mean, var, n, eps, upd_a, bessel, mm_in, mm_out, mv_in, mv_out,
-                   zd_biased, zd_factor, renorm_a, rn_mean_io, rn_std_io, moving_std_io);
+  A scale, shift;
+  finalize_channel<A>(c, n, mean, var, scale, shift, CUBN_FINALIZE_ARGS);
 }
 
 template <typename A>

@@ -18,7 +18,7 @@ from .. import _dtypes
 from ..activations import KERNEL_IDS
 
 KERNEL_DIR = Path(__file__).resolve().parent
-SOURCES = ("moments.cu", "finalize.cu", "normalize.cu", "backward.cu", "preprocess.cu")
+SOURCES = ("moments.cu", "finalize.cu", "normalize.cu", "backward.cu", "persistent.cu", "preprocess.cu")
 
 # Options the CuPy launcher passes to NVRTC (the NVRTC test adds only the
 # target architecture and include directories).
@@ -74,6 +74,8 @@ def all_variants() -> tuple:
                 for raw in (0, 1):
                     out.append(Variant("normalize.cu", "cubn_normalize", (t, str(act), str(v), str(raw))))
                 out.append(Variant("backward.cu", "cubn_bwd_apply", (t, str(act), str(v))))
+                for cl in (0, 1):  # like normalize: scalar or 16-byte vectors only (compile time)
+                    out.append(Variant("persistent.cu", "cubn_bn_train_persistent", (t, str(act), str(v), str(cl))))
     for a in ACC_DTYPES:
         t = _dtypes.CTYPES[a]
         for k in ("cubn_bn_finalize", "cubn_bn_update", "cubn_bwd_finalize", "cubn_merge_partials", "cubn_merge_sums"):
@@ -121,6 +123,11 @@ def bwd_reduce(dtype, layout: str, act_id: int, vec: int) -> Variant:
 
 def bwd_apply(dtype, act_id: int, vec: int) -> Variant:
     return _checked(Variant("backward.cu", "cubn_bwd_apply", (_ct(dtype), str(act_id), str(vec))))
+
+
+def train_persistent(dtype, act_id: int, vec: int, channels_last: bool) -> Variant:
+    return _checked(Variant("persistent.cu", "cubn_bn_train_persistent",
+                            (_ct(dtype), str(act_id), str(vec), str(int(channels_last)))))
 
 
 def finalize_kernel(name: str, acc) -> Variant:

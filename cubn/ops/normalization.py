@@ -43,7 +43,9 @@ def bn_forward(backend, plan, x3, acc, *, training, fold, update=None, given=Non
     """``y3 = act(normalize(x3) + side3)``; returns ``(y3, ForwardContext)``.
 
     Training: statistics of ``x3`` (weighted by ``weights``), optional moving
-    update in the same finalize launch: 3 launches. Inference: ``given =
+    update in the same finalize launch: 3 launches; 1 launch on the kernel
+    backends when every channel fits in one block's registers (unweighted,
+    not distributed: ``KernelBackend.train_forward_persistent``). Inference: ``given =
     (mean, var)`` folded inside the normalize launch: 1 launch.
 
     ``exchange`` (SyncBatchNorm) sits between the statistics and finalize:
@@ -54,6 +56,12 @@ def bn_forward(backend, plan, x3, acc, *, training, fold, update=None, given=Non
                          x_dtype=x3.dtype, side_dtype=None if side3 is None else side3.dtype,
                          exchange=exchange if training else None)
     if training:
+        one_launch = getattr(backend, "train_forward_persistent", None)
+        if one_launch is not None and weights is None and exchange is None:
+            done = one_launch(plan, x3, acc, fold, update, side3, act)
+            if done is not None:
+                y3, ctx.stats = done
+                return y3, ctx
         partials = backend.welford_partials(plan, x3, acc, weights)
         if exchange is not None:
             partials = exchange.partials(backend, partials, acc)

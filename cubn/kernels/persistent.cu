@@ -1,0 +1,177 @@
+// Training forward in one launch, for tensors whose every channel fits in
+// the registers of one block: the block reads its channels' data once, keeps
+// it in registers, reduces the statistics (exact two-pass over the registers:
+// the sum, then the squared deviations from the mean), finalizes them
+// (finalize.cuh: moving update, renorm, adjustment -- the same code as
+// cubn_bn_finalize) and writes y = act((x - mean) * scale + shift + side)
+// from the same registers. One read of x instead of two, and one launch
+// instead of three: no block waits on another, so there is no grid-wide
+// synchronization and nothing the emulator cannot run.
+//   CL == 0 (channels first, inner > 1): block b owns channel b; thread t
+//           holds vectors t, t + blockDim.x, ... of the channel's
+//           L = outer * inner elements (VEC > 1 needs inner % VEC == 0).
+//   CL == 1 (channels last, inner == 1): x is (rows, C); the block owns the
+//           columns [blockIdx.x * blockDim.x * VEC, ...) and every row;
+//           thread (tx, ty) holds rows ty, ty + blockDim.y, ... of its VEC
+//           columns (VEC > 1 needs C % VEC == 0). blockDim.y is a power of 2.
+// The host launches this only when L <= PERSIST_ITEMS * VEC * threads (the
+// per-thread register cache); otherwise the three-launch path runs.
+#include "finalize.cuh"
+
+#define CUBN_PERSIST_THREADS 512
+#define CUBN_PERSIST_ITEMS 8
+
+template <typename T, int ACT, int VEC, int CL>
+__global__ void __launch_bounds__(CUBN_PERSIST_THREADS)
+cubn_bn_train_persistent(const T* __restrict__ x, const T* __restrict__ side, T* __restrict__ y,
+                         i64 outer, int C, i64 inner, typename AccOf<T>::type alpha,
+                         CUBN_FINALIZE_PARAMS(typename AccOf<T>::type)) {
+  typedef typename AccOf<T>::type A;
+  const bool has_side = side != nullptr;
+  Vec<T, VEC> q[CUBN_PERSIST_ITEMS];
+  i64 at[CUBN_PERSIST_ITEMS];  // flat element offset of each held vector, -1: none
+  CUBN_DYNAMIC_SHARED(A, sh);
+
+  if (CL == 0) {
+    const int c = blockIdx.x;
+    const i64 L = outer * inner;
+#pragma unroll
+    for (int k = 0; k < CUBN_PERSIST_ITEMS; ++k) {
+      const i64 j = ((i64)k * blockDim.x + threadIdx.x) * VEC;
+      at[k] = -1;
+      if (j < L) {
+        const i64 o = j / inner, i = j - o * inner;
+        at[k] = (o * C + c) * inner + i;
+        q[k] = load_vec<T, VEC>(x + at[k]);
+      }
+    }
+    // Pass 1: the sum; pass 2: squared deviations from the mean (registers only).
+    A s = A(0), unused = A(0);
+#pragma unroll
+    for (int k = 0; k < CUBN_PERSIST_ITEMS; ++k)
+      if (at[k] >= 0)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) s += to_acc(q[k].v[e]);
+    block_sum2(s, unused, sh);
+    if (threadIdx.x == 0) sh[64] = s / A(L);
+    __syncthreads();
+    const A mean = sh[64];
+    A m2 = A(0);
+#pragma unroll
+    for (int k = 0; k < CUBN_PERSIST_ITEMS; ++k)
+      if (at[k] >= 0)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) { const A d = to_acc(q[k].v[e]) - mean; m2 += d * d; }
+    __syncthreads();  // sh[0..63] is reused by the second reduction
+    unused = A(0);
+    block_sum2(m2, unused, sh);
+    if (threadIdx.x == 0) {
+      A scale, shift;
+      finalize_channel<A>(c, A(L), mean, m_max(m2 / A(L), A(0)), scale, shift, CUBN_FINALIZE_ARGS);
+      sh[65] = scale;
+      sh[66] = shift;
+    }
+    __syncthreads();
+    const A scale = sh[65], shift = sh[66];
+#pragma unroll
+    for (int k = 0; k < CUBN_PERSIST_ITEMS; ++k) {
+      if (at[k] < 0) continue;
+      Vec<T, VEC> sv, yv;
+      if (has_side) sv = load_vec<T, VEC>(side + at[k]);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        A z = (to_acc(q[k].v[e]) - mean) * scale + shift;
+        if (has_side) z += to_acc(sv.v[e]);
+        yv.v[e] = Out<T>::cast(act_fwd<ACT>(z, alpha));
+      }
+      store_vec<T, VEC>(y + at[k], yv);
+    }
+  } else {
+    // Channels last: rows = outer; shared memory holds one value per
+    // (ty, column) for the tree over ty, then the per-column coefficients.
+    const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
+    const int width = bx * VEC;
+    const int j0 = blockIdx.x * width + tx * VEC;
+    const bool active = j0 < C;
+    const i64 rows = outer;
+#pragma unroll
+    for (int k = 0; k < CUBN_PERSIST_ITEMS; ++k) {
+      const i64 r = (i64)k * by + ty;
+      at[k] = -1;
+      if (active && r < rows) {
+        at[k] = r * C + j0;
+        q[k] = load_vec<T, VEC>(x + at[k]);
+      }
+    }
+    A* part = sh;                  // [by][width]
+    A* coef = sh + by * width;     // mean, scale, shift: [3][width]
+    A acc[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) acc[e] = A(0);
+#pragma unroll
+    for (int k = 0; k < CUBN_PERSIST_ITEMS; ++k)
+      if (at[k] >= 0)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[e] += to_acc(q[k].v[e]);
+    // Two tree reductions over ty (the sum, then the squared deviations).
+    for (int pass = 0; pass < 2; ++pass) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) part[ty * width + tx * VEC + e] = acc[e];
+      __syncthreads();
+      for (int s = by >> 1; s > 0; s >>= 1) {
+        if (ty < s)
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) part[ty * width + tx * VEC + e] += part[(ty + s) * width + tx * VEC + e];
+        __syncthreads();
+      }
+      if (pass == 0) {
+        if (ty == 0)
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) coef[tx * VEC + e] = part[tx * VEC + e] / A(rows);
+        __syncthreads();
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          const A m = coef[tx * VEC + e];
+          acc[e] = A(0);
+#pragma unroll
+          for (int k = 0; k < CUBN_PERSIST_ITEMS; ++k)
+            if (at[k] >= 0) { const A d = to_acc(q[k].v[e]) - m; acc[e] += d * d; }
+        }
+        __syncthreads();  // part is rewritten by the second pass
+      }
+    }
+    if (ty == 0 && active) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const int col = tx * VEC + e;
+        const A m = coef[col];
+        A scale, shift;
+        finalize_channel<A>(j0 + e, A(rows), m, m_max(part[col] / A(rows), A(0)), scale, shift,
+                            CUBN_FINALIZE_ARGS);
+        coef[width + col] = scale;
+        coef[2 * width + col] = shift;
+      }
+    }
+    __syncthreads();
+    A m[VEC], sc[VEC], sf[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      m[e] = coef[tx * VEC + e];
+      sc[e] = coef[width + tx * VEC + e];
+      sf[e] = coef[2 * width + tx * VEC + e];
+    }
+#pragma unroll
+    for (int k = 0; k < CUBN_PERSIST_ITEMS; ++k) {
+      if (at[k] < 0) continue;
+      Vec<T, VEC> sv, yv;
+      if (has_side) sv = load_vec<T, VEC>(side + at[k]);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        A z = (to_acc(q[k].v[e]) - m[e]) * sc[e] + sf[e];
+        if (has_side) z += to_acc(sv.v[e]);
+        yv.v[e] = Out<T>::cast(act_fwd<ACT>(z, alpha));
+      }
+      store_vec<T, VEC>(y + at[k], yv);
+    }
+  }
+}

@@ -1,0 +1,50 @@
+"""The benchmark report logic (no timing here: speed is measured by bench/)."""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+
+from cubn import benchmarking as B
+
+
+def _rec(op, shape, peer, ms, roof=None, dtype="float32"):
+    return B.Record(op, "NCHW", shape, dtype, peer, median_ms=ms, roofline=roof)
+
+
+def test_summary_ratios_are_side_by_side_geomeans(rng):
+    shapes = [(8, 4, 5, 5), (16, 2, 3, 3), (4, 8, 2, 2)]
+    cubn_ms = rng.uniform(0.01, 1.0, 3)
+    torch_ms = cubn_ms * rng.uniform(0.5, 2.0, 3)
+    three_ms = cubn_ms * rng.uniform(1.0, 3.0, 3)
+    roof = rng.uniform(0.3, 0.9, 3)
+    recs = []
+    for s, c, t, h, r in zip(shapes, cubn_ms, torch_ms, three_ms, roof):
+        recs += [_rec("bn_train", s, "cubn", c, r), _rec("bn_train", s, "torch", t), _rec("bn_train", s, "cubn_3launch", h)]
+    recs.append(_rec("moments", shapes[0], "cubn", 0.1, 0.5))
+    summ = B.summarize(recs)
+    geo = lambda v: math.exp(np.mean(np.log(v)))  # noqa: E731
+    got = summ["bn_train/float32"]
+    assert got["speedup_vs_torch_geomean"] == pytest.approx(geo(torch_ms / cubn_ms))
+    assert got["speedup_vs_3launch_geomean"] == pytest.approx(geo(three_ms / cubn_ms))
+    assert got["roofline_geomean"] == pytest.approx(geo(roof))
+    k = int(np.argmin(torch_ms / cubn_ms))
+    assert got["slowest_vs_torch"] == pytest.approx(torch_ms[k] / cubn_ms[k])
+    assert "speedup_vs_3launch_geomean" not in summ["moments/float32"]
+    lines = B.table(recs).splitlines()
+    assert "3-launch" in lines[0] and len(lines) == 1 + 4
+
+
+def test_three_launch_peer_runs_under_its_environment(monkeypatch):
+    monkeypatch.delenv("CUBN_PERSISTENT", raising=False)
+    with B.peer_env("cubn_3launch"):
+        assert os.environ["CUBN_PERSISTENT"] == "0"
+    assert "CUBN_PERSISTENT" not in os.environ
+    monkeypatch.setenv("CUBN_PERSISTENT", "1")
+    with B.peer_env("cubn_3launch"):
+        assert os.environ["CUBN_PERSISTENT"] == "0"
+    assert os.environ["CUBN_PERSISTENT"] == "1"
+    with pytest.raises(B.SameAsCubn):
+        B.CASE_BUILDERS["cubn_3launch"]("moments", None)

@@ -1,0 +1,148 @@
+"""The one-launch training forward (kernels/persistent.cu): when it is chosen,
+and that it computes what the three-launch path computes, at the edges of
+its register cache, with scalar and 16-byte accesses and partial column tiles.
+
+The general training tests run both paths through the ``train_backend``
+fixture; these tests aim at the boundaries.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import cubn
+from conftest import assert_close, np_dtype
+import reference as ref
+from cubn.backends import kernel_backend as kb
+
+CAP = kb.PERSIST_THREADS * kb.PERSIST_ITEMS  # vectors one block holds
+
+
+def _train(x, fmt, act="relu", side=None, **kw):
+    c = x.shape[-1] if fmt == "NHWC" else x.shape[1]
+    g = np.linspace(0.5, 1.5, c).astype(np.float32 if x.dtype != np.float64 else np.float64)
+    b = np.linspace(-1, 1, c).astype(g.dtype)
+    return cubn.fused_batch_norm(x, g, b, data_format=fmt, activation=act, side_input=side, **kw), g, b
+
+
+def _check(x, fmt, out, g, b, dtype_name, side=None):
+    ax = ref.channel_axis(x.ndim, fmt)
+    axes = ref.reduce_axes(x.ndim, ax)
+    x64 = x.astype(np.float64)
+    m, v = ref.moments(x64, axes)
+    n = x.size // x.shape[ax]
+    y, bm, bv = out
+    assert_close(bm, m, dtype_name, what="batch_mean")
+    assert_close(bv, v * n / max(n - 1, 1), dtype_name, what="batch_var")
+    s64 = None if side is None else side.astype(np.float64)
+    assert_close(y, ref.batch_norm(x64, m, v, b, g, 1e-3, ax, "relu", side=s64), dtype_name, what="y")
+
+
+@pytest.fixture
+def launches(emulated_launches):
+    with cubn.use_backend("emulated"):
+        yield emulated_launches
+
+
+def _path(launches, fn):
+    launches.clear()
+    out = fn()
+    return list(launches), out
+
+
+# (data_format, shape, dtype, expected path): just inside and just outside the
+# cache for each layout and vector width, partial column tiles, C < VEC.
+CASES = [
+    ("NCHW", (5, 1, 819), "float32", "one"),        # L = 4095 scalar vectors: fits
+    ("NCHW", (1, 2, 4097), "float32", "three"),     # one scalar vector over
+    ("NCHW", (4, 2, 32, 64), "float32", "one"),     # VEC 4, L = 8192 = 2048 vectors
+    ("NCHW", (8, 3, 64, 64), "float16", "one"),     # VEC 8, L = 32768 = CAP vectors exactly
+    ("NCHW", (9, 1, 64, 64), "float16", "three"),   # L = 36864 > CAP * 8
+    ("NCHW", (3, 2, 6), "float64", "one"),          # VEC 2 on doubles
+    ("NHWC", (2048, 6), "float32", "one"),          # scalar columns (6 % 4 != 0), bx = 2, by = 256
+    ("NHWC", (2049, 6), "float32", "three"),        # by would be 512: bx * by > 512
+    ("NHWC", (4096, 4), "float32", "one"),          # one column vector: bx = 1, by = 512
+    ("NHWC", (37, 20), "float32", "one"),           # partial tile: 5 column vectors in a bx = 8 block
+    ("NHWC", (3, 5, 7, 24), "bfloat16", "one"),     # VEC 8 on 16-bit
+    ("NHWC", (16, 3), "float16", "one"),            # C < VEC: scalar columns
+]
+
+
+@pytest.mark.parametrize("fmt,shape,dtype,path", CASES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v)
+def test_path_and_result_at_the_cache_edges(launches, rng, fmt, shape, dtype, path):
+    x = (rng.standard_normal(shape) * 2 + 50).astype(np_dtype(dtype))
+    side = rng.standard_normal(shape).astype(np_dtype(dtype))
+    names, out = _path(launches, lambda: _train(x, fmt, side=side))
+    want = ["cubn_bn_train_persistent"] if path == "one" else ["cubn_moments_" + ("cl" if fmt == "NHWC" else "cf"),
+                                                                 "cubn_bn_finalize", "cubn_normalize"]
+    assert names == want
+    (y, bm, bv), g, b = out
+    _check(x, fmt, (np.asarray(y), np.asarray(bm), np.asarray(bv)), g, b, dtype, side=side)
+
+
+def test_both_paths_agree_on_every_output(launches, rng, monkeypatch):
+    """Moving statistics, renorm and zero-debias state written by the one launch
+    equal those of statistics + finalize + normalize, step after step."""
+    shape = (12, 5, 5, 6)
+    init = {"moving_stddev": rng.uniform(0.5, 2.0, 6), "moving_mean": rng.standard_normal(6)}
+    kw = dict(scale=True, decay=0.7, renorm=True, zero_debias_moving_mean=True, updates_collections=None,
+              renorm_clipping={"rmax": 1.2, "rmin": 0.8, "dmax": 0.3}, activation_fn="gelu", param_initializers=init)
+    one, three = cubn.BatchNorm(**kw), cubn.BatchNorm(**kw)
+    for step in range(3):
+        x = (rng.standard_normal(shape) * 3 + step).astype(np.float32)
+        launches.clear()
+        y1 = one(x, is_training=True)
+        assert launches == ["cubn_bn_train_persistent"]
+        monkeypatch.setenv("CUBN_PERSISTENT", "0")
+        y3 = three(x, is_training=True)
+        monkeypatch.delenv("CUBN_PERSISTENT")
+        assert_close(y1, y3, "float32", what=f"y step {step}")
+        for name, v in three.variables.items():
+            assert_close(one.variables[name], v, "float32", what=f"{name} step {step}")
+        dy = rng.standard_normal(shape).astype(np.float32)
+        assert_close(one.backward(dy), three.backward(dy), "float32", what="dx")
+        for name, gr in three.gradients.items():
+            assert_close(one.gradients[name], gr, "float32", what=f"d{name}")
+
+
+def test_not_chosen_for_weights_or_when_switched_off(launches, rng, monkeypatch):
+    x = rng.standard_normal((8, 4, 4, 3)).astype(np.float32)
+    bn = cubn.BatchNorm(updates_collections=None)
+    names, _ = _path(launches, lambda: bn(x, batch_weights=rng.random(8)))
+    assert names == ["cubn_moments_cl", "cubn_bn_finalize", "cubn_normalize"]
+    monkeypatch.setenv("CUBN_PERSISTENT", "0")
+    names, _ = _path(launches, lambda: bn(x))
+    assert names == ["cubn_moments_cl", "cubn_bn_finalize", "cubn_normalize"]
+    monkeypatch.delenv("CUBN_PERSISTENT")
+    names, _ = _path(launches, lambda: bn(x))
+    assert names == ["cubn_bn_train_persistent"]
+
+
+def test_nan_stays_in_its_channel(launches, rng):
+    x = rng.standard_normal((64, 16)).astype(np.float32)
+    x[7, 3] = np.nan
+    names, ((y, bm, bv), g, b) = _path(launches, lambda: _train(x, "NHWC", act=None))
+    assert names == ["cubn_bn_train_persistent"]
+    y, bm = np.asarray(y), np.asarray(bm)
+    assert np.isnan(bm[3]) and np.all(np.isnan(y[:, 3]))
+    keep = np.arange(16) != 3
+    assert np.all(np.isfinite(y[:, keep])) and np.all(np.isfinite(bm[keep]))
+
+
+@pytest.mark.parametrize("fmt,shape,expect", [
+    ("NCHW", (64, 2048, 7, 7), True), ("NCHW", (256, 256, 14, 14), False), ("NHWC", (1024, 64), True),
+    ("NHWC", (64, 7, 7, 2048), False), ("NHWC", (256, 1024), True), ("NCHW", (16, 3, 512, 512), False),
+])
+def test_which_benchmark_shapes_take_one_launch(fmt, shape, expect):
+    """The configuration rule on a pretend H100, without touching memory."""
+    from cubn._plan import plan_for_channels
+    from cubn.backends.base import DeviceInfo
+
+    backend = kb.KernelBackend.__new__(kb.KernelBackend)
+    backend.info = DeviceInfo("H100", 132, 1024, 48 * 1024)
+    plan = plan_for_channels(shape, fmt, "test")
+    cfg = backend._persist_config(plan, np.dtype(np.float32), (np.empty(16, np.float32),))
+    assert (cfg is not None) == expect
+    if cfg is not None:
+        vec, grid, block = cfg
+        assert block[0] * block[1] <= kb.PERSIST_THREADS
