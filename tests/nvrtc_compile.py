@@ -32,8 +32,38 @@ def options_for(arch: str):
     )
 
 
-def compile_source(source: str, name_expressions, arch: str):
-    """Compile one .cu with the given instantiations; returns (ok, log, lowered names)."""
+# Sources whose register use matters enough to check for spills (ptxas -v).
+PTXAS_VERBOSE = ("persistent.cu",)
+
+
+def split_ptxas_info(log: str):
+    """(ptxas info lines, every other line) of a log compiled with ptxas -v."""
+    info, other = [], []
+    for line in log.splitlines():
+        (info if line.startswith("ptxas info") or line.startswith("ptxas         .") else other).append(line)
+    return info, [l for l in other if l.strip()]
+
+
+def spills(info_lines, lowered):
+    """{name expression: spill bytes} for every kernel whose ptxas report shows spills."""
+    import re
+
+    by_mangled = {v: k for k, v in lowered.items()}
+    out, cur = {}, None
+    for line in info_lines:
+        m = re.search(r"Compiling entry function '(\w+)'", line)
+        if m:
+            cur = by_mangled.get(m.group(1), m.group(1))
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and cur and (int(m.group(1)) or int(m.group(2))):
+            out[cur] = int(m.group(1)) + int(m.group(2))
+    return out
+
+
+def compile_source(source: str, name_expressions, arch: str, ptxas_verbose: bool = False):
+    """Compile one .cu with the given instantiations; returns (ok, log, lowered names).
+    ``ptxas_verbose`` adds ptxas's register/spill report to the log (no change
+    to the generated code)."""
     from cuda.bindings import nvrtc
     from cubn.kernels import registry
 
@@ -44,7 +74,7 @@ def compile_source(source: str, name_expressions, arch: str):
         for ne in name_expressions:
             (err,) = nvrtc.nvrtcAddNameExpression(prog, ne.encode())
             assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, (ne, err)
-        opts = [o.encode() for o in options_for(arch)]
+        opts = [o.encode() for o in options_for(arch) + (["--ptxas-options=-v"] if ptxas_verbose else [])]
         (res,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
         err, size = nvrtc.nvrtcGetProgramLogSize(prog)
         log = b" " * size

@@ -22,8 +22,14 @@ ARCHS = ("sm_80", "sm_90")
 def _job(args):
     source, arch = args
     names = [v.name_expression for v in registry.variants_for_source(source)]
-    ok, log, lowered = nvrtc_compile.compile_source(source, names, arch)
-    return source, arch, ok, log, {k: v for k, v in lowered.items() if not v}, len(names)
+    verbose = source in nvrtc_compile.PTXAS_VERBOSE
+    ok, log, lowered = nvrtc_compile.compile_source(source, names, arch, ptxas_verbose=verbose)
+    spilled = {}
+    if verbose:
+        info, other = nvrtc_compile.split_ptxas_info(log)
+        spilled = nvrtc_compile.spills(info, lowered)
+        log = "\n".join(other)
+    return source, arch, ok, log, {k: v for k, v in lowered.items() if not v}, len(names), spilled
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +46,14 @@ def compiled():
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("source", [s for s in registry.SOURCES if registry.variants_for_source(s)])
 def test_every_variant_compiles_cleanly(compiled, source, arch):
-    ok, log, unlowered, n = compiled[(source, arch)]
+    ok, log, unlowered, n, spilled = compiled[(source, arch)]
     assert ok, f"{source} for {arch}: compilation failed:\n{log}"
     assert not log, f"{source} for {arch}: NVRTC printed warnings:\n{log}"
     assert not unlowered, f"{source}: no lowered name for {sorted(unlowered)}"
     assert n == len(registry.variants_for_source(source))
+    # The one-launch kernel keeps x in registers: a spill would put it in
+    # local memory, i.e. back in DRAM traffic.
+    assert not spilled, f"{source} for {arch}: register spills (bytes): {spilled}"
 
 
 def test_registry_is_complete_and_unique():
@@ -65,3 +74,17 @@ def test_registry_is_complete_and_unique():
 def test_backend_cannot_launch_unregistered_variants():
     with pytest.raises(KeyError, match="not registered"):
         registry.normalize("float32", 42, 4, False)
+
+
+def test_spill_report_is_read():
+    """The spill check reads ptxas's report (a made-up log in its format)."""
+    log = "\n".join([
+        "ptxas info    : Compiling entry function '_Z1kv' for 'sm_90'",
+        "ptxas         .     8 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads",
+        "ptxas info    : Compiling entry function '_Z1jv' for 'sm_90'",
+        "ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads",
+        "warning: something else",
+    ])
+    info, other = nvrtc_compile.split_ptxas_info(log)
+    assert other == ["warning: something else"]
+    assert nvrtc_compile.spills(info, {"k<1>": "_Z1kv", "j<1>": "_Z1jv"}) == {"k<1>": 20}

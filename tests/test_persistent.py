@@ -15,7 +15,6 @@ from conftest import assert_close, np_dtype
 import reference as ref
 from cubn.backends import kernel_backend as kb
 
-CAP = kb.PERSIST_THREADS * kb.PERSIST_ITEMS  # vectors one block holds
 
 
 def _train(x, fmt, act="relu", side=None, **kw):
@@ -56,14 +55,16 @@ CASES = [
     ("NCHW", (5, 1, 819), "float32", "one"),        # L = 4095 scalar vectors: fits
     ("NCHW", (1, 2, 4097), "float32", "three"),     # one scalar vector over
     ("NCHW", (4, 2, 32, 64), "float32", "one"),     # VEC 4, L = 8192 = 2048 vectors
-    ("NCHW", (8, 3, 64, 64), "float16", "one"),     # VEC 8, L = 32768 = CAP vectors exactly
-    ("NCHW", (9, 1, 64, 64), "float16", "three"),   # L = 36864 > CAP * 8
+    ("NCHW", (8, 3, 64, 64), "float16", "one"),     # VEC 8, L = 32768 = 512 threads x 8 vectors x 8
+    ("NCHW", (9, 1, 64, 64), "float16", "three"),   # L = 36864 > 32768
     ("NCHW", (3, 2, 6), "float64", "one"),          # VEC 2 on doubles
     ("NHWC", (2048, 6), "float32", "one"),          # scalar columns (6 % 4 != 0), bx = 2, by = 256
     ("NHWC", (2049, 6), "float32", "three"),        # by would be 512: bx * by > 512
     ("NHWC", (4096, 4), "float32", "one"),          # one column vector: bx = 1, by = 512
     ("NHWC", (37, 20), "float32", "one"),           # partial tile: 5 column vectors in a bx = 8 block
-    ("NHWC", (3, 5, 7, 24), "bfloat16", "one"),     # VEC 8 on 16-bit
+    ("NHWC", (3, 5, 7, 24), "bfloat16", "one"),     # VEC 8 on 16-bit (4 items per thread)
+    ("NHWC", (1024, 16), "float16", "one"),         # 2 column vectors: bx = 2, by = 256, 4 items: 1024 rows
+    ("NHWC", (1025, 16), "float16", "three"),       # one row over
     ("NHWC", (16, 3), "float16", "one"),            # C < VEC: scalar columns
 ]
 

@@ -26,7 +26,12 @@ REDUCE_WAVES = 2
 ELEMENTWISE_WAVES = 4
 MIN_VECTORS_PER_THREAD = 4  # below this a reduction thread's setup dominates
 PERSIST_THREADS = 512       # CUBN_PERSIST_THREADS in persistent.cu
-PERSIST_ITEMS = 8           # CUBN_PERSIST_ITEMS: vectors each thread keeps in registers
+
+
+def persist_items(dtype, channels_last: bool) -> int:
+    """Vectors each thread of the one-launch kernel keeps in registers
+    (PersistItems in persistent.cu)."""
+    return 4 if channels_last and np.dtype(dtype).itemsize != 4 else 8
 
 
 def persistent_enabled() -> bool:
@@ -273,7 +278,8 @@ class KernelBackend:
     def _persist_config(self, plan, dtype, arrays):
         """``(vec, grid, block)`` when every channel fits in one block's register
         cache (persistent.cu), else None."""
-        cap = PERSIST_THREADS * PERSIST_ITEMS  # vectors one block holds
+        items = persist_items(dtype, plan.channels_last)
+        cap = PERSIST_THREADS * items  # vectors one block holds
         widths = (1, registry.vector_widths(dtype)[-1])  # the registered ones
         if plan.outer == 0 or plan.channels == 0:
             return None
@@ -282,13 +288,13 @@ class KernelBackend:
             nvec = -(-plan.outer * plan.inner // vec)
             if nvec > cap:
                 return None
-            threads = max(32, _pow2_at_least(-(-nvec // PERSIST_ITEMS)))
+            threads = max(32, _pow2_at_least(-(-nvec // items)))
             return vec, (plan.channels, 1, 1), (threads, 1, 1)
         # Channels last: a block owns bx vectors of columns and every row; keep
         # bx >= 2 (32-byte row segments) so that the loads stay coalesced.
         vec = self._vec(dtype, plan.channels, arrays, widths)
         cv = plan.channels // vec
-        by = _pow2_at_least(-(-plan.outer // PERSIST_ITEMS))
+        by = _pow2_at_least(-(-plan.outer // items))
         bx = min(32, _pow2_at_least(cv))
         while bx * by > PERSIST_THREADS and bx > 2:
             bx //= 2

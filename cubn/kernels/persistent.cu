@@ -14,12 +14,18 @@
 //           columns [blockIdx.x * blockDim.x * VEC, ...) and every row;
 //           thread (tx, ty) holds rows ty, ty + blockDim.y, ... of its VEC
 //           columns (VEC > 1 needs C % VEC == 0). blockDim.y is a power of 2.
-// The host launches this only when L <= PERSIST_ITEMS * VEC * threads (the
+// The host launches this only when L <= items * VEC * threads (the
 // per-thread register cache); otherwise the three-launch path runs.
 #include "finalize.cuh"
 
 #define CUBN_PERSIST_THREADS 512
-#define CUBN_PERSIST_ITEMS 8
+
+// Vectors each thread keeps: 8, but 4 for channels-last data other than
+// float32, whose per-column state (8 columns per thread for 16-bit types,
+// double-width registers for float64) would otherwise spill (checked by the
+// NVRTC test with ptxas -v for sm_80 and sm_90). KernelBackend.persist_items
+// mirrors this.
+template <typename T, int CL> struct PersistItems { enum { value = (CL && sizeof(T) != 4) ? 4 : 8 }; };
 
 template <typename T, int ACT, int VEC, int CL>
 __global__ void __launch_bounds__(CUBN_PERSIST_THREADS)
@@ -27,12 +33,13 @@ cubn_bn_train_persistent(const T* __restrict__ x, const T* __restrict__ side, T*
                          i64 outer, int C, i64 inner, typename AccOf<T>::type alpha,
                          CUBN_FINALIZE_PARAMS(typename AccOf<T>::type)) {
   typedef typename AccOf<T>::type A;
+  constexpr int CUBN_PERSIST_ITEMS = PersistItems<T, CL>::value;
   const bool has_side = side != nullptr;
   Vec<T, VEC> q[CUBN_PERSIST_ITEMS];
-  i64 at[CUBN_PERSIST_ITEMS];  // flat element offset of each held vector, -1: none
   CUBN_DYNAMIC_SHARED(A, sh);
 
   if (CL == 0) {
+    i64 at[CUBN_PERSIST_ITEMS];  // flat element offset of each held vector, -1: none
     const int c = blockIdx.x;
     const i64 L = outer * inner;
 #pragma unroll
@@ -76,15 +83,15 @@ cubn_bn_train_persistent(const T* __restrict__ x, const T* __restrict__ side, T*
 #pragma unroll
     for (int k = 0; k < CUBN_PERSIST_ITEMS; ++k) {
       if (at[k] < 0) continue;
-      Vec<T, VEC> sv, yv;
+      Vec<T, VEC> sv;
       if (has_side) sv = load_vec<T, VEC>(side + at[k]);
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) {
+      for (int e = 0; e < VEC; ++e) {  // y overwrites x in the cache
         A z = (to_acc(q[k].v[e]) - mean) * scale + shift;
         if (has_side) z += to_acc(sv.v[e]);
-        yv.v[e] = Out<T>::cast(act_fwd<ACT>(z, alpha));
+        q[k].v[e] = Out<T>::cast(act_fwd<ACT>(z, alpha));
       }
-      store_vec<T, VEC>(y + at[k], yv);
+      store_vec<T, VEC>(y + at[k], q[k]);
     }
   } else {
     // Channels last: rows = outer; shared memory holds one value per
@@ -94,14 +101,12 @@ cubn_bn_train_persistent(const T* __restrict__ x, const T* __restrict__ side, T*
     const int j0 = blockIdx.x * width + tx * VEC;
     const bool active = j0 < C;
     const i64 rows = outer;
+    // Row of item k: k * by + ty (held or not); offsets are recomputed, not
+    // stored, to leave registers to the cache itself.
 #pragma unroll
     for (int k = 0; k < CUBN_PERSIST_ITEMS; ++k) {
       const i64 r = (i64)k * by + ty;
-      at[k] = -1;
-      if (active && r < rows) {
-        at[k] = r * C + j0;
-        q[k] = load_vec<T, VEC>(x + at[k]);
-      }
+      if (active && r < rows) q[k] = load_vec<T, VEC>(x + r * C + j0);
     }
     A* part = sh;                  // [by][width]
     A* coef = sh + by * width;     // mean, scale, shift: [3][width]
@@ -110,7 +115,7 @@ cubn_bn_train_persistent(const T* __restrict__ x, const T* __restrict__ side, T*
     for (int e = 0; e < VEC; ++e) acc[e] = A(0);
 #pragma unroll
     for (int k = 0; k < CUBN_PERSIST_ITEMS; ++k)
-      if (at[k] >= 0)
+      if (active && (i64)k * by + ty < rows)
 #pragma unroll
         for (int e = 0; e < VEC; ++e) acc[e] += to_acc(q[k].v[e]);
     // Two tree reductions over ty (the sum, then the squared deviations).
@@ -135,7 +140,7 @@ cubn_bn_train_persistent(const T* __restrict__ x, const T* __restrict__ side, T*
           acc[e] = A(0);
 #pragma unroll
           for (int k = 0; k < CUBN_PERSIST_ITEMS; ++k)
-            if (at[k] >= 0) { const A d = to_acc(q[k].v[e]) - m; acc[e] += d * d; }
+            if (active && (i64)k * by + ty < rows) { const A d = to_acc(q[k].v[e]) - m; acc[e] += d * d; }
         }
         __syncthreads();  // part is rewritten by the second pass
       }
@@ -162,16 +167,18 @@ cubn_bn_train_persistent(const T* __restrict__ x, const T* __restrict__ side, T*
     }
 #pragma unroll
     for (int k = 0; k < CUBN_PERSIST_ITEMS; ++k) {
-      if (at[k] < 0) continue;
-      Vec<T, VEC> sv, yv;
-      if (has_side) sv = load_vec<T, VEC>(side + at[k]);
+      const i64 r = (i64)k * by + ty;
+      if (!active || r >= rows) continue;
+      const i64 at = r * C + j0;
+      Vec<T, VEC> sv;
+      if (has_side) sv = load_vec<T, VEC>(side + at);
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) {
+      for (int e = 0; e < VEC; ++e) {  // y overwrites x in the cache
         A z = (to_acc(q[k].v[e]) - m[e]) * sc[e] + sf[e];
         if (has_side) z += to_acc(sv.v[e]);
-        yv.v[e] = Out<T>::cast(act_fwd<ACT>(z, alpha));
+        q[k].v[e] = Out<T>::cast(act_fwd<ACT>(z, alpha));
       }
-      store_vec<T, VEC>(y + at[k], yv);
+      store_vec<T, VEC>(y + at, q[k]);
     }
   }
 }
