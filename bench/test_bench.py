@@ -30,7 +30,7 @@ def shape(request):
 @pytest.mark.parametrize("peer", B.PEERS)
 def test_bench(benchmark, shape, dtype, op, peer, monkeypatch):
     layout, shp = shape
-    if peer == "cubn_3launch" and op not in B.TRAIN_FORWARD_OPS:
+    if peer == "cubn_3launch" and op not in B.ONE_LAUNCH_OPS:
         pytest.skip(f"{op} runs the same kernels as cubn")
     for k, v in B.PEER_ENV.get(peer, {}).items():
         monkeypatch.setenv(k, v)

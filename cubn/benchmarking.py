@@ -5,8 +5,9 @@ Peers measured side by side in one run, on the same device buffers:
 relu/add, channels_last for NHWC, tensors shared through DLPack),
 ``cupy_naive`` (CuPy mean/var and elementwise expressions) and ``numpy``
 (cubn's NumPy backend on the CPU, a few shapes, for scale); for the training
-forward ops also ``cubn_3launch``: cubn with its one-launch kernel switched
-off (``CUBN_PERSISTENT=0``), so the two paths are compared in the same run.
+forward ops and backward also ``cubn_3launch``: cubn with its one-launch
+kernels switched off (``CUBN_PERSISTENT=0``), so the two paths are compared
+in the same run.
 
 GPU timing: CUDA events around each call, warm-up first, the median of many
 repetitions, input buffers rotated so that the L2 cache (50 MB on an H100)
@@ -42,7 +43,7 @@ SUITE = [
 QUICK = [SUITE[2], SUITE[3], SUITE[10], SUITE[11], SUITE[12]]
 OPS = ("moments", "bn_train", "bn_infer", "bn_relu", "bn_add_relu", "backward")
 PEERS = ("cubn", "cubn_3launch", "torch", "cupy_naive", "numpy")
-TRAIN_FORWARD_OPS = ("bn_train", "bn_relu", "bn_add_relu")  # where cubn_3launch differs from cubn
+ONE_LAUNCH_OPS = ("bn_train", "bn_relu", "bn_add_relu", "backward")  # where cubn_3launch differs from cubn
 PEER_ENV = {"cubn_3launch": {"CUBN_PERSISTENT": "0"}}
 # Tensor-sized transfers each op must make (x reads, dy/side reads, y/dx writes):
 # statistics need one read of x, normalizing another read and a write.
@@ -242,7 +243,7 @@ class SameAsCubn(Exception):
 
 
 def _cubn_3launch_case(op, inp):
-    if op not in TRAIN_FORWARD_OPS:
+    if op not in ONE_LAUNCH_OPS:
         raise SameAsCubn(f"{op} runs the same kernels as cubn")
     return _cubn_case(op, inp)  # built and timed under PEER_ENV (see peer_env)
 
@@ -466,7 +467,7 @@ def summarize(records):
                     "speedup_vs_torch_geomean": _geomean(speed), "roofline_geomean": _geomean(roof),
                     "slowest_vs_torch": worst[0] if worst else None,
                     "slowest_case": f"{worst[1]} {worst[2]}" if worst else None, "cases": len(roof) or len(speed)}
-                if op in TRAIN_FORWARD_OPS:
+                if op in ONE_LAUNCH_OPS:
                     # cubn (one launch where the shape allows) over its three-launch path
                     gains = [by[(o, lay, shp, d, "cubn_3launch")].median_ms / r.median_ms
                              for (o, lay, shp, d, p), r in by.items()

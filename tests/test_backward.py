@@ -55,7 +55,8 @@ CASES = [("NHWC", (3, 2, 2, 3)), ("NCHW", (3, 3, 2, 2)), ("NHWC", (5, 4)), ("NCH
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("data_format,shape", CASES)
 @pytest.mark.parametrize("mode", ["training", "inference", "weighted", "renorm"])
-def test_gradients_match_finite_differences(backend, rng, activation, data_format, shape, mode):
+def test_gradients_match_finite_differences(train_backend, rng, activation, data_format, shape, mode):
+    backend = train_backend
     nd = len(shape)
     axis = ref.channel_axis(nd, data_format)
     c = shape[axis]
@@ -96,8 +97,9 @@ def test_gradients_match_finite_differences(backend, rng, activation, data_forma
 @pytest.mark.parametrize("data_format,shape", [("NHWC", (6, 5, 4, 3)), ("NHWC", (4, 3, 2, 64)), ("NCHW", (4, 5, 7, 7)),
                                                ("NCHW", (3, 4, 8, 8)), ("NHWC", (40, 24))])
 @pytest.mark.parametrize("activation", [None, "relu", "gelu"])
-def test_low_precision_backward_matches_float64(backend, rng, dtype, data_format, shape, activation):
+def test_low_precision_backward_matches_float64(train_backend, rng, dtype, data_format, shape, activation):
     """16/32-bit inputs (float32 accumulation) against the float64 computation of the same gradients."""
+    backend = train_backend
     nd = len(shape)
     axis = ref.channel_axis(nd, data_format)
     c = shape[axis]

@@ -24,6 +24,7 @@ def test_summary_ratios_are_side_by_side_geomeans(rng):
     for s, c, t, h, r in zip(shapes, cubn_ms, torch_ms, three_ms, roof):
         recs += [_rec("bn_train", s, "cubn", c, r), _rec("bn_train", s, "torch", t), _rec("bn_train", s, "cubn_3launch", h)]
     recs.append(_rec("moments", shapes[0], "cubn", 0.1, 0.5))
+    recs.append(_rec("moments", shapes[0], "cubn_3launch", None))
     summ = B.summarize(recs)
     geo = lambda v: math.exp(np.mean(np.log(v)))  # noqa: E731
     got = summ["bn_train/float32"]

@@ -51,8 +51,12 @@ def test_every_variant_compiles_cleanly(compiled, source, arch):
     assert not log, f"{source} for {arch}: NVRTC printed warnings:\n{log}"
     assert not unlowered, f"{source}: no lowered name for {sorted(unlowered)}"
     assert n == len(registry.variants_for_source(source))
-    # The one-launch kernel keeps x in registers: a spill would put it in
-    # local memory, i.e. back in DRAM traffic.
+    # The one-launch kernels keep x (and dy') in registers: a spill would put
+    # them in local memory, i.e. back in DRAM traffic. float64 variants are
+    # exempt: their division and erf slow paths are called subroutines whose
+    # calling convention saves registers to the stack, which ptxas reports as
+    # spills (float64 is not a speed target).
+    spilled = {k: v for k, v in spilled.items() if "<double," not in k}
     assert not spilled, f"{source} for {arch}: register spills (bytes): {spilled}"
 
 

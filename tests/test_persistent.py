@@ -101,7 +101,13 @@ def test_both_paths_agree_on_every_output(launches, rng, monkeypatch):
         for name, v in three.variables.items():
             assert_close(one.variables[name], v, "float32", what=f"{name} step {step}")
         dy = rng.standard_normal(shape).astype(np.float32)
-        assert_close(one.backward(dy), three.backward(dy), "float32", what="dx")
+        launches.clear()
+        d1 = one.backward(dy)
+        assert launches == ["cubn_bn_bwd_persistent"]
+        monkeypatch.setenv("CUBN_PERSISTENT", "0")
+        d3 = three.backward(dy)
+        monkeypatch.delenv("CUBN_PERSISTENT")
+        assert_close(d1, d3, "float32", what="dx")
         for name, gr in three.gradients.items():
             assert_close(one.gradients[name], gr, "float32", what=f"d{name}")
 
@@ -147,3 +153,41 @@ def test_which_benchmark_shapes_take_one_launch(fmt, shape, expect):
     if cfg is not None:
         vec, grid, block = cfg
         assert block[0] * block[1] <= kb.PERSIST_THREADS
+
+
+@pytest.mark.parametrize("fmt,shape,dtype,path", CASES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v)
+@pytest.mark.parametrize("act", [None, "gelu"])
+def test_backward_path_and_result_at_the_cache_edges(launches, rng, monkeypatch, fmt, shape, dtype, path, act):
+    """The one-launch backward (x and dy' in registers: fewer items per thread
+    than the forward) against sums + finalize + apply on the same context."""
+    from cubn._plan import plan_for_channels
+
+    x = (rng.standard_normal(shape) * 2 + 50).astype(np_dtype(dtype))
+    side = rng.standard_normal(shape).astype(np_dtype(dtype)) if act else None
+    dy = rng.standard_normal(shape).astype(np_dtype(dtype))
+    c = shape[-1] if fmt == "NHWC" else shape[1]
+    acc = np.float64 if dtype == "float64" else np.float32
+    g, b = rng.uniform(0.5, 1.5, c).astype(acc), rng.standard_normal(c).astype(acc)
+    axes = tuple(ref.reduce_axes(x.ndim, ref.channel_axis(x.ndim, fmt)))
+    m, v = x.astype(np.float64).mean(axis=axes).astype(acc), x.astype(np.float64).var(axis=axes).astype(acc)
+    plan = plan_for_channels(shape, fmt, "test")
+    backend = cubn._backend.get_backend("emulated")
+    fits = backend._persist_config(plan, x.dtype, (x,), lambda vec: kb.bwd_persist_items(x.dtype, vec)) is not None
+
+    def run():
+        return cubn.batch_norm_backward(dy, x, g, m, v, 1e-3, offset=b, data_format=fmt, activation=act,
+                                        side_input=side)
+
+    names, one = _path(launches, run)
+    if fits:
+        assert names == ["cubn_bn_finalize", "cubn_bn_bwd_persistent"]
+    else:
+        assert names[-2:] == ["cubn_bwd_finalize", "cubn_bwd_apply"]
+    monkeypatch.setenv("CUBN_PERSISTENT", "0")
+    three = run()
+    for a1, a3, what in zip(one, three, ("dx", "dscale", "doffset", "dside_input")):
+        if a3 is None:
+            assert a1 is None
+            continue
+        scale = max(1.0, float(np.max(np.abs(np.asarray(a3, np.float64)))))
+        assert_close(a1, a3, dtype, scale=scale, what=what)

@@ -5,10 +5,11 @@ Every op is a sequence of these on a tensor viewed as ``(outer, C, inner)``
 the kernel backend (CuPy or emulated) with one kernel launch each. All
 per-channel arrays are 1-D of length C in the accumulation dtype.
 
-The kernel backend has one optional primitive more,
-``train_forward_persistent``: the whole training forward in one launch when
-every channel fits in one block (``bn_forward`` falls back to the sequence
-when it returns None, and on backends without it).
+The kernel backend has two optional primitives more,
+``train_forward_persistent`` and ``backward_persistent``: the whole training
+forward, or the whole backward, in one launch when every channel fits in one
+block (``bn_forward`` / ``bn_backward`` fall back to the sequence when they
+return None, and on backends without them).
 
 Normalization is always written ``y = act((x - mean) * scale + shift + side)``:
 subtracting the mean first keeps every digit when |mean| >> std, which the

@@ -34,6 +34,13 @@ def persist_items(dtype, channels_last: bool) -> int:
     return 4 if channels_last and np.dtype(dtype).itemsize != 4 else 8
 
 
+def bwd_persist_items(dtype, vec: int) -> int:
+    """Vectors each thread of the one-launch backward keeps (BwdItems)."""
+    if np.dtype(dtype).itemsize == 8:
+        return 4
+    return 8 if vec == 1 else 16 // vec
+
+
 def persistent_enabled() -> bool:
     """The one-launch training forward is on unless ``CUBN_PERSISTENT=0``
     (benchmarks set it to time the three-launch path on the same shapes)."""
@@ -275,24 +282,26 @@ class KernelBackend:
         return y3
 
     # -- the one-launch training forward ---------------------------------------
-    def _persist_config(self, plan, dtype, arrays):
+    def _persist_config(self, plan, dtype, arrays, items_for=None):
         """``(vec, grid, block)`` when every channel fits in one block's register
-        cache (persistent.cu), else None."""
-        items = persist_items(dtype, plan.channels_last)
-        cap = PERSIST_THREADS * items  # vectors one block holds
-        widths = (1, registry.vector_widths(dtype)[-1])  # the registered ones
+        cache (persistent.cu), else None. ``items_for(vec)``: vectors per
+        thread (default: the training forward's)."""
         if plan.outer == 0 or plan.channels == 0:
             return None
+        items_for = items_for or (lambda vec: persist_items(dtype, plan.channels_last))
+        widths = (1, registry.vector_widths(dtype)[-1])  # the registered ones
         if not plan.channels_last:
             vec = self._vec(dtype, plan.inner, arrays, widths)
+            items = items_for(vec)
             nvec = -(-plan.outer * plan.inner // vec)
-            if nvec > cap:
+            if nvec > PERSIST_THREADS * items:
                 return None
             threads = max(32, _pow2_at_least(-(-nvec // items)))
             return vec, (plan.channels, 1, 1), (threads, 1, 1)
         # Channels last: a block owns bx vectors of columns and every row; keep
         # bx >= 2 (32-byte row segments) so that the loads stay coalesced.
         vec = self._vec(dtype, plan.channels, arrays, widths)
+        items = items_for(vec)
         cv = plan.channels // vec
         by = _pow2_at_least(-(-plan.outer // items))
         bx = min(32, _pow2_at_least(cv))
@@ -329,6 +338,37 @@ class KernelBackend:
         )
         stats = Stats(o["count"], o["mean"], o["var"], o["invstd"], o["scale"], o["shift"], o["g"], o["h"], o["r"], o["d"])
         return y3, stats
+
+    def backward_persistent(self, plan, dy3, x3, side3, stats, act, acc, training, want_dside, out_dtype, side_dtype):
+        """The unweighted backward in one launch when every channel's x and dy'
+        fit in one block's registers: ``(dx3, dgamma, dbeta, dside3)``, or None
+        (the caller then runs sums, finalize and apply)."""
+        if not persistent_enabled() or np.dtype(out_dtype) != x3.dtype:
+            return None
+        if want_dside and np.dtype(side_dtype) != x3.dtype:
+            return None
+        xp, a = self.xp, acc.type
+        dt = x3.dtype
+        side = side3 if act is not None else None
+        dx3 = xp.empty(x3.shape, dt)
+        dside3 = xp.empty(x3.shape, dt) if want_dside else None
+        cfg = self._persist_config(plan, dt, (dy3, x3, side, dx3, dside3), lambda vec: bwd_persist_items(dt, vec))
+        if cfg is None:
+            return None
+        vec, grid, block = cfg
+        C = plan.channels
+        out = xp.empty((2, C), acc)
+        if plan.channels_last:
+            shared = (2 * block[1] + 2) * block[0] * vec * acc.itemsize
+        else:
+            shared = 66 * acc.itemsize
+        self._launch(
+            registry.bwd_persistent(dt, act.kernel_id if act else 0, vec, plan.channels_last), grid, block, shared,
+            (dy3, x3, side, dx3, dside3, np.int64(plan.outer), np.int32(C), np.int64(plan.inner),
+             stats.mean, stats.scale, stats.shift, stats.count, stats.invstd, stats.gcoef, stats.hcoef,
+             np.int32(1 if training else 0), a(act.alpha if act else 0.0), out[0], out[1]),
+        )
+        return dx3, out[0], out[1], dside3
 
     # -- backward -----------------------------------------------------------
     def backward_partials(self, plan, dy3, x3, side3, affine, act, acc):

@@ -102,18 +102,10 @@ cubn_bwd_finalize(int C, int nparts, int fold, const A* s1p, const A* s2p,
   A s1, s2;
   sum_channel(c, C, nparts, fold, s1p, s2p, s1, s2);
   if (lane != 0) return;
-  dgamma[c] = g[c] * s2 + h[c] * s1;
-  dbeta[c] = s1;
-  if (training) {
-    const A nn = count[c];
-    const A inv_n = nn > A(0) ? A(1) / nn : A(0);
-    const A is = invstd[c];
-    k1[c] = scale[c] * s1 * inv_n;
-    k2[c] = scale[c] * is * is * s2 * inv_n;
-  } else {
-    k1[c] = A(0);
-    k2[c] = A(0);
-  }
+  A a1, a2;
+  bwd_channel<A>(c, s1, s2, count, invstd, scale, g, h, training, dgamma, dbeta, a1, a2);
+  k1[c] = a1;
+  k2[c] = a2;
 }
 
 // Merge the partials of each channel into one (count, mean, M2) triple --

@@ -94,3 +94,24 @@ __device__ __forceinline__ void finalize_channel(int c, A n, A mean, A var, A& s
   moving_update<A>(c, mean, var, n, eps, upd_a, bessel, mm_in, mm_out, mv_in, mv_out,
                    zd_biased, zd_factor, renorm_a, rn_mean_io, rn_std_io, moving_std_io);
 }
+
+// Backward coefficients of channel c from its sums S1 = sum(dy'),
+// S2 = sum(dy' (x - mean)): writes dgamma and dbeta, returns k1 and k2 of
+// dx = scale * dy' - w * (k1 + k2 * (x - mean)) (zero for inference).
+template <typename A>
+__device__ __forceinline__ void bwd_channel(int c, A s1, A s2, const A* count, const A* invstd, const A* scale,
+                                            const A* g, const A* h, int training, A* dgamma, A* dbeta,
+                                            A& k1, A& k2) {
+  dgamma[c] = g[c] * s2 + h[c] * s1;
+  dbeta[c] = s1;
+  if (training) {
+    const A nn = count[c];
+    const A inv_n = nn > A(0) ? A(1) / nn : A(0);
+    const A is = invstd[c];
+    k1 = scale[c] * s1 * inv_n;
+    k2 = scale[c] * is * is * s2 * inv_n;
+  } else {
+    k1 = A(0);
+    k2 = A(0);
+  }
+}

@@ -182,3 +182,179 @@ cubn_bn_train_persistent(const T* __restrict__ x, const T* __restrict__ side, T*
     }
   }
 }
+
+// Backward in one launch, on the same ownership of channels by blocks: each
+// thread keeps its x vectors and dy' = dy * act'(z) (in the accumulation
+// type) in registers, the block reduces S1 = sum(dy') and S2 = sum(dy' (x -
+// mean)), bwd_channel (finalize.cuh, shared with cubn_bwd_finalize) turns
+// them into dgamma, dbeta, k1, k2, and the block writes
+// dx = scale * dy' - (k1 + k2 * (x - mean)) (and d side = dy') from its
+// registers: x and dy are read once instead of twice. Unweighted only.
+// Items per thread: 16 / VEC vectors (8 for scalar access), so that x and
+// the float dy' of 16 elements fit (no spills: the NVRTC test checks); 4 for
+// float64. kernel_backend.bwd_persist_items mirrors it.
+template <typename T, int VEC> struct BwdItems {
+  enum { value = sizeof(T) == 8 ? 4 : (VEC == 1 ? 8 : 16 / VEC) };
+};
+
+template <typename T, int ACT, int VEC, int CL>
+__global__ void __launch_bounds__(CUBN_PERSIST_THREADS)
+cubn_bn_bwd_persistent(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ side,
+                       T* __restrict__ dx, T* __restrict__ dside, i64 outer, int C, i64 inner,
+                       const typename AccOf<T>::type* __restrict__ mean,
+                       const typename AccOf<T>::type* __restrict__ scale,
+                       const typename AccOf<T>::type* __restrict__ shift,
+                       const typename AccOf<T>::type* __restrict__ count,
+                       const typename AccOf<T>::type* __restrict__ invstd,
+                       const typename AccOf<T>::type* __restrict__ gcoef,
+                       const typename AccOf<T>::type* __restrict__ hcoef, int training,
+                       typename AccOf<T>::type alpha,
+                       typename AccOf<T>::type* __restrict__ dgamma,
+                       typename AccOf<T>::type* __restrict__ dbeta) {
+  typedef typename AccOf<T>::type A;
+  constexpr int IT = BwdItems<T, VEC>::value;
+  const bool has_side = ACT != ACT_NONE && side != nullptr;
+  const bool want_dside = dside != nullptr;
+  Vec<T, VEC> q[IT];
+  A gd[IT][VEC];  // dy'
+  CUBN_DYNAMIC_SHARED(A, sh);
+
+  if (CL == 0) {
+    i64 at[IT];
+    const int c = blockIdx.x;
+    const i64 L = outer * inner;
+    const A m = mean[c], s = scale[c], t = shift[c];
+    A s1 = A(0), s2 = A(0);
+#pragma unroll
+    for (int k = 0; k < IT; ++k) {
+      const i64 j = ((i64)k * blockDim.x + threadIdx.x) * VEC;
+      at[k] = -1;
+      if (j < L) {
+        const i64 o = j / inner, i = j - o * inner;
+        at[k] = (o * C + c) * inner + i;
+        q[k] = load_vec<T, VEC>(x + at[k]);
+        const Vec<T, VEC> dv = load_vec<T, VEC>(dy + at[k]);
+        Vec<T, VEC> sv;
+        if (has_side) sv = load_vec<T, VEC>(side + at[k]);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          const A xm = to_acc(q[k].v[e]) - m;
+          A g = to_acc(dv.v[e]);
+          if (ACT != ACT_NONE) g *= act_grad<ACT>(xm * s + t + (has_side ? to_acc(sv.v[e]) : A(0)), alpha);
+          gd[k][e] = g;
+          s1 += g;
+          s2 += g * xm;
+        }
+      }
+    }
+    block_sum2(s1, s2, sh);
+    if (threadIdx.x == 0) {
+      A k1, k2;
+      bwd_channel<A>(c, s1, s2, count, invstd, scale, gcoef, hcoef, training, dgamma, dbeta, k1, k2);
+      sh[64] = k1;
+      sh[65] = k2;
+    }
+    __syncthreads();
+    const A k1 = sh[64], k2 = sh[65];
+#pragma unroll
+    for (int k = 0; k < IT; ++k) {
+      if (at[k] < 0) continue;
+      Vec<T, VEC> dxv, dsv;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const A xm = to_acc(q[k].v[e]) - m;
+        dxv.v[e] = Out<T>::cast(s * gd[k][e] - (k1 + k2 * xm));
+        if (want_dside) dsv.v[e] = Out<T>::cast(gd[k][e]);
+      }
+      store_vec<T, VEC>(dx + at[k], dxv);
+      if (want_dside) store_vec<T, VEC>(dside + at[k], dsv);
+    }
+  } else {
+    const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
+    const int width = bx * VEC;
+    const int j0 = blockIdx.x * width + tx * VEC;
+    const bool active = j0 < C;
+    const i64 rows = outer;
+    A m[VEC], s[VEC], t[VEC], s1[VEC], s2[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      m[e] = active ? mean[j0 + e] : A(0);
+      s[e] = active ? scale[j0 + e] : A(0);
+      t[e] = active ? shift[j0 + e] : A(0);
+      s1[e] = A(0);
+      s2[e] = A(0);
+    }
+#pragma unroll
+    for (int k = 0; k < IT; ++k) {
+      const i64 r = (i64)k * by + ty;
+      if (!active || r >= rows) continue;
+      const i64 at = r * C + j0;
+      q[k] = load_vec<T, VEC>(x + at);
+      const Vec<T, VEC> dv = load_vec<T, VEC>(dy + at);
+      Vec<T, VEC> sv;
+      if (has_side) sv = load_vec<T, VEC>(side + at);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const A xm = to_acc(q[k].v[e]) - m[e];
+        A g = to_acc(dv.v[e]);
+        if (ACT != ACT_NONE) g *= act_grad<ACT>(xm * s[e] + t[e] + (has_side ? to_acc(sv.v[e]) : A(0)), alpha);
+        gd[k][e] = g;
+        s1[e] += g;
+        s2[e] += g * xm;
+      }
+    }
+    // Tree over ty of both sums; then per-column coefficients.
+    A* p1 = sh;                   // [by][width]
+    A* p2 = sh + by * width;      // [by][width]
+    A* coef = sh + 2 * by * width;  // k1, k2: [2][width]
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      p1[ty * width + tx * VEC + e] = s1[e];
+      p2[ty * width + tx * VEC + e] = s2[e];
+    }
+    __syncthreads();
+    for (int h = by >> 1; h > 0; h >>= 1) {
+      if (ty < h)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          const int a = ty * width + tx * VEC + e, b = (ty + h) * width + tx * VEC + e;
+          p1[a] += p1[b];
+          p2[a] += p2[b];
+        }
+      __syncthreads();
+    }
+    if (ty == 0 && active) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const int col = tx * VEC + e;
+        A k1, k2;
+        bwd_channel<A>(j0 + e, p1[col], p2[col], count, invstd, scale, gcoef, hcoef, training, dgamma, dbeta,
+                       k1, k2);
+        coef[col] = k1;
+        coef[width + col] = k2;
+      }
+    }
+    __syncthreads();
+    A k1[VEC], k2[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      k1[e] = coef[tx * VEC + e];
+      k2[e] = coef[width + tx * VEC + e];
+    }
+#pragma unroll
+    for (int k = 0; k < IT; ++k) {
+      const i64 r = (i64)k * by + ty;
+      if (!active || r >= rows) continue;
+      const i64 at = r * C + j0;
+      Vec<T, VEC> dxv, dsv;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const A xm = to_acc(q[k].v[e]) - m[e];
+        dxv.v[e] = Out<T>::cast(s[e] * gd[k][e] - (k1[e] + k2[e] * xm));
+        if (want_dside) dsv.v[e] = Out<T>::cast(gd[k][e]);
+      }
+      store_vec<T, VEC>(dx + at, dxv);
+      if (want_dside) store_vec<T, VEC>(dside + at, dsv);
+    }
+  }
+}

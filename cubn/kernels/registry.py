@@ -76,6 +76,7 @@ def all_variants() -> tuple:
                 out.append(Variant("backward.cu", "cubn_bwd_apply", (t, str(act), str(v))))
                 for cl in (0, 1):  # like normalize: scalar or 16-byte vectors only (compile time)
                     out.append(Variant("persistent.cu", "cubn_bn_train_persistent", (t, str(act), str(v), str(cl))))
+                    out.append(Variant("persistent.cu", "cubn_bn_bwd_persistent", (t, str(act), str(v), str(cl))))
     for a in ACC_DTYPES:
         t = _dtypes.CTYPES[a]
         for k in ("cubn_bn_finalize", "cubn_bn_update", "cubn_bwd_finalize", "cubn_merge_partials", "cubn_merge_sums"):
@@ -127,6 +128,11 @@ def bwd_apply(dtype, act_id: int, vec: int) -> Variant:
 
 def train_persistent(dtype, act_id: int, vec: int, channels_last: bool) -> Variant:
     return _checked(Variant("persistent.cu", "cubn_bn_train_persistent",
+                            (_ct(dtype), str(act_id), str(vec), str(int(channels_last)))))
+
+
+def bwd_persistent(dtype, act_id: int, vec: int, channels_last: bool) -> Variant:
+    return _checked(Variant("persistent.cu", "cubn_bn_bwd_persistent",
                             (_ct(dtype), str(act_id), str(vec), str(int(channels_last)))))
 
 

@@ -77,6 +77,10 @@ def bn_forward(backend, plan, x3, acc, *, training, fold, update=None, given=Non
 def bn_backward(ctx: ForwardContext, dy3, want_dside: bool):
     """Gradients of :func:`bn_forward`: ``(dx3, dgamma, dbeta, dside3)``.
 
+    Sums, finalize, apply: 3 launches; 1 on the kernel backends when every
+    channel's x and dy' fit in one block's registers (unweighted or
+    inference, not distributed: ``KernelBackend.backward_persistent``).
+
     dgamma/dbeta are the gradients of gamma (the scale) and beta (the offset)
     as the forward used them; r, d and the adjustment are constants.
     """
@@ -84,6 +88,12 @@ def bn_backward(ctx: ForwardContext, dy3, want_dside: bool):
     stats = ctx.stats
     if stats is None:  # inference forward: fold the given statistics now
         stats = ctx.stats = b.finalize(None, acc, ctx.fold, given=ctx.given)
+    one_launch = getattr(b, "backward_persistent", None)
+    if one_launch is not None and ctx.exchange is None and (ctx.weights is None or not ctx.training):
+        done = one_launch(ctx.plan, dy3, ctx.x3, ctx.side3, stats, ctx.act, acc, ctx.training, want_dside,
+                          ctx.x_dtype, ctx.side_dtype or ctx.x_dtype)
+        if done is not None:
+            return done
     affine = Affine(stats.mean, stats.scale, stats.shift)
     sums = b.backward_partials(ctx.plan, dy3, ctx.x3, ctx.side3, affine, ctx.act, acc)
     if ctx.exchange is not None:  # sums over the whole distributed batch
