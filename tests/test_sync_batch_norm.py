@@ -87,12 +87,23 @@ def warm_emulator():
     reason = backend_skip_reason("emulated")
     if reason:
         pytest.skip(reason)
-    with cubn.use_backend("emulated"):
-        for dt in ("float32", "float64"):
-            bn = cubn.BatchNorm(updates_collections=None)
-            x = np.ones((4, 3), dt)
-            bn(x)
-            bn.backward(x)
+    # SyncBatchNorm always runs the three-launch kernels (its statistics go
+    # through the exchange): warm those, for both layouts.
+    old = os.environ.get("CUBN_PERSISTENT")
+    os.environ["CUBN_PERSISTENT"] = "0"
+    try:
+        with cubn.use_backend("emulated"):
+            for dt in ("float32", "float64"):
+                for shape, fmt in (((4, 3), "NHWC"), ((4, 3, 2, 2), "NCHW")):
+                    bn = cubn.BatchNorm(updates_collections=None, data_format=fmt)
+                    x = np.arange(np.prod(shape), dtype=dt).reshape(shape)
+                    bn(x)
+                    bn.backward(x)
+    finally:
+        if old is None:
+            os.environ.pop("CUBN_PERSISTENT", None)
+        else:
+            os.environ["CUBN_PERSISTENT"] = old
 
 
 # ---------------------------------------------------------------------------

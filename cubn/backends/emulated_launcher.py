@@ -150,8 +150,11 @@ class EmulatedLauncher:
     def get(self, variant) -> EmulatedKernel:
         """The kernel of a registry variant (``.source``, ``.name_expression``).
 
-        Builds every variant the registry lists for that source file at once,
-        so that a session compiles each file once.
+        Builds the variant together with its siblings, so that a session
+        compiles each group once: every variant of a small source file, or,
+        for a large one, every variant of the same kernel and data type
+        (a float32-only sanitizer run then builds none of the float16,
+        bfloat16 and float64 code).
         """
         names = _names_for_source(variant.source, variant.name_expression)
         return self.build_module(KERNELS_DIR / variant.source, names)[variant.name_expression]
@@ -248,10 +251,19 @@ def _names_for_source(source: str, requested: str) -> list[str]:
         if exc.name not in ("cubn.kernels.registry", "cubn.kernels", "cubn"):
             raise
         return [requested]
-    names = list(dict.fromkeys(v.name_expression for v in registry.variants_for_source(source)))
+    variants = registry.variants_for_source(source)
+    if len(variants) > _WHOLE_FILE_MAX:
+        mine = [v for v in variants if v.name_expression == requested]
+        if mine:
+            key = (mine[0].kernel, mine[0].targs[:1])
+            variants = [v for v in variants if (v.kernel, v.targs[:1]) == key]
+    names = list(dict.fromkeys(v.name_expression for v in variants))
     if requested not in names:
         names.append(requested)
     return names
+
+
+_WHOLE_FILE_MAX = 64  # sources with more variants are built per (kernel, data type)
 
 
 def _compiler_library(library: str, what: str) -> pathlib.Path:

@@ -146,8 +146,8 @@ cubn_bn_train_persistent(const T* __restrict__ x, const T* __restrict__ side, T*
       }
     }
     if (ty == 0 && active) {
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) {
+#pragma unroll 1
+      for (int e = 0; e < VEC; ++e) {  // not unrolled: once per column, and finalize is long
         const int col = tx * VEC + e;
         const A m = coef[col];
         A scale, shift;
