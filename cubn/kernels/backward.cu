@@ -75,23 +75,7 @@ cubn_bwd_reduce_cl(const T* __restrict__ dy, const T* __restrict__ x, const T* _
   const int width = bx * VEC;
   A* sh1 = sh;
   A* sh2 = sh + by * width;
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) {
-    sh1[ty * width + tx * VEC + k] = s1[k];
-    sh2[ty * width + tx * VEC + k] = s2[k];
-  }
-  __syncthreads();
-  for (int st = by >> 1; st > 0; st >>= 1) {
-    if (ty < st) {
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        const int a = ty * width + tx * VEC + k, b = (ty + st) * width + tx * VEC + k;
-        sh1[a] += sh1[b];
-        sh2[a] += sh2[b];
-      }
-    }
-    __syncthreads();
-  }
+  column_sum2<A, VEC>(s1, s2, sh1, sh2, width);
   if (ty == 0 && active) {
     const i64 base = (i64)blockIdx.y * cols + j0;
 #pragma unroll

@@ -137,6 +137,32 @@ __device__ __forceinline__ void block_sum2(A& a, A& b, A* sh) {
   }
 }
 
+// Column sums for 2-D blocks: s1 and s2 (VEC columns per thread) are stored
+// in shared memory as [blockDim.y][width] and summed over the rows ty in a
+// fixed tree (blockDim.y a power of two); the totals of column j end in
+// p1[j], p2[j]. Every thread of the block must call it.
+template <typename A, int VEC>
+__device__ __forceinline__ void column_sum2(const A* s1, const A* s2, A* p1, A* p2, int width) {
+  const int tx = threadIdx.x, ty = threadIdx.y;
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) {
+    p1[ty * width + tx * VEC + e] = s1[e];
+    p2[ty * width + tx * VEC + e] = s2[e];
+  }
+  __syncthreads();
+  for (int h = blockDim.y >> 1; h > 0; h >>= 1) {
+    if (ty < h) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const int a = ty * width + tx * VEC + e, b = (ty + h) * width + tx * VEC + e;
+        p1[a] += p1[b];
+        p2[a] += p2[b];
+      }
+    }
+    __syncthreads();
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Activations (ids match cubn/activations.py). fwd: act(z); grad: act'(z).
 // ---------------------------------------------------------------------------

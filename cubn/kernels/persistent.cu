@@ -27,6 +27,17 @@
 // mirrors this.
 template <typename T, int CL> struct PersistItems { enum { value = (CL && sizeof(T) != 4) ? 4 : 8 }; };
 
+// Channels first: the flat offset of the vector a thread holds as item k
+// (vectors t, t + blockDim.x, ... of channel c's L = outer * inner elements),
+// or -1 past the end of the channel.
+template <int VEC>
+__device__ __forceinline__ i64 cf_item_offset(int k, i64 L, i64 inner, int C, int c) {
+  const i64 j = ((i64)k * blockDim.x + threadIdx.x) * VEC;
+  if (j >= L) return -1;
+  const i64 o = j / inner, i = j - o * inner;
+  return (o * C + c) * inner + i;
+}
+
 template <typename T, int ACT, int VEC, int CL>
 __global__ void __launch_bounds__(CUBN_PERSIST_THREADS)
 cubn_bn_train_persistent(const T* __restrict__ x, const T* __restrict__ side, T* __restrict__ y,
@@ -44,13 +55,8 @@ cubn_bn_train_persistent(const T* __restrict__ x, const T* __restrict__ side, T*
     const i64 L = outer * inner;
 #pragma unroll
     for (int k = 0; k < CUBN_PERSIST_ITEMS; ++k) {
-      const i64 j = ((i64)k * blockDim.x + threadIdx.x) * VEC;
-      at[k] = -1;
-      if (j < L) {
-        const i64 o = j / inner, i = j - o * inner;
-        at[k] = (o * C + c) * inner + i;
-        q[k] = load_vec<T, VEC>(x + at[k]);
-      }
+      at[k] = cf_item_offset<VEC>(k, L, inner, C, c);
+      if (at[k] >= 0) q[k] = load_vec<T, VEC>(x + at[k]);
     }
     // Pass 1: the sum; pass 2: squared deviations from the mean (registers only).
     A s = A(0), unused = A(0);
@@ -227,11 +233,8 @@ cubn_bn_bwd_persistent(const T* __restrict__ dy, const T* __restrict__ x, const 
     A s1 = A(0), s2 = A(0);
 #pragma unroll
     for (int k = 0; k < IT; ++k) {
-      const i64 j = ((i64)k * blockDim.x + threadIdx.x) * VEC;
-      at[k] = -1;
-      if (j < L) {
-        const i64 o = j / inner, i = j - o * inner;
-        at[k] = (o * C + c) * inner + i;
+      at[k] = cf_item_offset<VEC>(k, L, inner, C, c);
+      if (at[k] >= 0) {
         q[k] = load_vec<T, VEC>(x + at[k]);
         const Vec<T, VEC> dv = load_vec<T, VEC>(dy + at[k]);
         Vec<T, VEC> sv;
@@ -307,22 +310,7 @@ cubn_bn_bwd_persistent(const T* __restrict__ dy, const T* __restrict__ x, const 
     A* p1 = sh;                   // [by][width]
     A* p2 = sh + by * width;      // [by][width]
     A* coef = sh + 2 * by * width;  // k1, k2: [2][width]
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      p1[ty * width + tx * VEC + e] = s1[e];
-      p2[ty * width + tx * VEC + e] = s2[e];
-    }
-    __syncthreads();
-    for (int h = by >> 1; h > 0; h >>= 1) {
-      if (ty < h)
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) {
-          const int a = ty * width + tx * VEC + e, b = (ty + h) * width + tx * VEC + e;
-          p1[a] += p1[b];
-          p2[a] += p2[b];
-        }
-      __syncthreads();
-    }
+    column_sum2<A, VEC>(s1, s2, p1, p2, width);
     if (ty == 0 && active) {
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
