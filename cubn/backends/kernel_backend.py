@@ -320,11 +320,13 @@ class KernelBackend:
             return None
         xp, a = self.xp, acc.type
         dt = x3.dtype
-        y3 = xp.empty(x3.shape, dt)
-        cfg = self._persist_config(plan, dt, (x3, side3, y3))
+        cfg = self._persist_config(plan, dt, (x3, side3))  # before allocating: the fallback pays nothing
         if cfg is None:
             return None
         vec, grid, block = cfg
+        y3 = xp.empty(x3.shape, dt)
+        if not _aligned(vec * dt.itemsize, y3):
+            return None
         C = plan.channels
         o = self._stats_buffers(xp, C, acc, fold)
         if plan.channels_last:
@@ -350,12 +352,14 @@ class KernelBackend:
         xp, a = self.xp, acc.type
         dt = x3.dtype
         side = side3 if act is not None else None
-        dx3 = xp.empty(x3.shape, dt)
-        dside3 = xp.empty(x3.shape, dt) if want_dside else None
-        cfg = self._persist_config(plan, dt, (dy3, x3, side, dx3, dside3), lambda vec: bwd_persist_items(dt, vec))
-        if cfg is None:
+        cfg = self._persist_config(plan, dt, (dy3, x3, side), lambda vec: bwd_persist_items(dt, vec))
+        if cfg is None:  # decided before allocating: the fallback pays nothing
             return None
         vec, grid, block = cfg
+        dx3 = xp.empty(x3.shape, dt)
+        dside3 = xp.empty(x3.shape, dt) if want_dside else None
+        if not _aligned(vec * dt.itemsize, dx3, dside3):
+            return None
         C = plan.channels
         out = xp.empty((2, C), acc)
         if plan.channels_last:
