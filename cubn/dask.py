@@ -36,7 +36,8 @@ except ImportError as e:  # pragma: no cover - exercised only without dask
 from ._backend import array_module, select
 from ._checks import arg_error, describe
 from .preprocessing import image
-from .preprocessing.running_moments import RunningMoments, normalize_axes, tree_merge
+from ._welford import tree_merge
+from .preprocessing.running_moments import RunningMoments, normalize_axes
 
 __all__ = ["moments", "welford_triple", "fit_running_moments"]
 

@@ -10,6 +10,7 @@ import functools
 
 import numpy as np
 
+from .._welford import tree_merge
 from .base import Affine, BackwardCoeffs, Partials, RawAffine, Stats, Sums
 
 
@@ -49,24 +50,6 @@ def _by_channel(p, fold):
     return p.reshape(n * fold, cols // fold)
 
 
-def _tree_merge(count, mean, m2):
-    """Chan's merge of Welford triples along axis 0, as a balanced tree."""
-    while count.shape[0] > 1:
-        if count.shape[0] % 2:
-            pad = lambda a: np.concatenate([a, np.zeros_like(a[:1])])  # noqa: E731
-            count, mean, m2 = pad(count), pad(mean), pad(m2)
-        na, nb = count[0::2], count[1::2]
-        ma, mb = mean[0::2], mean[1::2]
-        n = na + nb
-        with np.errstate(invalid="ignore", divide="ignore"):
-            fb = np.where(n > 0, nb / n, 0)
-        delta = mb - ma
-        mean = ma + delta * fb
-        m2 = m2[0::2] + m2[1::2] + delta * delta * na * fb
-        count = n
-    return count[0], mean[0], m2[0]
-
-
 class NumpyBackend:
     name = "numpy"
     xp = np
@@ -103,7 +86,7 @@ class NumpyBackend:
         statistics are ``given = (mean, var)`` (inference), count unused.
         """
         if partials is not None:
-            count, mean, m2 = _tree_merge(*[_by_channel(np.asarray(p, dtype=acc), partials.fold) for p in partials[:3]])
+            count, mean, m2 = tree_merge(*[_by_channel(np.asarray(p, dtype=acc), partials.fold) for p in partials[:3]])
             with np.errstate(invalid="ignore", divide="ignore"):
                 var = np.where(count > 0, m2 / count, np.nan).astype(acc)
                 mean = np.where(count > 0, mean, np.nan).astype(acc)
@@ -141,7 +124,7 @@ class NumpyBackend:
 
     @_quiet
     def merge_partials(self, partials, acc) -> Partials:
-        count, mean, m2 = _tree_merge(*[_by_channel(np.asarray(p, dtype=acc), partials.fold) for p in partials[:3]])
+        count, mean, m2 = tree_merge(*[_by_channel(np.asarray(p, dtype=acc), partials.fold) for p in partials[:3]])
         return Partials(count[None, :], mean[None, :], m2[None, :], 1)
 
     def merge_sums(self, sums, acc) -> Sums:

@@ -14,7 +14,7 @@ from .._backend import gpu_available, is_array, is_cupy_array, select
 from .._checks import arg_error, check_float_input, check_positive_epsilon, check_unit_interval, describe
 from .._plan import plan_for_channels
 from ..backends.base import Fold, MovingUpdate, Renorm
-from ..ops._args import as_like, channel_param, make_weights
+from .._args import as_like, channel_param, make_weights
 from ..ops.normalization import bn_backward, bn_forward, check_side_input, check_training_batch
 from ..updates import UPDATE_OPS
 

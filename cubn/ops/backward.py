@@ -8,7 +8,7 @@ from .._backend import select
 from .._checks import arg_error, check_float_input, check_positive_epsilon
 from .._plan import plan_for_channels
 from ..backends.base import Fold
-from ._args import as_like, channel_param, make_weights
+from .._args import as_like, channel_param, make_weights
 from .normalization import ForwardContext, bn_backward, check_side_input, check_training_batch
 
 

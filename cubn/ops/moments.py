@@ -5,7 +5,7 @@ from .. import _dtypes
 from .._backend import select
 from .._checks import arg_error, check_float_input
 from .._plan import plan_for_reduction
-from ._args import as_like, make_weights
+from .._args import as_like, make_weights
 
 
 def _reduce(func, x, axes, keepdims, weights_arg=None, weights_name="weights"):

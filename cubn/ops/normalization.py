@@ -12,7 +12,7 @@ from .._backend import is_array, select
 from .._checks import arg_error, check_float_input, check_positive_epsilon, describe
 from .._plan import channel_axis, plan_for_channels, plan_for_kept_axes
 from ..backends.base import Affine, Fold, MovingUpdate, RawAffine
-from ._args import channel_param
+from .._args import channel_param
 
 
 # ---------------------------------------------------------------------------

@@ -24,7 +24,8 @@ import numpy as np
 from .._backend import array_module, is_array, select
 from .._checks import arg_error, describe
 from .._plan import plan_for_kept_axes
-from ..ops._args import as_like, make_weights
+from .._args import as_like, make_weights
+from .._welford import chan_merge, tree_merge
 from . import image
 
 
@@ -36,36 +37,6 @@ def is_dask_array(a) -> bool:
 def result_dtype(dtype) -> np.dtype:
     """Default dtype of the statistics of a batch: float64 for float64 data, float32 otherwise."""
     return np.dtype(np.float64 if np.dtype(dtype).name == "float64" else np.float32)
-
-
-# ---------------------------------------------------------------------------
-# Chan's merge, written once for any array module (NumPy, CuPy, dask blocks)
-# ---------------------------------------------------------------------------
-def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
-    """Merge two sets of Welford triples elementwise (Chan, Golub & LeVeque 1979).
-
-    ``n = n_a + n_b``, ``mean = mean_a + delta * n_b / n``,
-    ``M2 = M2_a + M2_b + delta**2 * n_a * n_b / n`` with
-    ``delta = mean_b - mean_a``; where ``n == 0`` the result is ``a``
-    (the same arithmetic as ``chan_merge`` in common.cuh).
-    """
-    xp = array_module(n_a)
-    with np.errstate(all="ignore"):  # Inf/NaN in the data propagate to their feature, quietly
-        n = n_a + n_b
-        live = n > 0
-        fb = xp.where(live, n_b / xp.where(live, n, 1), 0)
-        delta = mean_b - mean_a
-        return n, mean_a + delta * fb, m2_a + m2_b + delta * delta * n_a * fb
-
-
-def tree_merge(count, mean, m2):
-    """Merge triples stacked along axis 0 in a fixed balanced tree."""
-    xp = array_module(count)
-    while count.shape[0] > 1:
-        if count.shape[0] % 2:
-            count, mean, m2 = (xp.concatenate([a, xp.zeros_like(a[:1])]) for a in (count, mean, m2))
-        count, mean, m2 = chan_merge(count[0::2], mean[0::2], m2[0::2], count[1::2], mean[1::2], m2[1::2])
-    return count[0], mean[0], m2[0]
 
 
 def merge_into_state(backend, partials, acc, state) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from .._backend import array_module, is_array, select
 from .._checks import arg_error, check_positive_epsilon, describe
-from ..ops._args import as_like
+from .._args import as_like
 from . import image
 from .running_moments import RunningMoments, is_dask_array
 

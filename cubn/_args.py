@@ -6,10 +6,10 @@ import numbers
 
 import numpy as np
 
-from .. import _dtypes
-from .._backend import is_array
-from .._checks import arg_error, describe
-from ..backends.base import Weights
+from . import _dtypes
+from ._backend import is_array
+from ._checks import arg_error, describe
+from .backends.base import Weights
 
 
 def channel_param(func, name, value, plan, xp, acc, *, required=False):
