@@ -166,6 +166,20 @@ def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, *, a
     for req in ("mean", "variance"):
         if params[req] is None:
             raise arg_error(TypeError, func, req, "an array or a number", "None")
+    plan, p, shaped, block = per_channel_params(func, x, params, data_format, xp, acc)
+    if x.size == 0:
+        return xp.empty_like(x)
+    raw = RawAffine(p["mean"], p["variance"], p.get("scale"), p.get("offset"), eps)
+    y3 = backend.normalize(plan, plan.view3(x), raw, None, act, acc, x.dtype)
+    return plan.unview3(y3)
+
+
+def per_channel_params(func, x, params, data_format, xp, acc):
+    """tf.nn.batch_normalization's broadcasting: ``params`` (name -> value or None)
+    -> ``(plan, {name: (C,) array}, {name: value at x's rank}, block shape)``.
+
+    The "channels" are the block of axes the parameters vary on.
+    """
     ndim = x.ndim
     ch_axis = None
     if data_format is not None and ndim >= 2:
@@ -205,11 +219,7 @@ def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, *, a
         return xp.ascontiguousarray(xp.broadcast_to(v, block), dtype=acc).reshape(plan.channels)
 
     p = {k: per_channel(a) for k, a in shaped.items()}
-    if x.size == 0:
-        return xp.empty_like(x)
-    raw = RawAffine(p["mean"], p["variance"], p.get("scale"), p.get("offset"), eps)
-    y3 = backend.normalize(plan, plan.view3(x), raw, None, act, acc, x.dtype)
-    return plan.unview3(y3)
+    return plan, p, shaped, block
 
 
 def batch_norm_with_global_normalization(t, m, v, beta, gamma, variance_epsilon, scale_after_normalization,
