@@ -23,7 +23,7 @@ from .ops import (
     weighted_moments_backward,
 )
 from .io import from_keras, from_torch, load, save, to_torch_state_dict
-from .preprocessing import RunningMoments, Standardizer, normalize_images
+from .preprocessing import RunningMoments, normalize_images
 from .updates import UPDATE_OPS, UpdateCollection, run_updates
 
 __all__ = [
@@ -62,3 +62,12 @@ __all__ = [
     "from_torch",
     "to_torch_state_dict",
 ]
+
+
+def __getattr__(name):
+    # cubn.Standardizer is loaded on first use (it imports scikit-learn when installed).
+    if name == "Standardizer":
+        from .preprocessing.standardizer import Standardizer
+
+        return Standardizer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
