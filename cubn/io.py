@@ -245,6 +245,8 @@ def from_keras(layer_or_config, weights=None, *, input_shape=None, keras=None):
                    renorm=bool(cfg.get("renorm", False)), renorm_clipping=clipping,
                    renorm_decay=float(cfg.get("renorm_momentum", 0.99)), updates_collections=None,
                    name=cfg.get("name"), virtual_batch_size=vbs, convention=which)
+    # tf-keras keeps (1, ..., C, ...) parameters with virtual batches: one value per channel either way
+    named = {k: np.asarray(v).reshape(-1) for k, v in named.items()}
     ref = named["moving_mean"]
     bn.build(ref.shape[0], "float64" if ref.dtype == np.float64 else "float32")
     bn.load_state_dict({k: v for k, v in named.items() if k in bn._vars}, strict=True)

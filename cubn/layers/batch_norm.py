@@ -600,17 +600,22 @@ class _GhostContext:
 
 
 def _element_mask(func, mask, x, ch_axis, xp):
-    """Keras 3's ``mask`` (x's shape without the channel axis, or x's shape) as weights broadcastable to x."""
+    """Keras 3's ``mask`` as 0/1 weights broadcastable to x.
+
+    Nonzero counts (Keras casts the mask to bool). A mask with one axis less
+    than x lines up with x without its channel axis (x.shape[:-1] for
+    channels last, as in Keras); one of x's rank broadcasts against x.
+    """
     m = as_like(func, "mask", mask, x, xp)
     if m.dtype.kind not in "biuf":
         raise arg_error(TypeError, func, "mask", "a boolean or numeric array", describe(mask))
-    without = tuple(n for a, n in enumerate(x.shape) if a != ch_axis)
-    if tuple(m.shape) == without:
+    if m.ndim == x.ndim - 1:
         m = xp.expand_dims(m, ch_axis)
-    elif tuple(m.shape) != tuple(x.shape):
-        raise arg_error(ValueError, func, "mask", f"shape {without} (x's shape without the channel axis) "
-                        f"or {tuple(x.shape)}", f"shape {tuple(m.shape)}")
-    return m.astype(_dtypes.acc_dtype(x.dtype))
+    elif m.ndim != x.ndim:
+        without = tuple(n for a, n in enumerate(x.shape) if a != ch_axis)
+        raise arg_error(ValueError, func, "mask", f"a shape broadcastable to {without} (x's shape without the "
+                        f"channel axis) or to {tuple(x.shape)}", f"shape {tuple(m.shape)}")
+    return (m != 0).astype(_dtypes.acc_dtype(x.dtype))
 
 
 class _DeferredUpdate:

