@@ -98,8 +98,8 @@ def sufficient_statistics(x, axes, shift=None, keepdims=False, name=None, keep_d
     ``variance_ss = Σ (x − shift)²`` over ``axes`` (``shift`` None: Σ x and
     Σ x²). TensorFlow sums the raw values; cubn derives both sums from its
     Welford moments, ``n·(mean − shift)`` and ``M2 + n·(mean − shift)²``, so
-    they keep their digits when |mean| ≫ std. ``shift`` is returned as
-    given, for :func:`normalize_moments`.
+    the squares keep their digits when |mean| ≫ std. ``shift`` (subtracted
+    first, as TF does) is returned as given, for :func:`normalize_moments`.
 
     Args:
         x: float array (numpy or cupy).
@@ -119,7 +119,6 @@ def sufficient_statistics(x, axes, shift=None, keepdims=False, name=None, keep_d
     out_shape = plan.keepdims_shape if keepdims else plan.stat_shape
     out_dtype = x.dtype
     count = xp.asarray(plan.per_channel, dtype=out_dtype)
-    s_c = None  # the shift per statistic, when it is constant along the reduced axes
     if shift is not None:
         s = as_like(func, "shift", shift, x, xp)
         try:
@@ -127,20 +126,17 @@ def sufficient_statistics(x, axes, shift=None, keepdims=False, name=None, keep_d
         except ValueError:
             raise arg_error(ValueError, func, "shift", f"a shape broadcastable to x's {tuple(x.shape)}",
                             f"shape {tuple(s.shape)}") from None
-        full = s.reshape((1,) * (x.ndim - s.ndim) + tuple(s.shape)).astype(acc)
-        if any(full.shape[a] != 1 for a in range(x.ndim) if a not in plan.kept):
-            x = x.astype(acc) - full  # a shift that varies within a statistic: subtract it first
-        else:
-            kept = full.reshape(tuple(full.shape[a] for a in plan.kept))
-            s_c = xp.ascontiguousarray(xp.broadcast_to(kept, plan.stat_shape), dtype=acc).reshape(plan.channels)
+        # subtract first, as TF does: the shifted values are small when the shift is near the mean,
+        # so their sums keep the digits that the moments of x itself (|mean| >> std) would not
+        x = x.astype(acc) - s.reshape((1,) * (x.ndim - s.ndim) + tuple(s.shape)).astype(acc)
     if plan.channels == 0 or plan.per_channel == 0:
         zeros = xp.zeros(out_shape, dtype=out_dtype)
         return count, zeros, zeros.copy(), shift
     stats = backend.finalize(backend.welford_partials(plan, plan.view3(x), acc, None), acc, fold=None)
     n = acc.type(plan.per_channel)
-    d = stats.mean if s_c is None else stats.mean - s_c
-    m_ss = n * d
-    v_ss = stats.var * n + n * d * d
+    # Σ(x − s) = n·mean and Σ(x − s)² = M2 + n·mean² from the Welford moments (M2 never cancels)
+    m_ss = n * stats.mean
+    v_ss = stats.var * n + n * stats.mean * stats.mean
     return count, m_ss.astype(out_dtype).reshape(out_shape), v_ss.astype(out_dtype).reshape(out_shape), shift
 
 
