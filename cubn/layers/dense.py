@@ -35,8 +35,10 @@ class FullyConnected:
             Glorot uniform.
         biases_initializer: ``f(shape)`` or an array, or None for no biases;
             default zeros. Unused with a normalizer (as slim).
-        weights_regularizer, biases_regularizer: ``cubn.regularizers.*``.
+        weights_regularizer: ``cubn.regularizers.*`` or None.
+        biases_regularizer: likewise.
         trainable: False: no gradients.
+        use_biases: False: never create biases.
         name: the scope name.
     """
 
