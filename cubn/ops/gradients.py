@@ -13,13 +13,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .. import _dtypes, activations
+from .. import _dtypes
 from .._args import as_like, channel_param, make_weights
 from .._backend import select
-from .._checks import arg_error, check_float_input, check_positive_epsilon
+from .._checks import arg_error, check_float_input
 from .._plan import plan_for_reduction
 from ..backends.base import Affine, BackwardCoeffs, Fold
-from .normalization import per_channel_params
+from .normalization import batch_normalization_args
 
 
 class BatchNormalizationGrads(NamedTuple):
@@ -58,13 +58,8 @@ def batch_normalization_backward(dy, x, mean, variance, offset, scale, variance_
     if tuple(dy.shape) != tuple(x.shape) or dy.dtype != x.dtype:
         raise arg_error(ValueError, func, "dy", f"x's shape {tuple(x.shape)} and dtype {x.dtype}",
                         f"shape {tuple(dy.shape)} and dtype {dy.dtype}")
-    eps = check_positive_epsilon(func, "variance_epsilon", variance_epsilon)
-    act = activations.get(activation, func)
-    acc = _dtypes.acc_dtype(x.dtype)
-    for req in ("mean", "variance"):
-        if params[req] is None:
-            raise arg_error(TypeError, func, req, "an array or a number", "None")
-    plan, p, shaped, block = per_channel_params(func, x, params, data_format, xp, acc)
+    eps, act, acc, plan, p, shaped, _ = batch_normalization_args(func, x, params, variance_epsilon, activation,
+                                                                 data_format, xp)
     gamma = p.get("scale")
     if x.size == 0:
         s1 = dscale_c = xp.zeros(plan.channels, acc)

@@ -160,18 +160,25 @@ def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, *, a
     params = {"mean": mean, "variance": variance, "offset": offset, "scale": scale}
     backend = select(func, "x", x, **params)
     xp = backend.xp
+    eps, act, acc, plan, p, _, _ = batch_normalization_args(func, x, params, variance_epsilon, activation,
+                                                            data_format, xp)
+    if x.size == 0:
+        return xp.empty_like(x)
+    raw = RawAffine(p["mean"], p["variance"], p.get("scale"), p.get("offset"), eps)
+    y3 = backend.normalize(plan, plan.view3(x), raw, None, act, acc, x.dtype)
+    return plan.unview3(y3)
+
+
+def batch_normalization_args(func, x, params, variance_epsilon, activation, data_format, xp):
+    """The checked arguments of ``batch_normalization`` (and of its backward):
+    ``(eps, act, acc, plan, per-channel params, params at x's rank, block shape)``."""
     eps = check_positive_epsilon(func, "variance_epsilon", variance_epsilon)
     act = activations.get(activation, func)
     acc = _dtypes.acc_dtype(x.dtype)
     for req in ("mean", "variance"):
         if params[req] is None:
             raise arg_error(TypeError, func, req, "an array or a number", "None")
-    plan, p, shaped, block = per_channel_params(func, x, params, data_format, xp, acc)
-    if x.size == 0:
-        return xp.empty_like(x)
-    raw = RawAffine(p["mean"], p["variance"], p.get("scale"), p.get("offset"), eps)
-    y3 = backend.normalize(plan, plan.view3(x), raw, None, act, acc, x.dtype)
-    return plan.unview3(y3)
+    return (eps, act, acc) + per_channel_params(func, x, params, data_format, xp, acc)
 
 
 def per_channel_params(func, x, params, data_format, xp, acc):

@@ -33,7 +33,7 @@ from .running_moments import RunningMoments, is_dask_array
 try:
     from sklearn.base import BaseEstimator, OneToOneFeatureMixin, TransformerMixin
     from sklearn.exceptions import NotFittedError as _SklearnNotFitted
-    from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
+    from sklearn.utils.validation import _check_sample_weight, validate_data
 except ImportError:  # scikit-learn is optional
     BaseEstimator = None
 
