@@ -126,13 +126,15 @@ def _np(keras, t):
 
 # batch_normalization_test.py test_correctness (axis -1 / 1, moving initializers, momentum)
 @pytest.mark.parametrize("axis,shape", [(-1, (5, 2, 3)), (1, (5, 3, 3, 2)), (-1, (6, 4))])
-@pytest.mark.parametrize("momentum", [0.0, 0.7])
-def test_keras3_layer_training_steps(backend, rng, axis, shape, momentum):
+@pytest.mark.parametrize("momentum,epsilon,center,scale", [(0.0, 1e-3, True, True), (0.7, 0.5, False, True),
+                                                          (0.7, 1e-5, True, False)])
+def test_keras3_layer_training_steps(backend, rng, axis, shape, momentum, epsilon, center, scale):
     keras = _keras3()
     if len(shape) == 3 and axis == 1:
         pytest.skip("axis 1 of a rank-3 input is NCW, covered by the rank-4 case")
-    layer = keras.layers.BatchNormalization(axis=axis, momentum=momentum, epsilon=1e-3,
-                                            beta_initializer="random_normal", gamma_initializer="random_uniform")
+    layer = keras.layers.BatchNormalization(axis=axis, momentum=momentum, epsilon=epsilon, center=center, scale=scale,
+                                            beta_initializer="random_normal", gamma_initializer="random_uniform",
+                                            moving_mean_initializer="random_normal")
     layer.build(shape)
     bn = cubn.from_keras(layer)
     assert bn.convention == "keras3"

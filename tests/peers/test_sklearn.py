@@ -135,3 +135,26 @@ def test_narrow_inputs_and_images_still_work(backend, rng):
     si = Standardizer(data_format="NHWC", out_format="NCHW", out_dtype="float16").fit(backend.asarray(img))
     assert backend.to_numpy(si.transform(backend.asarray(img))).shape == (2, 3, 4, 4)
     assert si.n_features_in_ == 3
+
+
+def test_without_scikit_learn_the_protocol_remains():
+    """scikit-learn is optional: blocked, Standardizer keeps get_params/set_params, NaN as missing, its errors."""
+    import subprocess
+    import sys
+
+    code = """
+import sys; sys.modules["sklearn"] = None
+import numpy as np, cubn
+X = np.arange(12.0).reshape(4, 3); X[0, 0] = np.nan
+s = cubn.Standardizer().fit(X)
+assert type(s).__mro__[1].__name__ == "_ParamsProtocol"
+assert np.allclose(s.mean_, [6.0, 5.5, 6.5]) and list(s.n_samples_seen_) == [3, 4, 4]
+assert s.get_params()["with_mean"] is True and repr(s.set_params(with_std=False)) == "Standardizer(with_std=False)"
+try:
+    cubn.Standardizer().transform(X)
+except cubn.preprocessing.NotFittedError:
+    pass
+else:
+    raise AssertionError("no NotFittedError")
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
