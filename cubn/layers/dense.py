@@ -31,7 +31,8 @@ class FullyConnected:
         activation_fn: None, an activation name / ``cubn.activations`` object,
             or a callable (an object with ``forward``/``backward`` to train
             through it).
-        weights_initializer: ``f(shape) -> array`` or an array; default
+        weights_initializer: ``f(shape) -> array`` (its result is put where the
+            inputs live) or an array (which must already be there); default
             Glorot uniform.
         biases_initializer: ``f(shape)`` or an array, or None for no biases;
             default zeros. Unused with a normalizer (as slim).
@@ -86,12 +87,16 @@ class FullyConnected:
         return out
 
     def _make(self, init, shape, xp, dtype, default):
+        # Initializers make new values where the variable lives (as TF ran them on the variable's device):
+        # what a default or a callable returns is converted; an array given directly must already be there.
         if _is_zeros(init) or (init is None and default == "zeros"):
-            v = np.zeros(shape)
+            v = xp.zeros(shape)
         elif init is None:
-            v = glorot_uniform(shape)
+            v = xp.asarray(glorot_uniform(shape))
         elif callable(init):
             v = init(shape)
+            if not is_array(v) or isinstance(v, np.ndarray):  # host values for a new variable: put them there
+                v = xp.asarray(v)
         else:
             v = init
         if is_array(v) and array_module(v) is not xp:
