@@ -140,3 +140,25 @@ def test_chainer_finetune(train_backend, rng):
                                    atol=1e-10)
     np.testing.assert_allclose(train_backend.to_numpy(bn.variables["moving_mean"]), avg_mean, rtol=1e-12)
     np.testing.assert_allclose(train_backend.to_numpy(bn.variables["moving_variance"]), avg_var, rtol=1e-12)
+
+
+def test_save_and_load_keep_the_new_arguments(tmp_path, rng):
+    """A from_torch layer with momentum=None round-trips through cubn.save / cubn.load, count included."""
+    m = torch.nn.BatchNorm1d(3, momentum=None).double()
+    bn = cubn.from_torch(m)
+    for _ in range(2):
+        x = rng.standard_normal((4, 3))
+        bn(x)
+        m(_t(x))
+    cubn.save(tmp_path / "bn.npz", bn)
+    back = cubn.load(tmp_path / "bn.npz")
+    assert back.decay is None and back.convention == "torch" and back.num_batches_tracked == 2
+    x = rng.standard_normal((4, 3))
+    back(x)
+    m(_t(x))
+    np.testing.assert_allclose(back.variables["moving_mean"], m.running_mean.numpy(), rtol=1e-12)
+    ghost = cubn.BatchNorm(virtual_batch_size=2, convention="keras3", updates_collections=None)
+    ghost(rng.standard_normal((4, 3)).astype(np.float32))
+    cubn.save(tmp_path / "g.npz", ghost)
+    g2 = cubn.load(tmp_path / "g.npz")
+    assert g2.virtual_batch_size == 2 and g2.convention == "keras3"
