@@ -9,15 +9,21 @@ from .layers import BatchNorm, SyncBatchNorm
 from ._version import __version__
 from .ops import (
     BatchNormGrads,
+    BatchNormalizationGrads,
     batch_norm_backward,
+    batch_normalization_backward,
     batch_norm_with_global_normalization,
     batch_normalization,
     fused_batch_norm,
     moments,
+    moments_backward,
+    normalize_moments,
+    sufficient_statistics,
     weighted_moments,
+    weighted_moments_backward,
 )
 from .io import from_keras, from_torch, load, save, to_torch_state_dict
-from .preprocessing import RunningMoments, Standardizer, normalize_images
+from .preprocessing import RunningMoments, normalize_images
 from .updates import UPDATE_OPS, UpdateCollection, run_updates
 
 __all__ = [
@@ -32,6 +38,12 @@ __all__ = [
     "fused_batch_norm",
     "batch_norm_backward",
     "BatchNormGrads",
+    "sufficient_statistics",
+    "normalize_moments",
+    "batch_normalization_backward",
+    "BatchNormalizationGrads",
+    "moments_backward",
+    "weighted_moments_backward",
     "BatchNorm",
     "SyncBatchNorm",
     "distributed",
@@ -50,3 +62,12 @@ __all__ = [
     "from_torch",
     "to_torch_state_dict",
 ]
+
+
+def __getattr__(name):
+    # cubn.Standardizer is loaded on first use (it imports scikit-learn when installed).
+    if name == "Standardizer":
+        from .preprocessing.standardizer import Standardizer
+
+        return Standardizer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,6 +8,11 @@ after the optimizer step, as ``tf.control_dependencies(update_ops)`` did.
 Forgetting it is the famous trap: the moving statistics never move and
 inference is wrong. ``updates_collections=None`` applies the update inside
 the forward call instead.
+
+Collections are named by strings, as in TensorFlow: ``"update_ops"`` (the
+value of ``tf.GraphKeys.UPDATE_OPS``) *is* ``cubn.UPDATE_OPS``, and any other
+name gets its own :class:`UpdateCollection` on first use
+(:func:`get_collection`).
 """
 from __future__ import annotations
 
@@ -25,14 +30,60 @@ class UpdateCollection(list):
 
 UPDATE_OPS = UpdateCollection("update_ops")
 
+# name -> collection; "update_ops" is UPDATE_OPS for the life of the process.
+_named: dict = {"update_ops": UPDATE_OPS}
+
+
+def get_collection(name: str) -> list:
+    """The collection called ``name`` (created empty on first use); ``"update_ops"`` is ``UPDATE_OPS``."""
+    coll = _named.get(name)
+    if coll is None:
+        coll = _named[name] = UpdateCollection(name)
+    return coll
+
+
+def resolve(spec) -> list:
+    """An ``updates_collections`` value -> the lists the updates go to.
+
+    A name, a list/tuple of names (the update goes to each, as TF's
+    ``add_to_collections``), or a list-like object used as the collection.
+    """
+    if isinstance(spec, str):
+        return [get_collection(spec)]
+    if isinstance(spec, (list, tuple)) and spec and all(isinstance(s, str) for s in spec):
+        return [get_collection(s) for s in dict.fromkeys(spec)]
+    return [spec]
+
+
+def is_collection_spec(spec) -> bool:
+    """What ``updates_collections`` accepts besides None: a name, names, or an object with ``append``."""
+    if isinstance(spec, str):
+        return bool(spec)
+    if isinstance(spec, tuple):
+        return bool(spec) and all(isinstance(s, str) and s for s in spec)
+    return hasattr(spec, "append") and hasattr(spec, "pop")
+
+
+def clear_named() -> None:
+    """Empty every named collection (``UPDATE_OPS`` stays the same object)."""
+    for coll in _named.values():
+        coll.clear()
+
 
 def run_updates(collection=None) -> int:
     """Run and remove every pending update in ``collection`` (default ``UPDATE_OPS``), in order.
 
-    Returns how many ran. Updates read the moving statistics as they are when
-    they run, as TF's update ops read their variables when executed.
+    ``collection`` may be a list-like object or a collection name
+    (``"update_ops"`` is ``UPDATE_OPS``). Returns how many ran. Updates read
+    the moving statistics as they are when they run, as TF's update ops read
+    their variables when executed.
     """
-    coll = UPDATE_OPS if collection is None else collection
+    if collection is None:
+        coll = UPDATE_OPS
+    elif isinstance(collection, str):
+        coll = get_collection(collection)
+    else:
+        coll = collection
     n = 0
     while len(coll):
         update = coll.pop(0)

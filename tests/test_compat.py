@@ -31,7 +31,9 @@ def test_signature_is_seed_000():
     want = [p.split("=")[0].strip() for p in SEED_000_SIGNATURE.split(",")]
     assert list(params) == want
     defaults = {p.split("=")[0].strip(): p.split("=")[1].strip() for p in SEED_000_SIGNATURE.split(",") if "=" in p}
-    assert params["updates_collections"].default is cubn.UPDATE_OPS
+    # tf.GraphKeys.UPDATE_OPS is the string "update_ops", and that collection is cubn.UPDATE_OPS
+    assert params["updates_collections"].default == compat.GraphKeys.UPDATE_OPS == "update_ops"
+    assert compat.get_collection(params["updates_collections"].default) is cubn.UPDATE_OPS
     assert params["data_format"].default == "NHWC"
     for k, v in defaults.items():
         if k not in ("updates_collections", "data_format"):

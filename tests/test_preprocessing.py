@@ -428,19 +428,20 @@ def test_standardizer_errors(backend, rng):
         s.transform(X)
     with pytest.raises(AttributeError):
         _ = s.mean_
-    with pytest.raises(TypeError, match="Standardizer.partial_fit: argument 'X'.*int32"):
-        s.fit(backend.asarray(np.ones((4, 3), np.int32)))
+    # other integers become float64, as in StandardScaler
+    ints = Standardizer().fit(backend.asarray(np.arange(12, dtype=np.int32).reshape(4, 3)))
+    np.testing.assert_allclose(backend.to_numpy(ints.mean_), [4.5, 5.5, 6.5])
     s.fit(X)
-    with pytest.raises(ValueError, match="Standardizer.partial_fit: argument 'X'.*3 features.*4 features"):
+    with pytest.raises(ValueError, match="X has 4 features, but Standardizer is expecting 3 features"):
         s.partial_fit(backend.asarray(_features(rng, 5, 4)))
-    with pytest.raises(ValueError, match="Standardizer.transform: argument 'X'.*3 features"):
+    with pytest.raises(ValueError, match="X has 2 features, but Standardizer is expecting 3 features"):
         s.transform(backend.asarray(_features(rng, 5, 2)))
     with pytest.raises(ValueError, match="'X'.*2-D array.*data_format"):
         s.fit(backend.asarray(np.zeros((2, 3, 4))))
-    with pytest.raises(ValueError, match="'X'.*at least one sample"):
+    with pytest.raises(ValueError, match=r"0 sample\(s\) \(shape=\(0, 3\)\) while a minimum of 1 is required"):
         s.fit(backend.asarray(np.zeros((0, 3))))
     assert s.n_samples_seen_ == 10  # a refused fit leaves the earlier one in place
-    with pytest.raises(ValueError, match="'sample_weight'.*\\(10,\\)"):
+    with pytest.raises(ValueError, match=r"sample_weight.*\(10,\)"):
         Standardizer().fit(X, sample_weight=backend.asarray(np.ones(9)))
     with pytest.raises(ValueError, match="Standardizer.partial_fit: argument 'out_dtype'"):
         Standardizer(out_dtype="int8").fit(X)
@@ -454,7 +455,7 @@ def test_standardizer_errors(backend, rng):
         Standardizer(epsilon=-1.0).fit(X)
     with pytest.raises(TypeError, match="argument 'with_mean'.*bool"):
         Standardizer(with_mean="yes").fit(X)
-    with pytest.raises(ValueError, match="set_params: argument 'with_man'"):
+    with pytest.raises(ValueError, match="Invalid parameter 'with_man'"):
         Standardizer().set_params(with_man=True)
     with pytest.raises(TypeError, match="inverse_transform: argument 'X'.*uint8"):
         s.inverse_transform(backend.asarray(np.zeros((2, 3), np.uint8)))

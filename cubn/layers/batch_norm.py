@@ -13,15 +13,17 @@ from .. import _dtypes, activations
 from .._backend import gpu_available, is_array, is_cupy_array, select
 from .._checks import arg_error, check_float_input, check_positive_epsilon, check_unit_interval, describe
 from .._plan import plan_for_channels
-from ..backends.base import Fold, MovingUpdate, Renorm
+from ..backends.base import Fold, MovingUpdate, Renorm, Stats
 from .._args import as_like, channel_param, make_weights
 from ..ops.normalization import bn_backward, bn_forward, check_side_input, check_training_batch
-from ..updates import UPDATE_OPS
+from ..updates import UPDATE_OPS, is_collection_spec, resolve as resolve_collections
 
 _CLIP_KEYS = ("rmax", "rmin", "dmax")
 _PARAM_NAMES = ("beta", "gamma", "moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev")
 ZD_BIASED = "moving_mean/biased"
 ZD_STEP = "moving_mean/local_step"
+BATCHES_TRACKED = "num_batches_tracked"
+CONVENTIONS = ("tf", "tf_keras", "keras3", "torch")
 
 
 class CustomActivation:
@@ -47,7 +49,10 @@ class BatchNorm:
     ``bn.gradients`` holds d beta / d gamma after ``backward``.
 
     Args:
-        decay: moving-average decay: ``moving -= (1 - decay) * (moving - batch)``.
+        decay: moving-average decay: ``moving -= (1 - decay) * (moving - batch)``;
+            None for the cumulative average of all batches so far (PyTorch's
+            ``momentum=None``, Chainer's ``finetune``): the t-th update uses
+            ``1 - decay = 1/t``.
         center: add ``beta``.
         scale: multiply by ``gamma``.
         epsilon: added to the variance.
@@ -59,8 +64,10 @@ class BatchNorm:
         param_regularizers: dict over ``beta``/``gamma`` -> regularizer
             (see ``cubn.regularizers``); losses in ``bn.losses``.
         updates_collections: where training calls put their moving-statistics
-            update (default ``cubn.UPDATE_OPS``; run with ``cubn.run_updates``),
-            or None to update in place during the call.
+            update (default ``cubn.UPDATE_OPS``; run with ``cubn.run_updates``):
+            a list-like collection, a collection name (``"update_ops"`` is
+            ``cubn.UPDATE_OPS``) or a tuple of names; None to update in place
+            during the call.
         trainable: False: no gradients for beta/gamma (statistics still follow
             ``is_training``).
         fused: None/True/False; chooses TF's moving-variance convention (see
@@ -75,6 +82,18 @@ class BatchNorm:
         unbiased_moving_variance: None (TF's rule: Bessel-corrected batch
             variance where TF's fused path applies, biased elsewhere), True
             (always Bessel, like PyTorch's running_var) or False (always biased).
+        virtual_batch_size: ghost batch normalization (tf-keras): a training
+            batch of N items is normalized as N / virtual_batch_size groups,
+            group j holding items j, j + G, j + 2G, ... (G groups, tf-keras's
+            reshape); the moving statistics move once per call toward the
+            mean of the groups' means and variances. N must be a multiple.
+        convention: whose rules apply where the peers differ: ``"tf"``
+            (default: tf.contrib), ``"tf_keras"`` (the fused convention only
+            for rank 4 and 5, as tf-keras resolves ``fused=None``),
+            ``"keras3"`` (moving variance always biased), ``"torch"``
+            (moving variance always Bessel-corrected, and one value per
+            channel in training is an error). ``unbiased_moving_variance``,
+            when given, wins.
         name: a label.
     """
 
@@ -82,9 +101,9 @@ class BatchNorm:
                  param_initializers=None, param_regularizers=None, updates_collections=UPDATE_OPS,
                  trainable=True, fused=None, data_format="NHWC", zero_debias_moving_mean=False,
                  renorm=False, renorm_clipping=None, renorm_decay=0.99, adjustment=None,
-                 unbiased_moving_variance=None, name=None):
+                 unbiased_moving_variance=None, name=None, virtual_batch_size=None, convention=None):
         f = "BatchNorm"
-        self.decay = check_unit_interval(f, "decay", decay)
+        self.decay = None if decay is None else check_unit_interval(f, "decay", decay)
         self.center = bool(center)
         self.scale = bool(scale)
         self.epsilon = check_positive_epsilon(f, "epsilon", epsilon)
@@ -92,6 +111,10 @@ class BatchNorm:
         self._act, self._custom = _resolve_activation(activation_fn)
         self.param_initializers = dict(param_initializers or {})
         self.param_regularizers = dict(param_regularizers or {})
+        if updates_collections is not None and not is_collection_spec(updates_collections):
+            raise arg_error(TypeError, f, "updates_collections",
+                            "None, a collection (list-like), a collection name or a tuple of names",
+                            describe(updates_collections))
         self.updates_collections = updates_collections
         self.trainable = bool(trainable)
         if fused not in (None, True, False):
@@ -110,6 +133,24 @@ class BatchNorm:
         if unbiased_moving_variance not in (None, True, False):
             raise arg_error(ValueError, f, "unbiased_moving_variance", "None, True or False", repr(unbiased_moving_variance))
         self.unbiased_moving_variance = unbiased_moving_variance
+        if virtual_batch_size is not None:
+            if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, (int, np.integer)) \
+                    or virtual_batch_size < 1:
+                raise arg_error(ValueError, f, "virtual_batch_size", "None or a positive int", describe(virtual_batch_size))
+            for arg, bad in (("renorm", self.renorm), ("adjustment", adjustment is not None)):
+                if bad:
+                    raise arg_error(ValueError, f, arg, f"{'False' if arg == 'renorm' else 'None'} with virtual_batch_size "
+                                    "(ghost batches are not combined with it)", repr(renorm if arg == "renorm" else adjustment))
+            virtual_batch_size = int(virtual_batch_size)
+        self.virtual_batch_size = virtual_batch_size
+        if convention is None:
+            convention = "tf"
+        if convention not in CONVENTIONS:
+            raise arg_error(ValueError, f, "convention", "one of " + ", ".join(map(repr, CONVENTIONS)), repr(convention))
+        self.convention = convention
+        if self.decay is None and self.zero_debias_moving_mean:
+            raise arg_error(ValueError, f, "zero_debias_moving_mean",
+                            "False with decay=None (the cumulative average has no bias to remove)", "True")
         self.name = name
         known = set(_PARAM_NAMES)
         for k in self.param_initializers:
@@ -138,7 +179,14 @@ class BatchNorm:
         out = dict(self._vars)
         if self.zero_debias_moving_mean and self._vars:
             out[ZD_STEP] = self._xp.asarray(self._step, dtype=self._acc)
+        if self.decay is None and self._vars:
+            out[BATCHES_TRACKED] = self._xp.asarray(self._step, dtype=np.int64)
         return out
+
+    @property
+    def num_batches_tracked(self) -> int:
+        """Moving-statistics updates applied so far (PyTorch's ``num_batches_tracked``)."""
+        return self._step
 
     @property
     def trainable_variables(self) -> dict:
@@ -233,7 +281,7 @@ class BatchNorm:
         return self
 
     # ------------------------------------------------------------------
-    def __call__(self, x, is_training=True, batch_weights=None, side_input=None):
+    def __call__(self, x, is_training=True, batch_weights=None, side_input=None, mask=None):
         f = "BatchNorm"
         check_float_input(f, "x", x)
         backend = select(f, "x", x, batch_weights=batch_weights, side_input=side_input)
@@ -256,20 +304,28 @@ class BatchNorm:
         training = bool(is_training)
         weights = None
         update = None
-        if training:
+        element_mask = None if mask is None else _element_mask(f, mask, x, ch_axis, xp)
+        if training and self.virtual_batch_size is not None:
+            y, ctx = self._ghost_call(backend, x, fold, side_input, fused_act, acc, batch_weights, element_mask)
+            y3 = plan.view3(y)
+        elif training:
             self._check_training_batch(plan, x)
             if batch_weights is not None:
                 w = as_like(f, "batch_weights", batch_weights, x, xp)
                 if w.ndim != 1 or w.shape[0] != x.shape[0]:
                     raise arg_error(ValueError, f, "batch_weights", f"shape ({x.shape[0]},)", f"shape {tuple(w.shape)}")
+                if element_mask is not None:
+                    w = w.reshape((w.shape[0],) + (1,) * (x.ndim - 1)) * element_mask
                 weights = make_weights(f, "batch_weights", w, x.shape, plan, xp, acc)
+            elif element_mask is not None:
+                weights = make_weights(f, "mask", element_mask, x.shape, plan, xp, acc)
             if self.adjustment is not None:
                 fold.adj_scale, fold.adj_bias = self._adjustment(x, plan, xp, acc)
             if self.renorm:
                 clip = self.renorm_clipping
                 fold.renorm = Renorm(v["renorm_mean"], v["renorm_stddev"], clip.get("rmin", 0.0),
                                      clip.get("rmax", math.inf), clip.get("dmax", math.inf))
-            bessel = self._bessel(x.ndim, batch_weights is not None)
+            bessel = self._bessel(x.ndim, weights is not None)
             if self.updates_collections is None:
                 update = self._moving_update(bessel, step=self._step + 1)
                 self._step += 1
@@ -277,7 +333,7 @@ class BatchNorm:
                                  weights=weights, side3=side3, act=fused_act,
                                  exchange=self._exchange(backend, plan, x, batch_weights is not None))
             if self.updates_collections is not None:
-                self.updates_collections.append(_DeferredUpdate(self, backend, ctx.stats, bessel))
+                self._defer(_DeferredUpdate(self, backend, ctx.stats, bessel))
         else:
             y3, ctx = bn_forward(backend, plan, x3, acc, training=False, fold=fold,
                                  given=(v["moving_mean"], v["moving_variance"]), side3=side3, act=fused_act)
@@ -289,9 +345,60 @@ class BatchNorm:
         self._ctx = (ctx, side_input is not None, z, ch_axis)
         return y
 
+    def _defer(self, update):
+        for coll in resolve_collections(self.updates_collections):
+            coll.append(update)
+
+    # -- ghost batch normalization (virtual_batch_size) -----------------------
+    def _ghost_call(self, backend, x, fold, side_input, act, acc, batch_weights, element_mask):
+        """Training forward with ghost batches, from the ordinary forward per group."""
+        f = "BatchNorm"
+        vbs = self.virtual_batch_size
+        for arg, given in (("batch_weights", batch_weights), ("mask", element_mask)):
+            if given is not None:
+                raise arg_error(ValueError, f, arg, "None with virtual_batch_size", "weights")
+        if type(self)._exchange is not BatchNorm._exchange:
+            raise arg_error(ValueError, f, "virtual_batch_size", "None for a distributed layer", repr(vbs))
+        n = x.shape[0]
+        if n == 0 or n % vbs:
+            raise arg_error(ValueError, f, "x", f"a batch size that is a multiple of virtual_batch_size={vbs}",
+                            f"shape {tuple(x.shape)}")
+        groups = n // vbs
+        xp = backend.xp
+        y = xp.empty(x.shape, x.dtype)
+        parts = []
+        for j in range(groups):
+            rows = slice(j, None, groups)  # tf-keras reshapes (N, ...) to (vbs, G, ...): group j = rows j, j+G, ...
+            xj = x[rows]
+            pj = plan_for_channels(xj.shape, self.data_format, f)
+            self._check_training_batch(pj, xj)
+            sj = None if side_input is None else pj.view3(side_input[rows])
+            yj3, cj = bn_forward(backend, pj, pj.view3(xj), acc, training=True, fold=fold, side3=sj, act=act)
+            y[rows] = pj.unview3(yj3)
+            parts.append((rows, cj))
+        bessel = self._bessel(x.ndim, False)
+        mean = sum(c.stats.mean for _, c in parts) / acc.type(groups)
+        count = parts[0][1].stats.count
+        if bessel:
+            k = count / xp.maximum(count - 1, 1)
+            var = sum(c.stats.var * k for _, c in parts) / acc.type(groups)
+        else:
+            var = sum(c.stats.var for _, c in parts) / acc.type(groups)
+        stats = Stats(count * groups, xp.ascontiguousarray(mean, dtype=acc), xp.ascontiguousarray(var, dtype=acc),
+                      None, None, None, None, None)
+        update = _DeferredUpdate(self, backend, stats, False)
+        if self.updates_collections is None:
+            update()
+        else:
+            self._defer(update)
+        return y, _GhostContext(parts, plan_for_channels(x.shape, self.data_format, f), x, xp)
+
     # -- hooks SyncBatchNorm overrides -------------------------------------
     def _check_training_batch(self, plan, x):
         check_training_batch("BatchNorm", plan, x)
+        if self.convention == "torch" and plan.per_channel == 1:
+            raise ValueError(f"BatchNorm: expected more than 1 value per channel when training, got input of shape "
+                             f"{tuple(x.shape)} (PyTorch's rule; this layer has convention='torch')")
 
     def _exchange(self, backend, plan, x, weighted):
         """None: statistics of this process's batch only."""
@@ -319,13 +426,17 @@ class BatchNorm:
     def _bessel(self, ndim, weighted):
         if self.unbiased_moving_variance is not None:
             return self.unbiased_moving_variance
+        if self.convention in ("keras3", "torch"):
+            return self.convention == "torch"
+        ranks = (4, 5) if self.convention == "tf_keras" else (2, 4, 5)
         fused_path = (self.fused in (None, True) and not weighted and not self.renorm
-                      and self.adjustment is None and ndim in (2, 4, 5))
+                      and self.adjustment is None and ndim in ranks and self.virtual_batch_size is None)
         return fused_path
 
     def _moving_update(self, bessel, step):
         v = self._vars
-        u = MovingUpdate(a=1.0 - self.decay, bessel=bessel, mean_in=v["moving_mean"], mean_out=v["moving_mean"],
+        a = 1.0 / step if self.decay is None else 1.0 - self.decay  # decay None: the cumulative average
+        u = MovingUpdate(a=a, bessel=bessel, mean_in=v["moving_mean"], mean_out=v["moving_mean"],
                          var_in=v["moving_variance"], var_out=v["moving_variance"], eps=self.epsilon)
         if self.zero_debias_moving_mean:
             u.zd_biased = v[ZD_BIASED]
@@ -372,7 +483,10 @@ class BatchNorm:
             raise arg_error(ValueError, f, "dy", f"the forward input's shape {plan.orig_shape}", f"shape {tuple(dy.shape)}")
         if dy.dtype != ctx.x_dtype:
             raise arg_error(TypeError, f, "dy", f"dtype {np.dtype(ctx.x_dtype).name}", f"dtype {np.dtype(dy.dtype).name}")
-        dx3, dgamma, dbeta, dside3 = bn_backward(ctx, plan.view3(dy), had_side)
+        if isinstance(ctx, _GhostContext):
+            dx3, dgamma, dbeta, dside3 = ctx.backward(dy, had_side)
+        else:
+            dx3, dgamma, dbeta, dside3 = bn_backward(ctx, plan.view3(dy), had_side)
         grads = {}
         if self.trainable:
             if self.center:
@@ -400,7 +514,8 @@ class BatchNorm:
                     zero_debias_moving_mean=self.zero_debias_moving_mean, renorm=self.renorm,
                     renorm_clipping=dict(self.renorm_clipping), renorm_decay=self.renorm_decay,
                     unbiased_moving_variance=self.unbiased_moving_variance, name=self.name,
-                    updates_in_place=self.updates_collections is None)
+                    updates_in_place=self.updates_collections is None,
+                    virtual_batch_size=self.virtual_batch_size, convention=self.convention)
 
     @classmethod
     def from_config(cls, config: dict) -> "BatchNorm":
@@ -421,6 +536,8 @@ class BatchNorm:
         """Load arrays by name (numpy or cupy; moved to the layer's device)."""
         state = dict(state)
         step = state.pop(ZD_STEP, None)
+        tracked = state.pop(BATCHES_TRACKED, None)
+        step = tracked if step is None else step
         if self._channels is None:
             ref = state.get("moving_mean")
             if ref is None:
@@ -447,6 +564,50 @@ class BatchNorm:
     def __repr__(self) -> str:
         state = f"{self._channels} channels on {self.device}" if self._channels else "not built"
         return f"BatchNorm(name={self.name!r}, {state}, data_format={self.data_format!r})"
+
+
+class _GhostContext:
+    """The forward contexts of the ghost batches of one training call."""
+
+    def __init__(self, parts, plan, x, xp):
+        self.parts, self.plan, self.xp = parts, plan, xp
+        self.x3 = parts[0][1].x3
+        self.x_dtype = x.dtype
+
+    def backward(self, dy, had_side):
+        """``(dx3, dgamma, dbeta, dside3)`` in the whole batch's (outer, C, inner) view."""
+        xp = self.xp
+        dx = xp.empty(dy.shape, dy.dtype)
+        dside = xp.empty(dy.shape, dy.dtype) if had_side else None
+        dgamma = dbeta = None
+        for rows, c in self.parts:
+            dyj = dy[rows]
+            dxj3, dg, db, dsj3 = bn_backward(c, c.plan.view3(dyj), had_side)
+            dx[rows] = c.plan.unview3(dxj3)
+            if had_side:
+                dside[rows] = c.plan.unview3(dsj3)
+            dgamma = dg if dgamma is None else dgamma + dg
+            dbeta = db if dbeta is None else dbeta + db
+        return (self.plan.view3(dx), dgamma, dbeta, None if dside is None else self.plan.view3(dside))
+
+
+def _element_mask(func, mask, x, ch_axis, xp):
+    """Keras 3's ``mask`` as 0/1 weights broadcastable to x.
+
+    Nonzero counts (Keras casts the mask to bool). A mask with one axis less
+    than x lines up with x without its channel axis (x.shape[:-1] for
+    channels last, as in Keras); one of x's rank broadcasts against x.
+    """
+    m = as_like(func, "mask", mask, x, xp)
+    if m.dtype.kind not in "biuf":
+        raise arg_error(TypeError, func, "mask", "a boolean or numeric array", describe(mask))
+    if m.ndim == x.ndim - 1:
+        m = xp.expand_dims(m, ch_axis)
+    elif m.ndim != x.ndim:
+        without = tuple(n for a, n in enumerate(x.shape) if a != ch_axis)
+        raise arg_error(ValueError, func, "mask", f"a shape broadcastable to {without} (x's shape without the "
+                        f"channel axis) or to {tuple(x.shape)}", f"shape {tuple(m.shape)}")
+    return (m != 0).astype(_dtypes.acc_dtype(x.dtype))
 
 
 class _DeferredUpdate:

@@ -1,6 +1,7 @@
 """Functional ops: stateless, one call per op (CONTRACT §2)."""
 from .backward import BatchNormGrads, batch_norm_backward
-from .moments import moments, weighted_moments
+from .gradients import BatchNormalizationGrads, batch_normalization_backward, moments_backward, weighted_moments_backward
+from .moments import moments, normalize_moments, sufficient_statistics, weighted_moments
 from .normalization import batch_norm_with_global_normalization, batch_normalization, fused_batch_norm
 
 __all__ = [
@@ -11,4 +12,10 @@ __all__ = [
     "fused_batch_norm",
     "batch_norm_backward",
     "BatchNormGrads",
+    "sufficient_statistics",
+    "normalize_moments",
+    "batch_normalization_backward",
+    "BatchNormalizationGrads",
+    "moments_backward",
+    "weighted_moments_backward",
 ]

@@ -13,12 +13,16 @@ from .normalization import ForwardContext, bn_backward, check_side_input, check_
 
 
 class BatchNormGrads(NamedTuple):
-    """Gradients w.r.t. x, scale (gamma), offset (beta) and side_input."""
+    """Gradients w.r.t. x, scale (gamma), offset (beta) and side_input; in inference
+    (``is_training=False``) also w.r.t. the given mean and variance (None in training,
+    where the statistics are the batch's and their gradient is part of ``dx``)."""
 
     dx: Any
     dscale: Any
     doffset: Any
     dside_input: Any
+    dmean: Any = None
+    dvariance: Any = None
 
 
 def batch_norm_backward(dy, x, scale, mean, variance, epsilon=1e-3, *, offset=None, data_format="NHWC",
@@ -40,9 +44,14 @@ def batch_norm_backward(dy, x, scale, mean, variance, epsilon=1e-3, *, offset=No
     small one here to fold the given statistics (``BatchNorm.backward``
     reuses its forward's and skips it).
 
+    In inference the mean and variance are inputs like any other, and their
+    gradients come back too (per channel, from the same sums:
+    ``dmean = −scale·invstd·Σ dy′``, ``dvariance = −½·scale·invstd³·Σ dy′(x − mean)``,
+    with renorm's r in the scale).
+
     Returns:
-        :class:`BatchNormGrads` ``(dx, dscale, doffset, dside_input)``;
-        ``dscale``/``doffset`` in the accumulation dtype, ``dside_input``
+        :class:`BatchNormGrads` ``(dx, dscale, doffset, dside_input, dmean, dvariance)``;
+        ``dscale``/``doffset`` (and ``dmean``/``dvariance``) in the accumulation dtype, ``dside_input``
         None when there is no side input.
     """
     func = "batch_norm_backward"
@@ -90,7 +99,14 @@ def batch_norm_backward(dy, x, scale, mean, variance, epsilon=1e-3, *, offset=No
     ctx = ForwardContext(backend, plan, acc, x3, side3, act, bool(is_training), fold, stats=stats,
                          weights=weights, x_dtype=x.dtype, side_dtype=None if side3 is None else side3.dtype)
     dx3, dgamma, dbeta, dside3 = bn_backward(ctx, dy3, side_input is not None)
-    return BatchNormGrads(plan.unview3(dx3), dgamma, dbeta, None if dside3 is None else plan.unview3(dside3))
+    dmean = dvar = None
+    if not is_training:
+        # dbeta = S1, dgamma = gcoef·S2 + hcoef·S1 with gcoef = r·invstd: recover gcoef·S2
+        g1 = 1 if gamma is None else gamma
+        dmean = -stats.scale * dbeta
+        dvar = -0.5 * g1 * stats.invstd * stats.invstd * (dgamma - stats.hcoef * dbeta)
+    return BatchNormGrads(plan.unview3(dx3), dgamma, dbeta, None if dside3 is None else plan.unview3(dside3),
+                          dmean, dvar)
 
 
 def _counts(plan, weights, xp, acc):

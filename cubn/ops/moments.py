@@ -1,9 +1,11 @@
 """``moments`` and ``weighted_moments``: tf.nn.moments / tf.nn.weighted_moments."""
 from __future__ import annotations
 
+import numpy as np
+
 from .. import _dtypes
 from .._backend import select
-from .._checks import arg_error, check_float_input
+from .._checks import arg_error, check_float_input, describe
 from .._plan import plan_for_reduction
 from .._args import as_like, make_weights
 
@@ -86,3 +88,74 @@ def weighted_moments(x, axes, weights=None, *, keepdims=False, frequency_weights
     if keep_dims is not None:
         keepdims = bool(keep_dims)
     return _reduce(func, x, axes, keepdims, weights, wname)
+
+
+def sufficient_statistics(x, axes, shift=None, keepdims=False, name=None, keep_dims=None):
+    """``tf.nn.sufficient_statistics``: ``(count, mean_ss, variance_ss, shift)``.
+
+    ``count`` is the number of values reduced into each statistic (a 0-d
+    array of ``x``'s dtype), ``mean_ss = Σ (x − shift)`` and
+    ``variance_ss = Σ (x − shift)²`` over ``axes`` (``shift`` None: Σ x and
+    Σ x²). TensorFlow sums the raw values; cubn derives both sums from its
+    Welford moments, ``n·(mean − shift)`` and ``M2 + n·(mean − shift)²``, so
+    the squares keep their digits when |mean| ≫ std. ``shift`` (subtracted
+    first, as TF does) is returned as given, for :func:`normalize_moments`.
+
+    Args:
+        x: float array (numpy or cupy).
+        axes: the axes to reduce.
+        shift: None, a number, or an array broadcastable to ``x``.
+        keepdims: keep the reduced axes with length 1.
+        keep_dims: deprecated TF 1 alias of ``keepdims``.
+    """
+    func = "sufficient_statistics"
+    if keep_dims is not None:
+        keepdims = bool(keep_dims)
+    check_float_input(func, "x", x)
+    backend = select(func, "x", x, shift=shift)
+    xp = backend.xp
+    plan = plan_for_reduction(x.shape, axes, func)
+    acc = _dtypes.acc_dtype(x.dtype)
+    out_shape = plan.keepdims_shape if keepdims else plan.stat_shape
+    out_dtype = x.dtype
+    count = xp.asarray(plan.per_channel, dtype=out_dtype)
+    if shift is not None:
+        s = as_like(func, "shift", shift, x, xp)
+        try:
+            np.broadcast_shapes(tuple(s.shape), tuple(x.shape))
+        except ValueError:
+            raise arg_error(ValueError, func, "shift", f"a shape broadcastable to x's {tuple(x.shape)}",
+                            f"shape {tuple(s.shape)}") from None
+        # subtract first, as TF does: the shifted values are small when the shift is near the mean,
+        # so their sums keep the digits that the moments of x itself (|mean| >> std) would not
+        x = x.astype(acc) - s.reshape((1,) * (x.ndim - s.ndim) + tuple(s.shape)).astype(acc)
+    if plan.channels == 0 or plan.per_channel == 0:
+        zeros = xp.zeros(out_shape, dtype=out_dtype)
+        return count, zeros, zeros.copy(), shift
+    stats = backend.finalize(backend.welford_partials(plan, plan.view3(x), acc, None), acc, fold=None)
+    n = acc.type(plan.per_channel)
+    # Σ(x − s) = n·mean and Σ(x − s)² = M2 + n·mean² from the Welford moments (M2 never cancels)
+    m_ss = n * stats.mean
+    v_ss = stats.var * n + n * stats.mean * stats.mean
+    return count, m_ss.astype(out_dtype).reshape(out_shape), v_ss.astype(out_dtype).reshape(out_shape), shift
+
+
+def normalize_moments(counts, mean_ss, variance_ss, shift, name=None):
+    """``tf.nn.normalize_moments``: mean and variance from sufficient statistics.
+
+    ``mean = mean_ss / counts + shift`` and
+    ``variance = variance_ss / counts − (mean_ss / counts)²`` (TF's formula;
+    ``shift`` None means 0). Elementwise on the arrays' own library.
+    """
+    func = "normalize_moments"
+    for arg, v in (("mean_ss", mean_ss), ("variance_ss", variance_ss)):
+        if not hasattr(v, "dtype"):
+            raise arg_error(TypeError, func, arg, "an array (numpy or cupy)", describe(v))
+    backend = select(func, "mean_ss", mean_ss, variance_ss=variance_ss, counts=counts, shift=shift)
+    xp = backend.xp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        divisor = 1 / xp.asarray(counts, dtype=mean_ss.dtype)
+        shifted_mean = mean_ss * divisor
+        mean = shifted_mean if shift is None else shifted_mean + xp.asarray(shift, dtype=mean_ss.dtype)
+        variance = variance_ss * divisor - shifted_mean * shifted_mean
+    return mean, variance

@@ -160,12 +160,33 @@ def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, *, a
     params = {"mean": mean, "variance": variance, "offset": offset, "scale": scale}
     backend = select(func, "x", x, **params)
     xp = backend.xp
+    eps, act, acc, plan, p, _, _ = batch_normalization_args(func, x, params, variance_epsilon, activation,
+                                                            data_format, xp)
+    if x.size == 0:
+        return xp.empty_like(x)
+    raw = RawAffine(p["mean"], p["variance"], p.get("scale"), p.get("offset"), eps)
+    y3 = backend.normalize(plan, plan.view3(x), raw, None, act, acc, x.dtype)
+    return plan.unview3(y3)
+
+
+def batch_normalization_args(func, x, params, variance_epsilon, activation, data_format, xp):
+    """The checked arguments of ``batch_normalization`` (and of its backward):
+    ``(eps, act, acc, plan, per-channel params, params at x's rank, block shape)``."""
     eps = check_positive_epsilon(func, "variance_epsilon", variance_epsilon)
     act = activations.get(activation, func)
     acc = _dtypes.acc_dtype(x.dtype)
     for req in ("mean", "variance"):
         if params[req] is None:
             raise arg_error(TypeError, func, req, "an array or a number", "None")
+    return (eps, act, acc) + per_channel_params(func, x, params, data_format, xp, acc)
+
+
+def per_channel_params(func, x, params, data_format, xp, acc):
+    """tf.nn.batch_normalization's broadcasting: ``params`` (name -> value or None)
+    -> ``(plan, {name: (C,) array}, {name: value at x's rank}, block shape)``.
+
+    The "channels" are the block of axes the parameters vary on.
+    """
     ndim = x.ndim
     ch_axis = None
     if data_format is not None and ndim >= 2:
@@ -205,11 +226,7 @@ def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, *, a
         return xp.ascontiguousarray(xp.broadcast_to(v, block), dtype=acc).reshape(plan.channels)
 
     p = {k: per_channel(a) for k, a in shaped.items()}
-    if x.size == 0:
-        return xp.empty_like(x)
-    raw = RawAffine(p["mean"], p["variance"], p.get("scale"), p.get("offset"), eps)
-    y3 = backend.normalize(plan, plan.view3(x), raw, None, act, acc, x.dtype)
-    return plan.unview3(y3)
+    return plan, p, shaped, block
 
 
 def batch_norm_with_global_normalization(t, m, v, beta, gamma, variance_epsilon, scale_after_normalization,

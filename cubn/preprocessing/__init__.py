@@ -12,6 +12,15 @@ converted inside the kernels, never materialized as floats.
 """
 from .image import normalize_images
 from .running_moments import RunningMoments
-from .standardizer import NotFittedError, Standardizer
 
 __all__ = ["RunningMoments", "Standardizer", "normalize_images", "NotFittedError"]
+
+
+def __getattr__(name):
+    # Standardizer subclasses scikit-learn's estimators when scikit-learn is installed:
+    # loaded on first use, so that importing cubn never imports scikit-learn.
+    if name in ("Standardizer", "NotFittedError"):
+        from . import standardizer
+
+        return getattr(standardizer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

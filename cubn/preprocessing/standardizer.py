@@ -3,10 +3,20 @@
 The interface and the numbers are ``sklearn.preprocessing.StandardScaler``'s
 (``fit``, ``partial_fit``, ``transform``, ``inverse_transform``,
 ``fit_transform``, ``sample_weight``, ``mean_``, ``var_``, ``scale_``,
-``n_samples_seen_``, ``get_params``/``set_params``), and three additions for
-GPU pipelines: uint8/uint16/float16/bfloat16 inputs, an output dtype, and an
+``n_samples_seen_``, ``n_features_in_``, ``feature_names_in_``,
+``get_params``/``set_params``, ``set_output``), and three additions for GPU
+pipelines: uint8/uint16/float16/bfloat16 inputs, an output dtype, and an
 image layout with an optional layout change -- a uint8 NHWC batch becomes a
 float16 NCHW model input in one kernel launch.
+
+With scikit-learn installed, ``Standardizer`` is a real scikit-learn
+transformer: it subclasses ``BaseEstimator``, ``OneToOneFeatureMixin`` and
+``TransformerMixin`` and validates NumPy, list, DataFrame and sparse input
+with scikit-learn's own helpers, so it passes
+``sklearn.utils.estimator_checks.check_estimator``. scikit-learn stays
+optional: ``import cubn`` does not import it (``cubn.Standardizer`` is loaded
+on first use), and without it the class keeps the same parameter protocol
+on a small base of its own.
 """
 from __future__ import annotations
 
@@ -14,19 +24,30 @@ import inspect
 
 import numpy as np
 
-from .._backend import array_module, is_array, select
+from .._backend import array_module, is_array, is_cupy_array, select
 from .._checks import arg_error, check_positive_epsilon, describe
 from .._args import as_like
 from . import image
 from .running_moments import RunningMoments, is_dask_array
 
+try:
+    from sklearn.base import BaseEstimator, OneToOneFeatureMixin, TransformerMixin
+    from sklearn.exceptions import NotFittedError as _SklearnNotFitted
+    from sklearn.utils.validation import _check_sample_weight, validate_data
+except ImportError:  # scikit-learn is optional
+    BaseEstimator = None
 
-class NotFittedError(ValueError, AttributeError):
-    """A fitted attribute or ``transform`` was used before ``fit``.
 
-    A ValueError and an AttributeError, like scikit-learn's own
-    ``NotFittedError``, so ``hasattr(scaler, "mean_")`` is False before fit.
-    """
+if BaseEstimator is not None:
+    class NotFittedError(_SklearnNotFitted):
+        """A fitted attribute or ``transform`` was used before ``fit`` (scikit-learn's ``NotFittedError``)."""
+else:
+    class NotFittedError(ValueError, AttributeError):
+        """A fitted attribute or ``transform`` was used before ``fit``.
+
+        A ValueError and an AttributeError, like scikit-learn's own
+        ``NotFittedError``, so ``hasattr(scaler, "mean_")`` is False before fit.
+        """
 
 
 _FLOAT64_EPS = float(np.finfo(np.float64).eps)
@@ -51,7 +72,53 @@ def _as_array(func, name, X):
     return a
 
 
-class Standardizer:
+class _ParamsProtocol:
+    """scikit-learn's parameter protocol, for when scikit-learn is not installed."""
+
+    @classmethod
+    def _get_param_names(cls):
+        sig = inspect.signature(cls.__init__)
+        return sorted(p.name for p in sig.parameters.values() if p.name != "self")
+
+    def get_params(self, deep=True):
+        """The constructor's parameters, as a dict (scikit-learn's protocol)."""
+        return {name: getattr(self, name) for name in self._get_param_names()}
+
+    def set_params(self, **params):
+        """Set constructor parameters; returns ``self``. Unknown names are a ValueError."""
+        valid = self._get_param_names()
+        for key, value in params.items():
+            if key not in valid:
+                raise ValueError(f"Invalid parameter {key!r} for estimator {self!r}. Valid parameters are: {valid!r}.")
+            setattr(self, key, value)
+        return self
+
+    def __repr__(self):
+        defaults = {p.name: p.default for p in inspect.signature(type(self).__init__).parameters.values()
+                    if p.name != "self"}
+        changed = [f"{k}={v!r}" for k, v in self.get_params().items() if v is not defaults[k] and v != defaults[k]]
+        return f"{type(self).__name__}({', '.join(changed)})"
+
+    def fit_transform(self, X, y=None, **fit_params):
+        """``fit(X, y, **fit_params)`` then ``transform(X)``."""
+        return self.fit(X, y, **fit_params).transform(X)
+
+    def get_feature_names_out(self, input_features=None):
+        """One output feature per input feature (as ``StandardScaler``): ``x0, x1, ...`` unless given."""
+        self._check_fitted("get_feature_names_out")
+        if input_features is not None:
+            names = np.asarray(input_features, dtype=object)
+            if names.shape != (self.n_features_in_,):
+                raise arg_error(ValueError, "Standardizer.get_feature_names_out", "input_features",
+                                f"{self.n_features_in_} names", f"shape {names.shape}")
+            return names
+        return np.asarray([f"x{i}" for i in range(self.n_features_in_)], dtype=object)
+
+
+_BASES = (OneToOneFeatureMixin, TransformerMixin, BaseEstimator) if BaseEstimator is not None else (_ParamsProtocol,)
+
+
+class Standardizer(*_BASES):
     """Standardize features: ``z = (x - mean_) / scale_``, as scikit-learn's ``StandardScaler``.
 
     ``fit``/``partial_fit`` accumulate per-feature statistics with
@@ -88,13 +155,21 @@ class Standardizer:
             ``data_format``); ``inverse_transform`` maps back.
 
     Inputs: uint8, uint16, float16, bfloat16, float32, float64 arrays (numpy
-    or cupy; lists are converted like scikit-learn does), and dask arrays
-    (``fit``/``partial_fit`` reduce them with :mod:`cubn.dask`; ``transform``
-    returns a lazy dask array). NaN is not treated as missing (unlike
-    scikit-learn, which ignores NaNs in fit): it propagates to its feature.
-    On the GPU, ``partial_fit`` is two kernel launches and no host
-    synchronization; reading ``n_samples_seen_`` after weighted fits reads the
-    sum of weights back from the device.
+    or cupy), dask arrays (``fit``/``partial_fit`` reduce them with
+    :mod:`cubn.dask`; ``transform`` returns a lazy dask array), and -- for
+    ``(n_samples, n_features)`` data -- anything scikit-learn takes: lists,
+    DataFrames (``feature_names_in_``), other integer dtypes (converted to
+    float64 as ``StandardScaler`` does) and ``scipy.sparse`` matrices
+    (``with_mean=False`` only, as ``StandardScaler``; the result stays sparse).
+
+    Missing values, as in ``StandardScaler``: for ``(n_samples, n_features)``
+    data, NaN is ignored by ``fit`` (each feature's statistics use its
+    non-NaN values; ``n_samples_seen_`` becomes one count per feature when
+    they differ) and kept by ``transform``; Inf is refused. For images
+    (``data_format`` set) NaN is not missing but propagates to its channel,
+    as in batch normalization. On the GPU, ``partial_fit`` of images is two
+    kernel launches and no host synchronization; on ``(n_samples,
+    n_features)`` CuPy data the Inf check reads one flag back.
     """
 
     def __init__(self, *, copy=True, with_mean=True, with_std=True, epsilon=0.0, out_dtype=None,
@@ -110,51 +185,15 @@ class Standardizer:
         self._reset()
 
     # -- scikit-learn's estimator protocol ------------------------------------
-    @classmethod
-    def _get_param_names(cls):
-        sig = inspect.signature(cls.__init__)
-        return sorted(p.name for p in sig.parameters.values() if p.name != "self")
-
-    def get_params(self, deep=True):
-        """The constructor's parameters, as a dict (scikit-learn's protocol)."""
-        return {name: getattr(self, name) for name in self._get_param_names()}
-
-    def set_params(self, **params):
-        """Set constructor parameters; returns ``self``. Unknown names are a ValueError."""
-        valid = self._get_param_names()
-        for key, value in params.items():
-            if key not in valid:
-                raise arg_error(ValueError, "Standardizer.set_params", key, f"one of {valid}", "an unknown parameter")
-            setattr(self, key, value)
-        return self
-
-    def __repr__(self):
-        defaults = {p.name: p.default for p in inspect.signature(type(self).__init__).parameters.values()
-                    if p.name != "self"}
-        changed = [f"{k}={v!r}" for k, v in self.get_params().items() if v is not defaults[k] and v != defaults[k]]
-        return f"Standardizer({', '.join(changed)})"
-
     def __sklearn_is_fitted__(self):
-        return self._rm is not None and self._rm.shape is not None
+        return getattr(self, "_rm", None) is not None and self._rm.shape is not None
 
     def __sklearn_tags__(self):
-        try:
-            from sklearn.utils import Tags, TargetTags, TransformerTags
-        except ImportError:  # pragma: no cover - scikit-learn absent or too old for tags
-            return None
-        return Tags(estimator_type=None, target_tags=TargetTags(required=False),
-                    transformer_tags=TransformerTags(preserves_dtype=["float64", "float32"]))
-
-    def get_feature_names_out(self, input_features=None):
-        """One output feature per input feature (as ``StandardScaler``): ``x0, x1, ...`` unless given."""
-        self._check_fitted("get_feature_names_out")
-        if input_features is not None:
-            names = np.asarray(input_features, dtype=object)
-            if names.shape != (self.n_features_in_,):
-                raise arg_error(ValueError, "Standardizer.get_feature_names_out", "input_features",
-                                f"{self.n_features_in_} names", f"shape {names.shape}")
-            return names
-        return np.asarray([f"x{i}" for i in range(self.n_features_in_)], dtype=object)
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = True
+        tags.input_tags.sparse = not self.with_mean  # as StandardScaler: sparse data cannot be centered
+        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        return tags
 
     # -- state ---------------------------------------------------------------
     def _reset(self):
@@ -163,7 +202,10 @@ class Standardizer:
         self._n_unknown = False  # a dask array of unknown shape was fitted: only the state knows
         self._weighted = False   # any weighted fit: n_samples_seen_ is the state's count (sum of weights)
         self._version = 0        # bumped by every partial_fit: invalidates the caches below
+        self._nan_seen = False   # a NaN was ignored: counts may differ per feature
         self._cache = {}
+        for fitted in ("n_features_in_", "feature_names_in_"):
+            self.__dict__.pop(fitted, None)
 
     def _check_fitted(self, what):
         if not self.__sklearn_is_fitted__():
@@ -224,20 +266,24 @@ class Standardizer:
         func = "partial_fit"
         f = "Standardizer." + func
         self._checked_params(func)
-        X = _as_array(func, "X", X)
-        if not is_dask_array(X):
-            image.check_input(f, "X", X)
+        X, kind = self._validated(func, X, reset=not self.__sklearn_is_fitted__())
+        if kind == "sparse":
+            return self._partial_fit_sparse(f, X, sample_weight)
         in_last, _, ch = self._layout(func, X)
         n_features = int(X.shape[ch])
         if n_features == 0:
-            raise arg_error(ValueError, f, "X", "at least one feature", f"shape {tuple(X.shape)}")
+            raise ValueError(f"Found array with 0 feature(s) (shape={tuple(X.shape)}) while a minimum of 1 is "
+                             "required by Standardizer.")
         if self.__sklearn_is_fitted__() and n_features != self.n_features_in_:
-            raise arg_error(ValueError, f, "X", f"{self.n_features_in_} features, as in the earlier fits",
-                            f"{n_features} features (shape {tuple(X.shape)})")
+            raise ValueError(f"X has {n_features} features, but Standardizer is expecting {self.n_features_in_} "
+                             f"features as input ({f}: argument 'X' of shape {tuple(X.shape)}).")
         n = X.shape[0]
         if n == 0:
-            raise arg_error(ValueError, f, "X", "at least one sample (as scikit-learn)", f"shape {tuple(X.shape)}")
+            raise ValueError(f"Found array with 0 sample(s) (shape={tuple(X.shape)}) while a minimum of 1 is "
+                             "required by Standardizer.")
         sw = self._sample_weight(f, sample_weight, X, n)
+        if is_array(X) and self.data_format is None and np.dtype(X.dtype).kind == "f":
+            sw = self._missing_as_zero_weight(f, X, sw)
         axes = tuple(a for a in range(X.ndim) if a != ch)
         rm = self._rm if self._rm is not None else RunningMoments(axis=axes)
         old_axis, rm.axis = rm.axis, axes  # a batch of another rank is refused by the accumulator (naming X)
@@ -247,12 +293,84 @@ class Standardizer:
             rm.axis = old_axis
             raise
         self._rm = rm
+        if kind != "numpy":
+            self.n_features_in_ = n_features
         values = float(np.prod([X.shape[a] for a in axes], dtype=np.float64))  # NaN: dask's unknown chunks
         if np.isfinite(values):
             self._n_values += int(values)
         else:
             self._n_unknown = True
-        self._weighted = self._weighted or sw is not None
+        self._weighted = self._weighted or sample_weight is not None
+        self._version += 1
+        self._cache = {}
+        return self
+
+    def _validated(self, func, X, reset):
+        """X as an array and where it goes: "numpy" (checked by scikit-learn), "sparse", or "device"
+        (CuPy, dask and the narrow dtypes cubn keeps: checked here)."""
+        f = "Standardizer." + func
+        if is_array(X) and not isinstance(X, np.ndarray) or is_dask_array(X):
+            if self.data_format is None and is_cupy_array(X) and X.dtype.kind in "biu" \
+                    and np.dtype(X.dtype).name not in image.INT_DTYPES:
+                X = X.astype(np.float64)  # other integers become float64, as in scikit-learn (on the device)
+            if not is_dask_array(X):
+                image.check_input(f, "X", X)
+            return X, "device"
+        if self.data_format is not None or BaseEstimator is None:
+            X = _as_array(func, "X", X)
+            image.check_input(f, "X", X)
+            return X, "device"
+        if _is_sparse(X):
+            if self.with_mean:
+                raise ValueError("Cannot center sparse matrices: pass `with_mean=False` instead. See docstring "
+                                 "for motivation and alternatives.")
+            X = validate_data(self, X, reset=reset, accept_sparse=("csr", "csc"), dtype=(np.float64, np.float32),
+                              ensure_all_finite="allow-nan")
+            return X, "sparse"
+        if isinstance(X, np.ndarray) and np.dtype(X.dtype).name in ("uint8", "uint16", "float16", "bfloat16"):
+            if X.ndim != 2:
+                self._layout(func, X)  # the rank error, naming data_format
+            if not reset and hasattr(self, "feature_names_in_"):
+                del self.feature_names_in_
+            if X.dtype.kind == "f" and X.size and np.isinf(X).any():
+                raise ValueError("Input X contains infinity or a value too large for dtype('float64').")
+            return X, "device"
+        if getattr(X, "ndim", 2) > 2:
+            self._layout(func, X)  # rank > 2: say that images need data_format
+        X = validate_data(self, X, reset=reset, dtype=(np.float64, np.float32), ensure_all_finite="allow-nan",
+                          ensure_min_features=1)
+        return X, "numpy"
+
+    def _missing_as_zero_weight(self, f, X, sw):
+        """NaN is missing (as in scikit-learn): weight 0 for it; Inf is an error."""
+        xp = array_module(X)
+        if X.size == 0:
+            return sw
+        nan = xp.isnan(X)
+        flags = xp.stack([nan.any(), xp.isinf(X).any()])
+        flags = flags.get() if not isinstance(flags, np.ndarray) else flags  # CuPy: one flag read back
+        if flags[1]:
+            raise ValueError(f"Input X contains infinity or a value too large for dtype({np.dtype(X.dtype).name!r}) "
+                             f"({f}: Inf is refused; NaN is treated as missing).")
+        if not flags[0]:
+            return sw
+        self._nan_seen = True
+        keep = (~nan).astype(np.float64)
+        return keep if sw is None else keep * sw
+
+    def _partial_fit_sparse(self, f, X, sample_weight):
+        from sklearn.utils.sparsefuncs import mean_variance_axis
+
+        n, n_features = X.shape
+        sw = None if sample_weight is None else _check_sample_weight(sample_weight, X, dtype=X.dtype)
+        mean, var, total = mean_variance_axis(X, axis=0, weights=sw, return_sum_weights=True)
+        rm = self._rm if self._rm is not None else RunningMoments(axis=(0,))
+        rm._merge_triple(f, "X", 2, (0,), (n_features,), X.dtype, total, mean, np.asarray(var) * total)
+        self._rm = rm
+        if sw is None and np.ptp(total) != 0:
+            self._nan_seen = True
+        self._n_values += n
+        self._weighted = self._weighted or sample_weight is not None
         self._version += 1
         self._cache = {}
         return self
@@ -260,6 +378,13 @@ class Standardizer:
     def _sample_weight(self, f, sample_weight, X, n):
         if sample_weight is None:
             return None
+        if BaseEstimator is not None and isinstance(X, np.ndarray) and not is_array(sample_weight) \
+                and not isinstance(sample_weight, (int, float, np.number)):
+            sample_weight = np.asarray(sample_weight)  # pandas Series, lists: scikit-learn's conversions
+        if BaseEstimator is not None and isinstance(X, np.ndarray) and isinstance(sample_weight, np.ndarray) \
+                and X.ndim == 2 and self.data_format is None:
+            w = _check_sample_weight(sample_weight, X, dtype=np.float64)  # shape, all-zero: scikit-learn's errors
+            return w.reshape((n,) + (1,) * (X.ndim - 1))
         if is_dask_array(X) or is_dask_array(sample_weight):
             w = sample_weight if hasattr(sample_weight, "ndim") else np.asarray(sample_weight, np.float64)
             if w.ndim == 0:
@@ -288,14 +413,9 @@ class Standardizer:
         return v
 
     @property
-    def n_features_in_(self):
-        """Number of features (channels for images) seen in fit."""
-        self._check_fitted("n_features_in_")
-        return int(np.prod(self._rm.shape))
-
-    @property
     def n_samples_seen_(self):
-        """Samples seen per feature: an int, or the sum of ``sample_weight`` (a float) after weighted fits.
+        """Samples seen per feature: an int, or the sum of ``sample_weight`` (a float) after weighted fits;
+        an array of one count per feature when ignored NaNs made the counts differ (as scikit-learn).
 
         For images, the number of values per channel (N·H·W per batch).
         """
@@ -303,10 +423,13 @@ class Standardizer:
         if not self._n_unknown and not self.with_mean and not self.with_std:
             # scikit-learn counts rows here even with weights (a float then).
             return np.float64(self._n_values) if self._weighted else np.int64(self._n_values)
-        if not self._weighted and not self._n_unknown:
+        if not self._weighted and not self._n_unknown and not self._nan_seen:
             return np.int64(self._n_values)
-        c = self._rm._state[0][:1]
-        return np.float64(c.get()[0] if not isinstance(c, np.ndarray) else c[0])  # a device read on the GPU
+        c = self._rm._state[0]
+        c = c.get() if not isinstance(c, np.ndarray) else c  # a device read on the GPU
+        c = c.astype(np.float64 if self._weighted else np.int64)
+        # one count per feature when NaNs made them differ, else one number (scikit-learn's rule)
+        return c if np.ptp(c) != 0 else c[0]
 
     @property
     def mean_(self):
@@ -374,21 +497,17 @@ class Standardizer:
         """Undo :meth:`transform`: ``X * scale_ + mean_``, back to ``data_format``; keeps ``X``'s float dtype."""
         return self._apply("inverse_transform", X, inverse=True)
 
-    def fit_transform(self, X, y=None, **fit_params):
-        """``fit(X, y, **fit_params)`` then ``transform(X)``."""
-        return self.fit(X, y, **fit_params).transform(X)
-
     def _apply(self, func, X, inverse):
         f = "Standardizer." + func
         _, odt = self._checked_params(func)
         self._check_fitted(func)
-        X = _as_array(func, "X", X)
-        if not is_dask_array(X):
-            image.check_input(f, "X", X)
+        X, kind = self._validated(func, X, reset=False)
+        if kind == "sparse":
+            return self._apply_sparse(X, inverse)
         in_last, out_last, ch = self._layout(func, X, inverse=inverse)
         if X.shape[ch] != self.n_features_in_:
-            raise arg_error(ValueError, f, "X", f"{self.n_features_in_} features, as in fit",
-                            f"{X.shape[ch]} features (shape {tuple(X.shape)})")
+            raise ValueError(f"X has {X.shape[ch]} features, but Standardizer is expecting {self.n_features_in_} "
+                             f"features as input ({f}: argument 'X' of shape {tuple(X.shape)}).")
         name = np.dtype(X.dtype).name
         if inverse:
             if name not in image.OUT_DTYPES:
@@ -406,3 +525,21 @@ class Standardizer:
         backend = select(f, "X", X, **{"fitted statistics": a})
         lay = image.make_layout(f, X.shape, in_last, out_last, name="X")
         return image.affine_map(backend, X, lay, a, d, out, inverse)
+
+    def _apply_sparse(self, X, inverse):
+        """Sparse input (with_mean=False): scale the stored values, as StandardScaler (the result stays sparse)."""
+        from sklearn.utils.sparsefuncs import inplace_column_scale
+
+        X = X.copy()
+        if self.with_std:
+            scale = np.asarray(self.scale_, dtype=np.float64)
+            inplace_column_scale(X, (scale if inverse else 1.0 / scale).astype(X.dtype))
+        return X
+
+
+def _is_sparse(X) -> bool:
+    try:
+        import scipy.sparse
+    except ImportError:  # pragma: no cover - scipy comes with scikit-learn
+        return False
+    return scipy.sparse.issparse(X)
