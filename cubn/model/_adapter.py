@@ -353,3 +353,27 @@ NULL = _emu.NULL
 def device_info(name, sms, max_threads=1024, max_shared=48 * 1024) -> DeviceInfo:
     return DeviceInfo(name=name, multiprocessor_count=sms, max_threads_per_block=max_threads,
                       max_shared_memory_per_block=max_shared)
+
+
+def benchmark_case(op, inputs):
+    """The benchmark's cubn call for ``op`` (``run(i)`` over input set i),
+    built on whatever backend NumPy inputs are routed to."""
+    from .. import benchmarking as B
+
+    return B._cubn_case(op, inputs)
+
+
+def benchmark_axes(layout, ndim):
+    from .. import benchmarking as B
+
+    return B.channel_axis(layout, ndim), B.reduce_axes(layout, ndim)
+
+
+def resolve_dtype(name):
+    from .. import benchmarking as B
+
+    return B._resolve_dtype(name)
+
+
+def make_variant(source, kernel, targs):
+    return _registry.Variant(source, kernel, tuple(targs))

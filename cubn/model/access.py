@@ -52,6 +52,8 @@ class Stream:
     ideal_sectors: float
     spread: float = 0.0
     shared: bool = False      # sampled blocks overlap (the array is shared between blocks)
+    access_size: int = 0      # bytes per thread of the stream's most common access
+    max_warp_requests: float = 0.0   # warp requests of the busiest sampled warp
 
     @property
     def sectors_per_request(self) -> float:
@@ -137,15 +139,20 @@ def analyze(trace: LaunchTrace) -> LaunchTraffic:
     kinds = r["kind"].astype(np.int64)
 
     # Occurrence of each access among its thread's executions of the same site.
-    order = np.lexsort((r["seq"], pc, thr, blk)) if len(r) else np.zeros(0, np.int64)
+    _, pci = np.unique(pc, return_inverse=True)
+    pci = pci.reshape(-1).astype(np.int64)
+    npc = int(pci.max()) + 1 if len(r) else 1
+    site_key = (blk * 1024 + thr) * npc + pci
+    order = np.lexsort((r["seq"], site_key)) if len(r) else np.zeros(0, np.int64)
     occ = np.zeros(len(r), dtype=np.int64)
     if len(r):
-        key = np.stack([blk[order], thr[order], pc[order]], axis=1)
+        sk = site_key[order]
         start = np.ones(len(r), dtype=bool)
-        start[1:] = np.any(key[1:] != key[:-1], axis=1)
+        start[1:] = sk[1:] != sk[:-1]
         gid = np.cumsum(start) - 1
         first = np.flatnonzero(start)
         occ[order] = np.arange(len(r)) - first[gid]
+    nocc = int(occ.max()) + 1 if len(r) else 1
 
     for direction, dir_kinds in (("read", (0, 2)), ("write", (1, 2))):
         dmask = np.isin(kinds, dir_kinds)
@@ -153,25 +160,31 @@ def analyze(trace: LaunchTrace) -> LaunchTraffic:
             arg = trace.range_args[ri]
             m = dmask & (rng == ri)
             per = {k: np.zeros(nsamples) for k in ("bytes", "requests", "sectors", "ideal", "unique", "usect")}
+            busiest = 0.0
             idx = np.flatnonzero(m)
             starts_all, ends_all, sect_all = [], [], []
             if len(idx):
-                b, w, p, o = blk[idx], thr[idx] // 32, pc[idx], occ[idx]
+                b, w, p, o = blk[idx], thr[idx] // 32, pci[idx], occ[idx]
                 va, sz = vaddr[idx], size[idx]
-                req_key = np.stack([b, w, p, o], axis=1)
-                _, req = np.unique(req_key, axis=0, return_inverse=True)
-                req = req.reshape(-1)
+                _, req = np.unique(((b * 32 + w) * npc + p) * nocc + o, return_inverse=True)
+                req = req.reshape(-1).astype(np.int64)
                 nreq = int(req.max()) + 1
                 req_block = np.zeros(nreq, dtype=np.int64)
                 req_block[req] = b
+                req_warp = np.zeros(nreq, dtype=np.int64)
+                req_warp[req] = b * 64 + w
+                busiest = float(np.bincount(req_warp).max())
                 # sectors touched per request (an access spans at most two)
-                s0, s1 = va // SECTOR, (va + sz - 1) // SECTOR
-                pairs = np.unique(np.concatenate([np.stack([req, s0], 1), np.stack([req, s1], 1)]), axis=0)
-                sectors = np.bincount(pairs[:, 0], minlength=nreq)
+                lo = int(va.min())
+                s0, s1 = (va - lo) // SECTOR, (va - lo + sz - 1) // SECTOR
+                span = int(s1.max()) + 1
+                pair = np.unique(np.concatenate([req * span + s0, req * span + s1]))
+                sectors = np.bincount(pair // span, minlength=nreq)
                 # distinct bytes per request, over 32, rounded up
-                upairs, ui = np.unique(np.stack([req, va], 1), axis=0, return_index=True)
-                ubytes = np.bincount(upairs[:, 0], weights=sz[ui], minlength=nreq)
+                upair, ui = np.unique(req * (span * SECTOR) + (va - lo), return_index=True)
+                ubytes = np.bincount(upair // (span * SECTOR), weights=sz[ui], minlength=nreq)
                 ideal = np.maximum(1, np.ceil(ubytes / SECTOR))
+                s0, s1 = s0 + lo // SECTOR, s1 + lo // SECTOR
                 per["bytes"] += np.bincount(b, weights=sz, minlength=nsamples)
                 per["requests"] += np.bincount(req_block, minlength=nsamples)
                 per["sectors"] += np.bincount(req_block, weights=sectors, minlength=nsamples)
@@ -204,8 +217,10 @@ def analyze(trace: LaunchTrace) -> LaunchTraffic:
             uniq = min(uniq, arg.nbytes)
             usect = min(usect, -(-(arg.offset % SECTOR + arg.nbytes) // SECTOR))
             spread = max(sampling.spread(per["bytes"], trace.role_of), sampling.spread(per["sectors"], trace.role_of))
+            sizes, counts = np.unique(size[idx], return_counts=True)
             out.streams.append(Stream(
                 array=name, direction=direction, array_bytes=arg.nbytes, bytes=total["bytes"], unique_bytes=uniq,
                 dram_bytes=usect * SECTOR, requests=total["requests"], sectors=total["sectors"],
-                ideal_sectors=total["ideal"], spread=spread, shared=bool(shared)))
+                ideal_sectors=total["ideal"], spread=spread, shared=bool(shared),
+                access_size=int(sizes[np.argmax(counts)]), max_warp_requests=busiest))
     return out
