@@ -86,8 +86,8 @@ def choose(kernel, template_args, grid, block, named, policy: SamplePolicy):
     if total <= policy.full_below:
         chosen = lin
         weights = np.ones(total)
-        role_of = np.zeros(total, dtype=np.int64)
-        nroles = 1
+        role_of = lin.copy()  # every block stands for itself: exact
+        nroles = total
     else:
         keys = role_keys(kernel, template_args, grid, block, named)
         _, role = np.unique(keys, axis=0, return_inverse=True)

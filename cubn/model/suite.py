@@ -57,6 +57,25 @@ def make_inputs(layout: str, shape, dtype) -> ModelInputs:
 
 
 @contextlib.contextmanager
+def one_launch_allowed(enabled: bool):
+    """Inside the block the kernel backend may (or may not) take its one-launch paths."""
+    with _one_launch(enabled):
+        yield
+
+
+def plan(launcher, op: str, layout: str, shape, dtype, one_launch: bool = True):
+    """The launches one call of ``op`` makes on ``launcher`` (a RecordingLauncher
+    or TracingLauncher), with placeholder inputs of the full size."""
+    backend = _adapter.kernel_backend(launcher)
+    inputs = make_inputs(layout, shape, _adapter.resolve_dtype(dtype) if isinstance(dtype, str) else dtype)
+    with _one_launch(one_launch), _adapter.routed_to(backend), np.errstate(all="ignore"):
+        run = _adapter.benchmark_case(op, inputs)
+        launcher.clear()
+        run(0)
+    return list(launcher.launches)
+
+
+@contextlib.contextmanager
 def _one_launch(enabled: bool):
     var, off = _adapter.persistent_switch()
     old = os.environ.get(var)
@@ -86,7 +105,9 @@ class Model:
     def trace(self, op: str, layout: str, shape, dtype, one_launch: bool = True):
         """The traced launches of one call of ``op`` (traffic per launch)."""
         inputs = make_inputs(layout, shape, _adapter.resolve_dtype(dtype) if isinstance(dtype, str) else dtype)
-        with _one_launch(one_launch), _adapter.routed_to(self.backend):
+        # np.errstate: the model's data are placeholders, and the statistics a
+        # sampled launch leaves are not meant to be looked at.
+        with _one_launch(one_launch), _adapter.routed_to(self.backend), np.errstate(all="ignore"):
             run = _adapter.benchmark_case(op, inputs)
             self.launcher.clear()
             run(0)

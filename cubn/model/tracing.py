@@ -7,8 +7,9 @@ device of a :class:`~cubn.model.devices.Device` preset (an H100's 132 SMs,
 ...), so the launch plans are the ones that GPU would get:
 
 * :class:`RecordingLauncher` records each launch (kernel, grid, block,
-  shared memory, named arguments) and runs nothing: host-time benchmarks and
-  launch-plan checks at full size cost no kernel time.
+  shared memory, named arguments) and runs nothing: launch-plan checks at
+  full size cost no kernel time; :class:`NullLauncher` keeps even less, for
+  timing the host side of a call.
 * :class:`TracingLauncher` also runs a sample of each grid's blocks through
   the traced emulator build (every global-memory access recorded; see
   ``trace_runtime.cpp``) and keeps a :class:`LaunchTrace` per launch, which
@@ -162,6 +163,15 @@ class RecordingLauncher:
     def launch(self, kernel, grid, block, shared_bytes, args) -> None:
         variant = _adapter.variant_of(kernel)
         self.launches.append(self._describe(variant, grid, block, shared_bytes, args, None))
+
+
+class NullLauncher(RecordingLauncher):
+    """Keeps only ``(variant, grid, block, shared_bytes)`` per launch: as
+    little work as a launcher can do, for measuring the host time of the
+    orchestration itself."""
+
+    def launch(self, kernel, grid, block, shared_bytes, args) -> None:
+        self.launches.append((kernel, grid, block, shared_bytes))
 
 
 class TracingLauncher(RecordingLauncher):
