@@ -377,3 +377,23 @@ def resolve_dtype(name):
 
 def make_variant(source, kernel, targs):
     return _registry.Variant(source, kernel, tuple(targs))
+
+
+def cupy_compile(keys) -> int:
+    """Compile ``(source, name expression)`` variants into CuPy's cache (needs a GPU)."""
+    from ..backends.cupy_launcher import _compile_chunk
+
+    return _compile_chunk([list(k) for k in keys])
+
+
+def run_benchmark(shapes, dtypes, ops, log):
+    """The benchmark suite's timing loop on these shapes (every peer)."""
+    from .. import benchmarking as B
+
+    return B.run_suite(shapes, dtypes, ops, B.PEERS, log=log)
+
+
+def write_benchmark(folder, env, records):
+    from .. import benchmarking as B
+
+    return B.write_results(folder, env, records)
