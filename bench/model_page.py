@@ -64,9 +64,9 @@ def sections(results_dir: Path) -> list:
                 n += len(fr)
             out.append(f"| {op} | " + " | ".join(cells) + f" | {met}/{n} |")
         out.append("")
-        out.append("| op | layout | shape | launches | model µs " + " | ".join(DTYPES[1:]) + " | % roofline (f32) | "
-                   "measured µs " + " | ".join(DTYPES[1:]) + " |")
-        out.append("|---|---|---|---|---|" + "---|" * (len(DTYPES) - 1) + "---|---|" + "---|" * (len(DTYPES) - 1))
+        out.append("| op | layout | shape | launches | " + " | ".join(f"model µs {d}" for d in DTYPES)
+                   + " | model % of roofline (float32) | " + " | ".join(f"measured µs {d}" for d in DTYPES) + " |")
+        out.append("|---|---|---|---|" + "---|" * (2 * len(DTYPES) + 1))
         rows = {}
         for r in recs:
             rows.setdefault((r["op"], r["layout"], tuple(r["shape"])), {})[r["dtype"]] = r
