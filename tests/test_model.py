@@ -51,9 +51,23 @@ BYTE_MODEL[("bn_relu", False)] = BYTE_MODEL[("bn_train", False)]
 TENSORS = ("x", "y", "side", "dy", "dx", "dside")
 
 
+class _Traces:
+    """Traces each (op, shape, path) once per module (several tests read them)."""
+
+    def __init__(self):
+        self.m = Model("h100", sampling.EVERY_BLOCK, use_sass=False)
+        self.seen = {}
+
+    def trace(self, op, layout, shape, dtype, one_launch):
+        key = (op, layout, tuple(shape), dtype, one_launch)
+        if key not in self.seen:
+            self.seen[key] = self.m.trace(op, layout, shape, dtype, one_launch)
+        return self.seen[key]
+
+
 @pytest.fixture(scope="module")
 def model():
-    return Model("h100", sampling.EVERY_BLOCK, use_sass=False)
+    return _Traces()
 
 
 def tensor_traffic(traffic):
@@ -200,10 +214,17 @@ def _budget_cases():
             yield pytest.param(v, budget, marks=marks, id=v.name_expression)
 
 
+@pytest.fixture(scope="module")
+def budget_stats():
+    """Every budgeted variant compiled together (one NVRTC program per source)."""
+    cases = [p.values[0] for p in _budget_cases()]
+    return sass.stats_for([(v, None) for v in cases], "sm_90")
+
+
 @needs_sass
 @pytest.mark.parametrize("variant,budget", list(_budget_cases()))
-def test_instruction_budget(variant, budget):
-    st = sass.stats_for([(variant, None)], "sm_90")[(variant.name_expression, sass.default_streamed(variant))]
+def test_instruction_budget(budget_stats, variant, budget):
+    st = budget_stats[(variant.name_expression, sass.default_streamed(variant))]
     assert st.loop, "no hot loop found in the SASS"
     assert st.instructions_per_16B <= budget, f"{st.instructions_per_16B:.0f} instructions per 16 bytes"
 
