@@ -375,8 +375,10 @@ def analyze_function(instrs, labels, name_expression, arch, resources, streamed=
     per_position = max(1, most // live) if tensors else most
     streamed = min(streamed, live) if tensors else streamed
     want = per_position * (streamed if tensors else 1)
-    path = _shortest(region, start, is_end, min(want, most), widest) or (float(len(body)), 0)
+    path = _shortest(region, start, is_end, min(want, most), widest)
     positions = per_position * widest / 16 if widest else 0.0
+    if path is None:  # no path found (control flow this parser does not follow): static count, no per-16 B figure
+        path, positions = (float(len(body)), 0), 0.0
     if best is not None:
         before = {s: b for s, b in blocks.items() if s <= head}
         pro = _shortest(before, entry, lambda blk: blk.start == head, 0)
@@ -482,3 +484,47 @@ TENSOR_INPUT_NAMES = ("x", "dy", "side")
 def tensor_inputs(variant) -> int:
     """Tensor-sized inputs a kernel can stream, by parameter name (x, dy, side)."""
     return sum(1 for n in _adapter.parameter_names(variant.source, variant.kernel) if n in TENSOR_INPUT_NAMES)
+
+
+def table(variants, archs=("sm_80", "sm_90")) -> str:
+    """Registers, resident 256-thread blocks per SM and
+    instructions per 16 B of each variant, per target (the launch's real
+    block size and dynamic shared memory change the occupancy: the model
+    uses those)."""
+    from .devices import A100, H100
+
+    dev = {"sm_80": A100, "sm_90": H100}
+    rows = [f"{'variant':48s} " + " ".join(f"{a + ' regs':>9s} {'blk/SM':>6s} {'instr/16B':>9s}" for a in archs)]
+    stats = {a: stats_for([(v, None) for v in variants], a) for a in archs}
+    for v in variants:
+        cells = []
+        for a in archs:
+            s = stats[a][(v.name_expression, default_streamed(v))]
+            per16 = s.instructions_per_16B
+            occ = dev[a].occupancy(256, s.registers, s.shared_static)
+            cells.append(f"{s.registers:9d} {occ:6d} {per16 if per16 is not None else float('nan'):9.1f}")
+        rows.append(f"{v.name_expression:48s} " + " ".join(cells))
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    """``python -m cubn.model.sass [--shapes quick|full]``: the table for the
+    variants the benchmark launches (blocks per SM at 256 threads and no
+    dynamic shared memory)."""
+    import argparse
+
+    from .session import _shapes, used_variants
+
+    p = argparse.ArgumentParser(prog="python -m cubn.model.sass")
+    p.add_argument("--shapes", choices=("quick", "full"), default="quick")
+    args = p.parse_args(argv)
+    why = available()
+    if why:
+        print(f"SASS statistics unavailable: {why}")
+        return 1
+    print(table(used_variants(_shapes(args.shapes))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
