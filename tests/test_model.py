@@ -379,3 +379,6 @@ def test_trace_sees_vector_accesses_as_one_request():
     xs = t.stream("x", "read")
     assert xs.access_size == 16 and xs.bytes == x.nbytes
     assert xs.requests == x.size / 4 / 32 and xs.sectors_per_request == 16 and xs.efficiency == 1.0
+    sites = access.site_names(trace)
+    if sites:  # addr2line is there: each site maps to its source line
+        assert any("normalize.cu:" in name for name in sites.values()), sites

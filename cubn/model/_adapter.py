@@ -193,12 +193,13 @@ TRACE_FLAGS = ("-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0",
 class TracedKernel:
     """One kernel of a traced library: its variant, parameter codes and names, and entries."""
 
-    __slots__ = ("variant", "parameters", "names", "_launch", "_emulated")
+    __slots__ = ("variant", "parameters", "names", "library", "_launch", "_emulated")
 
-    def __init__(self, variant, parameters, names, launch, emulated):
+    def __init__(self, variant, parameters, names, launch, emulated, library=""):
         self.variant = variant
         self.parameters = parameters
         self.names = names
+        self.library = str(library)
         self._launch = launch
         self._emulated = emulated
 
@@ -288,7 +289,7 @@ def _make_traced(params, entry, path, variant):
         raise RuntimeError(f"{variant.name_expression}: read {len(names)} parameter names from "
                            f"{variant.source} but the kernel takes {len(params)} parameters")
     shim = _emu.EmulatedKernel(variant.name_expression, KERNELS_DIR / variant.source, params, None)
-    return TracedKernel(variant, params, names, entry, shim)
+    return TracedKernel(variant, params, names, entry, shim, path)
 
 
 def marshal(kernel: TracedKernel, args):

@@ -105,6 +105,48 @@ class LaunchTraffic:
         return None
 
 
+def site_names(trace: LaunchTrace) -> dict:
+    """{access site (pc): "file:line"} for a trace's records, from the traced
+    library's debug information (addr2line; the innermost source line, and
+    the kernel-file line it was inlined into when they differ)."""
+    import os
+    import shutil
+    import subprocess
+
+    lib = os.path.realpath(trace.library)
+    pcs = [int(p) for p in np.unique(trace.records["pc"])] if len(trace.records) else []
+    if not pcs or not shutil.which("addr2line"):
+        return {}
+    base = None
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            parts = line.split()
+            if len(parts) >= 6 and os.path.realpath(parts[5]) == lib and int(parts[2], 16) == 0:
+                base = int(parts[0].split("-")[0], 16)
+                break
+    if base is None:
+        return {}
+    # the hook's return address follows the call: look one byte back
+    out = subprocess.run(["addr2line", "-a", "-i", "-e", lib] + [hex(pc - base - 1) for pc in pcs],
+                         capture_output=True, text=True).stdout.splitlines()
+    names, cur, frames = {}, None, []
+
+    def flush():
+        if cur is not None and frames:
+            inner = frames[0].split("/")[-1].split(" ")[0]
+            outer = next((f.split("/")[-1].split(" ")[0] for f in reversed(frames) if ".cu:" in f), inner)
+            names[cur] = inner if inner == outer else f"{inner} ({outer})"
+
+    for line in out:
+        if line.startswith("0x"):
+            flush()
+            cur, frames = int(line, 16) + base + 1, []
+        else:
+            frames.append(line)
+    flush()
+    return names
+
+
 def _union_length(start: np.ndarray, end: np.ndarray) -> int:
     if len(start) == 0:
         return 0

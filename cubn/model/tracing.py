@@ -246,7 +246,7 @@ class TracingLauncher(RecordingLauncher):
                 rt.cubn_trace_set_ranges(None, 0)
             dropped = int(rt.cubn_trace_dropped())
         self.traces.append(LaunchTrace(desc, records, ranges, range_args, blocks, weights, role_of, roles,
-                                       dropped=dropped))
+                                       library=kernel.library, dropped=dropped))
 
 
 _trace_lock = threading.Lock()
