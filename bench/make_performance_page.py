@@ -5,9 +5,11 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 RESULTS = ROOT / "bench" / "results"
 PAGE = ROOT / "docs" / "performance.md"
 
@@ -88,6 +90,9 @@ def main():
             assets.mkdir(exist_ok=True)
             (assets / f"bench-{name}.png").write_bytes((r.parent / "chart.png").read_bytes())
             out.append(f"\n![chart](assets/bench-{name}.png)")
+    from model_page import sections  # the model's predictions and the calibration table
+
+    out += sections(RESULTS)
     PAGE.write_text("\n".join(out) + "\n")
     print(f"wrote {PAGE} from {len(runs)} run(s)")
 

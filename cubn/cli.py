@@ -1,4 +1,4 @@
-"""The ``cubn`` command: ``cubn info``, ``cubn demo``, ``cubn bench``."""
+"""The ``cubn`` command: ``cubn info``, ``cubn demo``, ``cubn bench``, ``cubn model``."""
 from __future__ import annotations
 
 import argparse
@@ -59,6 +59,12 @@ def _bench(args) -> int:
     return bench_main(args)
 
 
+def _model(args) -> int:
+    from cubn.model.suite import run
+
+    return run(args)
+
+
 def _precompile(args) -> int:
     from cubn.backends.cupy_launcher import precompile
 
@@ -88,6 +94,20 @@ def main(argv=None) -> int:
     p.add_argument("--ops", default=None, help="comma-separated subset of ops")
     p.add_argument("--repeat", type=int, default=None)
     p.set_defaults(func=_bench)
+    p = sub.add_parser("model", help="predicted GPU time of the benchmark's ops: a traced traffic and "
+                       "instruction model, no GPU needed (see docs/performance.md)")
+    p.add_argument("--device", choices=("h100", "h200"), default="h100")
+    p.add_argument("--shape", action="append", metavar="LAYOUT:D1,D2,...[:DTYPE]",
+                   help="a shape to model (repeatable); default: the benchmark suite")
+    p.add_argument("--ops", default=None, help="comma-separated subset of ops")
+    p.add_argument("--dtypes", default=None, help="dtypes for shapes that name none (default float32,float16,bfloat16)")
+    p.add_argument("--quick", action="store_true", help="the quick benchmark's shapes")
+    p.add_argument("--three-launch", action="store_true", help="model the three-launch path only")
+    p.add_argument("--extra-samples", type=int, default=0, help="random blocks traced per role besides its first and last")
+    p.add_argument("--json", required=True, help="where to write the records")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no summary table")
+    p.set_defaults(func=_model)
     p = sub.add_parser("precompile", help="compile every kernel variant for this GPU into CuPy's disk cache")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.set_defaults(func=_precompile)
