@@ -422,6 +422,12 @@ def _describe(arg) -> str:
     return type(arg).__name__
 
 
+def _layout(a: numpy.ndarray) -> str:
+    bad = [what for what, ok in (("non-native byte order", a.dtype.isnative), ("misaligned", a.flags.aligned),
+                                 ("not C-contiguous", a.flags.c_contiguous)) if not ok]
+    return f"a numpy array of {a.dtype.str} ({', '.join(bad)})"
+
+
 def _marshal(kernel: EmulatedKernel, args) -> tuple:
     """A ``void*[]`` pointing at each argument's value, and what keeps them alive."""
     params = kernel.parameters
@@ -431,6 +437,11 @@ def _marshal(kernel: EmulatedKernel, args) -> tuple:
     for i, (code, arg) in enumerate(zip(params, args)):
         if code == "p":
             if isinstance(arg, numpy.ndarray):
+                if not (arg.dtype.isnative and arg.flags.aligned and arg.flags.c_contiguous):
+                    # A GPU reads raw memory too: it would fault, or read wrong bytes.
+                    raise TypeError(
+                        f"{kernel.name_expression}: argument {i} ({_C_TYPES[code]}) must be a C-contiguous "
+                        f"array of aligned elements in native byte order, got {_layout(arg)}")
                 holders.append(ctypes.c_void_p(arg.ctypes.data))
                 continue
             if arg is NULL or arg is None:

@@ -6,22 +6,71 @@ math lives there. Arguments and defaults are those of
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
 import numpy as np
 
 from .. import _dtypes, activations
 from .._backend import gpu_available, is_array, is_cupy_array, select
 from .._checks import arg_error, check_float_input, check_positive_epsilon, check_unit_interval, describe
+from .._memory import readable, readable_all
 from .._plan import plan_for_channels
 from ..backends.base import Fold, MovingUpdate, Renorm
 from .._args import as_like, channel_param, make_weights
 from ..ops.normalization import bn_backward, bn_forward, check_side_input, check_training_batch
 from ..updates import UPDATE_OPS
 
+_no_lock = contextlib.nullcontext()
 _CLIP_KEYS = ("rmax", "rmin", "dmax")
 _PARAM_NAMES = ("beta", "gamma", "moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev")
 ZD_BIASED = "moving_mean/biased"
 ZD_STEP = "moving_mean/local_step"
+
+
+@dataclass(eq=False)
+class BatchNormContext:
+    """What ``backward`` needs from one forward call: ``y, ctx = bn.forward(x, ...)``.
+
+    Hand it back as ``bn.backward(dy, ctx)``. A context can be used from any
+    thread and more than once; it keeps the forward's input alive until it is
+    dropped.
+    """
+
+    op: Any               # the functional op's context (ops.normalization.ForwardContext)
+    training: bool        # the call's is_training
+    side_input: bool      # a side input was given: backward returns (dx, d_side_input)
+    z: Any = None         # the fused part's output, kept for an unfused activation_fn
+    layer: Any = None     # weakref to the layer that made it
+    epoch: int = 0        # the layer's state epoch then (build and to() start a new one)
+    gradients: dict = field(default_factory=dict)  # filled by backward(dy, ctx)
+
+    def __repr__(self) -> str:
+        kind = "training" if self.training else "inference"
+        return f"<BatchNormContext of a {kind} call, input shape {tuple(self.op.plan.orig_shape)}>"
+
+
+class _PerThread(threading.local):
+    """Each thread's own view of a layer: the forward contexts and gradients
+    that ``bn.backward(dy)`` and ``bn.gradients`` mean on that thread."""
+
+    def __init__(self):  # threading.local runs it once in every thread that uses the object
+        self.last = None      # context of this thread's last call
+        self.pending = None   # this thread's last training context whose backward has not run
+        self.gradients = {}   # of this thread's last backward
+
+
+class _LayerThreads:
+    """A layer's transient threading state (not part of the layer's data: a
+    copy or an unpickled layer starts with a fresh one)."""
+
+    def __init__(self):
+        self.local = _PerThread()
+        self.lock = threading.RLock()  # in-place state updates of the layer, one at a time
 
 
 class CustomActivation:
@@ -127,8 +176,20 @@ class BatchNorm:
         self._device = None  # None: NumPy; int: CUDA device id
         self._device_fixed = False  # set by to(): the first call must then match it
         self._step = 0       # zero-debias local step (host-side: known without a sync)
-        self._ctx = None
-        self.gradients: dict = {}
+        self._epoch = 0      # bumped by build() and a move: older forward contexts are refused
+        self._threads = _LayerThreads()  # transient: per-thread contexts and gradients, the update lock
+
+    @property
+    def gradients(self) -> dict:
+        """d beta / d gamma of the calling thread's last ``backward`` (``{}`` before one)."""
+        return self._thread().gradients
+
+    @gradients.setter
+    def gradients(self, value: dict) -> None:
+        self._thread().gradients = value
+
+    def _thread(self) -> _PerThread:
+        return self._threads.local
 
     # ------------------------------------------------------------------
     # variables
@@ -171,15 +232,21 @@ class BatchNorm:
             v = init((c,))
         else:
             v = init
+        what = f"param_initializers[{name!r}]"
         if is_array(v) and not isinstance(v, xp.ndarray):
             where = "host" if isinstance(v, np.ndarray) else "GPU"
-            raise TypeError(f"BatchNorm: param_initializers[{name!r}] gave an array on the {where}, "
+            raise TypeError(f"BatchNorm: {what} gave an array on the {where}, "
                             f"but the layer is being built on {'the GPU' if xp is not np else 'the host'}")
-        arr = xp.asarray(v, dtype=acc) if not np.isscalar(v) else xp.full((c,), v, dtype=acc)
+        v = readable("BatchNorm", what, v)
+        if hasattr(v, "dtype") and v.dtype.kind not in "fiu" and not _dtypes.is_supported_float(v.dtype):
+            raise arg_error(TypeError, "BatchNorm", what, "real numbers", describe(v))
+        # Always a copy: the layer's state never aliases the caller's array
+        # (an initializer shared by two layers would otherwise be their shared state).
+        arr = xp.array(v, dtype=acc, copy=True) if not np.isscalar(v) else xp.full((c,), v, dtype=acc)
         if arr.ndim == 0:
             arr = xp.full((c,), arr, dtype=acc)
         if arr.shape != (c,):
-            raise arg_error(ValueError, "BatchNorm", f"param_initializers[{name!r}]", f"shape ({c},)", f"shape {tuple(arr.shape)}")
+            raise arg_error(ValueError, "BatchNorm", what, f"shape ({c},)", f"shape {tuple(arr.shape)}")
         return xp.ascontiguousarray(arr)
 
     def build(self, channels: int, dtype="float32", device=None):
@@ -207,9 +274,16 @@ class BatchNorm:
                     v["moving_variance"] = xp.maximum(v["moving_stddev"] ** 2 - acc.type(self.epsilon), 0).astype(acc)
             if self.zero_debias_moving_mean:
                 v[ZD_BIASED] = xp.zeros((c,), acc)
-        self._vars, self._channels, self._acc, self._xp, self._device = v, c, acc, xp, device
-        self._step = 0
+        with self._threads.lock:
+            self._vars, self._channels, self._acc, self._xp, self._device = v, c, acc, xp, device
+            self._step = 0
+            self._new_epoch()
         return self
+
+    def _new_epoch(self):
+        """Forget every thread's forward contexts: the state they refer to is gone."""
+        self._epoch += 1
+        self._threads.local = _PerThread()
 
     def to(self, device: str):
         """Move the state to ``"cpu"`` or ``"cuda"`` / ``"cuda:N"``; returns self."""
@@ -217,30 +291,61 @@ class BatchNorm:
         if dev is not None and not gpu_available():
             raise RuntimeError(f"BatchNorm.to({device!r}): no CUDA device is available")
         if self._channels is not None and dev != self._device:
-            if dev is None:
-                self._vars = {k: v.get() if is_cupy_array(v) else v for k, v in self._vars.items()}
-                self._xp = np
-            else:
-                import cupy
+            with self._threads.lock:
+                if dev is None:
+                    self._vars = {k: v.get() if is_cupy_array(v) else v for k, v in self._vars.items()}
+                    self._xp = np
+                else:
+                    import cupy
 
-                with cupy.cuda.Device(dev):
-                    self._vars = {k: cupy.asarray(v) for k, v in self._vars.items()}
-                self._xp = cupy
-            self._ctx = None
-            self.gradients = {}
+                    with cupy.cuda.Device(dev):
+                        self._vars = {k: cupy.asarray(v) for k, v in self._vars.items()}
+                    self._xp = cupy
+                self._new_epoch()
         self._device = dev
         self._device_fixed = True
         return self
 
     # ------------------------------------------------------------------
     def __call__(self, x, is_training=True, batch_weights=None, side_input=None):
+        """``y = bn(x, ...)``: :meth:`forward` without the context (``bn.backward(dy)``
+        finds it: the calling thread's last call)."""
+        return self.forward(x, is_training=is_training, batch_weights=batch_weights, side_input=side_input)[0]
+
+    def forward(self, x, is_training=True, batch_weights=None, side_input=None):
+        """``(y, ctx)``: the layer's output and the context of this call for ``backward(dy, ctx)``.
+
+        The same computation as ``bn(x, ...)``; the context is also recorded
+        as the calling thread's last call, so ``bn.backward(dy)`` works too.
+        Hold ``ctx`` when one layer is called more than once before its
+        backward (a shared layer, or an inference call in between).
+        """
         f = "BatchNorm"
         check_float_input(f, "x", x)
         backend = select(f, "x", x, batch_weights=batch_weights, side_input=side_input)
-        xp = backend.xp
+        x, batch_weights, side_input = readable_all(f, x=x, batch_weights=batch_weights, side_input=side_input)
         plan = plan_for_channels(x.shape, self.data_format, f)
-        ch_axis = 1 if (x.ndim > 2 and self.data_format == "NCHW") else x.ndim - 1
-        self._ensure_built(x, plan.channels, backend)
+        with self._threads.lock:
+            self._ensure_built(x, plan.channels, backend)
+        training = bool(is_training)
+        in_place = training and self.updates_collections is None
+        # An in-place update reads and writes the moving statistics (and the
+        # step count): one such call of a layer at a time, so none is lost.
+        with self._threads.lock if in_place else _no_lock:
+            epoch = self._epoch
+            y, ctx = self._forward(f, backend, plan, x, training, batch_weights, side_input)
+        out = BatchNormContext(ctx, training, side_input is not None, None, weakref.ref(self), epoch)
+        if self._custom is not None:
+            out.z = y
+            y = self._custom.forward(y)
+        local = self._thread()
+        local.last = out
+        if training:
+            local.pending = out
+        return y, out
+
+    def _forward(self, f, backend, plan, x, training, batch_weights, side_input):
+        xp = backend.xp
         acc = self._acc
         if _dtypes.acc_dtype(x.dtype) != acc:
             raise arg_error(TypeError, f, "x", f"a dtype that accumulates in {acc.name} (the layer's state dtype)",
@@ -253,7 +358,6 @@ class BatchNorm:
         x3 = plan.view3(x)
         side3 = None if side_input is None else plan.view3(side_input)
         fused_act = self._act
-        training = bool(is_training)
         weights = None
         update = None
         if training:
@@ -272,22 +376,17 @@ class BatchNorm:
             bessel = self._bessel(x.ndim, batch_weights is not None)
             if self.updates_collections is None:
                 update = self._moving_update(bessel, step=self._step + 1)
-                self._step += 1
             y3, ctx = bn_forward(backend, plan, x3, acc, training=True, fold=fold, update=update,
                                  weights=weights, side3=side3, act=fused_act,
                                  exchange=self._exchange(backend, plan, x, batch_weights is not None))
-            if self.updates_collections is not None:
+            if update is not None:
+                self._step += 1
+            else:
                 self.updates_collections.append(_DeferredUpdate(self, backend, ctx.stats, bessel))
         else:
             y3, ctx = bn_forward(backend, plan, x3, acc, training=False, fold=fold,
                                  given=(v["moving_mean"], v["moving_variance"]), side3=side3, act=fused_act)
-        y = plan.unview3(y3)
-        z = None
-        if self._custom is not None:
-            z = y
-            y = self._custom.forward(z)
-        self._ctx = (ctx, side_input is not None, z, ch_axis)
-        return y
+        return plan.unview3(y3), ctx
 
     # -- hooks SyncBatchNorm overrides -------------------------------------
     def _check_training_batch(self, plan, x):
@@ -349,20 +448,29 @@ class BatchNorm:
         return tuple(res)
 
     # ------------------------------------------------------------------
-    def backward(self, dy):
-        """Gradient w.r.t. the last call's x (and side input); fills ``self.gradients``."""
-        if self._ctx is None:
-            raise RuntimeError("BatchNorm.backward: call the layer (forward) first")
-        ctx, had_side, z, ch_axis = self._ctx
+    def backward(self, dy, ctx=None):
+        """Gradient w.r.t. a forward call's x (and side input); fills ``gradients``.
+
+        ``ctx``: the context ``forward`` returned. Without it, the calling
+        thread's last call of the layer -- unless that was an inference call
+        made after a training call whose backward has not run yet: which of
+        the two ``dy`` belongs to is then ambiguous, and this raises
+        RuntimeError (pass the context). Returns ``dx``, or ``(dx,
+        d_side_input)`` when the forward had a side input; the gradients go
+        to ``ctx.gradients`` and to ``bn.gradients`` (the calling thread's).
+        """
         f = "BatchNorm.backward"
+        handle = self._context_for(f, ctx)
         check_float_input(f, "dy", dy)
+        ctx, had_side, z = handle.op, handle.side_input, handle.z
         select(f, "dy", dy, forward_input=ctx.x3)
+        dy = readable(f, "dy", dy)
         if self._custom is not None:
             if not self._custom.has_backward:
                 raise TypeError(
                     "BatchNorm.backward: activation_fn is a plain callable with no backward; give an object "
                     "with forward(z) and backward(z, dy), or a fused activation (a name or cubn.activations.*)")
-            dy = self._custom.backward(z, dy)
+            dy = readable(f, "activation_fn.backward's result", self._custom.backward(z, dy))
         for k, reg in self.param_regularizers.items():
             if self.trainable and not hasattr(reg, "gradient"):
                 raise TypeError(f"BatchNorm.backward: param_regularizers[{k!r}] has no gradient(w); use "
@@ -382,11 +490,40 @@ class BatchNorm:
             for k, reg in self.param_regularizers.items():
                 if k in grads:
                     grads[k] = grads[k] + reg.gradient(self._vars[k])
-        self.gradients = grads
+        handle.gradients = grads
+        local = self._thread()
+        local.gradients = grads
+        if local.pending is handle:
+            local.pending = None
         dx = plan.unview3(dx3)
         if had_side:
             return dx, plan.unview3(dside3)
         return dx
+
+    def _context_for(self, f, ctx) -> BatchNormContext:
+        """The forward context a backward call belongs to (see :meth:`backward`)."""
+        if ctx is None:
+            local = self._thread()
+            ctx = local.last
+            if ctx is None:
+                raise RuntimeError(f"{f}: call the layer (forward) first; on this thread it has not been called "
+                                   "since it was built or moved (each thread's backward(dy) uses that thread's "
+                                   "own forward)")
+            if not ctx.training and local.pending is not None:
+                raise RuntimeError(
+                    f"{f}: ambiguous: the last call on this thread was an inference call (is_training=False), "
+                    "made after a training call whose backward has not run. Say which forward dy belongs to: "
+                    "y, ctx = bn.forward(x, is_training=True, ...); ...; dx = bn.backward(dy, ctx)")
+            return ctx
+        if not isinstance(ctx, BatchNormContext):
+            raise arg_error(TypeError, f, "ctx", "None or the context returned by this layer's forward()", describe(ctx))
+        if ctx.layer is None or ctx.layer() is not self:
+            raise arg_error(ValueError, f, "ctx", "a context returned by this layer's forward()",
+                            "the context of another layer's call")
+        if ctx.epoch != self._epoch:
+            raise arg_error(ValueError, f, "ctx", "a context of the layer's current state",
+                            "one from before the layer was rebuilt or moved to another device (build() or to())")
+        return ctx
 
     # ------------------------------------------------------------------
     def get_config(self) -> dict:
@@ -457,12 +594,13 @@ class _DeferredUpdate:
 
     def __call__(self):
         layer = self.layer
-        if layer._xp is not self.backend.xp:
-            raise RuntimeError("a pending BatchNorm update cannot run: the layer moved to another device since")
-        step = layer._step + 1
-        u = layer._moving_update(self.bessel, step)
-        self.backend.moving_update(self.stats, layer._acc, u)
-        layer._step = step
+        with layer._threads.lock:
+            if layer._xp is not self.backend.xp:
+                raise RuntimeError("a pending BatchNorm update cannot run: the layer moved to another device since")
+            step = layer._step + 1
+            u = layer._moving_update(self.bessel, step)
+            self.backend.moving_update(self.stats, layer._acc, u)
+            layer._step = step
 
     def __repr__(self):
         return f"<update of {self.layer!r}>"

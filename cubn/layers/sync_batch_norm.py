@@ -107,26 +107,30 @@ class SyncBatchNorm(BatchNorm):
         return self._comm
 
     # ------------------------------------------------------------------
-    def __call__(self, x, is_training=True, batch_weights=None, side_input=None):
+    def forward(self, x, is_training=True, batch_weights=None, side_input=None):
         if not is_training:
-            return super().__call__(x, is_training=False, batch_weights=batch_weights, side_input=side_input)
+            return super().forward(x, is_training=False, batch_weights=batch_weights, side_input=side_input)
         self._calls += 1
         self._pending = (FORWARD, self._calls)
         try:
-            return super().__call__(x, is_training=True, batch_weights=batch_weights, side_input=side_input)
+            return super().forward(x, is_training=True, batch_weights=batch_weights, side_input=side_input)
         except Exception as e:
             self._abort(e)
             raise
         finally:
             self._pending = None
 
-    def backward(self, dy):
-        ex = self._ctx[0].exchange if self._ctx is not None else None
+    def backward(self, dy, ctx=None):
+        try:
+            handle = self._context_for("SyncBatchNorm.backward", ctx)
+        except (RuntimeError, TypeError, ValueError):
+            handle = None  # BatchNorm.backward raises the same error below
+        ex = handle.op.exchange if handle is not None else None
         if ex is None:  # after an inference call: nothing to exchange
-            return super().backward(dy)
+            return super().backward(dy, ctx)
         self._pending = (BACKWARD, ex.call)
         try:
-            return super().backward(dy)
+            return super().backward(dy, ctx)
         except Exception as e:
             self._abort(e)
             raise

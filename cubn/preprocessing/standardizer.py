@@ -16,6 +16,7 @@ import numpy as np
 
 from .._backend import array_module, is_array, select
 from .._checks import arg_error, check_positive_epsilon, describe
+from .._memory import readable
 from .._args import as_like
 from . import image
 from .running_moments import RunningMoments, is_dask_array
@@ -385,6 +386,7 @@ class Standardizer:
         X = _as_array(func, "X", X)
         if not is_dask_array(X):
             image.check_input(f, "X", X)
+            X = readable(f, "X", X)
         in_last, out_last, ch = self._layout(func, X, inverse=inverse)
         if X.shape[ch] != self.n_features_in_:
             raise arg_error(ValueError, f, "X", f"{self.n_features_in_} features, as in fit",
