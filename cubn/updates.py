@@ -34,8 +34,10 @@ def run_updates(collection=None) -> int:
     """
     coll = UPDATE_OPS if collection is None else collection
     n = 0
-    while len(coll):
-        update = coll.pop(0)
+    while True:
+        try:  # pop, not len-then-pop: another thread may be draining the same collection
+            update = coll.pop(0)
+        except IndexError:
+            return n
         update()
         n += 1
-    return n
