@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import threading
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +25,7 @@ from .._plan import plan_for_channels
 from ..backends.base import Fold, MovingUpdate, Renorm
 from .._args import as_like, channel_param, make_weights
 from ..ops.normalization import bn_backward, bn_forward, check_side_input, check_training_batch
+from ..regularizers import L1L2
 from ..updates import UPDATE_OPS
 
 _no_lock = contextlib.nullcontext()
@@ -527,26 +530,94 @@ class BatchNorm:
 
     # ------------------------------------------------------------------
     def get_config(self) -> dict:
-        act = self.activation_fn
-        if isinstance(act, activations.Activation):
-            act = {"name": act.name, "alpha": act.alpha}
-        elif act is not None and not isinstance(act, str):
-            act = None  # a custom callable cannot be stored
-        return dict(decay=self.decay, center=self.center, scale=self.scale, epsilon=self.epsilon,
-                    activation_fn=act, trainable=self.trainable, fused=self.fused, data_format=self.data_format,
-                    zero_debias_moving_mean=self.zero_debias_moving_mean, renorm=self.renorm,
-                    renorm_clipping=dict(self.renorm_clipping), renorm_decay=self.renorm_decay,
-                    unbiased_moving_variance=self.unbiased_moving_variance, name=self.name,
-                    updates_in_place=self.updates_collections is None)
+        """The layer's arguments as JSON-ready values: ``from_config`` rebuilds the same layer.
+
+        Built-in activations (with ``alpha``), ``cubn.regularizers`` (with
+        their scales) and number or array ``param_initializers`` are stored.
+        A custom ``activation_fn``, an ``adjustment`` function, any other
+        regularizer, and a callable initializer of a layer not built yet
+        cannot be: this raises TypeError naming the argument rather than
+        describe a different layer. (Once built, the initializers no longer
+        matter: the state holds what they gave.) ``updates_collections`` is
+        stored as "in place or not"; a loaded layer that defers its updates
+        uses ``cubn.UPDATE_OPS``.
+        """
+        return self._config(strict=True)
+
+    def _config(self, strict: bool) -> dict:
+        """``get_config``; with ``strict=False`` what cannot be stored is described
+        by its type instead (SyncBatchNorm compares these across ranks)."""
+        def refuse(arg, what, value):
+            if strict:
+                raise TypeError(f"BatchNorm.get_config: argument '{arg}' is {what} ({describe(value)}), which "
+                                "cannot be stored: saving it would load as a different layer. Use a built-in "
+                                "one, or save the state alone (bn.state_dict()) and rebuild the layer in code")
+            return {"custom": type(value).__qualname__}
+
+        if self._custom is not None:
+            act = refuse("activation_fn", "a custom callable", self.activation_fn)
+        elif self._act is not None:
+            act = {"name": self._act.name, "alpha": self._act.alpha}
+        else:
+            act = None
+        regs = {}
+        for k, reg in self.param_regularizers.items():
+            if isinstance(reg, L1L2):
+                regs[k] = {"l1": reg.l1, "l2": reg.l2}
+            else:
+                regs[k] = refuse(f"param_regularizers[{k!r}]", "not a cubn.regularizers object", reg)
+        inits = {}
+        for k, init in (self.param_initializers if strict else {}).items():  # (initial state: not compared)
+            if callable(init):
+                if not self.built:
+                    inits[k] = refuse(f"param_initializers[{k!r}]", "a callable (of a layer not built yet)", init)
+            elif isinstance(init, numbers.Real) and not isinstance(init, bool):
+                inits[k] = float(init)
+            else:
+                host = init.get() if is_cupy_array(init) else np.asarray(init)
+                inits[k] = {"values": np.asarray(host, np.float64).reshape(-1).tolist(), "shape": list(host.shape)}
+        adjustment = None if self.adjustment is None else refuse("adjustment", "a function", self.adjustment)
+        cfg = dict(decay=self.decay, center=self.center, scale=self.scale, epsilon=self.epsilon,
+                   activation_fn=act, trainable=self.trainable, fused=self.fused, data_format=self.data_format,
+                   zero_debias_moving_mean=self.zero_debias_moving_mean, renorm=self.renorm,
+                   renorm_clipping=dict(self.renorm_clipping), renorm_decay=self.renorm_decay,
+                   unbiased_moving_variance=self.unbiased_moving_variance, name=self.name,
+                   updates_in_place=self.updates_collections is None)
+        if regs:
+            cfg["param_regularizers"] = regs
+        if inits:
+            cfg["param_initializers"] = inits
+        if adjustment is not None:
+            cfg["adjustment"] = adjustment
+        return cfg
 
     @classmethod
     def from_config(cls, config: dict) -> "BatchNorm":
+        """The layer ``get_config`` described (not built: load its state to build it)."""
+        if not isinstance(config, dict):
+            raise arg_error(TypeError, "BatchNorm.from_config", "config", "a dict from get_config()", describe(config))
         cfg = dict(config)
         act = cfg.pop("activation_fn", None)
         if isinstance(act, dict):
-            act = activations.get(act["name"])(act["alpha"]) if activations.get(act["name"]).has_alpha else activations.get(act["name"])
+            a = activations.get(act.get("name"), "BatchNorm.from_config", "activation_fn")
+            act = a(act["alpha"]) if a.has_alpha and "alpha" in act else a
+        regs = {}
+        for k, r in dict(cfg.pop("param_regularizers", None) or {}).items():
+            if not isinstance(r, dict) or set(r) - {"l1", "l2"}:
+                raise arg_error(ValueError, "BatchNorm.from_config", f"param_regularizers[{k!r}]",
+                                "{'l1': float, 'l2': float}", repr(r))
+            regs[k] = L1L2(l1=float(r.get("l1", 0.0)), l2=float(r.get("l2", 0.0)))
+        inits = {}
+        for k, v in dict(cfg.pop("param_initializers", None) or {}).items():
+            if isinstance(v, dict) and set(v) == {"values", "shape"}:
+                v = np.asarray(v["values"], np.float64).reshape(v["shape"])
+            elif not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise arg_error(ValueError, "BatchNorm.from_config", f"param_initializers[{k!r}]",
+                                "a number or {'values': [...], 'shape': [...]}", repr(v)[:100])
+            inits[k] = v
         in_place = cfg.pop("updates_in_place", False)
-        return cls(activation_fn=act, updates_collections=None if in_place else UPDATE_OPS, **cfg)
+        return cls(activation_fn=act, updates_collections=None if in_place else UPDATE_OPS,
+                   param_regularizers=regs or None, param_initializers=inits or None, **cfg)
 
     def state_dict(self) -> dict:
         """Copies of every state array (in the layer's array library), by name."""
@@ -554,32 +625,76 @@ class BatchNorm:
             return {}
         return {k: v.copy() for k, v in self.variables.items()}
 
-    def load_state_dict(self, state: dict, strict: bool = True) -> None:
-        """Load arrays by name (numpy or cupy; moved to the layer's device)."""
+    def _variable_names(self) -> list:
+        """The state entries this layer has (or will have once built)."""
+        names = (["beta"] if self.center else []) + (["gamma"] if self.scale else []) + ["moving_mean", "moving_variance"]
+        if self.renorm:
+            names += ["moving_stddev", "renorm_mean", "renorm_stddev"]
+        if self.zero_debias_moving_mean:
+            names += [ZD_BIASED, ZD_STEP]
+        return names
+
+    def load_state_dict(self, state: dict, strict: bool = True, *, allow_invalid: bool = False) -> None:
+        """Load arrays by name (numpy or cupy; moved to the layer's device): all or nothing.
+
+        Every entry is checked before any is assigned, so a refused state
+        leaves the layer exactly as it was (an unbuilt layer stays unbuilt).
+        An entry must hold one real number per channel (integers and floats
+        are converted to the state dtype; complex, bool, string and object
+        arrays are refused) that fits the state dtype. A NaN or infinite
+        value, or a negative ``moving_variance`` / ``moving_stddev`` /
+        ``renorm_stddev``, is an error unless ``allow_invalid=True``.
+
+        Args:
+            state: name -> array, as ``state_dict()`` gives.
+            strict: the keys must be exactly this layer's (else a KeyError
+                names the missing and unexpected ones); False loads the
+                known keys present and ignores the rest.
+            allow_invalid: load non-finite values and negative variances as given.
+        """
+        self._load_state(state, strict, allow_invalid, lambda k: f"load_state_dict: entry {k!r}")
+
+    def _load_state(self, state, strict, allow_invalid, where):
+        """load_state_dict, naming entry ``k`` as ``where(k)`` in its errors."""
+        if not isinstance(state, Mapping):
+            raise arg_error(TypeError, "load_state_dict", "state", "a dict name -> array", describe(state))
         state = dict(state)
-        step = state.pop(ZD_STEP, None)
         if self._channels is None:
             ref = state.get("moving_mean")
             if ref is None:
-                raise arg_error(ValueError, "load_state_dict", "state", "a 'moving_mean' entry to size the layer", sorted(state))
-            self.build(ref.shape[0], ref.dtype if np.dtype(ref.dtype).name in ("float32", "float64") else "float32",
-                       self._device)
-        expected = set(self._vars)
+                raise arg_error(KeyError, "load_state_dict", "state", "a 'moving_mean' entry to size the layer",
+                                f"keys {sorted(state)}")
+            shape = tuple(getattr(ref, "shape", np.shape(ref)))
+            if len(shape) != 1 or shape[0] < 1:
+                raise ValueError(f"{where('moving_mean')}: expected shape (C,) with C >= 1 (it sizes the layer), "
+                                 f"got shape {shape}")
+            channels = shape[0]
+            dt = np.dtype(getattr(ref, "dtype", np.float32))
+            acc = np.dtype(np.float64 if dt == np.float64 else np.float32)
+        else:
+            channels, acc = self._channels, self._acc
+        expected = set(self._variable_names())
         missing, unexpected = expected - set(state), set(state) - expected
         if strict and (missing or unexpected):
             raise arg_error(KeyError, "load_state_dict", "state", f"exactly the keys {sorted(expected)}",
                             f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
-        xp = self._xp
+        checked, step = {}, None
         for k, a in state.items():
-            if k not in self._vars:
-                continue
-            host = a.get() if is_cupy_array(a) else np.asarray(a)
-            if host.shape != (self._channels,):
-                raise arg_error(ValueError, "load_state_dict", k, f"shape ({self._channels},)", f"shape {host.shape}")
+            if k == ZD_STEP and k in expected:
+                step = _checked_step(where(k), a)
+            elif k in expected:
+                checked[k] = _checked_entry(where(k), k, a, channels, acc, allow_invalid)
+        # Everything is valid: build if needed, move to the device, then assign (nothing left to fail).
+        with self._threads.lock:
+            if self._channels is None:
+                self.build(channels, acc, self._device)
+            xp = self._xp
             with _on_device(xp, self._device):
-                self._vars[k][...] = xp.asarray(host.astype(self._acc))
-        if step is not None:
-            self._step = int(np.asarray(step.get() if is_cupy_array(step) else step))
+                moved = {k: xp.asarray(h) for k, h in checked.items()}
+            for k, a in moved.items():
+                self._vars[k][...] = a
+            if step is not None:
+                self._step = step
 
     def __repr__(self) -> str:
         state = f"{self._channels} channels on {self.device}" if self._channels else "not built"
@@ -604,6 +719,55 @@ class _DeferredUpdate:
 
     def __repr__(self):
         return f"<update of {self.layer!r}>"
+
+
+_VARIANCES = ("moving_variance", "moving_stddev", "renorm_stddev")
+
+
+def _host_array(where, a):
+    if is_cupy_array(a):
+        return a.get()
+    if hasattr(a, "detach") and hasattr(a, "cpu"):  # a torch tensor
+        a = a.detach().cpu().numpy()
+    try:
+        return np.asarray(a)
+    except Exception as e:  # noqa: BLE001 - any conversion failure means "not an array"
+        raise TypeError(f"{where}: expected an array, got {describe(a)} ({e})") from None
+
+
+def _checked_entry(where, key, a, channels, acc, allow_invalid):
+    """One state entry as a new host array in ``acc``, or an error naming it."""
+    host = _host_array(where, a)
+    if host.dtype.kind not in "fiu" and not _dtypes.is_supported_float(host.dtype):
+        raise TypeError(f"{where}: expected real numbers (a float or integer array), got dtype {host.dtype} "
+                        f"({describe(a)})")
+    if host.shape != (channels,):
+        raise ValueError(f"{where}: expected shape ({channels},) (one value per channel), got shape {host.shape}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = host.astype(acc)  # a copy, native and aligned
+        finite_in = np.isfinite(host.astype(np.float64))
+    if not allow_invalid:
+        if not finite_in.all():
+            bad = int(np.flatnonzero(~finite_in)[0])
+            raise ValueError(f"{where}: non-finite value {host[bad]!r} at channel {bad}; pass allow_invalid=True "
+                             "to load it anyway")
+        if key in _VARIANCES and (out < 0).any():
+            bad = int(np.flatnonzero(out < 0)[0])
+            raise ValueError(f"{where}: negative value {host[bad]!r} at channel {bad} (a variance or standard "
+                             "deviation); pass allow_invalid=True to load it anyway")
+    if (finite_in & ~np.isfinite(out)).any():
+        raise ValueError(f"{where}: values beyond the {acc.name} range of the layer's state")
+    return out
+
+
+def _checked_step(where, a):
+    host = _host_array(where, a)
+    if host.dtype.kind not in "fiu" or host.size != 1:
+        raise TypeError(f"{where}: expected one integer (the zero-debias step count), got {describe(host)}")
+    v = float(host.reshape(-1)[0])
+    if not (np.isfinite(v) and v >= 0 and v == int(v)):
+        raise ValueError(f"{where}: expected a whole number >= 0 (the zero-debias step count), got {v!r}")
+    return int(v)
 
 
 def _resolve_activation(fn):

@@ -162,7 +162,7 @@ class SyncBatchNorm(BatchNorm):
 
     # -- consistency ----------------------------------------------------------
     def _config_code(self) -> int:
-        cfg = self.get_config()
+        cfg = self._config(strict=False)  # a custom activation is compared by its type
         cfg.pop("name", None)         # labels may differ per rank
         cfg.pop("data_format", None)  # checked on its own, with a clearer message
         return zlib.crc32(json.dumps(cfg, sort_keys=True, default=repr).encode())
