@@ -1,6 +1,6 @@
 """The emulated backend's on-disk kernel cache is verified before every load.
 
-On f9d59ba a cached shared object that was truncated or overwritten was
+In earlier versions a cached shared object that was truncated or overwritten was
 loaded as it was: the process failed on every run ("file too short") or
 crashed (SIGBUS). Now each object has a SHA-256 digest beside it, written at
 build time; a missing or mismatching digest rebuilds the object (built under

@@ -1,7 +1,7 @@
 """Memory the kernels cannot read raw, at every entry point.
 
-A kernel reads raw bytes: a big-endian array would be read as garbage (on
-f9d59ba the emulated ``moments`` of a ``>f4`` array was ~3e32), and a float
+A kernel reads raw bytes: a big-endian array would be read as garbage (the
+emulated ``moments`` of a ``>f4`` array once came out ~3e32), and a float
 at an address that is not a multiple of its size faults on a GPU. Every
 public function must therefore convert such inputs before launch, and give
 the float64 truth of the same values on the NumPy and emulated backends.

@@ -1,6 +1,6 @@
 """Saving and loading never lose data.
 
-On f9d59ba ``cubn.save`` wrote in place (a failure midway destroyed the
+In earlier versions ``cubn.save`` wrote in place (a failure midway destroyed the
 previous checkpoint), ``load_state_dict`` assigned key by key (a bad key left
 the others overwritten), a custom activation / adjustment / regularizer was
 dropped silently (the file loaded as a different layer), and damaged files

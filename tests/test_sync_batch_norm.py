@@ -253,7 +253,7 @@ def test_docs_example_runs_under_mpiexec(tmp_path):
     assert blocks, "docs/distributed.md has no runnable mpiexec example"
     script = tmp_path / "train.py"
     script.write_text(blocks[0])
-    rc, out, _ = launch(2, [], tmp_path, script=script)
+    rc, out, _ = launch(2, [], tmp_path, script=script, python_options=("-m", "mpi4py"))  # as the docs launch it
     assert rc == 0, out[-6000:]
 
 

@@ -1,6 +1,6 @@
 """Threads and call order: which forward a backward belongs to.
 
-On f9d59ba one layer used from 8 threads gave 7 of them another thread's dx,
+In earlier versions one layer used from 8 threads gave 7 of them another thread's dx,
 and an inference call between a training forward and its backward silently
 changed dx. Now each thread's ``bn.backward(dy)`` uses that thread's own last
 call, ``bn.forward`` returns an explicit context for hand-written nets, and

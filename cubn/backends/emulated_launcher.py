@@ -334,7 +334,7 @@ def _build(stem: str, tu_text: str, include_dirs: tuple[pathlib.Path, ...], sani
     if _verified(target):
         return target
     # Missing, or damaged (truncated, overwritten, no digest): build it anew.
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # its own user's: it holds code we run
     # Built under a private name, then renamed (atomic): two processes building
     # the same object both succeed and neither ever loads a half-written file.
     staged = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
