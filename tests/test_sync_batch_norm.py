@@ -382,3 +382,21 @@ def test_batch_norm_arguments_and_state_are_inherited(tmp_path):
     cubn.save(tmp_path / "s.npz", {"bn": bn})
     loaded = cubn.load(tmp_path / "s.npz")["bn"]  # saved and loaded as a BatchNorm: the same state
     np.testing.assert_array_equal(loaded.variables["moving_mean"], bn.variables["moving_mean"])
+
+
+def test_explicit_context_and_interleaved_inference(rng, monkeypatch):
+    """SyncBatchNorm.backward(dy, ctx) after an inference call: the training dx,
+    with the backward exchange of that training call; backward(dy) alone is refused."""
+    monkeypatch.setenv("CUBN_PERSISTENT", "0")  # the same kernels as SyncBatchNorm's, for bitwise equality
+    x = (3 + rng.standard_normal((6, 4))).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    comm = _Recorder()
+    s = SyncBatchNorm(comm=comm, scale=True, updates_collections=None)
+    b = cubn.BatchNorm(scale=True, updates_collections=None)
+    _, ctx = s.forward(x)
+    b(x)
+    s(x[:2], is_training=False)
+    with pytest.raises(RuntimeError, match="ambiguous"):
+        s.backward(dy)
+    np.testing.assert_array_equal(s.backward(dy, ctx), b.backward(dy))
+    assert [c[0] for c in comm.calls] == ["allgather", "allgather", "allgather", "allreduce"]

@@ -228,3 +228,19 @@ def test_the_emulators_kernel_cache_builds_once_under_threads(tmp_path, monkeypa
     out = np.zeros(1, np.float32)
     emu.EmulatedLauncher().launch(mods[0]["block_sum<float>"], (1, 1, 1), (256, 1, 1), 0, (x, out, np.int64(256)))
     assert out[0] == x.sum()
+
+
+def test_the_per_thread_state_is_transient(be, rng):
+    """Copied or pickled, a layer's threading state (its contexts and lock)
+    comes back fresh: no forward contexts, an unheld lock of its own."""
+    import copy
+    import pickle
+
+    x = _batch(rng)
+    with be.context():
+        bn = cubn.BatchNorm(updates_collections=None)
+        bn(x)
+    assert bn._threads.local.last is not None
+    for twin in (copy.deepcopy(bn._threads), pickle.loads(pickle.dumps(bn._threads))):
+        assert twin.local.last is None and twin.local.pending is None and twin.local.gradients == {}
+        assert twin.lock is not bn._threads.lock and twin.lock.acquire(blocking=False)

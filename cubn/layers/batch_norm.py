@@ -75,6 +75,9 @@ class _LayerThreads:
         self.local = _PerThread()
         self.lock = threading.RLock()  # in-place state updates of the layer, one at a time
 
+    def __reduce__(self):
+        return (_LayerThreads, ())  # copied or pickled: a fresh one (no contexts, an unheld lock)
+
 
 class CustomActivation:
     """An unfused activation: ``forward(z)``, and ``backward(z, dy)`` if given."""
@@ -95,8 +98,13 @@ class BatchNorm:
 
     ``y = bn(x, is_training=True, batch_weights=None, side_input=None)``;
     ``dx = bn.backward(dy)`` (``(dx, d_side_input)`` when a side input was
-    given). ``bn.variables`` maps names to the live state arrays;
-    ``bn.gradients`` holds d beta / d gamma after ``backward``.
+    given) is the backward of the calling thread's last call. Hand-written
+    nets that call a layer more than once before its backward hold the
+    context instead: ``y, ctx = bn.forward(x, ...)``, ``dx = bn.backward(dy,
+    ctx)``. ``bn.variables`` maps names to the live state arrays;
+    ``bn.gradients`` holds d beta / d gamma of the calling thread's last
+    ``backward``. One layer may be used from several threads (see the
+    threads section of docs/conventions.md).
 
     Args:
         decay: moving-average decay: ``moving -= (1 - decay) * (moving - batch)``.
