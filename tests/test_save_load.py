@@ -18,17 +18,6 @@ import numpy as np
 import pytest
 
 import cubn
-from conftest import Backend, backend_skip_reason
-
-
-@pytest.fixture(params=["numpy", "emulated"])
-def be(request):
-    reason = backend_skip_reason(request.param)
-    if reason:
-        pytest.skip(reason)
-    b = Backend(request.param)
-    with b.context():
-        yield b
 
 
 def _trained(rng, **kw):
@@ -53,7 +42,7 @@ def _failing_savez(exc):
 
 
 @pytest.mark.parametrize("failure", ["disk full while writing", "exception while writing", "disk full at fsync"])
-def test_a_failed_save_leaves_the_old_file_and_no_temporary(be, rng, tmp_path, monkeypatch, failure):
+def test_a_failed_save_leaves_the_old_file_and_no_temporary(host_backend, rng, tmp_path, monkeypatch, failure):
     path = tmp_path / "model.npz"
     old = _trained(rng)
     cubn.save(path, old)
@@ -81,7 +70,7 @@ def test_a_failed_save_leaves_the_old_file_and_no_temporary(be, rng, tmp_path, m
     np.testing.assert_array_equal(back.variables["moving_mean"], old.variables["moving_mean"])
 
 
-def test_save_replaces_atomically_with_ordinary_permissions(be, rng, tmp_path):
+def test_save_replaces_atomically_with_ordinary_permissions(host_backend, rng, tmp_path):
     path = tmp_path / "m.npz"
     cubn.save(path, _trained(rng))
     probe = tmp_path / "probe"
@@ -107,7 +96,7 @@ def test_save_replaces_atomically_with_ordinary_permissions(be, rng, tmp_path):
 # ---------------------------------------------------------------------------
 @pytest.mark.parametrize("bad", ["shape", "complex", "str", "bool", "object", "nan-variance", "negative-variance",
                                  "inf-mean", "too-large", "step"])
-def test_load_state_dict_is_all_or_nothing(be, rng, bad):
+def test_load_state_dict_is_all_or_nothing(host_backend, rng, bad):
     bn = _trained(rng, zero_debias_moving_mean=True)
     before = {k: np.array(v, copy=True) for k, v in bn.state_dict().items()}
     state = {k: rng.uniform(1, 2, np.shape(v)).astype(np.asarray(v).dtype) for k, v in before.items()}
@@ -157,7 +146,7 @@ def test_load_state_dict_is_all_or_nothing(be, rng, bad):
         np.testing.assert_array_equal(bn.variables[victim], state[victim].astype(np.float32))
 
 
-def test_a_refused_state_leaves_an_unbuilt_layer_unbuilt(be, rng):
+def test_a_refused_state_leaves_an_unbuilt_layer_unbuilt(host_backend, rng):
     bn = cubn.BatchNorm()
     with pytest.raises(TypeError, match="'moving_variance'"):
         bn.load_state_dict({"beta": np.zeros(3), "moving_mean": np.zeros(3), "moving_variance": np.ones(3, complex)})
@@ -188,7 +177,7 @@ class _Scaled:
     ("param_regularizers['gamma']", dict(scale=True, param_regularizers={"gamma": lambda w: (w * w).sum()})),
     ("param_initializers['gamma']", dict(scale=True, param_initializers={"gamma": lambda shape: np.ones(shape)})),
 ])
-def test_what_cannot_be_stored_is_refused_naming_the_argument(be, rng, tmp_path, arg, kwargs):
+def test_what_cannot_be_stored_is_refused_naming_the_argument(host_backend, rng, tmp_path, arg, kwargs):
     bn = cubn.BatchNorm(updates_collections=None, **kwargs)
     if "param_initializers" not in arg:
         bn(rng.standard_normal((4, 3)).astype(np.float32))
@@ -200,7 +189,7 @@ def test_what_cannot_be_stored_is_refused_naming_the_argument(be, rng, tmp_path,
     assert not path.exists() and _files(tmp_path) == []
 
 
-def test_what_can_be_stored_round_trips(be, rng, tmp_path):
+def test_what_can_be_stored_round_trips(host_backend, rng, tmp_path):
     regs = {"gamma": cubn.regularizers.l2_regularizer(0.25), "beta": cubn.regularizers.l1_l2_regularizer(0.1, 0.2)}
     bn = cubn.BatchNorm(scale=True, updates_collections=None, activation_fn=cubn.activations.leaky_relu(0.3),
                         param_regularizers=regs, renorm=True, renorm_clipping={"rmax": 2.0}, name="bn1")

@@ -23,12 +23,10 @@ EPS = 1e-3
 THREADS = 8
 
 
-@pytest.fixture(params=["numpy", "emulated"])
-def be(request):
-    reason = backend_skip_reason(request.param)
-    if reason:
-        pytest.skip(reason)
-    return Backend(request.param)
+@pytest.fixture
+def be(host_backend):
+    """The backend; each thread enters it itself (``use_backend`` is per thread)."""
+    return host_backend
 
 
 def _batch(rng, n=6, c=3, scale=1.0):
