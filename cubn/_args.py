@@ -9,6 +9,7 @@ import numpy as np
 from . import _dtypes
 from ._backend import is_array
 from ._checks import arg_error, describe
+from ._memory import readable
 from .backends.base import Weights
 
 
@@ -25,7 +26,7 @@ def channel_param(func, name, value, plan, xp, acc, *, required=False):
         return None
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return xp.full((c,), value, dtype=acc)
-    a = value if is_array(value) else np.asarray(value)
+    a = readable(func, name, value) if is_array(value) else np.asarray(value)
     if a.dtype.kind != "f" and not _dtypes.is_supported_float(a.dtype):
         if a.dtype.kind in "iu" and not is_array(value):
             a = a.astype(acc)  # a Python list of ints, e.g. [1, 2, 3]
@@ -47,7 +48,7 @@ def channel_param(func, name, value, plan, xp, acc, *, required=False):
 def as_like(func, name, value, x, xp):
     """``value`` as an array of ``x``'s module (lists and scalars converted)."""
     if is_array(value):
-        return value
+        return readable(func, name, value)
     try:
         return xp.asarray(np.asarray(value, dtype=np.float64))
     except (TypeError, ValueError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import threading
 
 import numpy as np
 
@@ -145,11 +146,20 @@ def select(func: str, primary: str, x, **others):
 
 
 _backends: dict = {}
+_backends_lock = threading.Lock()  # threads meeting a backend for the first time create one, not two
 
 
 def get_backend(name: str, device: int | None = None):
     """The backend object ``name`` (one per CUDA device for ``"cupy"``)."""
     key = (name, device)
+    b = _backends.get(key)
+    if b is not None:
+        return b
+    with _backends_lock:
+        return _create_backend(name, device, key)
+
+
+def _create_backend(name, device, key):
     b = _backends.get(key)
     if b is None:
         if name == "numpy":

@@ -35,6 +35,7 @@ except ImportError as e:  # pragma: no cover - exercised only without dask
 
 from ._backend import array_module, select
 from ._checks import arg_error, describe
+from ._memory import readable
 from .preprocessing import image
 from ._welford import tree_merge
 from .preprocessing.running_moments import RunningMoments, normalize_axes
@@ -226,6 +227,7 @@ def fit_running_moments(x, axis=0, *, weights=None, dtype=None):
 # ---------------------------------------------------------------------------
 def _affine_block(block, a, d, out_dtype, in_last, out_last, inverse):
     func = "Standardizer.transform (dask chunk)"
+    block = readable(func, "X", block)
     backend = select(func, "X", block, **{"fitted statistics": a})
     lay = image.make_layout(func, block.shape, in_last, out_last, name="X")
     return image.affine_map(backend, block, lay, a, d, out_dtype, inverse)

@@ -9,8 +9,11 @@ docs/migrating.md).
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import secrets
 
 import numpy as np
 
@@ -32,8 +35,20 @@ def _host(a):
     return np.asarray(a)
 
 
+FORMAT_VERSION = 1
+_KINDS = ("single", "list", "dict")
+
+
 def save(path, layers) -> None:
-    """Save a layer, a list of layers or a dict name -> layer to ``path`` (.npz)."""
+    """Save a layer, a list of layers or a dict name -> layer to ``path`` (.npz).
+
+    Atomic: the file is written under a temporary name in the same folder,
+    flushed to disk, then renamed over ``path``, so an exception or a full
+    disk midway leaves the previous file as it was (and no temporary file).
+    What cannot be stored (a custom activation, an adjustment function, a
+    regularizer not from ``cubn.regularizers``: see ``BatchNorm.get_config``)
+    is refused with a TypeError before anything is written.
+    """
     if isinstance(layers, BatchNorm):
         kind, named = "single", {"layer": layers}
     elif isinstance(layers, dict):
@@ -42,37 +57,148 @@ def save(path, layers) -> None:
         kind, named = "list", {str(i): l for i, l in enumerate(layers)}
     else:
         raise arg_error(TypeError, "save", "layers", "a BatchNorm, a list of them or a dict name -> BatchNorm", describe(layers))
-    arrays = {_FORMAT_KEY: np.array(json.dumps({"kind": kind, "names": list(named)}))}
+    arrays = {_FORMAT_KEY: np.array(json.dumps({"kind": kind, "names": list(named), "version": FORMAT_VERSION}))}
     for name, layer in named.items():
+        if not isinstance(name, str):
+            raise arg_error(TypeError, "save", "layers", "a dict whose keys are strings (the names in the file)",
+                            f"key {name!r}")
         if not isinstance(layer, BatchNorm):
             raise arg_error(TypeError, "save", f"layers[{name!r}]", "a BatchNorm", describe(layer))
-        if _SEP in str(name):
+        if _SEP in name:
             raise arg_error(ValueError, "save", "layers", f"names without {_SEP!r}", repr(name))
-        arrays[f"{name}{_SEP}__config__"] = np.array(json.dumps(layer.get_config()))
+        try:
+            config = layer.get_config()
+        except TypeError as e:
+            raise TypeError(f"save: layers[{name!r}]: {e}") from None
+        arrays[f"{name}{_SEP}__config__"] = np.array(json.dumps(config))
         for k, v in layer.state_dict().items():
             arrays[f"{name}{_SEP}{k}"] = _host(v)
-    with open(os.fspath(path), "wb") as fh:
-        np.savez(fh, **arrays)
+    _write_atomically("save", path, lambda fh: np.savez(fh, **arrays))
 
 
-def load(path, device: str = "cpu"):
-    """Load what :func:`save` wrote; layers come back on ``device``."""
-    with np.load(os.fspath(path), allow_pickle=False) as z:
+def _write_atomically(func, path, write) -> None:
+    """``write(file)`` into a temporary file beside ``path``, fsync, rename over ``path``."""
+    target = os.path.realpath(os.fspath(path))  # through a symlink, as open() would write
+    folder, base = os.path.split(target)
+    if os.path.isdir(target):
+        raise IsADirectoryError(errno.EISDIR, f"{func}: {os.fspath(path)!r} is a directory")
+    if os.path.exists(target) and not os.access(target, os.W_OK):
+        raise PermissionError(errno.EACCES, f"{func}: {os.fspath(path)!r} is not writable")
+    while True:
+        tmp = os.path.join(folder, f".{base}.{secrets.token_hex(6)}.tmp")
+        try:
+            # 0o666 less the umask, like open(path, "wb"): the renamed file gets ordinary permissions.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            break
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise type(e)(e.errno, f"{func}: cannot write {os.fspath(path)!r}: {e.strerror}") from e
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None:
+            raise type(e)(e.errno, f"{func}: writing {os.fspath(path)!r} failed ({e.strerror}); the previous "
+                          "file, if any, is unchanged") from e
+        raise
+    with contextlib.suppress(OSError, AttributeError):  # the rename itself survives a crash (POSIX)
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+class _Unreadable(ValueError):
+    pass
+
+
+def load(path, device: str = "cpu", *, allow_invalid: bool = False):
+    """Load what :func:`save` wrote; layers come back on ``device``.
+
+    A file that is not a readable cubn file -- not an ``.npz``, truncated,
+    damaged, missing an entry, or holding an entry of the wrong shape or
+    type -- raises ValueError naming the path and the entry. Nothing is
+    returned unless every layer loads (each layer's state is checked as
+    ``load_state_dict`` checks it; ``allow_invalid`` as there: load NaN or
+    infinite values and negative variances as they were saved).
+    """
+    p = os.fspath(path)
+    where = f"load: {p!r}"
+    try:
+        z = np.load(p, allow_pickle=False)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as e:  # noqa: BLE001 - BadZipFile, EOFError, ValueError, OSError, ...
+        raise ValueError(f"{where} is not a file written by cubn.save (not a readable .npz archive: "
+                         f"{type(e).__name__}: {e})") from e
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError(f"{where} is a single .npy array, not a file written by cubn.save")
+    with z:
         if _FORMAT_KEY not in z.files:
-            raise ValueError(f"load: {os.fspath(path)!r} was not written by cubn.save")
-        fmt = json.loads(str(z[_FORMAT_KEY]))
-        out = {}
-        for name in fmt["names"]:
-            cfg = json.loads(str(z[f"{name}{_SEP}__config__"]))
+            raise ValueError(f"{where} was not written by cubn.save (no {_FORMAT_KEY!r} entry)")
+        entries = {}
+        for k in z.files:
+            try:
+                entries[k] = z[k]
+            except Exception as e:  # noqa: BLE001 - a damaged member raises anything zipfile/zlib/numpy has
+                raise ValueError(f"{where} is damaged or truncated: entry {k!r} cannot be read "
+                                 f"({type(e).__name__}: {e})") from e
+    try:
+        return _layers_from(entries, where, device, allow_invalid)
+    except _Unreadable as e:
+        raise ValueError(str(e)) from e.__cause__
+
+
+def _json_entry(entries, key, where):
+    if key not in entries:
+        raise _Unreadable(f"{where} is incomplete: entry {key!r} is missing")
+    try:
+        return json.loads(str(entries[key]))
+    except (ValueError, TypeError) as e:
+        raise _Unreadable(f"{where} is damaged: entry {key!r} is not the JSON cubn.save writes ({e})") from e
+
+
+def _layers_from(entries, where, device, allow_invalid):
+    fmt = _json_entry(entries, _FORMAT_KEY, where)
+    if (not isinstance(fmt, dict) or fmt.get("kind") not in _KINDS or not isinstance(fmt.get("names"), list)
+            or not all(isinstance(n, str) for n in fmt["names"])):
+        raise _Unreadable(f"{where} is damaged: entry {_FORMAT_KEY!r} is not a cubn.save header")
+    version = fmt.get("version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise _Unreadable(f"{where} was written by a newer cubn (file format {version!r}; this cubn reads up to "
+                          f"{FORMAT_VERSION}): upgrade cubn to load it")
+    out = {}
+    for name in fmt["names"]:
+        prefix = f"{name}{_SEP}"
+        cfg = _json_entry(entries, f"{prefix}__config__", where)
+        try:
             layer = BatchNorm.from_config(cfg)
-            prefix = f"{name}{_SEP}"
-            state = {k[len(prefix):]: z[k] for k in z.files if k.startswith(prefix) and not k.endswith("__config__")}
-            if state:
-                layer.load_state_dict(state)
-            if device != "cpu":
-                layer.to(device)
-            out[name] = layer
+        except (TypeError, ValueError, KeyError) as e:
+            raise _Unreadable(f"{where}: entry '{prefix}__config__' is not a valid layer configuration "
+                              f"({type(e).__name__}: {e})") from e
+        state = {k[len(prefix):]: v for k, v in entries.items() if k.startswith(prefix) and k != f"{prefix}__config__"}
+        if state:
+            try:
+                layer._load_state(state, True, allow_invalid, lambda k, pre=prefix: f"{where}: entry '{pre}{k}'")
+            except (TypeError, ValueError, KeyError) as e:
+                msg = e.args[0] if e.args else str(e)
+                if isinstance(e, KeyError):
+                    msg = f"{where}: layer {name!r} has the wrong entries: {msg}"
+                raise _Unreadable(msg) from e
+        out[name] = layer
+    for layer in out.values():
+        if device != "cpu":
+            layer.to(device)
     if fmt["kind"] == "single":
+        if "layer" not in out:
+            raise _Unreadable(f"{where} is damaged: a single-layer file without its 'layer' entry")
         return out["layer"]
     if fmt["kind"] == "list":
         return [out[n] for n in fmt["names"]]
@@ -130,8 +256,11 @@ def from_torch(module_or_state_dict, *, eps=None, momentum=None, data_format="NC
     ours = {names[k]: _host(v) for k, v in state.items() if k in names}
     ref = ours["moving_mean"]
     bn.build(ref.shape[0], "float64" if ref.dtype == np.float64 else "float32")
-    bn.load_state_dict(ours)
-    if "num_batches_tracked" in state:
+    tracked = "num_batches_tracked" in state
+    if cumulative and tracked:  # the count is part of a cumulative layer's state
+        ours["num_batches_tracked"] = _host(state["num_batches_tracked"])
+    bn.load_state_dict(ours, strict=tracked or not cumulative)
+    if tracked and not cumulative:
         bn._step = int(np.asarray(_host(state["num_batches_tracked"])))
     return bn
 

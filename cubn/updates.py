@@ -85,8 +85,10 @@ def run_updates(collection=None) -> int:
     else:
         coll = collection
     n = 0
-    while len(coll):
-        update = coll.pop(0)
+    while True:
+        try:  # pop, not len-then-pop: another thread may be draining the same collection
+            update = coll.pop(0)
+        except IndexError:
+            return n
         update()
         n += 1
-    return n

@@ -112,6 +112,13 @@ def train_backend(request, monkeypatch):
         yield b
 
 
+@pytest.fixture(params=["numpy", "emulated"])
+def host_backend(request):
+    """The backends that take NumPy arrays as they are (memory layouts, threads,
+    files: what a host array looks like matters, so no conversion to CuPy)."""
+    yield from _backend_fixture(request)
+
+
 @pytest.fixture(params=["emulated", "cupy"])
 def kernel_backend(request):
     """Only the backends that run the CUDA sources."""

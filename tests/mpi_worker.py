@@ -9,24 +9,30 @@ gradients and every state variable after each step, then checks that state
 and gradients are bit-identical across ranks. ``mismatch``: ranks call the
 layer inconsistently on purpose; every rank must raise the expected error.
 ``gpu-mpi`` / ``gpu-nccl``: ``equal`` on CuPy arrays through MPI (host
-staging) or NCCL.
+staging) or NCCL. ``fail-raise`` / ``fail-exit``: rank 1 raises outside the
+layer before a training call, or exits between a training call and its
+backward; every other rank must end in the layer's timeout with a clear
+error, and then be refused at once (``fail-raise-abort``: the same raise
+with a long timeout, for ``python -m mpi4py``, which aborts every rank).
 
 Each rank prints ``RANK r OK ...`` lines (and, given OUTDIR, writes them to
 ``OUTDIR/rank<r>.txt``: mpiexec may interleave the ranks' stdout); problems
 print ``RANK r FAIL ...`` and the rank exits 1. An unexpected exception aborts the whole job (no rank
-is left waiting).
+is left waiting) -- except in the ``fail-*`` scenarios, where rank 1 fails on purpose and must not
+take the others down.
 """
 from __future__ import annotations
 
 import contextlib
 import sys
+import time
 import traceback
 
 import numpy as np
 from mpi4py import MPI
 
 import cubn
-from cubn.distributed import as_communicator
+from cubn.distributed import ExchangeTimeout, as_communicator
 from cubn.layers.sync_batch_norm import SyncBatchNorm
 
 SPLITS = {2: [7, 2], 4: [5, 0, 3, 8]}  # per-rank batch sizes: uneven, one rank empty
@@ -226,6 +232,40 @@ def run_mismatch(ctx: Rank, seed: int):
         ctx.comm.Barrier()  # the communicator is still usable after the error
 
 
+# -- a rank that fails outside the layer -------------------------------------------
+FAIL_TIMEOUT = 3.0  # seconds: SyncBatchNorm's timeout in the fail-* scenarios
+
+
+def run_failure(ctx: Rank, scenario: str):
+    timeout = 600.0 if scenario == "fail-raise-abort" else FAIL_TIMEOUT
+    bn = SyncBatchNorm(updates_collections=None, timeout=timeout)
+    x = np.arange(24, dtype=np.float32).reshape(8, 3) + ctx.rank
+    bn(x)  # training call 1 and its backward: every rank
+    bn.backward(x)
+    if ctx.rank == 1:
+        if scenario.startswith("fail-raise"):
+            raise ValueError("rank 1's data loader failed")  # outside the layer, uncaught
+        bn(x)  # training call 2 ...
+        ctx.say("OK", "exiting before the backward of training call 2")
+        sys.exit(0)  # ... and this rank is gone
+    start = time.monotonic()
+    try:
+        bn(x)
+        if scenario == "fail-exit":
+            bn.backward(x)
+    except ExchangeTimeout as e:
+        ctx.say("OK", f"timeout after {time.monotonic() - start:.2f} s: {' '.join(str(e).split())}")
+    else:
+        ctx.say("FAIL", "no ExchangeTimeout")
+    start = time.monotonic()  # the layer cannot wait again: its communicator has a collective pending
+    try:
+        bn(x)
+    except RuntimeError as e:
+        ctx.say("OK", f"refused after {time.monotonic() - start:.2f} s: {' '.join(str(e).split())}")
+    else:
+        ctx.say("FAIL", "a later call was not refused")
+
+
 def main(argv):
     scenario, backend, seed = argv[0], argv[1], int(argv[2])
     comm = MPI.COMM_WORLD
@@ -246,15 +286,20 @@ def main(argv):
     with use:
         if scenario == "mismatch":
             run_mismatch(ctx, seed)
+        elif scenario.startswith("fail-"):
+            run_failure(ctx, scenario)
         else:
             run_equal(ctx, seed)
     return 1 if ctx.failures else 0
 
 
 if __name__ == "__main__":
+    on_purpose = len(sys.argv) > 1 and sys.argv[1].startswith("fail-")
     try:
         code = main(sys.argv[1:])
     except BaseException:  # noqa: BLE001 - never leave the other ranks waiting
+        if on_purpose:
+            raise  # the failing rank of a fail-* scenario ends as a user's script would
         traceback.print_exc()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -80,3 +80,28 @@ def batch_norm(x, mean, var, offset, scale, eps, axis, activation=None, side=Non
 
 def reduce_axes(ndim, axis):
     return tuple(a for a in range(ndim) if a != axis)
+
+
+def batch_norm_grads(x, dy, gamma, eps, axis, training=True, mean=None, var=None):
+    """float64 ``(dx, dgamma, dbeta)`` of ``y = gamma·(x − mean)/sqrt(var + eps) + beta``.
+
+    Training: mean/var are the batch's (biased), and the gradient flows
+    through them: ``dx = gamma·invstd·(dy − mean(dy) − xhat·mean(dy·xhat))``.
+    Inference: the given mean/var are constants, ``dx = gamma·invstd·dy``.
+    """
+    x = np.asarray(x, np.float64)
+    dy = np.asarray(dy, np.float64)
+    nd = x.ndim
+    axes = reduce_axes(nd, axis)
+    if training:
+        mean, var = moments(x, axes)
+    invstd = 1.0 / np.sqrt(bcast(var, nd, axis) + eps)
+    xhat = (x - bcast(mean, nd, axis)) * invstd
+    g = bcast(gamma, nd, axis)
+    dbeta = dy.sum(axis=axes)
+    dgamma = (dy * xhat).sum(axis=axes)
+    if training:
+        dx = g * invstd * (dy - dy.mean(axis=axes, keepdims=True) - xhat * (dy * xhat).mean(axis=axes, keepdims=True))
+    else:
+        dx = g * invstd * dy
+    return dx, dgamma, dbeta

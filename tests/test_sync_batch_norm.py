@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -55,21 +56,21 @@ def seed(request):
     return s
 
 
-def launch(k, args, tmp_path, script=None):
+def launch(k, args, tmp_path, script=None, timeout=TIMEOUT, python_options=()):
     """Run K ranks; returns (returncode, combined output, {rank: [lines]})."""
     target = [str(script)] if script else ["-m", "mpi_worker", *map(str, args), str(tmp_path)]
-    cmd = [MPIEXEC, "-n", str(k), sys.executable, *target]
+    cmd = [MPIEXEC, "-n", str(k), sys.executable, *python_options, *target]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), env.get("PYTHONPATH")) if p)
     env.setdefault("OMP_NUM_THREADS", "1")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
-        out, _ = proc.communicate(timeout=TIMEOUT)
+        out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # mpiexec and its ranks: the group we started
         out, _ = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} did not finish in {TIMEOUT}s (a rank is waiting for the others):\n{out[-6000:]}")
+        pytest.fail(f"{' '.join(cmd)} did not finish in {timeout}s (a rank is waiting for the others):\n{out[-6000:]}")
     ranks = {}
     for r in range(k):
         f = tmp_path / f"rank{r}.txt"
@@ -157,6 +158,91 @@ def test_inconsistent_calls_raise_on_every_rank(k, seed, tmp_path):
 
 
 # ---------------------------------------------------------------------------
+# A rank that fails outside the layer: the others end within the timeout
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("scenario", ["fail-raise", "fail-exit"])
+def test_a_failed_rank_never_leaves_the_others_waiting(k, scenario, seed, tmp_path):
+    import mpi_worker
+
+    t = mpi_worker.FAIL_TIMEOUT
+    rc, out, ranks = launch(k, [scenario, "numpy", seed], tmp_path, timeout=120)
+    phase = ("the consistency header of training call 2" if scenario == "fail-raise"
+             else "the consistency header of the backward of training call 2")
+    for r in range(k):
+        if r == 1:
+            continue
+        lines = ranks[r]
+        assert not [ln for ln in lines if " FAIL " in ln], lines
+        timeouts = [re.match(rf"RANK {r} OK timeout after ([0-9.]+) s: (.*)", ln) for ln in lines]
+        timeouts = [m for m in timeouts if m]
+        assert len(timeouts) == 1, f"rank {r} did not report the timeout:\n{lines}\n{out[-3000:]}"
+        waited, msg = float(timeouts[0][1]), timeouts[0][2]
+        assert t <= waited < t + 15, f"rank {r} waited {waited} s with a timeout of {t} s"
+        assert f"rank {r} of {k}: the other ranks did not join within {t:g} s" in msg, msg
+        assert phase in msg and "python -m mpi4py" in msg and "cannot be used again" in msg, msg
+        refused = [re.match(rf"RANK {r} OK refused after ([0-9.]+) s: (.*)", ln) for ln in lines]
+        refused = [m for m in refused if m]
+        assert len(refused) == 1 and float(refused[0][1]) < 1.0, lines
+        assert "timed out and is still pending" in refused[0][2], refused[0][2]
+    if scenario == "fail-raise":
+        assert "rank 1's data loader failed" in out and rc != 0
+    else:
+        assert any("exiting before the backward" in ln for ln in ranks[1]), ranks[1]
+
+
+def test_python_m_mpi4py_aborts_every_rank_when_one_raises(seed, tmp_path):
+    """The launch the docs show: an uncaught exception on one rank ends the
+    whole job at once, long before the layer's (here 600 s) timeout."""
+    start = time.monotonic()
+    rc, out, ranks = launch(2, ["fail-raise-abort", "numpy", seed], tmp_path, timeout=120,
+                            python_options=("-m", "mpi4py"))
+    assert rc != 0 and "rank 1's data loader failed" in out, out[-3000:]
+    assert time.monotonic() - start < 100
+    assert not any("timeout after" in ln for ln in ranks[0]), ranks[0]
+
+
+def test_timeout_argument(tmp_path):
+    assert SyncBatchNorm(comm=_Recorder()).timeout == 600.0
+    assert SyncBatchNorm(comm=_Recorder(), timeout=None).timeout is None
+    for bad, err in ((0, ValueError), (-1, ValueError), (float("inf"), ValueError), ("soon", TypeError)):
+        with pytest.raises(err, match="'timeout'"):
+            SyncBatchNorm(comm=_Recorder(), timeout=bad)
+
+    class Old(Communicator):  # written before collectives took a timeout
+        def allgather(self, a):
+            return a.reshape(1, -1)
+
+        def allreduce(self, a):
+            return a
+
+    with pytest.raises(TypeError, match="'comm'.*timeout"):
+        SyncBatchNorm(comm=Old())
+
+
+def test_a_single_rank_timeout_is_clear_and_final():
+    """A communicator whose collective never completes (one rank waiting for
+    a partner that is gone): ExchangeTimeout after the timeout, then refusal."""
+    class Stuck(Communicator):
+        name = "stuck"
+        rank, size = 0, 2
+
+        def allgather(self, a, timeout=None):
+            self._check_usable("an allgather")
+            time.sleep(timeout)
+            raise self._timed_out("allgather", timeout, (a,))
+
+        allreduce = allgather
+
+    bn = SyncBatchNorm(comm=Stuck(), timeout=0.2, updates_collections=None)
+    x = np.ones((4, 3), np.float32)
+    with pytest.raises(cubn.distributed.ExchangeTimeout, match=r"rank 0 of 2.*within 0.2 s.*training call 1"):
+        bn(x)
+    with pytest.raises(RuntimeError, match="timed out and is still pending"):
+        bn(x)
+
+
+# ---------------------------------------------------------------------------
 # The example of docs/distributed.md runs as written
 # ---------------------------------------------------------------------------
 def test_docs_example_runs_under_mpiexec(tmp_path):
@@ -167,7 +253,7 @@ def test_docs_example_runs_under_mpiexec(tmp_path):
     assert blocks, "docs/distributed.md has no runnable mpiexec example"
     script = tmp_path / "train.py"
     script.write_text(blocks[0])
-    rc, out, _ = launch(2, [], tmp_path, script=script)
+    rc, out, _ = launch(2, [], tmp_path, script=script, python_options=("-m", "mpi4py"))  # as the docs launch it
     assert rc == 0, out[-6000:]
 
 
@@ -214,11 +300,11 @@ class _Recorder(Communicator):
     def __init__(self):
         self.calls = []
 
-    def allgather(self, a):
+    def allgather(self, a, timeout=None):
         self.calls.append(("allgather", a.dtype.name, a.shape))
         return a.reshape(1, -1).copy()
 
-    def allreduce(self, a):
+    def allreduce(self, a, timeout=None):
         self.calls.append(("allreduce", a.dtype.name, a.shape))
         return a
 
@@ -296,3 +382,21 @@ def test_batch_norm_arguments_and_state_are_inherited(tmp_path):
     cubn.save(tmp_path / "s.npz", {"bn": bn})
     loaded = cubn.load(tmp_path / "s.npz")["bn"]  # saved and loaded as a BatchNorm: the same state
     np.testing.assert_array_equal(loaded.variables["moving_mean"], bn.variables["moving_mean"])
+
+
+def test_explicit_context_and_interleaved_inference(rng, monkeypatch):
+    """SyncBatchNorm.backward(dy, ctx) after an inference call: the training dx,
+    with the backward exchange of that training call; backward(dy) alone is refused."""
+    monkeypatch.setenv("CUBN_PERSISTENT", "0")  # the same kernels as SyncBatchNorm's, for bitwise equality
+    x = (3 + rng.standard_normal((6, 4))).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    comm = _Recorder()
+    s = SyncBatchNorm(comm=comm, scale=True, updates_collections=None)
+    b = cubn.BatchNorm(scale=True, updates_collections=None)
+    _, ctx = s.forward(x)
+    b(x)
+    s(x[:2], is_training=False)
+    with pytest.raises(RuntimeError, match="ambiguous"):
+        s.backward(dy)
+    np.testing.assert_array_equal(s.backward(dy, ctx), b.backward(dy))
+    assert [c[0] for c in comm.calls] == ["allgather", "allgather", "allgather", "allreduce"]

@@ -10,7 +10,8 @@ what is and is not modelled.
 
 Each source file becomes one shared object holding every requested name
 expression; objects are cached on disk (``$CUBN_CACHE_DIR/emulated`` or
-``~/.cache/cubn/emulated``) under a hash of everything that goes into them.
+``~/.cache/cubn/emulated``) under a hash of everything that goes into them,
+each with a SHA-256 digest of its bytes beside it, checked before every load.
 """
 
 from __future__ import annotations
@@ -330,9 +331,10 @@ def _build(stem: str, tu_text: str, include_dirs: tuple[pathlib.Path, ...], sani
     for d in include_dirs:
         _hash_files(h, _headers_in(d))
     target = _cache_dir() / f"{stem}-{sanitize or 'plain'}-{h.hexdigest()[:24]}.so"
-    if target.exists():
+    if _verified(target):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    # Missing, or damaged (truncated, overwritten, no digest): build it anew.
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # its own user's: it holds code we run
     # Built under a private name, then renamed (atomic): two processes building
     # the same object both succeed and neither ever loads a half-written file.
     staged = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -344,8 +346,40 @@ def _build(stem: str, tu_text: str, include_dirs: tuple[pathlib.Path, ...], sani
     if proc.returncode != 0:
         staged.unlink(missing_ok=True)
         raise RuntimeError(f"building {stem} for the emulated backend failed:\n{' '.join(cmd)}\n{proc.stderr}")
+    staged_digest = _digest_path(staged)
+    staged_digest.write_text(_file_digest(staged) + "\n")
+    # The object first, then its digest: a reader between the two renames sees
+    # a mismatch and builds again, never loads an object that was not verified.
     os.replace(staged, target)
+    os.replace(staged_digest, _digest_path(target))
     return target
+
+
+def _digest_path(path: pathlib.Path) -> pathlib.Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _file_digest(path: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _verified(target: pathlib.Path) -> bool:
+    """``target`` exists and its bytes are those its digest file recorded at build time.
+
+    Loading a truncated or overwritten shared object can crash the process
+    (SIGBUS) or fail on every run ("file too short"); a mismatch rebuilds it.
+    This guards against accidents, not against an attacker: whoever can write
+    the cache folder can replace the object and its digest alike (see the
+    cache's trust model in docs/emulator.md).
+    """
+    try:
+        return _digest_path(target).read_text().strip() == _file_digest(target)
+    except OSError:
+        return False
 
 
 def _runtime_api(sanitize: str | None) -> int:
@@ -422,6 +456,12 @@ def _describe(arg) -> str:
     return type(arg).__name__
 
 
+def _layout(a: numpy.ndarray) -> str:
+    bad = [what for what, ok in (("non-native byte order", a.dtype.isnative), ("misaligned", a.flags.aligned),
+                                 ("not C-contiguous", a.flags.c_contiguous)) if not ok]
+    return f"a numpy array of {a.dtype.str} ({', '.join(bad)})"
+
+
 def _marshal(kernel: EmulatedKernel, args) -> tuple:
     """A ``void*[]`` pointing at each argument's value, and what keeps them alive."""
     params = kernel.parameters
@@ -431,6 +471,11 @@ def _marshal(kernel: EmulatedKernel, args) -> tuple:
     for i, (code, arg) in enumerate(zip(params, args)):
         if code == "p":
             if isinstance(arg, numpy.ndarray):
+                if not (arg.dtype.isnative and arg.flags.aligned and arg.flags.c_contiguous):
+                    # A GPU reads raw memory too: it would fault, or read wrong bytes.
+                    raise TypeError(
+                        f"{kernel.name_expression}: argument {i} ({_C_TYPES[code]}) must be a C-contiguous "
+                        f"array of aligned elements in native byte order, got {_layout(arg)}")
                 holders.append(ctypes.c_void_p(arg.ctypes.data))
                 continue
             if arg is NULL or arg is None:

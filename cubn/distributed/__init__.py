@@ -5,6 +5,6 @@ cubn has no transport of its own: :class:`MPIComm` wraps ``mpi4py`` and
 needs (see ``docs/distributed.md``). Importing this package imports neither
 engine.
 """
-from .comm import Communicator, MPIComm, NCCLComm, as_communicator
+from .comm import Communicator, ExchangeTimeout, MPIComm, NCCLComm, as_communicator
 
-__all__ = ["Communicator", "MPIComm", "NCCLComm", "as_communicator"]
+__all__ = ["Communicator", "ExchangeTimeout", "MPIComm", "NCCLComm", "as_communicator"]

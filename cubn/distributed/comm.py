@@ -17,17 +17,48 @@ Two collectives and nothing else -- ``allgather`` and ``allreduce`` (sum) of a
 
 Both return the same kind of array they were given. cubn has no transport of
 its own: these classes only translate arrays into the engines' calls.
+
+Both collectives take ``timeout`` (seconds, None: wait forever). A rank that
+waits longer for the others raises :class:`ExchangeTimeout` instead of
+hanging; the collective it started cannot be cancelled (neither MPI nor NCCL
+can take a collective back), so the communicator is unusable afterwards and
+says so. With MPI the wait is a non-blocking collective polled against the
+deadline. With NCCL only the collectives of host arrays wait on the host at
+all (the consistency header); those are polled against the deadline, and on
+expiry the NCCL communicator is aborted (``ncclCommAbort``) so the GPU
+stream is released. Collectives of device arrays are only enqueued and never
+waited for, so they have no timeout of their own: a rank gone between two
+exchanges is caught at the next header exchange.
 """
 from __future__ import annotations
+
+import inspect
+import time
 
 import numpy as np
 
 from .._backend import is_cupy_array
 from .._checks import arg_error, describe
 
+# Poll a pending collective this many times back to back before sleeping
+# between polls: a healthy exchange completes within the spins (no added
+# latency), a stuck one costs ~one core-millisecond per millisecond at most.
+_SPINS = 2000
+_NAP = 1e-3
+
+
+class ExchangeTimeout(TimeoutError):
+    """The other ranks did not join a collective within the timeout."""
+
 
 class Communicator:
-    """``rank``, ``size`` and two collectives over 1-D contiguous arrays."""
+    """``rank``, ``size`` and two collectives over 1-D contiguous arrays.
+
+    A subclass implements ``allgather(a, timeout=None)`` and
+    ``allreduce(a, timeout=None)``; on a timeout it raises
+    :class:`ExchangeTimeout` (and refuses every later collective: the
+    abandoned one is still pending).
+    """
 
     name = "abstract"
     rank: int = 0
@@ -35,13 +66,28 @@ class Communicator:
     #: True when data arrays must be CuPy arrays (NCCL moves device memory only).
     device_only = False
 
-    def allgather(self, a):
+    def allgather(self, a, timeout=None):
         """``a`` of shape (n,) on every rank -> (size, n); row r is rank r's ``a``."""
         raise NotImplementedError
 
-    def allreduce(self, a):
+    def allreduce(self, a, timeout=None):
         """Elementwise sum over ranks of ``a`` (n,); may reuse ``a``'s memory."""
         raise NotImplementedError
+
+    # -- the timeout bookkeeping shared by the implementations ----------------
+    _abandoned = None  # (what, keep-alive objects) of the collective that timed out
+
+    def _check_usable(self, what):
+        if self._abandoned is not None:
+            raise RuntimeError(f"{type(self).__name__} (rank {self.rank} of {self.size}): cannot run {what}: an "
+                               f"earlier {self._abandoned[0]} timed out and is still pending (a collective cannot "
+                               "be cancelled); the communicator cannot be used again: end the job")
+
+    def _timed_out(self, what, timeout, keep_alive):
+        # The engine may still write into the buffers when a late rank arrives: keep them alive.
+        self._abandoned = (what, keep_alive)
+        return ExchangeTimeout(f"{what} on rank {self.rank} of {self.size}: the other ranks did not join within "
+                               f"{timeout:g} s")
 
     def __repr__(self):
         return f"<{type(self).__name__} rank {self.rank} of {self.size}>"
@@ -66,37 +112,57 @@ class MPIComm(Communicator):
         self.size = int(comm.Get_size())
         self.cuda_aware = bool(cuda_aware)
 
-    def _device_call(self, a, op):
+    def _device_call(self, a, op, timeout):
         import cupy
 
         if self.cuda_aware:
             # MPI reads device memory directly but does not order itself after
             # the kernels queued on the stream: wait for them first.
             cupy.cuda.get_current_stream().synchronize()
-            return op(a)
+            return op(a, timeout)
         with cupy.cuda.Device(a.device.id):
-            return cupy.asarray(op(a.get()))
+            return cupy.asarray(op(a.get(), timeout))
 
-    def allgather(self, a):
+    def allgather(self, a, timeout=None):
+        self._check_usable("an allgather")
         if is_cupy_array(a):
-            return self._device_call(a, self._allgather)
-        return self._allgather(a)
+            return self._device_call(a, self._allgather, timeout)
+        return self._allgather(a, timeout)
 
-    def allreduce(self, a):
+    def allreduce(self, a, timeout=None):
+        self._check_usable("an allreduce")
         if is_cupy_array(a):
-            return self._device_call(a, self._allreduce)
-        return self._allreduce(a)
+            return self._device_call(a, self._allreduce, timeout)
+        return self._allreduce(a, timeout)
 
-    def _allgather(self, a):
+    def _allgather(self, a, timeout):
         out = _empty_like(a, (self.size, a.shape[0]))
-        self.comm.Allgather(a, out)
+        if timeout is None:
+            self.comm.Allgather(a, out)
+        else:
+            self._wait(self.comm.Iallgather(a, out), "MPI allgather", timeout, (a, out))
         return out
 
-    def _allreduce(self, a):
+    def _allreduce(self, a, timeout):
         from mpi4py import MPI
 
-        self.comm.Allreduce(MPI.IN_PLACE, a, op=MPI.SUM)
+        if timeout is None:
+            self.comm.Allreduce(MPI.IN_PLACE, a, op=MPI.SUM)
+        else:
+            self._wait(self.comm.Iallreduce(MPI.IN_PLACE, a, op=MPI.SUM), "MPI allreduce", timeout, (a,))
         return a
+
+    def _wait(self, request, what, timeout, buffers):
+        """Poll a non-blocking collective until it completes or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        spins = 0
+        while not request.Test():
+            spins += 1
+            if spins > _SPINS:
+                now = time.monotonic()
+                if now >= deadline:
+                    raise self._timed_out(what, timeout, (request, buffers))
+                time.sleep(min(_NAP, deadline - now))
 
 
 class NCCLComm(Communicator):
@@ -120,14 +186,28 @@ class NCCLComm(Communicator):
         self._types = {np.dtype(np.float32): nccl.NCCL_FLOAT32, np.dtype(np.float64): nccl.NCCL_FLOAT64,
                        np.dtype(np.int64): nccl.NCCL_INT64}
 
-    def _staged(self, a, op):
-        """Run ``op`` on a device copy of a host array ``a``; back to the host (a sync)."""
+    def _staged(self, a, op, what, timeout):
+        """Run ``op`` on a device copy of a host array ``a``; back to the host (a sync,
+        polled against ``timeout``). Device arrays: ``op`` is only enqueued."""
         import cupy
 
+        self._check_usable(what)
         if not isinstance(a, np.ndarray):
             return op(a)
         with cupy.cuda.Device(self.device):
-            return op(cupy.asarray(a)).get()
+            d = op(cupy.asarray(a))
+            if timeout is not None:
+                done = cupy.cuda.Event(disable_timing=True)
+                done.record()
+                deadline = time.monotonic() + timeout
+                while not done.done:
+                    self.comm.check_async_error()  # a network error: NcclError now, not a hang
+                    if time.monotonic() >= deadline:
+                        err = self._timed_out(what, timeout, (d,))
+                        self.comm.abort()  # releases the GPU stream that waits for the collective
+                        raise err
+                    time.sleep(_NAP / 10)
+            return d.get()
 
     def _type(self, a):
         t = self._types.get(np.dtype(a.dtype))
@@ -135,7 +215,7 @@ class NCCLComm(Communicator):
             raise arg_error(TypeError, "NCCLComm", "a", "float32, float64 or int64 data", describe(a))
         return t
 
-    def allgather(self, a):
+    def allgather(self, a, timeout=None):
         def op(d):
             import cupy
 
@@ -144,9 +224,9 @@ class NCCLComm(Communicator):
                                 cupy.cuda.get_current_stream().ptr)
             return out
 
-        return self._staged(a, op)
+        return self._staged(a, op, "NCCL allgather", timeout)
 
-    def allreduce(self, a):
+    def allreduce(self, a, timeout=None):
         def op(d):
             import cupy
 
@@ -155,7 +235,7 @@ class NCCLComm(Communicator):
                                 cupy.cuda.get_current_stream().ptr)
             return d
 
-        return self._staged(a, op)
+        return self._staged(a, op, "NCCL allreduce", timeout)
 
 
 def _empty_like(a, shape):
@@ -175,6 +255,15 @@ def as_communicator(comm, func: str = "SyncBatchNorm") -> Communicator:
     :class:`NCCLComm`. A :class:`Communicator` is used as it is.
     """
     if isinstance(comm, Communicator):
+        for method in ("allgather", "allreduce"):
+            try:
+                takes = "timeout" in inspect.signature(getattr(comm, method)).parameters
+            except (TypeError, ValueError):
+                takes = True  # not introspectable: trust it
+            if not takes:
+                raise arg_error(TypeError, func, "comm", f"a Communicator whose {method}(a, timeout=None) takes "
+                                "a timeout (seconds; None: wait forever)", f"{type(comm).__name__}.{method} "
+                                "without one")
         return comm
     if comm is None:
         try:

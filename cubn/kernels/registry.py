@@ -31,9 +31,14 @@ DTYPES = ("float16", "bfloat16", "float32", "float64")
 ACC_DTYPES = ("float32", "float64")
 
 
+# By name: "bfloat16" is a NumPy dtype only where ml_dtypes is installed, but
+# its variants are registered (and compiled for CuPy) everywhere.
+_ITEMSIZES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+
+
 def vector_widths(dtype) -> tuple:
     """Elements per access a kernel may use: powers of two up to 16 bytes."""
-    size = np.dtype(dtype).itemsize
+    size = _ITEMSIZES[dtype] if isinstance(dtype, str) and dtype in _ITEMSIZES else np.dtype(dtype).itemsize
     return tuple(v for v in (1, 2, 4, 8, 16) if v * size <= 16)
 
 

@@ -6,24 +6,79 @@ math lives there. Arguments and defaults are those of
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import numbers
+import threading
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
 import numpy as np
 
 from .. import _dtypes, activations
 from .._backend import gpu_available, is_array, is_cupy_array, select
 from .._checks import arg_error, check_float_input, check_positive_epsilon, check_unit_interval, describe
+from .._memory import readable, readable_all
 from .._plan import plan_for_channels
 from ..backends.base import Fold, MovingUpdate, Renorm, Stats
 from .._args import as_like, channel_param, make_weights
 from ..ops.normalization import bn_backward, bn_forward, check_side_input, check_training_batch
+from ..regularizers import L1L2
 from ..updates import UPDATE_OPS, is_collection_spec, resolve as resolve_collections
 
+_no_lock = contextlib.nullcontext()
 _CLIP_KEYS = ("rmax", "rmin", "dmax")
 _PARAM_NAMES = ("beta", "gamma", "moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev")
 ZD_BIASED = "moving_mean/biased"
 ZD_STEP = "moving_mean/local_step"
 BATCHES_TRACKED = "num_batches_tracked"
 CONVENTIONS = ("tf", "tf_keras", "keras3", "torch")
+
+
+@dataclass(eq=False)
+class BatchNormContext:
+    """What ``backward`` needs from one forward call: ``y, ctx = bn.forward(x, ...)``.
+
+    Hand it back as ``bn.backward(dy, ctx)``. A context can be used from any
+    thread and more than once; it keeps the forward's input alive until it is
+    dropped.
+    """
+
+    op: Any               # the functional op's context (ops.normalization.ForwardContext)
+    training: bool        # the call's is_training
+    side_input: bool      # a side input was given: backward returns (dx, d_side_input)
+    z: Any = None         # the fused part's output, kept for an unfused activation_fn
+    layer: Any = None     # weakref to the layer that made it
+    epoch: int = 0        # the layer's state epoch then (build and to() start a new one)
+    gradients: dict = field(default_factory=dict)  # filled by backward(dy, ctx)
+
+    def __repr__(self) -> str:
+        kind = "training" if self.training else "inference"
+        return f"<BatchNormContext of a {kind} call, input shape {tuple(self.op.plan.orig_shape)}>"
+
+
+class _PerThread(threading.local):
+    """Each thread's own view of a layer: the forward contexts and gradients
+    that ``bn.backward(dy)`` and ``bn.gradients`` mean on that thread."""
+
+    def __init__(self):  # threading.local runs it once in every thread that uses the object
+        self.last = None      # context of this thread's last call
+        self.pending = None   # this thread's last training context whose backward has not run
+        self.gradients = {}   # of this thread's last backward
+
+
+class _LayerThreads:
+    """A layer's transient threading state (not part of the layer's data: a
+    copy or an unpickled layer starts with a fresh one)."""
+
+    def __init__(self):
+        self.local = _PerThread()
+        self.lock = threading.RLock()  # in-place state updates of the layer, one at a time
+
+    def __reduce__(self):
+        return (_LayerThreads, ())  # copied or pickled: a fresh one (no contexts, an unheld lock)
 
 
 class CustomActivation:
@@ -45,8 +100,13 @@ class BatchNorm:
 
     ``y = bn(x, is_training=True, batch_weights=None, side_input=None)``;
     ``dx = bn.backward(dy)`` (``(dx, d_side_input)`` when a side input was
-    given). ``bn.variables`` maps names to the live state arrays;
-    ``bn.gradients`` holds d beta / d gamma after ``backward``.
+    given) is the backward of the calling thread's last call. Hand-written
+    nets that call a layer more than once before its backward hold the
+    context instead: ``y, ctx = bn.forward(x, ...)``, ``dx = bn.backward(dy,
+    ctx)``. ``bn.variables`` maps names to the live state arrays;
+    ``bn.gradients`` holds d beta / d gamma of the calling thread's last
+    ``backward``. One layer may be used from several threads (see the
+    threads section of docs/conventions.md).
 
     Args:
         decay: moving-average decay: ``moving -= (1 - decay) * (moving - batch)``;
@@ -168,8 +228,20 @@ class BatchNorm:
         self._device = None  # None: NumPy; int: CUDA device id
         self._device_fixed = False  # set by to(): the first call must then match it
         self._step = 0       # zero-debias local step (host-side: known without a sync)
-        self._ctx = None
-        self.gradients: dict = {}
+        self._epoch = 0      # bumped by build() and a move: older forward contexts are refused
+        self._threads = _LayerThreads()  # transient: per-thread contexts and gradients, the update lock
+
+    @property
+    def gradients(self) -> dict:
+        """d beta / d gamma of the calling thread's last ``backward`` (``{}`` before one)."""
+        return self._thread().gradients
+
+    @gradients.setter
+    def gradients(self, value: dict) -> None:
+        self._thread().gradients = value
+
+    def _thread(self) -> _PerThread:
+        return self._threads.local
 
     # ------------------------------------------------------------------
     # variables
@@ -219,15 +291,21 @@ class BatchNorm:
             v = init((c,))
         else:
             v = init
+        what = f"param_initializers[{name!r}]"
         if is_array(v) and not isinstance(v, xp.ndarray):
             where = "host" if isinstance(v, np.ndarray) else "GPU"
-            raise TypeError(f"BatchNorm: param_initializers[{name!r}] gave an array on the {where}, "
+            raise TypeError(f"BatchNorm: {what} gave an array on the {where}, "
                             f"but the layer is being built on {'the GPU' if xp is not np else 'the host'}")
-        arr = xp.asarray(v, dtype=acc) if not np.isscalar(v) else xp.full((c,), v, dtype=acc)
+        v = readable("BatchNorm", what, v)
+        if hasattr(v, "dtype") and v.dtype.kind not in "fiu" and not _dtypes.is_supported_float(v.dtype):
+            raise arg_error(TypeError, "BatchNorm", what, "real numbers", describe(v))
+        # Always a copy: the layer's state never aliases the caller's array
+        # (an initializer shared by two layers would otherwise be their shared state).
+        arr = xp.array(v, dtype=acc, copy=True) if not np.isscalar(v) else xp.full((c,), v, dtype=acc)
         if arr.ndim == 0:
             arr = xp.full((c,), arr, dtype=acc)
         if arr.shape != (c,):
-            raise arg_error(ValueError, "BatchNorm", f"param_initializers[{name!r}]", f"shape ({c},)", f"shape {tuple(arr.shape)}")
+            raise arg_error(ValueError, "BatchNorm", what, f"shape ({c},)", f"shape {tuple(arr.shape)}")
         return xp.ascontiguousarray(arr)
 
     def build(self, channels: int, dtype="float32", device=None):
@@ -255,9 +333,16 @@ class BatchNorm:
                     v["moving_variance"] = xp.maximum(v["moving_stddev"] ** 2 - acc.type(self.epsilon), 0).astype(acc)
             if self.zero_debias_moving_mean:
                 v[ZD_BIASED] = xp.zeros((c,), acc)
-        self._vars, self._channels, self._acc, self._xp, self._device = v, c, acc, xp, device
-        self._step = 0
+        with self._threads.lock:
+            self._vars, self._channels, self._acc, self._xp, self._device = v, c, acc, xp, device
+            self._step = 0
+            self._new_epoch()
         return self
+
+    def _new_epoch(self):
+        """Forget every thread's forward contexts: the state they refer to is gone."""
+        self._epoch += 1
+        self._threads.local = _PerThread()
 
     def to(self, device: str):
         """Move the state to ``"cpu"`` or ``"cuda"`` / ``"cuda:N"``; returns self."""
@@ -265,30 +350,63 @@ class BatchNorm:
         if dev is not None and not gpu_available():
             raise RuntimeError(f"BatchNorm.to({device!r}): no CUDA device is available")
         if self._channels is not None and dev != self._device:
-            if dev is None:
-                self._vars = {k: v.get() if is_cupy_array(v) else v for k, v in self._vars.items()}
-                self._xp = np
-            else:
-                import cupy
+            with self._threads.lock:
+                if dev is None:
+                    self._vars = {k: v.get() if is_cupy_array(v) else v for k, v in self._vars.items()}
+                    self._xp = np
+                else:
+                    import cupy
 
-                with cupy.cuda.Device(dev):
-                    self._vars = {k: cupy.asarray(v) for k, v in self._vars.items()}
-                self._xp = cupy
-            self._ctx = None
-            self.gradients = {}
+                    with cupy.cuda.Device(dev):
+                        self._vars = {k: cupy.asarray(v) for k, v in self._vars.items()}
+                    self._xp = cupy
+                self._new_epoch()
         self._device = dev
         self._device_fixed = True
         return self
 
     # ------------------------------------------------------------------
     def __call__(self, x, is_training=True, batch_weights=None, side_input=None, mask=None):
+        """``y = bn(x, ...)``: :meth:`forward` without the context (``bn.backward(dy)``
+        finds it: the calling thread's last call)."""
+        return self.forward(x, is_training=is_training, batch_weights=batch_weights, side_input=side_input,
+                            mask=mask)[0]
+
+    def forward(self, x, is_training=True, batch_weights=None, side_input=None, mask=None):
+        """``(y, ctx)``: the layer's output and the context of this call for ``backward(dy, ctx)``.
+
+        The same computation as ``bn(x, ...)``; the context is also recorded
+        as the calling thread's last call, so ``bn.backward(dy)`` works too.
+        Hold ``ctx`` when one layer is called more than once before its
+        backward (a shared layer, or an inference call in between).
+        """
         f = "BatchNorm"
         check_float_input(f, "x", x)
         backend = select(f, "x", x, batch_weights=batch_weights, side_input=side_input)
-        xp = backend.xp
+        x, batch_weights, side_input = readable_all(f, x=x, batch_weights=batch_weights, side_input=side_input)
         plan = plan_for_channels(x.shape, self.data_format, f)
+        with self._threads.lock:
+            self._ensure_built(x, plan.channels, backend)
+        training = bool(is_training)
+        in_place = training and self.updates_collections is None
+        # An in-place update reads and writes the moving statistics (and the
+        # step count): one such call of a layer at a time, so none is lost.
+        with self._threads.lock if in_place else _no_lock:
+            epoch = self._epoch
+            y, ctx = self._forward(f, backend, plan, x, training, batch_weights, side_input, mask)
+        out = BatchNormContext(ctx, training, side_input is not None, None, weakref.ref(self), epoch)
+        if self._custom is not None:
+            out.z = y
+            y = self._custom.forward(y)
+        local = self._thread()
+        local.last = out
+        if training:
+            local.pending = out
+        return y, out
+
+    def _forward(self, f, backend, plan, x, training, batch_weights, side_input, mask):
+        xp = backend.xp
         ch_axis = 1 if (x.ndim > 2 and self.data_format == "NCHW") else x.ndim - 1
-        self._ensure_built(x, plan.channels, backend)
         acc = self._acc
         if _dtypes.acc_dtype(x.dtype) != acc:
             raise arg_error(TypeError, f, "x", f"a dtype that accumulates in {acc.name} (the layer's state dtype)",
@@ -301,7 +419,6 @@ class BatchNorm:
         x3 = plan.view3(x)
         side3 = None if side_input is None else plan.view3(side_input)
         fused_act = self._act
-        training = bool(is_training)
         weights = None
         update = None
         element_mask = None if mask is None else _element_mask(f, mask, x, ch_axis, xp)
@@ -328,22 +445,17 @@ class BatchNorm:
             bessel = self._bessel(x.ndim, weights is not None)
             if self.updates_collections is None:
                 update = self._moving_update(bessel, step=self._step + 1)
-                self._step += 1
             y3, ctx = bn_forward(backend, plan, x3, acc, training=True, fold=fold, update=update,
                                  weights=weights, side3=side3, act=fused_act,
-                                 exchange=self._exchange(backend, plan, x, batch_weights is not None))
-            if self.updates_collections is not None:
+                                 exchange=self._exchange(backend, plan, x, weights is not None))
+            if update is not None:
+                self._step += 1
+            else:
                 self._defer(_DeferredUpdate(self, backend, ctx.stats, bessel))
         else:
             y3, ctx = bn_forward(backend, plan, x3, acc, training=False, fold=fold,
                                  given=(v["moving_mean"], v["moving_variance"]), side3=side3, act=fused_act)
-        y = plan.unview3(y3)
-        z = None
-        if self._custom is not None:
-            z = y
-            y = self._custom.forward(z)
-        self._ctx = (ctx, side_input is not None, z, ch_axis)
-        return y
+        return plan.unview3(y3), ctx
 
     def _defer(self, update):
         for coll in resolve_collections(self.updates_collections):
@@ -460,20 +572,29 @@ class BatchNorm:
         return tuple(res)
 
     # ------------------------------------------------------------------
-    def backward(self, dy):
-        """Gradient w.r.t. the last call's x (and side input); fills ``self.gradients``."""
-        if self._ctx is None:
-            raise RuntimeError("BatchNorm.backward: call the layer (forward) first")
-        ctx, had_side, z, ch_axis = self._ctx
+    def backward(self, dy, ctx=None):
+        """Gradient w.r.t. a forward call's x (and side input); fills ``gradients``.
+
+        ``ctx``: the context ``forward`` returned. Without it, the calling
+        thread's last call of the layer -- unless that was an inference call
+        made after a training call whose backward has not run yet: which of
+        the two ``dy`` belongs to is then ambiguous, and this raises
+        RuntimeError (pass the context). Returns ``dx``, or ``(dx,
+        d_side_input)`` when the forward had a side input; the gradients go
+        to ``ctx.gradients`` and to ``bn.gradients`` (the calling thread's).
+        """
         f = "BatchNorm.backward"
+        handle = self._context_for(f, ctx)
         check_float_input(f, "dy", dy)
+        ctx, had_side, z = handle.op, handle.side_input, handle.z
         select(f, "dy", dy, forward_input=ctx.x3)
+        dy = readable(f, "dy", dy)
         if self._custom is not None:
             if not self._custom.has_backward:
                 raise TypeError(
                     "BatchNorm.backward: activation_fn is a plain callable with no backward; give an object "
                     "with forward(z) and backward(z, dy), or a fused activation (a name or cubn.activations.*)")
-            dy = self._custom.backward(z, dy)
+            dy = readable(f, "activation_fn.backward's result", self._custom.backward(z, dy))
         for k, reg in self.param_regularizers.items():
             if self.trainable and not hasattr(reg, "gradient"):
                 raise TypeError(f"BatchNorm.backward: param_regularizers[{k!r}] has no gradient(w); use "
@@ -496,35 +617,132 @@ class BatchNorm:
             for k, reg in self.param_regularizers.items():
                 if k in grads:
                     grads[k] = grads[k] + reg.gradient(self._vars[k])
-        self.gradients = grads
+        handle.gradients = grads
+        local = self._thread()
+        local.gradients = grads
+        if local.pending is handle:
+            local.pending = None
         dx = plan.unview3(dx3)
         if had_side:
             return dx, plan.unview3(dside3)
         return dx
 
+    def _context_for(self, f, ctx) -> BatchNormContext:
+        """The forward context a backward call belongs to (see :meth:`backward`)."""
+        if ctx is None:
+            local = self._thread()
+            ctx = local.last
+            if ctx is None:
+                raise RuntimeError(f"{f}: call the layer (forward) first; on this thread it has not been called "
+                                   "since it was built or moved (each thread's backward(dy) uses that thread's "
+                                   "own forward)")
+            if not ctx.training and local.pending is not None:
+                raise RuntimeError(
+                    f"{f}: ambiguous: the last call on this thread was an inference call (is_training=False), "
+                    "made after a training call whose backward has not run. Say which forward dy belongs to: "
+                    "y, ctx = bn.forward(x, is_training=True, ...); ...; dx = bn.backward(dy, ctx)")
+            return ctx
+        if not isinstance(ctx, BatchNormContext):
+            raise arg_error(TypeError, f, "ctx", "None or the context returned by this layer's forward()", describe(ctx))
+        if ctx.layer is None or ctx.layer() is not self:
+            raise arg_error(ValueError, f, "ctx", "a context returned by this layer's forward()",
+                            "the context of another layer's call")
+        if ctx.epoch != self._epoch:
+            raise arg_error(ValueError, f, "ctx", "a context of the layer's current state",
+                            "one from before the layer was rebuilt or moved to another device (build() or to())")
+        return ctx
+
     # ------------------------------------------------------------------
     def get_config(self) -> dict:
-        act = self.activation_fn
-        if isinstance(act, activations.Activation):
-            act = {"name": act.name, "alpha": act.alpha}
-        elif act is not None and not isinstance(act, str):
-            act = None  # a custom callable cannot be stored
-        return dict(decay=self.decay, center=self.center, scale=self.scale, epsilon=self.epsilon,
-                    activation_fn=act, trainable=self.trainable, fused=self.fused, data_format=self.data_format,
-                    zero_debias_moving_mean=self.zero_debias_moving_mean, renorm=self.renorm,
-                    renorm_clipping=dict(self.renorm_clipping), renorm_decay=self.renorm_decay,
-                    unbiased_moving_variance=self.unbiased_moving_variance, name=self.name,
-                    updates_in_place=self.updates_collections is None,
-                    virtual_batch_size=self.virtual_batch_size, convention=self.convention)
+        """The layer's arguments as JSON-ready values: ``from_config`` rebuilds the same layer.
+
+        Built-in activations (with ``alpha``), ``cubn.regularizers`` (with
+        their scales) and number or array ``param_initializers`` are stored.
+        A custom ``activation_fn``, an ``adjustment`` function, any other
+        regularizer, and a callable initializer of a layer not built yet
+        cannot be: this raises TypeError naming the argument rather than
+        describe a different layer. (Once built, the initializers no longer
+        matter: the state holds what they gave.) ``updates_collections`` is
+        stored as "in place or not"; a loaded layer that defers its updates
+        uses ``cubn.UPDATE_OPS``.
+        """
+        return self._config(strict=True)
+
+    def _config(self, strict: bool) -> dict:
+        """``get_config``; with ``strict=False`` what cannot be stored is described
+        by its type instead (SyncBatchNorm compares these across ranks)."""
+        def refuse(arg, what, value):
+            if strict:
+                raise TypeError(f"BatchNorm.get_config: argument '{arg}' is {what} ({describe(value)}), which "
+                                "cannot be stored: saving it would load as a different layer. Use a built-in "
+                                "one, or save the state alone (bn.state_dict()) and rebuild the layer in code")
+            return {"custom": type(value).__qualname__}
+
+        if self._custom is not None:
+            act = refuse("activation_fn", "a custom callable", self.activation_fn)
+        elif self._act is not None:
+            act = {"name": self._act.name, "alpha": self._act.alpha}
+        else:
+            act = None
+        regs = {}
+        for k, reg in self.param_regularizers.items():
+            if isinstance(reg, L1L2):
+                regs[k] = {"l1": reg.l1, "l2": reg.l2}
+            else:
+                regs[k] = refuse(f"param_regularizers[{k!r}]", "not a cubn.regularizers object", reg)
+        inits = {}
+        for k, init in (self.param_initializers if strict else {}).items():  # (initial state: not compared)
+            if callable(init):
+                if not self.built:
+                    inits[k] = refuse(f"param_initializers[{k!r}]", "a callable (of a layer not built yet)", init)
+            elif isinstance(init, numbers.Real) and not isinstance(init, bool):
+                inits[k] = float(init)
+            else:
+                host = init.get() if is_cupy_array(init) else np.asarray(init)
+                inits[k] = {"values": np.asarray(host, np.float64).reshape(-1).tolist(), "shape": list(host.shape)}
+        adjustment = None if self.adjustment is None else refuse("adjustment", "a function", self.adjustment)
+        cfg = dict(decay=self.decay, center=self.center, scale=self.scale, epsilon=self.epsilon,
+                   activation_fn=act, trainable=self.trainable, fused=self.fused, data_format=self.data_format,
+                   zero_debias_moving_mean=self.zero_debias_moving_mean, renorm=self.renorm,
+                   renorm_clipping=dict(self.renorm_clipping), renorm_decay=self.renorm_decay,
+                   unbiased_moving_variance=self.unbiased_moving_variance, name=self.name,
+                   updates_in_place=self.updates_collections is None,
+                   virtual_batch_size=self.virtual_batch_size, convention=self.convention)
+        if regs:
+            cfg["param_regularizers"] = regs
+        if inits:
+            cfg["param_initializers"] = inits
+        if adjustment is not None:
+            cfg["adjustment"] = adjustment
+        return cfg
 
     @classmethod
     def from_config(cls, config: dict) -> "BatchNorm":
+        """The layer ``get_config`` described (not built: load its state to build it)."""
+        if not isinstance(config, dict):
+            raise arg_error(TypeError, "BatchNorm.from_config", "config", "a dict from get_config()", describe(config))
         cfg = dict(config)
         act = cfg.pop("activation_fn", None)
         if isinstance(act, dict):
-            act = activations.get(act["name"])(act["alpha"]) if activations.get(act["name"]).has_alpha else activations.get(act["name"])
+            a = activations.get(act.get("name"), "BatchNorm.from_config", "activation_fn")
+            act = a(act["alpha"]) if a.has_alpha and "alpha" in act else a
+        regs = {}
+        for k, r in dict(cfg.pop("param_regularizers", None) or {}).items():
+            if not isinstance(r, dict) or set(r) - {"l1", "l2"}:
+                raise arg_error(ValueError, "BatchNorm.from_config", f"param_regularizers[{k!r}]",
+                                "{'l1': float, 'l2': float}", repr(r))
+            regs[k] = L1L2(l1=float(r.get("l1", 0.0)), l2=float(r.get("l2", 0.0)))
+        inits = {}
+        for k, v in dict(cfg.pop("param_initializers", None) or {}).items():
+            if isinstance(v, dict) and set(v) == {"values", "shape"}:
+                v = np.asarray(v["values"], np.float64).reshape(v["shape"])
+            elif not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise arg_error(ValueError, "BatchNorm.from_config", f"param_initializers[{k!r}]",
+                                "a number or {'values': [...], 'shape': [...]}", repr(v)[:100])
+            inits[k] = v
         in_place = cfg.pop("updates_in_place", False)
-        return cls(activation_fn=act, updates_collections=None if in_place else UPDATE_OPS, **cfg)
+        return cls(activation_fn=act, updates_collections=None if in_place else UPDATE_OPS,
+                   param_regularizers=regs or None, param_initializers=inits or None, **cfg)
 
     def state_dict(self) -> dict:
         """Copies of every state array (in the layer's array library), by name."""
@@ -532,34 +750,78 @@ class BatchNorm:
             return {}
         return {k: v.copy() for k, v in self.variables.items()}
 
-    def load_state_dict(self, state: dict, strict: bool = True) -> None:
-        """Load arrays by name (numpy or cupy; moved to the layer's device)."""
+    def _variable_names(self) -> list:
+        """The state entries this layer has (or will have once built)."""
+        names = (["beta"] if self.center else []) + (["gamma"] if self.scale else []) + ["moving_mean", "moving_variance"]
+        if self.renorm:
+            names += ["moving_stddev", "renorm_mean", "renorm_stddev"]
+        if self.zero_debias_moving_mean:
+            names += [ZD_BIASED, ZD_STEP]
+        if self.decay is None:
+            names += [BATCHES_TRACKED]
+        return names
+
+    def load_state_dict(self, state: dict, strict: bool = True, *, allow_invalid: bool = False) -> None:
+        """Load arrays by name (numpy or cupy; moved to the layer's device): all or nothing.
+
+        Every entry is checked before any is assigned, so a refused state
+        leaves the layer exactly as it was (an unbuilt layer stays unbuilt).
+        An entry must hold one real number per channel (integers and floats
+        are converted to the state dtype; complex, bool, string and object
+        arrays are refused) that fits the state dtype. A NaN or infinite
+        value, or a negative ``moving_variance`` / ``moving_stddev`` /
+        ``renorm_stddev``, is an error unless ``allow_invalid=True``.
+
+        Args:
+            state: name -> array, as ``state_dict()`` gives.
+            strict: the keys must be exactly this layer's (else a KeyError
+                names the missing and unexpected ones); False loads the
+                known keys present and ignores the rest.
+            allow_invalid: load non-finite values and negative variances as given.
+        """
+        self._load_state(state, strict, allow_invalid, lambda k: f"load_state_dict: entry {k!r}")
+
+    def _load_state(self, state, strict, allow_invalid, where):
+        """load_state_dict, naming entry ``k`` as ``where(k)`` in its errors."""
+        if not isinstance(state, Mapping):
+            raise arg_error(TypeError, "load_state_dict", "state", "a dict name -> array", describe(state))
         state = dict(state)
-        step = state.pop(ZD_STEP, None)
-        tracked = state.pop(BATCHES_TRACKED, None)
-        step = tracked if step is None else step
         if self._channels is None:
             ref = state.get("moving_mean")
             if ref is None:
-                raise arg_error(ValueError, "load_state_dict", "state", "a 'moving_mean' entry to size the layer", sorted(state))
-            self.build(ref.shape[0], ref.dtype if np.dtype(ref.dtype).name in ("float32", "float64") else "float32",
-                       self._device)
-        expected = set(self._vars)
+                raise arg_error(KeyError, "load_state_dict", "state", "a 'moving_mean' entry to size the layer",
+                                f"keys {sorted(state)}")
+            shape = tuple(getattr(ref, "shape", np.shape(ref)))
+            if len(shape) != 1 or shape[0] < 1:
+                raise ValueError(f"{where('moving_mean')}: expected shape (C,) with C >= 1 (it sizes the layer), "
+                                 f"got shape {shape}")
+            channels = shape[0]
+            dt = np.dtype(getattr(ref, "dtype", np.float32))
+            acc = np.dtype(np.float64 if dt == np.float64 else np.float32)
+        else:
+            channels, acc = self._channels, self._acc
+        expected = set(self._variable_names())
         missing, unexpected = expected - set(state), set(state) - expected
         if strict and (missing or unexpected):
             raise arg_error(KeyError, "load_state_dict", "state", f"exactly the keys {sorted(expected)}",
                             f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
-        xp = self._xp
+        checked, step = {}, None
         for k, a in state.items():
-            if k not in self._vars:
-                continue
-            host = a.get() if is_cupy_array(a) else np.asarray(a)
-            if host.shape != (self._channels,):
-                raise arg_error(ValueError, "load_state_dict", k, f"shape ({self._channels},)", f"shape {host.shape}")
+            if k in (ZD_STEP, BATCHES_TRACKED) and k in expected:
+                step = _checked_step(where(k), a)
+            elif k in expected:
+                checked[k] = _checked_entry(where(k), k, a, channels, acc, allow_invalid)
+        # Everything is valid: build if needed, move to the device, then assign (nothing left to fail).
+        with self._threads.lock:
+            if self._channels is None:
+                self.build(channels, acc, self._device)
+            xp = self._xp
             with _on_device(xp, self._device):
-                self._vars[k][...] = xp.asarray(host.astype(self._acc))
-        if step is not None:
-            self._step = int(np.asarray(step.get() if is_cupy_array(step) else step))
+                moved = {k: xp.asarray(h) for k, h in checked.items()}
+            for k, a in moved.items():
+                self._vars[k][...] = a
+            if step is not None:
+                self._step = step
 
     def __repr__(self) -> str:
         state = f"{self._channels} channels on {self.device}" if self._channels else "not built"
@@ -618,15 +880,65 @@ class _DeferredUpdate:
 
     def __call__(self):
         layer = self.layer
-        if layer._xp is not self.backend.xp:
-            raise RuntimeError("a pending BatchNorm update cannot run: the layer moved to another device since")
-        step = layer._step + 1
-        u = layer._moving_update(self.bessel, step)
-        self.backend.moving_update(self.stats, layer._acc, u)
-        layer._step = step
+        with layer._threads.lock:
+            if layer._xp is not self.backend.xp:
+                raise RuntimeError("a pending BatchNorm update cannot run: the layer moved to another device since")
+            step = layer._step + 1
+            u = layer._moving_update(self.bessel, step)
+            self.backend.moving_update(self.stats, layer._acc, u)
+            layer._step = step
 
     def __repr__(self):
         return f"<update of {self.layer!r}>"
+
+
+_VARIANCES = ("moving_variance", "moving_stddev", "renorm_stddev")
+
+
+def _host_array(where, a):
+    if is_cupy_array(a):
+        return a.get()
+    if hasattr(a, "detach") and hasattr(a, "cpu"):  # a torch tensor
+        a = a.detach().cpu().numpy()
+    try:
+        return np.asarray(a)
+    except Exception as e:  # noqa: BLE001 - any conversion failure means "not an array"
+        raise TypeError(f"{where}: expected an array, got {describe(a)} ({e})") from None
+
+
+def _checked_entry(where, key, a, channels, acc, allow_invalid):
+    """One state entry as a new host array in ``acc``, or an error naming it."""
+    host = _host_array(where, a)
+    if host.dtype.kind not in "fiu" and not _dtypes.is_supported_float(host.dtype):
+        raise TypeError(f"{where}: expected real numbers (a float or integer array), got dtype {host.dtype} "
+                        f"({describe(a)})")
+    if host.shape != (channels,):
+        raise ValueError(f"{where}: expected shape ({channels},) (one value per channel), got shape {host.shape}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = host.astype(acc)  # a copy, native and aligned
+        finite_in = np.isfinite(host.astype(np.float64))
+    if not allow_invalid:
+        if not finite_in.all():
+            bad = int(np.flatnonzero(~finite_in)[0])
+            raise ValueError(f"{where}: non-finite value {host[bad]!r} at channel {bad}; pass allow_invalid=True "
+                             "to load it anyway")
+        if key in _VARIANCES and (out < 0).any():
+            bad = int(np.flatnonzero(out < 0)[0])
+            raise ValueError(f"{where}: negative value {host[bad]!r} at channel {bad} (a variance or standard "
+                             "deviation); pass allow_invalid=True to load it anyway")
+    if (finite_in & ~np.isfinite(out)).any():
+        raise ValueError(f"{where}: values beyond the {acc.name} range of the layer's state")
+    return out
+
+
+def _checked_step(where, a):
+    host = _host_array(where, a)
+    if host.dtype.kind not in "fiu" or host.size != 1:
+        raise TypeError(f"{where}: expected one integer (a step count), got {describe(host)}")
+    v = float(host.reshape(-1)[0])
+    if not (np.isfinite(v) and v >= 0 and v == int(v)):
+        raise ValueError(f"{where}: expected a whole number >= 0 (a step count), got {v!r}")
+    return int(v)
 
 
 def _resolve_activation(fn):

@@ -23,9 +23,9 @@ import numpy as np
 
 from .. import _dtypes
 from .._backend import is_cupy_array
-from .._checks import arg_error
+from .._checks import arg_error, describe
 from ..backends.base import Partials, Sums
-from ..distributed.comm import as_communicator
+from ..distributed.comm import ExchangeTimeout, as_communicator
 from .batch_norm import BatchNorm
 
 # -- the consistency header: HEADER_WORDS int64 per rank ----------------------
@@ -74,7 +74,13 @@ class SyncBatchNorm(BatchNorm):
     batch_weights or not, layer configuration, or one that is a call ahead
     -- makes every rank raise the same error at that exchange; a rank whose
     call fails its own argument checks makes the others raise that error
-    too. A rank that never calls again cannot be detected: the others wait.
+    too. A rank that never calls again -- it raised outside the layer, or
+    exited -- leaves the others waiting in the exchange for at most
+    ``timeout`` seconds; then each of them raises
+    :class:`cubn.distributed.ExchangeTimeout` saying where it waited, and
+    the communicator cannot be used again (a collective cannot be
+    cancelled). Launch with ``mpiexec -n K python -m mpi4py script.py``:
+    then the first uncaught exception on any rank aborts every rank at once.
 
     Args:
         comm: None (``mpi4py``'s ``MPI.COMM_WORLD``, taken at the first
@@ -89,13 +95,20 @@ class SyncBatchNorm(BatchNorm):
             per exchange; ``verify=False`` skips it -- and with it every
             check above, including the empty-batch one (an all-empty batch
             then gives NaN statistics). Must be the same on every rank.
+        timeout: seconds a rank waits for the others in one exchange before
+            it raises ``ExchangeTimeout`` (default 600: more than a slow
+            rank's first kernel compilation); None waits forever. With NCCL
+            the bound applies to the consistency header (``verify=True``):
+            the statistics themselves are only enqueued on the GPU, so a rank
+            that disappears is noticed at the next header exchange.
         **kwargs: the arguments of :class:`cubn.BatchNorm`.
     """
 
-    def __init__(self, comm=None, *, verify=True, **kwargs):
+    def __init__(self, comm=None, *, verify=True, timeout=600.0, **kwargs):
         super().__init__(**kwargs)
         self._comm = None if comm is None else as_communicator(comm)
         self.verify = bool(verify)
+        self.timeout = _check_timeout(timeout)
         self._calls = 0        # training calls made on this rank: the header's call number
         self._pending = None   # (kind, call) whose header has not been exchanged yet
 
@@ -107,26 +120,32 @@ class SyncBatchNorm(BatchNorm):
         return self._comm
 
     # ------------------------------------------------------------------
-    def __call__(self, x, is_training=True, batch_weights=None, side_input=None):
+    def forward(self, x, is_training=True, batch_weights=None, side_input=None, mask=None):
         if not is_training:
-            return super().__call__(x, is_training=False, batch_weights=batch_weights, side_input=side_input)
+            return super().forward(x, is_training=False, batch_weights=batch_weights, side_input=side_input,
+                                   mask=mask)
         self._calls += 1
         self._pending = (FORWARD, self._calls)
         try:
-            return super().__call__(x, is_training=True, batch_weights=batch_weights, side_input=side_input)
+            return super().forward(x, is_training=True, batch_weights=batch_weights, side_input=side_input,
+                                   mask=mask)
         except Exception as e:
             self._abort(e)
             raise
         finally:
             self._pending = None
 
-    def backward(self, dy):
-        ex = self._ctx[0].exchange if self._ctx is not None else None
+    def backward(self, dy, ctx=None):
+        try:
+            handle = self._context_for("SyncBatchNorm.backward", ctx)
+        except (RuntimeError, TypeError, ValueError):
+            handle = None  # BatchNorm.backward raises the same error below
+        ex = handle.op.exchange if handle is not None else None
         if ex is None:  # after an inference call: nothing to exchange
-            return super().backward(dy)
+            return super().backward(dy, ctx)
         self._pending = (BACKWARD, ex.call)
         try:
-            return super().backward(dy)
+            return super().backward(dy, ctx)
         except Exception as e:
             self._abort(e)
             raise
@@ -154,11 +173,11 @@ class SyncBatchNorm(BatchNorm):
                 raise arg_error(ValueError, "SyncBatchNorm", "x",
                                 "at least one element per channel in the whole distributed batch",
                                 f"an empty batch on all {comm.size} ranks (training call {self._calls})")
-        return _Exchange(self, comm, self._calls, local)
+        return _Exchange(self, comm, self._calls, local, self.timeout)
 
     # -- consistency ----------------------------------------------------------
     def _config_code(self) -> int:
-        cfg = self.get_config()
+        cfg = self._config(strict=False)  # a custom activation is compared by its type
         cfg.pop("name", None)         # labels may differ per rank
         cfg.pop("data_format", None)  # checked on its own, with a clearer message
         return zlib.crc32(json.dumps(cfg, sort_keys=True, default=repr).encode())
@@ -168,7 +187,9 @@ class SyncBatchNorm(BatchNorm):
         comm = self.comm
         mine = _header(kind, call, local, self._config_code())
         self._pending = None  # from here on every rank takes part, whatever happens
-        headers = np.asarray(comm.allgather(mine)).reshape(comm.size, HEADER_WORDS)
+        what = "training call" if kind == FORWARD else "the backward of training call"
+        got = _collective(comm, "allgather", mine, self.timeout, f"the consistency header of {what} {call}")
+        headers = np.asarray(got).reshape(comm.size, HEADER_WORDS)
         _check_headers(headers)
         return headers
 
@@ -179,7 +200,7 @@ class SyncBatchNorm(BatchNorm):
             return
         try:
             comm = self.comm
-            comm.allgather(_header(pending[0], pending[1], None, 0, exc))
+            comm.allgather(_header(pending[0], pending[1], None, 0, exc), timeout=self.timeout)
         except Exception:  # the original error says more than a failed relay
             pass
 
@@ -192,15 +213,17 @@ class SyncBatchNorm(BatchNorm):
 class _Exchange:
     """The object bn_forward/bn_backward call between statistics and finalize."""
 
-    def __init__(self, layer, comm, call, local):
+    def __init__(self, layer, comm, call, local, timeout=None):
         self.layer, self.comm, self.call, self.local = layer, comm, call, local
+        self.timeout = timeout
 
     def partials(self, backend, partials, acc):
         """Local partials -> one triple per channel -> every rank's triples, (ranks, C)."""
         xp = backend.xp
         mine = _stack_rows(xp, backend.merge_partials(partials, acc)[:3])  # (3, C): count, mean, M2
         c, p = mine.shape[1], self.comm.size
-        got = self.comm.allgather(mine.reshape(-1)).reshape(p, 3, c)
+        got = _collective(self.comm, "allgather", mine.reshape(-1), self.timeout,
+                          f"the statistics exchange of training call {self.call}").reshape(p, 3, c)
         # finalize wants each field as a contiguous (ranks, C) block; it merges
         # the ranks with Chan's formula in a fixed order, so all ranks agree.
         fields = xp.ascontiguousarray(got.transpose(1, 0, 2))
@@ -213,11 +236,37 @@ class _Exchange:
         xp = backend.xp
         mine = _stack_rows(xp, backend.merge_sums(sums, acc)[:2])  # (2, C): S1, S2
         c = mine.shape[1]
-        total = self.comm.allreduce(mine.reshape(-1)).reshape(2, c)
+        total = _collective(self.comm, "allreduce", mine.reshape(-1), self.timeout,
+                            f"the gradient exchange of the backward of training call {self.call}").reshape(2, c)
         return Sums(total[0:1], total[1:2], 1)
 
 
 # -- helpers -------------------------------------------------------------------
+def _check_timeout(timeout):
+    if timeout is None:
+        return None
+    try:
+        t = float(timeout)
+    except (TypeError, ValueError):
+        raise arg_error(TypeError, "SyncBatchNorm", "timeout", "seconds (a float) or None", describe(timeout)) from None
+    if not (t > 0 and np.isfinite(t)):
+        raise arg_error(ValueError, "SyncBatchNorm", "timeout", "a finite number of seconds > 0, or None",
+                        repr(timeout))
+    return t
+
+
+def _collective(comm, method, a, timeout, phase):
+    """``comm.allgather`` / ``allreduce`` bounded by ``timeout``; a timeout says where the rank waited."""
+    try:
+        return getattr(comm, method)(a, timeout=timeout)
+    except ExchangeTimeout as e:
+        raise ExchangeTimeout(
+            f"SyncBatchNorm: {e}, in {phase}. A rank has failed or stopped calling the layer (every rank must "
+            "make the same training and backward calls). The communicator cannot be used again: end the job "
+            "(launched as `mpiexec -n K python -m mpi4py script.py`, an uncaught exception on any rank aborts "
+            "them all)") from None
+
+
 def _code(names, name) -> int:
     return names.index(name) if name in names else 99
 

@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 from .. import _dtypes, activations
 from .._backend import select
 from .._checks import arg_error, check_float_input, check_positive_epsilon
+from .._memory import readable_all
 from .._plan import plan_for_channels
 from ..backends.base import Fold
 from .._args import as_like, channel_param, make_weights
@@ -59,6 +60,9 @@ def batch_norm_backward(dy, x, scale, mean, variance, epsilon=1e-3, *, offset=No
     check_float_input(func, "x", x)
     backend = select(func, "x", x, dy=dy, scale=scale, mean=mean, variance=variance, offset=offset,
                      side_input=side_input, batch_weights=batch_weights, renorm_r=renorm_r, renorm_d=renorm_d)
+    dy, x, scale, mean, variance, offset, side_input, batch_weights, renorm_r, renorm_d = readable_all(
+        func, dy=dy, x=x, scale=scale, mean=mean, variance=variance, offset=offset, side_input=side_input,
+        batch_weights=batch_weights, renorm_r=renorm_r, renorm_d=renorm_d)
     xp = backend.xp
     if tuple(dy.shape) != tuple(x.shape):
         raise arg_error(ValueError, func, "dy", f"x's shape {tuple(x.shape)}", f"shape {tuple(dy.shape)}")

@@ -6,6 +6,7 @@ import numpy as np
 from .. import _dtypes
 from .._backend import select
 from .._checks import arg_error, check_float_input, describe
+from .._memory import readable
 from .._plan import plan_for_reduction
 from .._args import as_like, make_weights
 
@@ -13,6 +14,7 @@ from .._args import as_like, make_weights
 def _reduce(func, x, axes, keepdims, weights_arg=None, weights_name="weights"):
     check_float_input(func, "x", x)
     backend = select(func, "x", x, **({weights_name: weights_arg} if weights_arg is not None else {}))
+    x, weights_arg = readable(func, "x", x), readable(func, weights_name, weights_arg)
     xp = backend.xp
     plan = plan_for_reduction(x.shape, axes, func)
     acc = _dtypes.acc_dtype(x.dtype)

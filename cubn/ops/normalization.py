@@ -10,6 +10,7 @@ import numpy as np
 from .. import _dtypes, activations
 from .._backend import is_array, select
 from .._checks import arg_error, check_float_input, check_positive_epsilon, describe
+from .._memory import readable, readable_all
 from .._plan import channel_axis, plan_for_channels, plan_for_kept_axes
 from ..backends.base import Affine, Fold, MovingUpdate, RawAffine
 from .._args import channel_param
@@ -159,6 +160,8 @@ def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, *, a
     check_float_input(func, "x", x)
     params = {"mean": mean, "variance": variance, "offset": offset, "scale": scale}
     backend = select(func, "x", x, **params)
+    x = readable(func, "x", x)
+    params = dict(zip(params, readable_all(func, **params)))
     xp = backend.xp
     eps, act, acc, plan, p, _, _ = batch_normalization_args(func, x, params, variance_epsilon, activation,
                                                             data_format, xp)
@@ -278,6 +281,8 @@ def fused_batch_norm(x, scale=None, offset=None, mean=None, variance=None, epsil
     func = "fused_batch_norm"
     check_float_input(func, "x", x)
     backend = select(func, "x", x, scale=scale, offset=offset, mean=mean, variance=variance, side_input=side_input)
+    x, scale, offset, mean, variance, side_input = readable_all(
+        func, x=x, scale=scale, offset=offset, mean=mean, variance=variance, side_input=side_input)
     xp = backend.xp
     eps = check_positive_epsilon(func, "epsilon", epsilon)
     f = float(exponential_avg_factor)

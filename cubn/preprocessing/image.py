@@ -34,6 +34,7 @@ import numpy as np
 from .. import _dtypes
 from .._backend import is_array, select
 from .._checks import arg_error, describe
+from .._memory import readable
 from ..backends.base import Partials
 from ..kernels import registry
 
@@ -245,7 +246,7 @@ def per_channel(func, name, value, c, xp, x=None):
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return xp.full((c,), float(value), dtype=np.float64)
     if is_array(value):
-        a = value
+        a = readable(func, name, value)
     else:
         try:
             a = np.asarray(value, dtype=np.float64)
@@ -432,6 +433,7 @@ def normalize_images(images, mean, std, *, scale=1.0, out_dtype="float32", data_
     """
     func = "normalize_images"
     check_input(func, "images", images)
+    images = readable(func, "images", images)
     ndim = images.ndim
     if not 2 <= ndim <= 5:
         raise arg_error(ValueError, func, "images", "a tensor of rank 2 to 5",

@@ -23,6 +23,7 @@ import numpy as np
 
 from .._backend import array_module, is_array, select
 from .._checks import arg_error, describe
+from .._memory import readable_all
 from .._plan import plan_for_kept_axes
 from .._args import as_like, make_weights
 from .._welford import chan_merge, tree_merge
@@ -166,6 +167,7 @@ class RunningMoments:
             self._merge_triple(func, xname, x.ndim, axes, stat_shape, result_dtype(x.dtype), count, mean, m2)
             return self
         image.check_input(func, xname, x)
+        x, weights = readable_all(func, **{xname: x, wname: weights})
         axes = self._axes_for(func, x.ndim)
         plan = plan_for_kept_axes(x.shape, tuple(a for a in range(x.ndim) if a not in axes))
         self._check_shape(func, xname, x.ndim, plan.stat_shape)

@@ -26,6 +26,7 @@ import numpy as np
 
 from .._backend import array_module, is_array, is_cupy_array, select
 from .._checks import arg_error, check_positive_epsilon, describe
+from .._memory import readable
 from .._args import as_like
 from . import image
 from .running_moments import RunningMoments, is_dask_array
@@ -309,6 +310,8 @@ class Standardizer(*_BASES):
         """X as an array and where it goes: "numpy" (checked by scikit-learn), "sparse", or "device"
         (CuPy, dask and the narrow dtypes cubn keeps: checked here)."""
         f = "Standardizer." + func
+        if isinstance(X, np.ndarray):
+            X = readable(f, "X", X)  # native byte order, aligned, no subclass: as the plain array
         if is_array(X) and not isinstance(X, np.ndarray) or is_dask_array(X):
             if self.data_format is None and is_cupy_array(X) and X.dtype.kind in "biu" \
                     and np.dtype(X.dtype).name not in image.INT_DTYPES:
@@ -504,6 +507,8 @@ class Standardizer(*_BASES):
         X, kind = self._validated(func, X, reset=False)
         if kind == "sparse":
             return self._apply_sparse(X, inverse)
+        if not is_dask_array(X):
+            X = readable(f, "X", X)
         in_last, out_last, ch = self._layout(func, X, inverse=inverse)
         if X.shape[ch] != self.n_features_in_:
             raise ValueError(f"X has {X.shape[ch]} features, but Standardizer is expecting {self.n_features_in_} "
