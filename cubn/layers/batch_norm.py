@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from .. import _dtypes, activations
-from .._backend import gpu_available, is_array, is_cupy_array, select
+from .._backend import gpu_available, is_array, is_cupy_array, select, take_dlpack
 from .._checks import arg_error, check_float_input, check_positive_epsilon, check_unit_interval, describe
 from .._plan import plan_for_channels
 from ..backends.base import Fold, MovingUpdate, Renorm
@@ -235,6 +235,7 @@ class BatchNorm:
     # ------------------------------------------------------------------
     def __call__(self, x, is_training=True, batch_weights=None, side_input=None):
         f = "BatchNorm"
+        x, batch_weights, side_input = take_dlpack(f, x=x, batch_weights=batch_weights, side_input=side_input)
         check_float_input(f, "x", x)
         backend = select(f, "x", x, batch_weights=batch_weights, side_input=side_input)
         xp = backend.xp
@@ -355,6 +356,7 @@ class BatchNorm:
             raise RuntimeError("BatchNorm.backward: call the layer (forward) first")
         ctx, had_side, z, ch_axis = self._ctx
         f = "BatchNorm.backward"
+        dy, = take_dlpack(f, dy=dy)
         check_float_input(f, "dy", dy)
         select(f, "dy", dy, forward_input=ctx.x3)
         if self._custom is not None:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import _dtypes
-from .._backend import is_array, select
+from .._backend import is_array, select, take_dlpack
 from .._checks import arg_error, describe
 from ..backends.base import Partials
 from ..kernels import registry
@@ -431,6 +431,7 @@ def normalize_images(images, mean, std, *, scale=1.0, out_dtype="float32", data_
         A new array on the input's device, in ``out_format`` and ``out_dtype``.
     """
     func = "normalize_images"
+    images, mean, std = take_dlpack(func, images=images, mean=mean, std=std)
     check_input(func, "images", images)
     ndim = images.ndim
     if not 2 <= ndim <= 5:

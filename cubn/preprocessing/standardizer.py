@@ -14,7 +14,7 @@ import inspect
 
 import numpy as np
 
-from .._backend import array_module, is_array, select
+from .._backend import array_module, is_array, select, take_dlpack
 from .._checks import arg_error, check_positive_epsilon, describe
 from .._args import as_like
 from . import image
@@ -34,6 +34,7 @@ _FLOAT64_EPS = float(np.finfo(np.float64).eps)
 
 def _as_array(func, name, X):
     """Arrays pass through; lists, tuples and DataFrames become NumPy arrays (floats as float64, as in sklearn)."""
+    X, = take_dlpack("Standardizer." + func, **{name: X})
     if is_array(X) or is_dask_array(X):
         return X
     if X is None or isinstance(X, (str, bytes, dict)) or not hasattr(X, "__len__") and not hasattr(X, "__array__"):
@@ -258,6 +259,7 @@ class Standardizer:
         return self
 
     def _sample_weight(self, f, sample_weight, X, n):
+        sample_weight, = take_dlpack(f, sample_weight=sample_weight)
         if sample_weight is None:
             return None
         if is_dask_array(X) or is_dask_array(sample_weight):
