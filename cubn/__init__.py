@@ -18,7 +18,7 @@ from .ops import (
 )
 from .io import from_keras, from_torch, load, save, to_torch_state_dict
 from .preprocessing import RunningMoments, Standardizer, normalize_images
-from .updates import UPDATE_OPS, UpdateCollection, run_updates
+from .updates import UPDATE_OPS, PendingUpdatesWarning, UpdateCollection, run_updates
 
 __all__ = [
     "__version__",
@@ -41,6 +41,7 @@ __all__ = [
     "normalize_images",
     "UPDATE_OPS",
     "UpdateCollection",
+    "PendingUpdatesWarning",
     "run_updates",
     "regularizers",
     "compat",

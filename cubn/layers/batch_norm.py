@@ -6,6 +6,7 @@ math lives there. Arguments and defaults are those of
 """
 from __future__ import annotations
 
+import copy
 import math
 import numpy as np
 
@@ -16,7 +17,8 @@ from .._plan import plan_for_channels
 from ..backends.base import Fold, MovingUpdate, Renorm
 from .._args import as_like, channel_param, make_weights
 from ..ops.normalization import bn_backward, bn_forward, check_side_input, check_training_batch
-from ..updates import UPDATE_OPS
+from ..updates import UPDATE_OPS, warn_if_pending
+from ._foreign import check_constructor_arguments
 
 _CLIP_KEYS = ("rmax", "rmin", "dmax")
 _PARAM_NAMES = ("beta", "gamma", "moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev")
@@ -77,6 +79,10 @@ class BatchNorm:
             (always Bessel, like PyTorch's running_var) or False (always biased).
         name: a label.
     """
+
+    def __new__(cls, *args, **kwargs):
+        check_constructor_arguments(cls, args, kwargs)  # Keras / PyTorch habits get cubn's spelling
+        return super().__new__(cls)
 
     def __init__(self, decay=0.999, center=True, scale=False, epsilon=0.001, activation_fn=None,
                  param_initializers=None, param_regularizers=None, updates_collections=UPDATE_OPS,
@@ -280,6 +286,7 @@ class BatchNorm:
             if self.updates_collections is not None:
                 self.updates_collections.append(_DeferredUpdate(self, backend, ctx.stats, bessel))
         else:
+            warn_if_pending(self, self.updates_collections)
             y3, ctx = bn_forward(backend, plan, x3, acc, training=False, fold=fold,
                                  given=(v["moving_mean"], v["moving_variance"]), side3=side3, act=fused_act)
         y = plan.unview3(y3)
@@ -446,6 +453,37 @@ class BatchNorm:
         if step is not None:
             self._step = int(np.asarray(step.get() if is_cupy_array(step) else step))
 
+    # -- pickle / copy.deepcopy ---------------------------------------------
+    def _transient(self) -> dict:
+        """The attributes that belong to the running process, not to the layer
+        (the array module, the forward context, the last gradients), with the
+        values a copy starts from: pickle and copy.deepcopy leave them out."""
+        xp = None
+        if self._channels is not None:
+            if self._device is None:
+                xp = np
+            else:
+                import cupy as xp
+        return {"_xp": xp, "_ctx": None, "gradients": {}}
+
+    def __getstate__(self) -> dict:
+        transient = self._transient()
+        return {k: v for k, v in self.__dict__.items() if k not in transient}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__dict__.update(self._transient())
+
+    def __deepcopy__(self, memo):
+        # The copy sends its pending updates to the same collection as the
+        # original (copying the collection would leave them where nobody runs them).
+        if self.updates_collections is not None:
+            memo.setdefault(id(self.updates_collections), self.updates_collections)
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
+
     def __repr__(self) -> str:
         state = f"{self._channels} channels on {self.device}" if self._channels else "not built"
         return f"BatchNorm(name={self.name!r}, {state}, data_format={self.data_format!r})"
@@ -468,6 +506,10 @@ class _DeferredUpdate:
 
     def __repr__(self):
         return f"<update of {self.layer!r}>"
+
+    def __reduce__(self):
+        raise TypeError(f"{self!r} is pending: run cubn.run_updates() on its collection before pickling "
+                        "or copying the collection")
 
 
 def _resolve_activation(fn):
