@@ -1,6 +1,6 @@
 """Which backend runs a call.
 
-The input's array type picks it (CONTRACT §1): a ``cupy.ndarray`` runs the CUDA
+The input's array type picks it: a ``cupy.ndarray`` runs the CUDA
 kernels on its device, a ``numpy.ndarray`` the NumPy implementation. Nothing is
 copied between host and device behind the user's back: mixing the two in one
 call is a ``TypeError`` that names each argument's side. ``use_backend``

@@ -1,6 +1,6 @@
 """TensorFlow 1 / slim compatibility: ``batch_norm`` with tf.contrib's exact
 signature, a variable store keyed by scope, collections, and the
-``ExponentialMovingAverage`` helper of the seed documents.
+``ExponentialMovingAverage`` helper that hand-written TF 1 batch norms used.
 
 ``normalizer_fn=cubn.compat.batch_norm, normalizer_params={...}`` code runs
 as written: each call finds its layer by scope name and reuses it, the way
@@ -118,7 +118,7 @@ def batch_norm(inputs, decay=0.999, center=True, scale=False, epsilon=0.001, act
                trainable=True, batch_weights=None, fused=None, data_format=DATA_FORMAT_NHWC,
                zero_debias_moving_mean=False, scope=None, renorm=False, renorm_clipping=None,
                renorm_decay=0.99, adjustment=None):
-    """``tf.contrib.layers.batch_norm`` (seed 000), argument for argument.
+    """``tf.contrib.layers.batch_norm``, argument for argument.
 
     Returns the normalized ``inputs``. The layer behind a scope is
     ``get_layer(scope_name)``; its pending updates go to

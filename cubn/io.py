@@ -145,7 +145,7 @@ def from_keras(layer_or_config, weights=None):
     Pass the Keras layer itself, or its ``get_config()`` dict and its
     ``get_weights()`` list. ``momentum`` is TF's ``decay``; ``axis`` 1 means
     NCHW, any other axis channels last; ``fused`` keeps TF's
-    moving-variance convention (CONTRACT §3). Updates happen in place, as
+    moving-variance convention (see the Conventions page). Updates happen in place, as
     Keras applies them in TF 2.
     """
     if hasattr(layer_or_config, "get_config"):

@@ -1,4 +1,4 @@
-"""Functional ops: stateless, one call per op (CONTRACT §2)."""
+"""Functional ops: stateless, one call per op."""
 from .backward import BatchNormGrads, batch_norm_backward
 from .moments import moments, weighted_moments
 from .normalization import batch_norm_with_global_normalization, batch_normalization, fused_batch_norm

@@ -215,7 +215,7 @@ def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, *, a
 
 def batch_norm_with_global_normalization(t, m, v, beta, gamma, variance_epsilon, scale_after_normalization,
                                          *, data_format=None, name=None):
-    """TF 1's ``tf.nn.batch_norm_with_global_normalization`` (seed 004):
+    """TF 1's ``tf.nn.batch_norm_with_global_normalization``:
     ``batch_normalization`` with gamma applied only when
     ``scale_after_normalization``."""
     return batch_normalization(t, m, v, beta, gamma if scale_after_normalization else None,

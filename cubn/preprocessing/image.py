@@ -39,8 +39,8 @@ from ..kernels import registry
 
 SOURCE = "preprocess.cu"
 
-# Input dtypes of the preprocessing API (CONTRACT §1: the only place that
-# takes integers), and the outputs its transforms write.
+# Input dtypes of the preprocessing API (the only part of cubn that takes
+# integers), and the outputs its transforms write.
 INT_DTYPES = ("uint8", "uint16")
 IN_DTYPES = INT_DTYPES + ("float16", "bfloat16", "float32", "float64")
 OUT_DTYPES = ("float16", "bfloat16", "float32", "float64")
