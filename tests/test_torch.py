@@ -150,8 +150,8 @@ def test_equals_torch_module(cpu_backend, rng, dim, shape, momentum, affine, tra
 @pytest.mark.parametrize("mode", ["train", "eval", "untracked_eval"])
 @pytest.mark.parametrize("with_side,activation", [(False, None), (True, "relu")])
 def test_gradcheck_float64(cpu_backend, rng, mode, with_side, activation):
-    if cpu_backend == "emulated" and mode == "untracked_eval":
-        pytest.skip("emulated: train and eval")
+    if cpu_backend == "emulated" and (mode, with_side) != ("train", True):
+        pytest.skip("emulated: training with a residual and ReLU (every case runs on numpy)")
     m = ct.BatchNorm2d(3, activation=activation, track_running_stats=mode != "untracked_eval", dtype=torch.float64)
     with torch.no_grad():
         m.weight.copy_(torch.tensor(rng.uniform(0.5, 1.5, 3)))
