@@ -4,8 +4,12 @@
     python3 dev.py demo     # .venv with cubn[demo], then `cubn demo`
     python3 dev.py test     # .venv with cubn[test,docs,cuda13], then pytest and mkdocs build --strict
 
-Extra arguments after `test` go to pytest (e.g. `python3 dev.py test -k layer`).
-CUBN_CROSSCHECK=1 also installs PyTorch (CPU) so the PyTorch cross-check runs.
+`python3 dev.py test --quick` runs the tests but not the MPI ranks, the dask
+cluster, the NVRTC compilation of every kernel variant, the sanitizer runs or
+the docs build (a few minutes on two cores). Extra arguments after `test` go
+to pytest (e.g. `python3 dev.py test -k layer`).
+CUBN_CROSSCHECK=1 also installs PyTorch (CPU) so the PyTorch cross-checks and
+the cubn.torch tests run (CI sets it).
 """
 from __future__ import annotations
 
@@ -52,11 +56,17 @@ def demo(args):
     return sh(BIN / "cubn", "demo", "--min-accuracy", "0.9", *args)
 
 
+# Deselected by --quick: the markers are declared in pyproject.toml.
+QUICK_DESELECT = "not (mpi or dask_cluster or nvrtc or sanitizer)"
+
+
 def test(args):
+    quick = "--quick" in args
+    args = [a for a in args if a != "--quick"]
     extra = ("torch==2.13.0",) if os.environ.get("CUBN_CROSSCHECK") == "1" else ()
     ensure_installed("test,docs,cuda13", extra)
-    rc = sh(PY, "-m", "pytest", *args)
-    if rc:
+    rc = sh(PY, "-m", "pytest", *(["-m", QUICK_DESELECT] if quick else []), *args)
+    if rc or quick:
         return rc
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
     return sh(PY, "-m", "mkdocs", "build", "--strict", "--site-dir", str(VENV / "site"), env=env)

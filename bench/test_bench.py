@@ -1,8 +1,8 @@
 """pytest-benchmark entry points over cubn's benchmark suite.
 
-    pytest bench/ --benchmark-enable                  # run
-    pytest bench/ --benchmark-enable --benchmark-autosave
-    pytest bench/ --benchmark-enable --benchmark-compare   # against the last saved run
+    pytest bench/                             # run
+    pytest bench/ --benchmark-autosave
+    pytest bench/ --benchmark-compare         # against the last saved run
 
 Each case synchronizes the device inside the timed call, so pytest-benchmark's
 wall clock measures finished GPU work. ``cubn bench`` runs the same cases with

@@ -1,6 +1,6 @@
 """Preprocessing benchmarks (pytest-benchmark).
 
-    pytest bench/test_bench_preprocessing.py --benchmark-enable
+    pytest bench/test_bench_preprocessing.py
 
 CPU: ``cubn.Standardizer`` (NumPy backend) fit + transform against
 scikit-learn's ``StandardScaler`` on the same float32/float64 matrix.
@@ -8,8 +8,8 @@ GPU (skipped without a CUDA device): ``Standardizer`` fit + transform and the
 fused image path (uint8 NHWC -> float16 NCHW: ``normalize_images`` and
 ``Standardizer.transform``) against naive CuPy expressions doing the same
 work. Every GPU case synchronizes inside the timed call, so the wall clock
-measures finished work. With ``--benchmark-disable`` (the default in
-pyproject) each case runs once, as a smoke test.
+measures finished work. With ``--benchmark-disable`` each case runs once,
+untimed, as a smoke test.
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from .ops import (
 )
 from .io import from_keras, from_torch, load, save, to_torch_state_dict
 from .preprocessing import RunningMoments, normalize_images
-from .updates import UPDATE_OPS, UpdateCollection, run_updates
+from .updates import UPDATE_OPS, PendingUpdatesWarning, UpdateCollection, run_updates
 
 __all__ = [
     "__version__",
@@ -53,6 +53,7 @@ __all__ = [
     "normalize_images",
     "UPDATE_OPS",
     "UpdateCollection",
+    "PendingUpdatesWarning",
     "run_updates",
     "regularizers",
     "compat",

@@ -1,6 +1,6 @@
 """Which backend runs a call.
 
-The input's array type picks it (CONTRACT §1): a ``cupy.ndarray`` runs the CUDA
+The input's array type picks it: a ``cupy.ndarray`` runs the CUDA
 kernels on its device, a ``numpy.ndarray`` the NumPy implementation. Nothing is
 copied between host and device behind the user's back: mixing the two in one
 call is a ``TypeError`` that names each argument's side. ``use_backend``
@@ -51,6 +51,67 @@ def is_array(a) -> bool:
 
 def array_module(a):
     return _import_cupy() if is_cupy_array(a) else np
+
+
+# DLPack device types (dlpack.h): host memory, and memory a CUDA device reads.
+_DL_HOST = {1: "CPU", 3: "CUDA pinned host"}
+_DL_CUDA = {2: "CUDA", 13: "CUDA managed"}
+
+
+def take_dlpack(func: str, **named):
+    """The arguments ``named``, with other libraries' arrays taken zero-copy.
+
+    An argument that is not a NumPy or CuPy array but has ``__dlpack__`` (a
+    torch tensor, a JAX array, ...) becomes a ``numpy.ndarray`` (host memory,
+    ``numpy.from_dlpack``) or a ``cupy.ndarray`` (CUDA memory,
+    ``cupy.from_dlpack``) viewing the same memory, chosen by its
+    ``__dlpack_device__()``; everything else is returned unchanged. Returns
+    the values in the order given (a tuple, also for one argument).
+    """
+    return tuple(_from_dlpack(func, name, a) for name, a in named.items())
+
+
+def _from_dlpack(func, name, a):
+    if a is None or isinstance(a, np.ndarray) or is_cupy_array(a) or not hasattr(a, "__dlpack__"):
+        return a
+    what = f"{type(a).__module__.split('.')[0]}.{type(a).__name__}"
+    try:
+        dev_type = int(a.__dlpack_device__()[0])
+    except Exception as e:  # noqa: BLE001 - any failure of the exporter
+        raise arg_error(TypeError, func, name, "an array with a DLPack device", f"{what} ({type(e).__name__}: {e})") from None
+    try:
+        if dev_type in _DL_HOST:
+            return _host_from_dlpack(a)
+        if dev_type in _DL_CUDA:
+            cp = _import_cupy()
+            if cp is None or not gpu_available():
+                raise TypeError(f"{func}: argument '{name}' is a {what} in {_DL_CUDA[dev_type]} memory, which cubn "
+                                f"reads through CuPy, but {gpu_status()}")
+            return cp.from_dlpack(a)
+    except (BufferError, RuntimeError, ValueError) as e:
+        hint = ""
+        if "gradient" in str(e):
+            hint = f" (pass {name}.detach(), or use the cubn.torch modules, which run cubn inside autograd)"
+        raise arg_error(TypeError, func, name, "an array cubn can take through DLPack",
+                        f"{what} that refused the exchange ({type(e).__name__}: {e}){hint}") from None
+    raise arg_error(TypeError, func, name, "an array in host or CUDA memory",
+                    f"{what} on DLPack device type {dev_type}")
+
+
+def _host_from_dlpack(a):
+    try:
+        return np.from_dlpack(a)
+    except (BufferError, RuntimeError, TypeError):
+        # NumPy has no bfloat16 in DLPack; a torch bfloat16 tensor goes through
+        # its int16 view and comes back as ml_dtypes.bfloat16, still zero-copy.
+        if type(a).__module__.startswith("torch") and str(getattr(a, "dtype", "")) == "torch.bfloat16":
+            import torch
+
+            from ._dtypes import bfloat16
+
+            if bfloat16 is not None:
+                return np.from_dlpack(a.view(torch.int16)).view(bfloat16)
+        raise
 
 
 @functools.lru_cache(maxsize=None)

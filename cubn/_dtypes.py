@@ -1,7 +1,7 @@
 """Floating-point dtypes cubn accepts, and the precision it accumulates in.
 
 Statistics and accumulation are float32 for 16-bit inputs and the input's own
-precision otherwise (CONTRACT §1). bfloat16 exists where the array library has
+precision otherwise. bfloat16 exists where the array library has
 it: NumPy through ``ml_dtypes``, CuPy when its build knows the type.
 """
 from __future__ import annotations

@@ -74,7 +74,10 @@ def _precompile(args) -> int:
 
 
 def main(argv=None) -> int:
+    from cubn._version import __version__
+
     parser = argparse.ArgumentParser(prog="cubn", description="Batch normalization and moments as CUDA kernels.")
+    parser.add_argument("--version", action="version", version=f"cubn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="versions, backend, GPU and kernel caches")
     p.set_defaults(func=_info)

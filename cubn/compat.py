@@ -1,7 +1,7 @@
 """TensorFlow 1 / slim compatibility: ``batch_norm`` with tf.contrib's exact
 signature, ``fully_connected``, a variable store keyed by scope, collections
 named by strings, slim's ``arg_scope``, regularization losses, and the
-``ExponentialMovingAverage`` helper of the seed documents.
+``ExponentialMovingAverage`` helper that hand-written TF 1 batch norms used.
 
 ``normalizer_fn=cubn.compat.batch_norm, normalizer_params={...}`` code runs
 as written: each call finds its layer by scope name and reuses it, the way
@@ -32,6 +32,7 @@ import warnings
 
 import numpy as np
 
+from ._backend import is_array, take_dlpack
 from ._checks import arg_error, check_unit_interval, describe
 from .arg_scope import add_arg_scope, arg_scope, arg_scoped_arguments, current_arg_scope, has_arg_scope
 from .layers.batch_norm import BatchNorm
@@ -346,7 +347,7 @@ def _resolve(func, base, scope, reuse):
                 f"{func}: this code already created the layer {earlier!r} and now creates {full!r}, because it "
                 "runs from another place (a re-run notebook cell?). TF would do the same; pass scope=..., or call "
                 "cubn.compat.reset_default_graph() before building the model again",
-                LayerCreatedAgainWarning, stacklevel=4)
+                LayerCreatedAgainWarning, stacklevel=_updates.user_stacklevel())
     elif reuse is False:
         raise ValueError(f"{func}: scope {full!r} already exists; pass reuse=True (or None) to share it")
     return full, layer
@@ -542,13 +543,23 @@ def fully_connected(inputs, num_outputs, activation_fn="relu", normalizer_fn=Non
 
 
 class ExponentialMovingAverage:
-    """``tf.train.ExponentialMovingAverage`` for arrays (seed 004's helper).
+    """``tf.train.ExponentialMovingAverage`` for arrays, tracked by name as TF tracks variables.
 
-    ``ema.apply(arrays)`` updates one shadow per array,
-    ``shadow -= (1 - decay) * (shadow - value)`` (the first apply starts the
-    shadow at the value, as TF initialises it); with ``num_updates`` the
-    decay is ``min(decay, (1 + n) / (10 + n))``. ``ema.average(array)`` is
-    the shadow. Arrays are matched by identity.
+    ``ema.apply({"mean": mean, "variance": var})`` (or ``(name, array)``
+    pairs, such as the entries of ``get_collection(GraphKeys.MOVING_AVERAGE_VARIABLES)``)
+    updates one shadow per name, ``shadow -= (1 - decay) * (shadow - value)``;
+    the first apply of a name starts its shadow at the value, as TF
+    initialises it. With ``num_updates`` the decay is
+    ``min(decay, (1 + n) / (10 + n))``; with ``zero_debias`` the shadow is
+    TF's zero-debiased average.
+
+    ``ema.average("mean")`` is the shadow array, updated in place by later
+    ``apply`` calls; ``ema.average(mean)`` finds the shadow of the name last
+    applied with that very array. Whether the code updates its array in place
+    (``self.mean[...] = m``) or rebinds it (``self.mean = m``), the same name
+    keeps the same average. Bare arrays (``ema.apply([mean])``) are refused:
+    an array has no name, and tracking it by identity would silently start a
+    new average whenever the attribute is rebound.
     """
 
     def __init__(self, decay, num_updates=None, zero_debias=False, name="ExponentialMovingAverage"):
@@ -556,9 +567,10 @@ class ExponentialMovingAverage:
         self.num_updates = num_updates
         self.zero_debias = bool(zero_debias)
         self.name = name
-        self._shadow: dict = {}
-        self._biased: dict = {}
-        self._steps: dict = {}
+        self._shadow: dict = {}   # name -> shadow array (updated in place)
+        self._biased: dict = {}   # name -> zero-debias accumulator
+        self._steps: dict = {}    # name -> zero-debias local step
+        self._latest: dict = {}   # name -> the array last applied under it
 
     def _decay(self):
         d = self.decay
@@ -567,31 +579,68 @@ class ExponentialMovingAverage:
             d = min(d, (1.0 + n) / (10.0 + n))
         return d
 
+    @staticmethod
+    def _named(var_list) -> list:
+        f = "ExponentialMovingAverage.apply"
+        how = ("name the arrays, as TF names its variables: ema.apply({'mean': mean, 'variance': var}) or "
+               "[('mean', mean), ...], then ema.average('mean')")
+        if isinstance(var_list, dict):
+            items = list(var_list.items())
+        elif isinstance(var_list, (list, tuple)):
+            items = []
+            for v in var_list:
+                if not (isinstance(v, tuple) and len(v) == 2):
+                    raise arg_error(TypeError, f, "var_list", how, f"an unnamed {describe(v)}")
+                items.append(v)
+        else:
+            raise arg_error(TypeError, f, "var_list", how, describe(var_list))
+        out = []
+        for k, v in items:
+            if not isinstance(k, str) or not k:
+                raise arg_error(TypeError, f, "var_list", "names that are non-empty str", describe(k))
+            (v,) = take_dlpack(f, **{k: v})
+            out.append((k, v if is_array(v) else np.asarray(v, dtype=np.float64)))
+        return out
+
     def apply(self, var_list):
+        """Update the shadow of each named array (a dict name -> array, or (name, array) pairs)."""
         d = self._decay()
-        for v in var_list:
-            k = id(v)
-            if k not in self._shadow:
-                if self.zero_debias:
-                    self._shadow[k] = v * 0
-                    self._biased[k] = v * 0
-                    self._steps[k] = 0
-                else:
-                    self._shadow[k] = v.copy()
+        for k, v in self._named(var_list):
+            shadow = self._shadow.get(k)
+            if shadow is not None and tuple(shadow.shape) != tuple(v.shape):
+                raise arg_error(ValueError, "ExponentialMovingAverage.apply", k,
+                                f"shape {tuple(shadow.shape)} (as first applied)", f"shape {tuple(v.shape)}")
+            self._latest[k] = v
+            if shadow is None:
+                v0 = v.copy() if v.dtype.kind == "f" else v.astype(np.float64)  # a float shadow
+                if not self.zero_debias:
+                    self._shadow[k] = v0
                     continue
+                self._shadow[k] = v0 * 0
+                self._biased[k] = v0 * 0
+                self._steps[k] = 0
             if self.zero_debias:
-                self._biased[k] = self._biased[k] - (self._biased[k] - v) * (1 - d)
+                b = self._biased[k]
+                b -= (b - v) * (1 - d)
                 self._steps[k] += 1
-                self._shadow[k] = self._biased[k] / (1 - d ** self._steps[k])
+                self._shadow[k][...] = b / (1 - d ** self._steps[k])
             else:
-                self._shadow[k] = self._shadow[k] - (self._shadow[k] - v) * (1 - d)
+                s = self._shadow[k]
+                s -= (s - v) * (1 - d)
         return None
 
     def average(self, var):
-        try:
-            return self._shadow[id(var)]
-        except KeyError:
-            raise KeyError("ExponentialMovingAverage.average: apply() was never called with this array") from None
+        """The shadow of a name, or of the array last applied under some name."""
+        if isinstance(var, str):
+            if var in self._shadow:
+                return self._shadow[var]
+            raise KeyError(f"ExponentialMovingAverage.average: no average named {var!r}; "
+                           f"known: {sorted(self._shadow)}")
+        for k, v in self._latest.items():
+            if v is var:
+                return self._shadow[k]
+        raise KeyError("ExponentialMovingAverage.average: this array was never applied (or another array was "
+                       f"applied under its name since); pass the name instead, one of {sorted(self._shadow)}")
 
     def average_name(self, var_name: str) -> str:
         return f"{var_name}/{self.name}"

@@ -1,4 +1,4 @@
-"""Moments and standardization of dask arrays (CONTRACT §4).
+"""Moments and standardization of dask arrays.
 
 A reduction is dask's own ``dask.array.reduction``: every chunk (NumPy or
 CuPy) is reduced by cubn to per-feature Welford triples ``(count, mean, M2)``

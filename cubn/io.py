@@ -305,8 +305,8 @@ def from_keras(layer_or_config, weights=None, *, input_shape=None, keras=None):
     Keras 3 always feeds the biased batch variance (``convention="keras3"``);
     tf-keras the Bessel-corrected one where its fused kernel runs (rank 4
     or 5 with ``fused`` None or True) and the biased one elsewhere
-    (``convention="tf_keras"``, with the layer's resolved ``fused``).
-    tf-keras's ``virtual_batch_size`` is kept. Updates happen in place, as
+    (``convention="tf_keras"``, with the layer's resolved ``fused``; see the
+    Conventions page). tf-keras's ``virtual_batch_size`` is kept. Updates happen in place, as
     Keras applies them in TF 2.
 
     Args:

@@ -16,16 +16,61 @@ name gets its own :class:`UpdateCollection` on first use
 """
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def user_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel that points at the first caller outside cubn.
+
+    Call it in the function that calls ``warnings.warn`` (level 1 is that function).
+    """
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+class PendingUpdatesWarning(UserWarning):
+    """Moving-statistics updates pile up in a collection nobody runs."""
+
 
 class UpdateCollection(list):
-    """A list of pending update callables (what ``tf.get_collection(UPDATE_OPS)`` returned)."""
+    """A list of pending update callables (what ``tf.get_collection(UPDATE_OPS)`` returned).
+
+    Appending the ``warn_after + 1``-th pending update warns
+    (:class:`PendingUpdatesWarning`): a training loop that never calls
+    ``cubn.run_updates()`` grows it by one update per layer per step.
+    ``warn_after = None`` turns the warning off.
+    """
+
+    warn_after = 500
 
     def __init__(self, name: str = "update_ops"):
         super().__init__()
         self.name = name
 
+    def append(self, update) -> None:
+        super().append(update)
+        if self.warn_after is not None and len(self) == self.warn_after + 1:
+            warnings.warn(
+                f"{self!r}: more than {self.warn_after} moving-statistics updates are pending and none has "
+                "run, so the moving statistics have not moved. Call cubn.run_updates() after each training "
+                "step, or build the layers with updates_collections=None to update in place",
+                PendingUpdatesWarning, stacklevel=user_stacklevel())
+
     def __repr__(self) -> str:
         return f"<UpdateCollection {self.name!r}: {len(self)} pending>"
+
+    def __reduce__(self):
+        # UPDATE_OPS is one per process: a pickled or copied layer keeps
+        # sending its updates to it, as the original did.
+        if self is UPDATE_OPS:
+            return "UPDATE_OPS"
+        return super().__reduce__()
 
 
 UPDATE_OPS = UpdateCollection("update_ops")
@@ -68,6 +113,32 @@ def clear_named() -> None:
     """Empty every named collection (``UPDATE_OPS`` stays the same object)."""
     for coll in _named.values():
         coll.clear()
+
+
+def warn_if_pending(layer, spec) -> None:
+    """Warn when ``layer`` runs inference while its own updates wait in its collections.
+
+    ``spec`` is the layer's ``updates_collections`` (None: in place, nothing
+    waits). Pending updates expose the layer they update as ``.layer``.
+    """
+    if spec is None:
+        return
+    for collection in resolve(spec):
+        _warn_if_pending_in(layer, collection)
+
+
+def _warn_if_pending_in(layer, collection) -> None:
+    if not collection:
+        return
+    n = sum(1 for u in collection if getattr(u, "layer", None) is layer)
+    if n:
+        name = getattr(collection, "name", None)
+        where = "cubn.UPDATE_OPS" if collection is UPDATE_OPS else (f"collection {name!r}" if name else "its collection")
+        warnings.warn(
+            f"{layer!r} is called with is_training=False while {n} of its moving-statistics update(s) wait in "
+            f"{where}: inference uses moving statistics without them. Run cubn.run_updates() after each "
+            "training step, or build the layer with updates_collections=None",
+            PendingUpdatesWarning, stacklevel=user_stacklevel())
 
 
 def run_updates(collection=None) -> int:

@@ -117,22 +117,3 @@ def test_collections_and_outputs(rng):
     assert outs[0] is y
     assert len(compat.get_collection("my_updates")) == 1
     cubn.run_updates(compat.get_collection("my_updates"))
-
-
-def test_exponential_moving_average_helper_seed_004(rng):
-    ema = compat.ExponentialMovingAverage(decay=0.9)
-    a = rng.standard_normal(4)
-    ema.apply([a])
-    np.testing.assert_allclose(ema.average(a), a)
-    shadow = a.copy()
-    for _ in range(3):
-        a[...] = rng.standard_normal(4)
-        ema.apply([a])
-        shadow = shadow - (shadow - a) * 0.1
-    np.testing.assert_allclose(ema.average(a), shadow)
-    zd = compat.ExponentialMovingAverage(0.5, zero_debias=True)
-    b = rng.standard_normal(3)
-    zd.apply([b])
-    np.testing.assert_allclose(zd.average(b), b)  # debiased: the first value exactly
-    with pytest.raises(KeyError, match="never called"):
-        ema.average(np.zeros(2))

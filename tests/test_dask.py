@@ -175,6 +175,7 @@ def client():
         cluster.close()
 
 
+@pytest.mark.dask_cluster
 def test_local_cluster(client, rng):
     x = rng.standard_normal((400, 6, 3)) * 3 + 100.0
     dx = da.from_array(x, chunks=(47, 6, 2))

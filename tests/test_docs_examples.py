@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-PAGES = ["getting-started.md", "migrating.md", "preprocessing.md"]
+PAGES = ["getting-started.md", "migrating.md", "preprocessing.md", "torch.md"]
 
 
 def _blocks(page):
@@ -19,6 +19,8 @@ def _blocks(page):
 def test_examples_run(page, tmp_path, monkeypatch):
     if not (DOCS / page).exists():
         pytest.skip(f"{page} not written")
+    if page == "torch.md":
+        pytest.importorskip("torch", reason="torch is not installed")
     import cubn
 
     monkeypatch.chdir(tmp_path)

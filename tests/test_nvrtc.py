@@ -45,6 +45,7 @@ def compiled():
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("source", [s for s in registry.SOURCES if registry.variants_for_source(s)])
+@pytest.mark.nvrtc
 def test_every_variant_compiles_cleanly(compiled, source, arch):
     ok, log, unlowered, n, spilled = compiled[(source, arch)]
     assert ok, f"{source} for {arch}: compilation failed:\n{log}"

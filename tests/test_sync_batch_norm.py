@@ -112,6 +112,7 @@ def warm_emulator():
 # ---------------------------------------------------------------------------
 @pytest.mark.parametrize("k", [2, 4])
 @pytest.mark.parametrize("backend", ["numpy", "emulated"])
+@pytest.mark.mpi
 def test_equals_batch_norm_on_the_whole_batch(request, backend, k, seed, tmp_path):
     if backend == "emulated":
         request.getfixturevalue("warm_emulator")
@@ -136,6 +137,7 @@ RELAYED = ["local_failure", "local_failure_backward"]
 
 
 @pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.mpi
 def test_inconsistent_calls_raise_on_every_rank(k, seed, tmp_path):
     rc, out, ranks = launch(k, ["mismatch", "numpy", seed], tmp_path)
     assert rc == 0, f"mpiexec -n {k} exited {rc}:\n{_report(out)}"
@@ -245,6 +247,7 @@ def test_a_single_rank_timeout_is_clear_and_final():
 # ---------------------------------------------------------------------------
 # The example of docs/distributed.md runs as written
 # ---------------------------------------------------------------------------
+@pytest.mark.mpi
 def test_docs_example_runs_under_mpiexec(tmp_path):
     if not hasattr(cubn, "SyncBatchNorm"):
         pytest.skip("cubn.SyncBatchNorm is not exported from cubn/__init__.py yet")
@@ -269,6 +272,7 @@ def _gpus():
 
 
 @pytest.mark.gpu
+@pytest.mark.mpi
 def test_gpu_cupy_arrays_through_mpi(seed, tmp_path):
     _gpus()
     rc, out, ranks = launch(2, ["gpu-mpi", "cupy", seed], tmp_path)
@@ -277,6 +281,7 @@ def test_gpu_cupy_arrays_through_mpi(seed, tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.mpi
 def test_gpu_nccl(seed, tmp_path):
     pytest.importorskip("cupy.cuda.nccl")
     from cupy.cuda import nccl

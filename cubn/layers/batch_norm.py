@@ -7,6 +7,7 @@ math lives there. Arguments and defaults are those of
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import numbers
 import threading
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .. import _dtypes, activations
-from .._backend import gpu_available, is_array, is_cupy_array, select
+from .._backend import gpu_available, is_array, is_cupy_array, select, take_dlpack
 from .._checks import arg_error, check_float_input, check_positive_epsilon, check_unit_interval, describe
 from .._memory import readable, readable_all
 from .._plan import plan_for_channels
@@ -26,7 +27,8 @@ from ..backends.base import Fold, MovingUpdate, Renorm, Stats
 from .._args import as_like, channel_param, make_weights
 from ..ops.normalization import bn_backward, bn_forward, check_side_input, check_training_batch
 from ..regularizers import L1L2
-from ..updates import UPDATE_OPS, is_collection_spec, resolve as resolve_collections
+from ..updates import UPDATE_OPS, is_collection_spec, resolve as resolve_collections, warn_if_pending
+from ._foreign import check_constructor_arguments
 
 _no_lock = contextlib.nullcontext()
 _CLIP_KEYS = ("rmax", "rmin", "dmax")
@@ -156,6 +158,10 @@ class BatchNorm:
             when given, wins.
         name: a label.
     """
+
+    def __new__(cls, *args, **kwargs):
+        check_constructor_arguments(cls, args, kwargs)  # Keras / PyTorch habits get cubn's spelling
+        return super().__new__(cls)
 
     def __init__(self, decay=0.999, center=True, scale=False, epsilon=0.001, activation_fn=None,
                  param_initializers=None, param_regularizers=None, updates_collections=UPDATE_OPS,
@@ -381,6 +387,7 @@ class BatchNorm:
         backward (a shared layer, or an inference call in between).
         """
         f = "BatchNorm"
+        x, batch_weights, side_input = take_dlpack(f, x=x, batch_weights=batch_weights, side_input=side_input)
         check_float_input(f, "x", x)
         backend = select(f, "x", x, batch_weights=batch_weights, side_input=side_input)
         x, batch_weights, side_input = readable_all(f, x=x, batch_weights=batch_weights, side_input=side_input)
@@ -453,6 +460,7 @@ class BatchNorm:
             else:
                 self._defer(_DeferredUpdate(self, backend, ctx.stats, bessel))
         else:
+            warn_if_pending(self, self.updates_collections)
             y3, ctx = bn_forward(backend, plan, x3, acc, training=False, fold=fold,
                                  given=(v["moving_mean"], v["moving_variance"]), side3=side3, act=fused_act)
         return plan.unview3(y3), ctx
@@ -585,6 +593,7 @@ class BatchNorm:
         """
         f = "BatchNorm.backward"
         handle = self._context_for(f, ctx)
+        dy, = take_dlpack(f, dy=dy)
         check_float_input(f, "dy", dy)
         ctx, had_side, z = handle.op, handle.side_input, handle.z
         select(f, "dy", dy, forward_input=ctx.x3)
@@ -823,6 +832,38 @@ class BatchNorm:
             if step is not None:
                 self._step = step
 
+    # -- pickle / copy.deepcopy ---------------------------------------------
+    def _transient(self) -> dict:
+        """The attributes that belong to the running process, not to the layer
+        (the array module; the per-thread forward contexts and gradients, and
+        the update lock), with the values a copy starts from: pickle and
+        copy.deepcopy leave them out."""
+        xp = None
+        if self._channels is not None:
+            if self._device is None:
+                xp = np
+            else:
+                import cupy as xp
+        return {"_xp": xp, "_threads": _LayerThreads()}
+
+    def __getstate__(self) -> dict:
+        transient = self._transient()
+        return {k: v for k, v in self.__dict__.items() if k not in transient}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__dict__.update(self._transient())
+
+    def __deepcopy__(self, memo):
+        # The copy sends its pending updates to the same collection as the
+        # original (copying the collection would leave them where nobody runs them).
+        if self.updates_collections is not None:
+            memo.setdefault(id(self.updates_collections), self.updates_collections)
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
+
     def __repr__(self) -> str:
         state = f"{self._channels} channels on {self.device}" if self._channels else "not built"
         return f"BatchNorm(name={self.name!r}, {state}, data_format={self.data_format!r})"
@@ -890,6 +931,10 @@ class _DeferredUpdate:
 
     def __repr__(self):
         return f"<update of {self.layer!r}>"
+
+    def __reduce__(self):
+        raise TypeError(f"{self!r} is pending: run cubn.run_updates() on its collection before pickling "
+                        "or copying the collection")
 
 
 _VARIANCES = ("moving_variance", "moving_stddev", "renorm_stddev")

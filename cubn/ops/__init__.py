@@ -1,4 +1,4 @@
-"""Functional ops: stateless, one call per op (CONTRACT §2)."""
+"""Functional ops: stateless, one call per op."""
 from .backward import BatchNormGrads, batch_norm_backward
 from .gradients import BatchNormalizationGrads, batch_normalization_backward, moments_backward, weighted_moments_backward
 from .moments import moments, normalize_moments, sufficient_statistics, weighted_moments

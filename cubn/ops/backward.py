@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from .. import _dtypes, activations
-from .._backend import select
+from .._backend import select, take_dlpack
 from .._checks import arg_error, check_float_input, check_positive_epsilon
 from .._memory import readable_all
 from .._plan import plan_for_channels
@@ -56,6 +56,9 @@ def batch_norm_backward(dy, x, scale, mean, variance, epsilon=1e-3, *, offset=No
         None when there is no side input.
     """
     func = "batch_norm_backward"
+    dy, x, scale, mean, variance, offset, side_input, batch_weights, renorm_r, renorm_d = take_dlpack(
+        func, dy=dy, x=x, scale=scale, mean=mean, variance=variance, offset=offset, side_input=side_input,
+        batch_weights=batch_weights, renorm_r=renorm_r, renorm_d=renorm_d)
     check_float_input(func, "dy", dy)
     check_float_input(func, "x", x)
     backend = select(func, "x", x, dy=dy, scale=scale, mean=mean, variance=variance, offset=offset,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _dtypes
-from .._backend import select
+from .._backend import select, take_dlpack
 from .._checks import arg_error, check_float_input, describe
 from .._memory import readable
 from .._plan import plan_for_reduction
@@ -12,6 +12,7 @@ from .._args import as_like, make_weights
 
 
 def _reduce(func, x, axes, keepdims, weights_arg=None, weights_name="weights"):
+    x, weights_arg = take_dlpack(func, x=x, **{weights_name: weights_arg})
     check_float_input(func, "x", x)
     backend = select(func, "x", x, **({weights_name: weights_arg} if weights_arg is not None else {}))
     x, weights_arg = readable(func, "x", x), readable(func, weights_name, weights_arg)

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from .. import _dtypes, activations
-from .._backend import is_array, select
+from .._backend import is_array, select, take_dlpack
 from .._checks import arg_error, check_float_input, check_positive_epsilon, describe
 from .._memory import readable, readable_all
 from .._plan import channel_axis, plan_for_channels, plan_for_kept_axes
@@ -157,6 +157,7 @@ def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, *, a
         An array like ``x``.
     """
     func = "batch_normalization"
+    x, mean, variance, offset, scale = take_dlpack(func, x=x, mean=mean, variance=variance, offset=offset, scale=scale)
     check_float_input(func, "x", x)
     params = {"mean": mean, "variance": variance, "offset": offset, "scale": scale}
     backend = select(func, "x", x, **params)
@@ -234,7 +235,7 @@ def per_channel_params(func, x, params, data_format, xp, acc):
 
 def batch_norm_with_global_normalization(t, m, v, beta, gamma, variance_epsilon, scale_after_normalization,
                                          *, data_format=None, name=None):
-    """TF 1's ``tf.nn.batch_norm_with_global_normalization`` (seed 004):
+    """TF 1's ``tf.nn.batch_norm_with_global_normalization``:
     ``batch_normalization`` with gamma applied only when
     ``scale_after_normalization``."""
     return batch_normalization(t, m, v, beta, gamma if scale_after_normalization else None,
@@ -279,6 +280,8 @@ def fused_batch_norm(x, scale=None, offset=None, mean=None, variance=None, epsil
         ``(y, batch_mean, batch_var)``.
     """
     func = "fused_batch_norm"
+    x, scale, offset, mean, variance, side_input = take_dlpack(
+        func, x=x, scale=scale, offset=offset, mean=mean, variance=variance, side_input=side_input)
     check_float_input(func, "x", x)
     backend = select(func, "x", x, scale=scale, offset=offset, mean=mean, variance=variance, side_input=side_input)
     x, scale, offset, mean, variance, side_input = readable_all(

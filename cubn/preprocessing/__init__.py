@@ -1,4 +1,4 @@
-"""Preprocessing for GPU-resident pipelines (CONTRACT §5).
+"""Preprocessing for GPU-resident pipelines.
 
 * :class:`RunningMoments` -- streaming, mergeable per-feature mean/variance.
 * :class:`Standardizer` -- scikit-learn's ``StandardScaler`` (interface and

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import _dtypes
-from .._backend import is_array, select
+from .._backend import is_array, select, take_dlpack
 from .._checks import arg_error, describe
 from .._memory import readable
 from ..backends.base import Partials
@@ -40,8 +40,8 @@ from ..kernels import registry
 
 SOURCE = "preprocess.cu"
 
-# Input dtypes of the preprocessing API (CONTRACT §1: the only place that
-# takes integers), and the outputs its transforms write.
+# Input dtypes of the preprocessing API (the only part of cubn that takes
+# integers), and the outputs its transforms write.
 INT_DTYPES = ("uint8", "uint16")
 IN_DTYPES = INT_DTYPES + ("float16", "bfloat16", "float32", "float64")
 OUT_DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -432,6 +432,7 @@ def normalize_images(images, mean, std, *, scale=1.0, out_dtype="float32", data_
         A new array on the input's device, in ``out_format`` and ``out_dtype``.
     """
     func = "normalize_images"
+    images, mean, std = take_dlpack(func, images=images, mean=mean, std=std)
     check_input(func, "images", images)
     images = readable(func, "images", images)
     ndim = images.ndim

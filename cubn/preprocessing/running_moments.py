@@ -21,7 +21,7 @@ import operator
 
 import numpy as np
 
-from .._backend import array_module, is_array, select
+from .._backend import array_module, is_array, select, take_dlpack
 from .._checks import arg_error, describe
 from .._memory import readable_all
 from .._plan import plan_for_kept_axes
@@ -155,6 +155,7 @@ class RunningMoments:
         return self._update(batch, weights, "RunningMoments.update", "batch", "weights")
 
     def _update(self, x, weights, func, xname, wname):
+        x, weights = take_dlpack(func, **{xname: x, wname: weights})
         if is_dask_array(x) or is_dask_array(weights):
             from .. import dask as cubn_dask
 

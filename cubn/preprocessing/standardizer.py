@@ -24,7 +24,7 @@ import inspect
 
 import numpy as np
 
-from .._backend import array_module, is_array, is_cupy_array, select
+from .._backend import array_module, is_array, is_cupy_array, select, take_dlpack
 from .._checks import arg_error, check_positive_epsilon, describe
 from .._memory import readable
 from .._args import as_like
@@ -56,6 +56,7 @@ _FLOAT64_EPS = float(np.finfo(np.float64).eps)
 
 def _as_array(func, name, X):
     """Arrays pass through; lists, tuples and DataFrames become NumPy arrays (floats as float64, as in sklearn)."""
+    X, = take_dlpack("Standardizer." + func, **{name: X})
     if is_array(X) or is_dask_array(X):
         return X
     if X is None or isinstance(X, (str, bytes, dict)) or not hasattr(X, "__len__") and not hasattr(X, "__array__"):
@@ -310,6 +311,7 @@ class Standardizer(*_BASES):
         """X as an array and where it goes: "numpy" (checked by scikit-learn), "sparse", or "device"
         (CuPy, dask and the narrow dtypes cubn keeps: checked here)."""
         f = "Standardizer." + func
+        X, = take_dlpack(f, X=X)  # torch tensors, JAX arrays: NumPy or CuPy arrays, zero-copy
         if isinstance(X, np.ndarray):
             X = readable(f, "X", X)  # native byte order, aligned, no subclass: as the plain array
         if is_array(X) and not isinstance(X, np.ndarray) or is_dask_array(X):
@@ -379,6 +381,7 @@ class Standardizer(*_BASES):
         return self
 
     def _sample_weight(self, f, sample_weight, X, n):
+        sample_weight, = take_dlpack(f, sample_weight=sample_weight)
         if sample_weight is None:
             return None
         if BaseEstimator is not None and isinstance(X, np.ndarray) and not is_array(sample_weight) \
