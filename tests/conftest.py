@@ -98,7 +98,7 @@ def backend(request):
 @pytest.fixture(params=["numpy", "emulated", "emulated-3launch", "cupy", "cupy-3launch"])
 def train_backend(request, monkeypatch):
     """``backend`` for training-forward tests: the kernel backends run twice,
-    with the one-launch (persistent.cu) path where the shape allows it, and
+    with the one-launch (one_launch.cu) path where the shape allows it, and
     with it switched off (``CUBN_PERSISTENT=0``: statistics, finalize,
     normalize), so both paths meet the same assertions."""
     name, _, path = request.param.partition("-")

@@ -18,7 +18,7 @@ def launches(emulated_launches):
 @pytest.mark.parametrize("shape,fmt", [((4, 3, 5, 6), "NHWC"), ((4, 6, 5, 3), "NCHW")])
 def test_launch_counts(launches, rng, shape, fmt, one_launch, monkeypatch):
     """Small tensors take the one-launch training forward and backward
-    (persistent.cu); with them switched off, statistics + finalize +
+    (one_launch.cu); with them switched off, statistics + finalize +
     normalize, and sums + finalize + apply."""
     if not one_launch:
         monkeypatch.setenv("CUBN_PERSISTENT", "0")
@@ -35,7 +35,7 @@ def test_launch_counts(launches, rng, shape, fmt, one_launch, monkeypatch):
     assert len(count(lambda: cubn.moments(x, [0, 1, 2] if fmt == "NHWC" else [0, 2, 3]))) == 2
     train = count(lambda: cubn.fused_batch_norm(x, g, b, data_format=fmt, activation="relu", side_input=x))
     assert len(train) == train_launches
-    assert train[0 if one_launch else 1] == ("cubn_bn_train_persistent" if one_launch else "cubn_bn_finalize")
+    assert train[0 if one_launch else 1] == ("cubn_bn_train_one_launch" if one_launch else "cubn_bn_finalize")
     assert len(count(lambda: cubn.fused_batch_norm(x, g, b, g, g, data_format=fmt, is_training=False))) == 1
     assert len(count(lambda: cubn.batch_normalization(x, 0.5, 2.0, None, None, 1e-3))) == 1
     bn = cubn.BatchNorm(scale=True, data_format=fmt, updates_collections=None, zero_debias_moving_mean=True)

@@ -45,8 +45,10 @@ def cuda_include_dirs() -> tuple:
 
 
 def compile_options() -> tuple:
-    """The options cubn passes to CuPy's NVRTC for every kernel."""
-    return registry.NVRTC_OPTIONS + (f"-I{registry.KERNEL_DIR}",) + tuple(f"-I{d}" for d in cuda_include_dirs())
+    """The options cubn passes to CuPy's NVRTC for every kernel: the launch constants
+    as defines (the emulator's g++ gets the same), the include directories."""
+    return (registry.NVRTC_OPTIONS + registry.define_options() + (f"-I{registry.KERNEL_DIR}",)
+            + tuple(f"-I{d}" for d in cuda_include_dirs()))
 
 
 @functools.lru_cache(maxsize=None)

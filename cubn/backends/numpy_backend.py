@@ -12,6 +12,7 @@ import numpy as np
 
 from .._welford import tree_merge
 from .base import Affine, BackwardCoeffs, Partials, RawAffine, Stats, Sums
+from .numpy_preprocessing import NumpyPreprocessing
 
 
 def _quiet(f):
@@ -50,7 +51,7 @@ def _by_channel(p, fold):
     return p.reshape(n * fold, cols // fold)
 
 
-class NumpyBackend:
+class NumpyBackend(NumpyPreprocessing):
     name = "numpy"
     xp = np
 

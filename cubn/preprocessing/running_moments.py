@@ -4,15 +4,16 @@ The state is one Welford triple per kept element, ``(count, mean, M2)``, kept
 in float64 whatever the data's dtype (so counts stay exact to 2**53 and a long
 stream does not drift). A batch is reduced to its own triples (partials in
 float64 for float32/float64 data, in float32 for 8- and 16-bit data: see
-``image.stats_acc``) and merged into the state with Chan et al.'s pairwise
+``cubn._dtypes.stats_acc``) and merged into the state with Chan et al.'s pairwise
 formula; two accumulators merge the same way, so any split of the data into
 batches, in any order, and any tree of merges gives the same statistics up to
 rounding.
 
-On a kernel backend (CuPy, emulated) an update is two launches and never
-reads a device value back on the host: moments.cu's Welford partials (one
-launch), then ``cubn_rm_merge`` (preprocess.cu), which merges the partials and
-folds them into the state in place (one launch).
+An update is two backend primitives, ``input_partials`` and
+``merge_into_state``: on a kernel backend (CuPy, emulated) two launches that
+never read a device value back on the host -- moments.cu's Welford partials,
+then ``cubn_rm_merge`` (preprocess.cu), which merges the partials and folds
+them into the state in place.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from .._backend import array_module, is_array, select
 from .._checks import arg_error, describe
 from .._plan import plan_for_kept_axes
 from .._args import as_like, make_weights
-from .._welford import chan_merge, tree_merge
+from ..backends.base import Partials
 from . import image
 
 
@@ -39,36 +40,11 @@ def result_dtype(dtype) -> np.dtype:
     return np.dtype(np.float64 if np.dtype(dtype).name == "float64" else np.float32)
 
 
-def merge_into_state(backend, partials, acc, state) -> None:
-    """Fold a batch's Welford partials into ``state`` ((3, C) float64: count, mean, M2) in place.
-
-    One ``cubn_rm_merge`` launch on a kernel backend (no host synchronization).
-    """
-    if backend.name == "numpy":
-        merged = backend.merge_partials(partials, acc)
-        n, m, s = chan_merge(state[0], state[1], state[2],
-                             *(np.asarray(p[0], np.float64) for p in merged[:3]))
-        state[0], state[1], state[2] = n, m, s
-        return
-    C = partials.count.shape[1] // partials.fold
-    if C == 0:
-        return
-    per_block = image.RM_MERGE_THREADS // 32
-    backend._launch(
-        image.variant("cubn_rm_merge", (image.ctype(acc),)),
-        (-(-C // per_block), 1, 1), (image.RM_MERGE_THREADS, 1, 1), 0,
-        (np.int32(C), np.int32(partials.count.shape[0]), np.int32(partials.fold), *partials[:3],
-         state[0], state[1], state[2]),
-    )
-
-
 def _merge_triple_into(backend, state, count, mean, m2) -> None:
     """``state`` merged with float64 (C,) triples (another accumulator's state)."""
-    from ..backends.base import Partials
-
     C = state.shape[1]
     p = Partials(count.reshape(1, C), mean.reshape(1, C), m2.reshape(1, C), 1)
-    merge_into_state(backend, p, np.dtype(np.float64), state)
+    backend.merge_into_state(p, np.dtype(np.float64), state)
 
 
 # ---------------------------------------------------------------------------
@@ -183,8 +159,8 @@ class RunningMoments:
         if self._state is None:
             self._init(xp, x.ndim, axes, plan.stat_shape, result_dtype(x.dtype))
         if plan.size > 0:
-            partials = image.welford_partials(backend, plan, plan.view3(x), acc, w)
-            merge_into_state(backend, partials, acc, self._state)
+            partials = backend.input_partials(plan, plan.view3(x), acc, w)
+            backend.merge_into_state(partials, acc, self._state)
         return self
 
     def _axes_for(self, func, ndim):

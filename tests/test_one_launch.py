@@ -1,4 +1,4 @@
-"""The one-launch training forward (kernels/persistent.cu): when it is chosen,
+"""The one-launch training forward (kernels/one_launch.cu): when it is chosen,
 and that it computes what the three-launch path computes, at the edges of
 its register cache, with scalar and 16-byte accesses and partial column tiles.
 
@@ -14,6 +14,7 @@ import cubn
 from conftest import assert_close, np_dtype
 import reference as ref
 from cubn.backends import kernel_backend as kb
+from cubn.kernels import registry
 
 
 
@@ -74,7 +75,7 @@ def test_path_and_result_at_the_cache_edges(launches, rng, fmt, shape, dtype, pa
     x = (rng.standard_normal(shape) * 2 + 50).astype(np_dtype(dtype))
     side = rng.standard_normal(shape).astype(np_dtype(dtype))
     names, out = _path(launches, lambda: _train(x, fmt, side=side))
-    want = ["cubn_bn_train_persistent"] if path == "one" else ["cubn_moments_" + ("cl" if fmt == "NHWC" else "cf"),
+    want = ["cubn_bn_train_one_launch"] if path == "one" else ["cubn_moments_" + ("cl" if fmt == "NHWC" else "cf"),
                                                                  "cubn_bn_finalize", "cubn_normalize"]
     assert names == want
     (y, bm, bv), g, b = out
@@ -93,7 +94,7 @@ def test_both_paths_agree_on_every_output(launches, rng, monkeypatch):
         x = (rng.standard_normal(shape) * 3 + step).astype(np.float32)
         launches.clear()
         y1 = one(x, is_training=True)
-        assert launches == ["cubn_bn_train_persistent"]
+        assert launches == ["cubn_bn_train_one_launch"]
         monkeypatch.setenv("CUBN_PERSISTENT", "0")
         y3 = three(x, is_training=True)
         monkeypatch.delenv("CUBN_PERSISTENT")
@@ -103,7 +104,7 @@ def test_both_paths_agree_on_every_output(launches, rng, monkeypatch):
         dy = rng.standard_normal(shape).astype(np.float32)
         launches.clear()
         d1 = one.backward(dy)
-        assert launches == ["cubn_bn_bwd_persistent"]
+        assert launches == ["cubn_bn_bwd_one_launch"]
         monkeypatch.setenv("CUBN_PERSISTENT", "0")
         d3 = three.backward(dy)
         monkeypatch.delenv("CUBN_PERSISTENT")
@@ -122,14 +123,14 @@ def test_not_chosen_for_weights_or_when_switched_off(launches, rng, monkeypatch)
     assert names == ["cubn_moments_cl", "cubn_bn_finalize", "cubn_normalize"]
     monkeypatch.delenv("CUBN_PERSISTENT")
     names, _ = _path(launches, lambda: bn(x))
-    assert names == ["cubn_bn_train_persistent"]
+    assert names == ["cubn_bn_train_one_launch"]
 
 
 def test_nan_stays_in_its_channel(launches, rng):
     x = rng.standard_normal((64, 16)).astype(np.float32)
     x[7, 3] = np.nan
     names, ((y, bm, bv), g, b) = _path(launches, lambda: _train(x, "NHWC", act=None))
-    assert names == ["cubn_bn_train_persistent"]
+    assert names == ["cubn_bn_train_one_launch"]
     y, bm = np.asarray(y), np.asarray(bm)
     assert np.isnan(bm[3]) and np.all(np.isnan(y[:, 3]))
     keep = np.arange(16) != 3
@@ -152,7 +153,7 @@ def test_which_benchmark_shapes_take_one_launch(fmt, shape, expect):
     assert (cfg is not None) == expect
     if cfg is not None:
         vec, grid, block = cfg
-        assert block[0] * block[1] <= kb.PERSIST_THREADS
+        assert block[0] * block[1] <= registry.ONE_LAUNCH_THREADS
 
 
 @pytest.mark.parametrize("fmt,shape,dtype,path", CASES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v)
@@ -172,7 +173,7 @@ def test_backward_path_and_result_at_the_cache_edges(launches, rng, monkeypatch,
     m, v = x.astype(np.float64).mean(axis=axes).astype(acc), x.astype(np.float64).var(axis=axes).astype(acc)
     plan = plan_for_channels(shape, fmt, "test")
     backend = cubn._backend.get_backend("emulated")
-    fits = backend._persist_config(plan, x.dtype, (x,), lambda vec: kb.bwd_persist_items(x.dtype, vec)) is not None
+    fits = backend._persist_config(plan, x.dtype, (x,), lambda vec: registry.one_launch_backward_items(x.dtype, vec)) is not None
 
     def run():
         return cubn.batch_norm_backward(dy, x, g, m, v, 1e-3, offset=b, data_format=fmt, activation=act,
@@ -180,7 +181,7 @@ def test_backward_path_and_result_at_the_cache_edges(launches, rng, monkeypatch,
 
     names, one = _path(launches, run)
     if fits:
-        assert names == ["cubn_bn_finalize", "cubn_bn_bwd_persistent"]
+        assert names == ["cubn_bn_finalize", "cubn_bn_bwd_one_launch"]
     else:
         assert names[-2:] == ["cubn_bwd_finalize", "cubn_bwd_apply"]
     monkeypatch.setenv("CUBN_PERSISTENT", "0")
