@@ -28,12 +28,15 @@ def shape(request):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("op", B.OPS)
 @pytest.mark.parametrize("peer", B.PEERS)
-def test_bench(benchmark, shape, dtype, op, peer, monkeypatch):
+def test_bench(benchmark, shape, dtype, op, peer):
     layout, shp = shape
-    if peer == "cubn_3launch" and op not in B.ONE_LAUNCH_OPS:
+    if peer == "cubn_three_launch" and op not in B.ONE_LAUNCH_OPS:
         pytest.skip(f"{op} runs the same kernels as cubn")
-    for k, v in B.PEER_ENV.get(peer, {}).items():
-        monkeypatch.setenv(k, v)
+    with B.peer_context(peer):
+        _bench(benchmark, layout, shp, dtype, op, peer)
+
+
+def _bench(benchmark, layout, shp, dtype, op, peer):
     dt = B._resolve_dtype(dtype)
     if dt is None:
         pytest.skip(f"{dtype} unavailable")

@@ -5,9 +5,9 @@ Peers measured side by side in one run, on the same device buffers:
 relu/add, channels_last for NHWC, tensors shared through DLPack),
 ``cupy_naive`` (CuPy mean/var and elementwise expressions) and ``numpy``
 (cubn's NumPy backend on the CPU, a few shapes, for scale); for the training
-forward ops and backward also ``cubn_3launch``: cubn with its one-launch
-kernels switched off (``CUBN_PERSISTENT=0``), so the two paths are compared
-in the same run.
+forward ops and backward also ``cubn_three_launch``: cubn with its one-launch
+path switched off (``cubn.use_one_launch(False)``), so the two paths are
+compared in the same run.
 
 GPU timing: CUDA events around each call, warm-up first, the median of many
 repetitions, input buffers rotated so that the L2 cache (50 MB on an H100)
@@ -21,7 +21,6 @@ import datetime
 import json
 import contextlib
 import math
-import os
 import platform
 import statistics
 import sys
@@ -42,9 +41,8 @@ SUITE = [
 ]
 QUICK = [SUITE[2], SUITE[3], SUITE[10], SUITE[11], SUITE[12]]
 OPS = ("moments", "bn_train", "bn_infer", "bn_relu", "bn_add_relu", "backward")
-PEERS = ("cubn", "cubn_3launch", "torch", "cupy_naive", "numpy")
-ONE_LAUNCH_OPS = ("bn_train", "bn_relu", "bn_add_relu", "backward")  # where cubn_3launch differs from cubn
-PEER_ENV = {"cubn_3launch": {"CUBN_PERSISTENT": "0"}}
+PEERS = ("cubn", "cubn_three_launch", "torch", "cupy_naive", "numpy")
+ONE_LAUNCH_OPS = ("bn_train", "bn_relu", "bn_add_relu", "backward")  # where cubn_three_launch differs from cubn
 # Tensor-sized transfers each op must make (x reads, dy/side reads, y/dx writes):
 # statistics need one read of x, normalizing another read and a write.
 TENSOR_PASSES = {"moments": 1, "bn_train": 3, "bn_infer": 2, "bn_relu": 3, "bn_add_relu": 4, "backward": 5}
@@ -239,32 +237,25 @@ def _numpy_case(op, inp):
 
 
 class SameAsCubn(Exception):
-    """cubn_3launch on an op whose kernels do not depend on CUBN_PERSISTENT."""
+    """cubn_three_launch on an op without a one-launch path."""
 
 
-def _cubn_3launch_case(op, inp):
+def _cubn_three_launch_case(op, inp):
     if op not in ONE_LAUNCH_OPS:
         raise SameAsCubn(f"{op} runs the same kernels as cubn")
-    return _cubn_case(op, inp)  # built and timed under PEER_ENV (see peer_env)
+    return _cubn_case(op, inp)  # built and timed inside peer_context (cubn.use_one_launch(False))
 
 
-@contextlib.contextmanager
-def peer_env(peer):
-    """The environment a peer is built and timed under."""
-    env = PEER_ENV.get(peer, {})
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+def peer_context(peer):
+    """The scoped options a peer is built and timed under."""
+    import cubn
+
+    if peer == "cubn_three_launch":
+        return cubn.use_one_launch(False)
+    return contextlib.nullcontext()
 
 
-CASE_BUILDERS = {"cubn": _cubn_case, "cubn_3launch": _cubn_3launch_case, "torch": _torch_case,
+CASE_BUILDERS = {"cubn": _cubn_case, "cubn_three_launch": _cubn_three_launch_case, "torch": _torch_case,
                  "cupy_naive": _cupy_naive_case, "numpy": _numpy_case}
 
 
@@ -394,7 +385,7 @@ def run_suite(shapes=None, dtypes=("float32", "float16", "bfloat16"), ops=OPS, p
                     continue
                 for r in recs:
                     try:
-                        with peer_env(peer):
+                        with peer_context(peer):
                             run = CASE_BUILDERS[peer](r.op, inp)
                             if on_cpu:
                                 med, p10, p90, cnt = time_cpu(run, inp.k)
@@ -469,10 +460,10 @@ def summarize(records):
                     "slowest_case": f"{worst[1]} {worst[2]}" if worst else None, "cases": len(roof) or len(speed)}
                 if op in ONE_LAUNCH_OPS:
                     # cubn (one launch where the shape allows) over its three-launch path
-                    gains = [by[(o, lay, shp, d, "cubn_3launch")].median_ms / r.median_ms
+                    gains = [by[(o, lay, shp, d, "cubn_three_launch")].median_ms / r.median_ms
                              for (o, lay, shp, d, p), r in by.items()
-                             if o == op and d == dt and p == "cubn" and (o, lay, shp, d, "cubn_3launch") in by]
-                    out[f"{op}/{dt}"]["speedup_vs_3launch_geomean"] = _geomean(gains)
+                             if o == op and d == dt and p == "cubn" and (o, lay, shp, d, "cubn_three_launch") in by]
+                    out[f"{op}/{dt}"]["speedup_vs_three_launch_geomean"] = _geomean(gains)
     return out
 
 
@@ -497,7 +488,7 @@ def table(records):
         rf = f"{100 * c.roofline:7.1f}%" if c and c.roofline else f"{'-':>8s}"
         if all(p.median_ms is None for p in peers.values()):
             continue
-        lines.append(f"{op:11s} {lay:6s} {str(shp):22s} {dt:8s} {ms('cubn')} {ms('cubn_3launch')} {ms('torch')} "
+        lines.append(f"{op:11s} {lay:6s} {str(shp):22s} {dt:8s} {ms('cubn')} {ms('cubn_three_launch')} {ms('torch')} "
                      f"{ms('cupy_naive')} {ms('numpy')} {sp} {rf}")
     return "\n".join(lines)
 

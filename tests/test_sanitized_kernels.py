@@ -24,11 +24,11 @@ SELECTION = (
     "test_one_launch and (37x20 or 3x2x6 or agree) or "
     "emulated and float32 and ("
     "test_moments or test_weighted_moments or test_many_blocks_per_channel or test_unaligned"
-    " or (test_fused_batch_norm_training and NHWC) or (test_fused_batch_norm_training and NCHW and not 3launch)"
+    " or (test_fused_batch_norm_training and NHWC) or (test_fused_batch_norm_training and NCHW and not three_launch)"
     " or (test_fused_batch_norm_inference and gelu)"
-    " or (test_low_precision_backward and relu and not 3launch)"
+    " or (test_low_precision_backward and relu and not three_launch)"
     ") or emulated and (test_gradients_match_finite_differences and relu"
-    " and (renorm and not 3launch or weighted and 3launch))"
+    " and (renorm and not three_launch or weighted and three_launch))"
 )
 
 PREPROCESSING = (

@@ -89,21 +89,13 @@ def warm_emulator():
         pytest.skip(reason)
     # SyncBatchNorm always runs the three-launch kernels (its statistics go
     # through the exchange): warm those, for both layouts.
-    old = os.environ.get("CUBN_PERSISTENT")
-    os.environ["CUBN_PERSISTENT"] = "0"
-    try:
-        with cubn.use_backend("emulated"):
-            for dt in ("float32", "float64"):
-                for shape, fmt in (((4, 3), "NHWC"), ((4, 3, 2, 2), "NCHW")):
-                    bn = cubn.BatchNorm(updates_collections=None, data_format=fmt)
-                    x = np.arange(np.prod(shape), dtype=dt).reshape(shape)
-                    bn(x)
-                    bn.backward(x)
-    finally:
-        if old is None:
-            os.environ.pop("CUBN_PERSISTENT", None)
-        else:
-            os.environ["CUBN_PERSISTENT"] = old
+    with cubn.use_backend("emulated"), cubn.use_one_launch(False):
+        for dt in ("float32", "float64"):
+            for shape, fmt in (((4, 3), "NHWC"), ((4, 3, 2, 2), "NCHW")):
+                bn = cubn.BatchNorm(updates_collections=None, data_format=fmt)
+                x = np.arange(np.prod(shape), dtype=dt).reshape(shape)
+                bn(x)
+                bn.backward(x)
 
 
 # ---------------------------------------------------------------------------
@@ -223,14 +215,20 @@ class _Recorder(Communicator):
         return a
 
 
+@pytest.fixture
+def three_launch():
+    """Bitwise equality needs the same kernels: SyncBatchNorm always takes the
+    three-launch path (its statistics go through the exchange), so BatchNorm must too."""
+    with cubn.use_one_launch(False):
+        yield
+
+
 @pytest.mark.parametrize("backend_name", ["numpy", "emulated"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_single_rank_equals_batch_norm_and_exchanges_what_the_docs_say(request, backend_name, dtype, rng, monkeypatch):
+def test_single_rank_equals_batch_norm_and_exchanges_what_the_docs_say(request, backend_name, dtype, rng,
+                                                                         three_launch):
     if backend_name == "emulated":
         request.getfixturevalue("warm_emulator")
-    # Bitwise equality needs the same kernels: SyncBatchNorm always takes the
-    # three-launch path (its statistics go through the exchange).
-    monkeypatch.setenv("CUBN_PERSISTENT", "0")
     c = 5
     x = (3 + 2 * rng.standard_normal((6, 2, 3, c))).astype(dtype)
     dy = rng.standard_normal(x.shape).astype(dtype)

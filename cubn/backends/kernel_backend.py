@@ -10,13 +10,12 @@ the host: every statistic stays on the device between launches.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 
 from .. import _dtypes
 from ..kernels import registry as R
-from ..kernels.registry import ELEMENTWISE_THREADS, FINALIZE_THREADS, ONE_LAUNCH_THREADS, REDUCE_THREADS
+from ..kernels.registry import ELEMENTWISE_THREADS, FINALIZE_THREADS, REDUCE_THREADS
 from ..kernels.spec import element
 from ._memory import aligned as _aligned
 from .kernel_preprocessing import KernelPreprocessing
@@ -27,12 +26,6 @@ BLOCKS_PER_SM = 2048 // REDUCE_THREADS  # resident 256-thread blocks per SM at f
 REDUCE_WAVES = 2
 ELEMENTWISE_WAVES = 4
 MIN_VECTORS_PER_THREAD = 4  # below this a reduction thread's setup dominates
-
-
-def persistent_enabled() -> bool:
-    """The one-launch training forward is on unless ``CUBN_PERSISTENT=0``
-    (benchmarks set it to time the three-launch path on the same shapes)."""
-    return os.environ.get("CUBN_PERSISTENT", "1") != "0"
 
 
 def _pow2_at_least(n: int) -> int:
@@ -262,96 +255,39 @@ class KernelBackend(KernelPreprocessing):
                      mean=affine.mean, **p, alpha=act.alpha if act else 0.0)
         return y3
 
-    # -- the one-launch training forward ---------------------------------------
-    def _persist_config(self, plan, dtype, arrays, items_for=None):
-        """``(vec, grid, block)`` when every channel fits in one block's register
-        cache (one_launch.cu), else None. ``items_for(vec)``: vectors per
-        thread (default: the training forward's)."""
-        if plan.outer == 0 or plan.channels == 0:
-            return None
-        items_for = items_for or (lambda vec: R.one_launch_items(dtype, plan.channels_last))
-        widths = (1, _dtypes.vector_widths(dtype)[-1])  # the registered ones
-        if not plan.channels_last:
-            vec = self._vec(dtype, plan.inner, arrays, widths)
-            items = items_for(vec)
-            nvec = -(-plan.outer * plan.inner // vec)
-            if nvec > ONE_LAUNCH_THREADS * items:
-                return None
-            threads = max(32, _pow2_at_least(-(-nvec // items)))
-            return vec, (plan.channels, 1, 1), (threads, 1, 1)
-        # Channels last: a block owns bx vectors of columns and every row; keep
-        # bx >= 2 (32-byte row segments) so that the loads stay coalesced.
-        vec = self._vec(dtype, plan.channels, arrays, widths)
-        items = items_for(vec)
-        cv = plan.channels // vec
-        by = _pow2_at_least(-(-plan.outer // items))
-        bx = min(32, _pow2_at_least(cv))
-        while bx * by > ONE_LAUNCH_THREADS and bx > 2:
-            bx //= 2
-        if bx * by > ONE_LAUNCH_THREADS or (bx < 2 and cv >= 2):
-            return None
-        return vec, (-(-cv // bx), 1, 1), (bx, by, 1)
-
-    def train_forward_persistent(self, plan, x3, acc, fold, update, side3, act):
-        """Training forward in one launch (statistics, finalize with the
-        moving update, normalize + add + activation) when every channel's data
-        fits in one block's registers; ``(y3, Stats)``, or None when it does
-        not fit (the caller then runs the three-launch path)."""
-        if not persistent_enabled():
-            return None
+    # -- the one-launch path (the launch decided by one_launch.decide) ---------
+    def train_forward_one_launch(self, launch, plan, x3, acc, fold, update, side3, act):
+        """The training forward in one launch -- statistics, finalize with the
+        moving update, normalize + add + activation -- with every channel's
+        data in one block's registers: ``(y3, Stats)``."""
         xp = self.xp
         dt = x3.dtype
-        cfg = self._persist_config(plan, dt, (x3, side3))  # before allocating: the fallback pays nothing
-        if cfg is None:
-            return None
-        vec, grid, block = cfg
         y3 = xp.empty(x3.shape, dt)
-        if not _aligned(vec * dt.itemsize, y3):
-            return None
-        C = plan.channels
-        o = self._stats_buffers(xp, C, acc, fold)
-        if plan.channels_last:
-            shared = (block[1] + 3) * block[0] * vec * acc.itemsize
-        else:
-            shared = 67 * acc.itemsize
-        v = R.TRAIN_ONE_LAUNCH.variant(T=element(dt), ACT=act.kernel_id if act else 0, VEC=vec,
-                                       CL=int(plan.channels_last))
-        self._launch(v, grid, block, shared, x=x3, side=side3, y=y3, outer=plan.outer, C=C, inner=plan.inner,
-                     alpha=act.alpha if act else 0.0, **self._finalize_args(fold, update, o))
+        o = self._stats_buffers(xp, plan.channels, acc, fold)
+        v = R.TRAIN_ONE_LAUNCH.variant(T=element(dt), ACT=act.kernel_id if act else 0, VEC=launch.vec,
+                                       CL=int(plan.channels_last), ITEMS=launch.items)
+        self._launch(v, launch.grid, launch.block, launch.shared_bytes, x=x3, side=side3, y=y3, outer=plan.outer,
+                     C=plan.channels, inner=plan.inner, alpha=act.alpha if act else 0.0,
+                     **self._finalize_args(fold, update, o))
         stats = Stats(o["count"], o["mean"], o["var"], o["invstd"], o["scale"], o["shift"], o["g"], o["h"], o["r"], o["d"])
         return y3, stats
 
-    def backward_persistent(self, plan, dy3, x3, side3, stats, act, acc, training, want_dside, out_dtype, side_dtype):
-        """The unweighted backward in one launch when every channel's x and dy'
-        fit in one block's registers: ``(dx3, dgamma, dbeta, dside3)``, or None
-        (the caller then runs sums, finalize and apply)."""
-        if not persistent_enabled() or np.dtype(out_dtype) != x3.dtype:
-            return None
-        if want_dside and np.dtype(side_dtype) != x3.dtype:
-            return None
+    def backward_one_launch(self, launch, plan, dy3, x3, side3, stats, act, acc, training, want_dside):
+        """The unweighted backward in one launch, every channel's x and dy' in
+        one block's registers: ``(dx3, dgamma, dbeta, dside3)`` (dx and d side
+        in the data's dtype)."""
         xp = self.xp
         dt = x3.dtype
-        side = side3 if act is not None else None
-        cfg = self._persist_config(plan, dt, (dy3, x3, side), lambda vec: R.one_launch_backward_items(dt, vec))
-        if cfg is None:  # decided before allocating: the fallback pays nothing
-            return None
-        vec, grid, block = cfg
         dx3 = xp.empty(x3.shape, dt)
         dside3 = xp.empty(x3.shape, dt) if want_dside else None
-        if not _aligned(vec * dt.itemsize, dx3, dside3):
-            return None
-        C = plan.channels
-        out = xp.empty((2, C), acc)
-        if plan.channels_last:
-            shared = (2 * block[1] + 2) * block[0] * vec * acc.itemsize
-        else:
-            shared = 66 * acc.itemsize
-        v = R.BWD_ONE_LAUNCH.variant(T=element(dt), ACT=act.kernel_id if act else 0, VEC=vec,
-                                     CL=int(plan.channels_last))
-        self._launch(v, grid, block, shared, dy=dy3, x=x3, side=side, dx=dx3, dside=dside3, outer=plan.outer, C=C,
-                     inner=plan.inner, mean=stats.mean, scale=stats.scale, shift=stats.shift, count=stats.count,
-                     invstd=stats.invstd, gcoef=stats.gcoef, hcoef=stats.hcoef, training=1 if training else 0,
-                     alpha=act.alpha if act else 0.0, dgamma=out[0], dbeta=out[1])
+        out = xp.empty((2, plan.channels), acc)
+        v = R.BWD_ONE_LAUNCH.variant(T=element(dt), ACT=act.kernel_id if act else 0, VEC=launch.vec,
+                                     CL=int(plan.channels_last), ITEMS=launch.items)
+        self._launch(v, launch.grid, launch.block, launch.shared_bytes, dy=dy3, x=x3,
+                     side=side3 if act is not None else None, dx=dx3, dside=dside3, outer=plan.outer,
+                     C=plan.channels, inner=plan.inner, mean=stats.mean, scale=stats.scale, shift=stats.shift,
+                     count=stats.count, invstd=stats.invstd, gcoef=stats.gcoef, hcoef=stats.hcoef,
+                     training=1 if training else 0, alpha=act.alpha if act else 0.0, dgamma=out[0], dbeta=out[1])
         return dx3, out[0], out[1], dside3
 
     # -- backward -----------------------------------------------------------

@@ -54,6 +54,7 @@ def _by_channel(p, fold):
 class NumpyBackend(NumpyPreprocessing):
     name = "numpy"
     xp = np
+    info = None  # no device: the one-launch path never runs here
 
     # -- statistics -------------------------------------------------------
     @_quiet
