@@ -6,6 +6,7 @@ math lives there. Arguments and defaults are those of
 """
 from __future__ import annotations
 
+import functools
 import math
 import numpy as np
 
@@ -277,7 +278,9 @@ class BatchNorm:
                                  weights=weights, side3=side3, act=fused_act,
                                  exchange=self._exchange(backend, plan, x, batch_weights is not None))
             if self.updates_collections is not None:
-                self.updates_collections.append(_DeferredUpdate(self, backend, ctx.stats, bessel))
+                self.updates_collections.append(_DeferredUpdate(
+                    backend, ctx.stats, acc, functools.partial(self._deferred_moving_update, bessel),
+                    self._count_step, self.__repr__))
         else:
             y3, ctx = bn_forward(backend, plan, x3, acc, training=False, fold=fold,
                                  given=(v["moving_mean"], v["moving_variance"]), side3=side3, act=fused_act)
@@ -335,6 +338,15 @@ class BatchNorm:
             u.renorm_mean, u.renorm_stddev = v["renorm_mean"], v["renorm_stddev"]
             u.moving_stddev = v["moving_stddev"]
         return u
+
+    def _deferred_moving_update(self, bessel, xp):
+        """The MovingUpdate a deferred update applies: the variables as they are when it runs."""
+        if self._xp is not xp:
+            raise RuntimeError("a pending BatchNorm update cannot run: the layer moved to another device since")
+        return self._moving_update(bessel, self._step + 1)
+
+    def _count_step(self):
+        self._step += 1
 
     def _adjustment(self, x, plan, xp, acc):
         out = self.adjustment(tuple(x.shape))
@@ -450,22 +462,25 @@ class BatchNorm:
 
 
 class _DeferredUpdate:
-    """One pending moving-statistics update, appended to ``updates_collections``."""
+    """One pending moving-statistics update, appended to ``updates_collections``.
 
-    def __init__(self, layer, backend, stats, bessel):
-        self.layer, self.backend, self.stats, self.bessel = layer, backend, stats, bessel
+    It holds the batch statistics and three callbacks of its layer:
+    ``make_update(xp)`` gives the ``MovingUpdate`` of the layer's variables
+    as they are when the update runs (or raises), ``done()`` records that it
+    ran, ``describe()`` names the layer.
+    """
+
+    def __init__(self, backend, stats, acc, make_update, done, describe):
+        self.backend, self.stats, self.acc = backend, stats, acc
+        self.make_update, self.done, self.describe = make_update, done, describe
 
     def __call__(self):
-        layer = self.layer
-        if layer._xp is not self.backend.xp:
-            raise RuntimeError("a pending BatchNorm update cannot run: the layer moved to another device since")
-        step = layer._step + 1
-        u = layer._moving_update(self.bessel, step)
-        self.backend.moving_update(self.stats, layer._acc, u)
-        layer._step = step
+        u = self.make_update(self.backend.xp)
+        self.backend.moving_update(self.stats, self.acc, u)
+        self.done()
 
     def __repr__(self):
-        return f"<update of {self.layer!r}>"
+        return f"<update of {self.describe()}>"
 
 
 def _resolve_activation(fn):

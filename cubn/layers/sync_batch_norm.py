@@ -15,6 +15,7 @@ instead of a hang or a silent mix of unrelated statistics.
 """
 from __future__ import annotations
 
+import functools
 import json
 import zlib
 from typing import NamedTuple
@@ -148,13 +149,15 @@ class SyncBatchNorm(BatchNorm):
                              f"on device {x.device.id}")
         local = _Local(plan.channels, _code(_dtypes.FLOAT_NAMES, np.dtype(x.dtype).name),
                        _code(_FORMATS, self.data_format), x.ndim, plan.per_channel, int(bool(weighted)))
+        check_sums = None
         if self.verify:
             headers = self._agree(FORWARD, self._calls, local)
             if int(headers[:, _PER_CHANNEL].sum()) == 0:
                 raise arg_error(ValueError, "SyncBatchNorm", "x",
                                 "at least one element per channel in the whole distributed batch",
                                 f"an empty batch on all {comm.size} ranks (training call {self._calls})")
-        return _Exchange(self, comm, self._calls, local)
+            check_sums = functools.partial(self._agree, BACKWARD, self._calls, local)
+        return _Exchange(comm, self._calls, check_sums)
 
     # -- consistency ----------------------------------------------------------
     def _config_code(self) -> int:
@@ -190,10 +193,15 @@ class SyncBatchNorm(BatchNorm):
 
 
 class _Exchange:
-    """The object bn_forward/bn_backward call between statistics and finalize."""
+    """The object bn_forward/bn_backward call between statistics and finalize.
 
-    def __init__(self, layer, comm, call, local):
-        self.layer, self.comm, self.call, self.local = layer, comm, call, local
+    ``comm``: the communicator; ``call``: the training call it belongs to;
+    ``check_sums``: run before the backward sums are exchanged (the header
+    agreement of the backward), or None without verification.
+    """
+
+    def __init__(self, comm, call, check_sums=None):
+        self.comm, self.call, self.check_sums = comm, call, check_sums
 
     def partials(self, backend, partials, acc):
         """Local partials -> one triple per channel -> every rank's triples, (ranks, C)."""
@@ -208,8 +216,8 @@ class _Exchange:
 
     def sums(self, backend, sums, acc):
         """Local backward sums -> their sum over ranks, (1, C)."""
-        if self.layer.verify:
-            self.layer._agree(BACKWARD, self.call, self.local)
+        if self.check_sums is not None:
+            self.check_sums()
         xp = backend.xp
         mine = _stack_rows(xp, backend.merge_sums(sums, acc)[:2])  # (2, C): S1, S2
         c = mine.shape[1]
