@@ -94,6 +94,10 @@ def test_the_graph_is_read():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
+def test_no_import_cycle():
+    assert _cycles(GRAPH) == []
+
+
 # Modules that import no other cubn module: anything may use them.
 FOUNDATION = {m for m, deps in GRAPH.items() if not deps and not MODULES[m][1]}
 
@@ -111,6 +115,29 @@ def test_lower_layers_import_nothing_above_them(layer, allowed):
             if up:
                 bad[m] = sorted(up)
     assert not bad, f"{layer} imports from above it: {bad}"
+
+
+def test_dask_depends_on_preprocessing_one_way():
+    assert "cubn.preprocessing.running_moments" in GRAPH["cubn.dask"]
+    users = sorted(m for m, deps in GRAPH.items() if "cubn.dask" in deps)
+    assert users == [], f"{users} import cubn.dask"
+    # cubn.dask reads no private state of the preprocessing objects (it may call their methods)
+    tree = ast.parse(MODULES["cubn.dask"][0].read_text())
+    called = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    private = [n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr.startswith("_")
+               and not n.attr.startswith("__") and id(n) not in called]
+    assert private == [], f"cubn.dask reads {private}"
+
+
+def test_import_cubn_imports_no_optional_dependency():
+    import subprocess
+    import sys
+
+    code = ("import sys, cubn; heavy = [m for m in ('dask', 'cupy', 'torch', 'tqdm', 'mpi4py', 'matplotlib') "
+            "if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "PYTHONPATH": str(PKG.parent)})
+    assert out.stdout.strip() == "[]"
 
 
 # ---------------------------------------------------------------------------
