@@ -25,7 +25,7 @@ TARGETS = [
 
 INTRO = """# Performance
 
-Measured by `cubn bench` (the suite in `cubn/benchmarking.py`, also
+Measured by `cubn bench` (the suite in `cubn/benchmarking/`, also
 runnable as `pytest bench/ --benchmark-enable`): cubn, PyTorch
 (`torch.nn.functional.batch_norm` then its ReLU/add; channels_last for NHWC;
 the same device buffers through DLPack), naive CuPy (mean/var and

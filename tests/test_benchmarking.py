@@ -35,7 +35,7 @@ def test_summary_ratios_are_side_by_side_geomeans(rng):
     assert got["slowest_vs_torch"] == pytest.approx(torch_ms[k] / cubn_ms[k])
     assert "speedup_vs_three_launch_geomean" not in summ["moments/float32"]
     lines = B.table(recs).splitlines()
-    assert "3-launch" in lines[0] and len(lines) == 1 + 4
+    assert "three-launch" in lines[0] and len(lines) == 1 + 4
 
 
 def test_three_launch_peer_runs_with_the_one_launch_path_off():
@@ -48,4 +48,23 @@ def test_three_launch_peer_runs_with_the_one_launch_path_off():
             assert not one_launch_enabled()  # peers add options, never undo the caller's
     assert one_launch_enabled()
     with pytest.raises(B.SameAsCubn):
-        B.CASE_BUILDERS["cubn_three_launch"]("moments", None)
+        B.PEERS["cubn_three_launch"].build("moments", None)
+
+
+def test_peers_are_pluggable(monkeypatch):
+    """A registered peer is run by the suite, skipped where it says so, and gets its own table column."""
+    monkeypatch.setitem(B.PEERS, "plain_numpy", None)  # removed again after the test
+    calls = []
+
+    def build(op, inp):
+        calls.append((op, inp.shape))
+        return lambda i: inp.x[i].sum()
+
+    B.register(B.Peer("plain_numpy", build, device="cpu", label="plain",
+                      skip=lambda layout, shape, dtype, gpu: None if dtype == "float32" else "float32 only"))
+    env, bw, recs = B.run_suite([("NC", (64, 8))], ("float32", "float16"), ("moments",), peers=["plain_numpy"])
+    assert calls == [("moments", (64, 8))]
+    ok = [r for r in recs if r.median_ms is not None]
+    assert [(r.peer, r.dtype) for r in ok] == [("plain_numpy", "float32")] and ok[0].bytes == 64 * 8 * 4
+    assert [r.error for r in recs if r.median_ms is None] == ["skipped: float32 only"]
+    assert "plain" in B.table(recs).splitlines()[0]

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from .. import _dtypes
 from ..kernels import registry as R
 from ..kernels.registry import ELEMENTWISE_THREADS, FINALIZE_THREADS, REDUCE_THREADS
