@@ -437,7 +437,7 @@ class BatchNorm:
             ref = state.get("moving_mean")
             if ref is None:
                 raise arg_error(ValueError, "load_state_dict", "state", "a 'moving_mean' entry to size the layer", sorted(state))
-            self.build(ref.shape[0], ref.dtype if np.dtype(ref.dtype).name in ("float32", "float64") else "float32",
+            self.build(ref.shape[0], ref.dtype if np.dtype(ref.dtype).name in _dtypes.ACC_NAMES else "float32",
                        self._device)
         expected = set(self._vars)
         missing, unexpected = expected - set(state), set(state) - expected

@@ -44,7 +44,7 @@ class _Local(NamedTuple):
     """What this rank's call looks like, for the header."""
 
     channels: int
-    dtype: int       # index in _dtypes.FLOAT_NAMES
+    dtype: int       # the dtype's sync_code in the dtype table (cubn._dtypes)
     fmt: int         # index in _FORMATS
     ndim: int
     per_channel: int  # elements per channel in this rank's slice (0: an empty slice)
@@ -147,7 +147,7 @@ class SyncBatchNorm(BatchNorm):
         if getattr(comm, "device", None) is not None and is_cupy_array(x) and x.device.id != comm.device:
             raise ValueError(f"SyncBatchNorm: the NCCL communicator belongs to CUDA device {comm.device} but 'x' is "
                              f"on device {x.device.id}")
-        local = _Local(plan.channels, _code(_dtypes.FLOAT_NAMES, np.dtype(x.dtype).name),
+        local = _Local(plan.channels, _dtype_code(x.dtype),
                        _code(_FORMATS, self.data_format), x.ndim, plan.per_channel, int(bool(weighted)))
         check_sums = None
         if self.verify:
@@ -226,6 +226,11 @@ class _Exchange:
 
 
 # -- helpers -------------------------------------------------------------------
+def _dtype_code(dtype) -> int:
+    row = _dtypes.TABLE.get(np.dtype(dtype).name)
+    return 99 if row is None or row.sync_code is None else row.sync_code
+
+
 def _code(names, name) -> int:
     return names.index(name) if name in names else 99
 
@@ -305,7 +310,7 @@ def _check_headers(h):
         raise arg_error(ValueError, f, "x", "the same channel count on every rank",
                         _grouped([f"{int(v)} channels" for v in h[:, _CHANNELS]]) + when)
     if differs(_DTYPE):
-        names = [_dtypes.FLOAT_NAMES[v] if 0 <= v < len(_dtypes.FLOAT_NAMES) else "?" for v in h[:, _DTYPE]]
+        names = [_dtypes.SYNC_NAMES[v] if 0 <= v < len(_dtypes.SYNC_NAMES) else "?" for v in h[:, _DTYPE]]
         raise arg_error(TypeError, f, "x", "the same dtype on every rank", _grouped(names) + when)
     if differs(_FORMAT):
         names = [_FORMATS[v] if 0 <= v < len(_FORMATS) else "?" for v in h[:, _FORMAT]]

@@ -59,7 +59,7 @@ def stats_acc(dtype) -> np.dtype:
 # Argument checks
 # ---------------------------------------------------------------------------
 def _dtype_names() -> str:
-    return ", ".join(n for n in IN_DTYPES if n != "bfloat16" or _dtypes.bfloat16 is not None)
+    return ", ".join(_dtypes.available(IN_DTYPES))
 
 
 def check_input(func: str, name: str, x) -> None:
@@ -78,7 +78,7 @@ def check_out_dtype(func: str, name: str, value) -> np.dtype:
     except (TypeError, ValueError):
         dt = None
     if dt is None or dt.name not in OUT_DTYPES:
-        names = ", ".join(repr(n) for n in OUT_DTYPES if n != "bfloat16" or _dtypes.bfloat16 is not None)
+        names = ", ".join(repr(n) for n in _dtypes.available(OUT_DTYPES))
         raise arg_error(ValueError, func, name, f"one of {names}", repr(value))
     return dt
 
