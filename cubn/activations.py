@@ -14,7 +14,6 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ._checks import arg_error
-from .kernels.registry import ACTIVATION_IDS
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
@@ -129,17 +128,18 @@ _DERIVATIVE = {
     "silu": _silu_d,
 }
 
-# Kernel ids: the template argument ACT of the CUDA kernels (kernels/registry.py).
-NONE_ID = ACTIVATION_IDS["none"]
-relu = Activation("relu", ACTIVATION_IDS["relu"])
-relu6 = Activation("relu6", ACTIVATION_IDS["relu6"])
-leaky_relu = Activation("leaky_relu", ACTIVATION_IDS["leaky_relu"], alpha=0.2, has_alpha=True)
-elu = Activation("elu", ACTIVATION_IDS["elu"], alpha=1.0, has_alpha=True)
-sigmoid = Activation("sigmoid", ACTIVATION_IDS["sigmoid"])
-tanh = Activation("tanh", ACTIVATION_IDS["tanh"])
-gelu = Activation("gelu", ACTIVATION_IDS["gelu"])
-gelu_tanh = Activation("gelu_tanh", ACTIVATION_IDS["gelu_tanh"])
-silu = Activation("silu", ACTIVATION_IDS["silu"])
+# Kernel ids: the template argument ACT of the CUDA kernels, stated here only:
+# kernels/registry.py hands them to the compilers as CUBN_ACT_<NAME> defines.
+NONE_ID = 0
+relu = Activation("relu", 1)
+relu6 = Activation("relu6", 2)
+leaky_relu = Activation("leaky_relu", 3, alpha=0.2, has_alpha=True)
+elu = Activation("elu", 4, alpha=1.0, has_alpha=True)
+sigmoid = Activation("sigmoid", 5)
+tanh = Activation("tanh", 6)
+gelu = Activation("gelu", 7)
+gelu_tanh = Activation("gelu_tanh", 8)
+silu = Activation("silu", 9)
 swish = silu
 
 ALL = (relu, relu6, leaky_relu, elu, sigmoid, tanh, gelu, gelu_tanh, silu)

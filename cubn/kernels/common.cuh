@@ -173,7 +173,7 @@ __device__ __forceinline__ void column_sum2(const A* s1, const A* s2, A* p1, A* 
 }
 
 // ---------------------------------------------------------------------------
-// Activations (ids: registry.ACTIVATIONS). fwd: act(z); grad: act'(z).
+// Activations (ids: cubn/activations.py, as CUBN_ACT_* defines). fwd: act(z); grad: act'(z).
 // ---------------------------------------------------------------------------
 enum { ACT_NONE = CUBN_ACT_NONE, ACT_RELU = CUBN_ACT_RELU, ACT_RELU6 = CUBN_ACT_RELU6,
        ACT_LEAKY_RELU = CUBN_ACT_LEAKY_RELU, ACT_ELU = CUBN_ACT_ELU, ACT_SIGMOID = CUBN_ACT_SIGMOID,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 
 from .. import _dtypes
+from ..activations import ALL as _ACTIVATIONS, NONE_ID
 from .spec import KERNEL_DIR, Kernel, all_of, element, elements  # noqa: F401 - re-exported
 
 SOURCES = ("moments.cu", "finalize.cu", "normalize.cu", "backward.cu", "one_launch.cu", "preprocess.cu")
@@ -39,10 +40,9 @@ ONE_LAUNCH_THREADS = 512   # the most threads of a one-launch block (one_launch.
 TRANSPOSE_THREADS = 256    # the preprocessing layout change (preprocess.cu)
 UNROLL = 4                 # loads in flight per thread in the reduction loops
 
-# Fused activations: the kernel id of each (the ACT template argument) is its
-# position here; cubn.activations gives the NumPy math of the same names.
-ACTIVATIONS = ("none", "relu", "relu6", "leaky_relu", "elu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu")
-ACTIVATION_IDS = {name: i for i, name in enumerate(ACTIVATIONS)}
+# Fused activations (the ACT template argument): their ids are cubn.activations'.
+ACTIVATION_IDS = {"none": NONE_ID, **{a.name: a.kernel_id for a in _ACTIVATIONS}}
+ACTIVATIONS = tuple(ACTIVATION_IDS)
 ACT_IDS = tuple(ACTIVATION_IDS.values())
 
 
