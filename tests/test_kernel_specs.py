@@ -222,21 +222,36 @@ def test_arguments_are_checked_by_name():
     assert args[names.index("zd_factor")] == 1 and all(args[names.index(n)] is None for n in ("gamma", "o_mean"))
 
 
+def _chosen(v):
+    """The template arguments a caller gives for variant ``v`` (the derived ones are computed)."""
+    return {k: x for k, x in v.params.items() if k not in v.spec.derived}
+
+
+@pytest.mark.parametrize("kernel", registry.KERNELS, ids=lambda k: f"{k.source}:{k.name}")
+def test_every_variant_is_found_by_its_template_arguments(kernel):
+    for v in kernel.variants():
+        assert kernel.variant(**_chosen(v)) is v
+
+
 def test_unregistered_variants_are_refused():
+    f32 = spec.element("float32")
+    normalize = _chosen(registry.NORMALIZE.variant(T=f32, ACT=0, VEC=1, RAW=0))
     with pytest.raises(KeyError, match="not registered"):
-        registry.NORMALIZE.variant(T=spec.element("float32"), ACT=len(registry.ACTIVATIONS), VEC=1, RAW=0)
+        registry.NORMALIZE.variant(**{**normalize, "ACT": len(registry.ACTIVATIONS)})
+    moments = _chosen(next(v for v in registry.MOMENTS_CL.variants() if v.params["T"] == f32))
     with pytest.raises(KeyError, match="not registered"):
-        registry.MOMENTS_CL.variant(T=spec.element("float32"), WMODE=0, VEC=8)  # 32 bytes: wider than a vector
+        registry.MOMENTS_CL.variant(**{**moments, "VEC": 8})  # 32 bytes: wider than a vector
     with pytest.raises(TypeError, match="template argument RAW missing"):
-        registry.NORMALIZE.variant(T=spec.element("float32"), ACT=0, VEC=1)
+        registry.NORMALIZE.variant(**{k: x for k, x in normalize.items() if k != "RAW"})
 
 
 def test_statistics_kernels_for_every_preprocessing_input():
     for name in _dtypes.PREPROCESSING_INPUT_NAMES:
         acc = _dtypes.stats_acc(name)
         cl, cf = registry.moments_kernels(name, acc)
-        v = cl.variant(T=spec.element(name, acc), WMODE=0, VEC=1)
-        assert v.acc == acc
+        T = spec.element(name, acc)
+        v = next(v for v in cl.variants() if v.params["T"] == T)
+        assert v.acc == acc and any(w.params["T"] == T for w in cf.variants())
         assert v.source == ("moments.cu" if _dtypes.TABLE[name].acc == acc.name else "preprocess.cu")
 
 
