@@ -25,6 +25,7 @@ import numpy as np
 from .. import _dtypes
 from .._backend import is_cupy_array
 from .._checks import arg_error
+from ..backends._memory import pointer
 from ..backends.base import Partials, Sums
 from ..distributed.comm import as_communicator
 from .batch_norm import BatchNorm
@@ -235,16 +236,12 @@ def _code(names, name) -> int:
     return names.index(name) if name in names else 99
 
 
-def _ptr(a) -> int:
-    return a.data.ptr if is_cupy_array(a) else a.__array_interface__["data"][0]
-
-
 def _stack_rows(xp, rows):
     """(1, C) arrays -> one contiguous (k, C) array; no copy when they already are its rows."""
     k, c = len(rows), rows[0].shape[-1]
     base = getattr(rows[0], "base", None)
     if (base is not None and tuple(base.shape) == (k, c) and base.flags.c_contiguous
-            and all(getattr(r, "base", None) is base and _ptr(r) == _ptr(base) + i * c * base.itemsize
+            and all(getattr(r, "base", None) is base and pointer(r) == pointer(base) + i * c * base.itemsize
                     for i, r in enumerate(rows))):
         return base  # the kernel backend's merge buffers are laid out this way
     return xp.concatenate([r.reshape(1, c) for r in rows], axis=0)

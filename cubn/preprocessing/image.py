@@ -41,18 +41,7 @@ IN_DTYPES = _dtypes.PREPROCESSING_INPUT_NAMES
 OUT_DTYPES = _dtypes.PREPROCESSING_OUTPUT_NAMES
 
 
-def compute_dtype(in_name: str, out_name: str) -> np.dtype:
-    """float64 when either side is float64, else float32."""
-    return _dtypes.compute_dtype(in_name, out_name)
-
-
-def ctype(dtype) -> str:
-    return _dtypes.ctype(dtype)
-
-
-def stats_acc(dtype) -> np.dtype:
-    """Accumulation dtype of the preprocessing statistics (see ``cubn._dtypes.stats_acc``)."""
-    return _dtypes.stats_acc(dtype)
+compute_dtype = _dtypes.compute_dtype  # the transforms' arithmetic: float64 when either side is float64
 
 
 # ---------------------------------------------------------------------------
