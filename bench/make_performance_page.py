@@ -21,13 +21,13 @@ TARGETS = [
     ("bn_add_relu", "speedup", 1.3, "BN+add+ReLU: >= 1.3x PyTorch's batch norm, add, ReLU"),
     ("bn_train", "speedup", 1.1, "plain BN forward: >= 1.1x PyTorch"),
     ("backward", "speedup", 1.1, "BN backward: >= 1.1x PyTorch"),
-    ("bn_train", "vs3", 1.0, "training forward: cubn (one launch where shapes fit) vs its three-launch path"),
-    ("backward", "vs3", 1.0, "backward: cubn (one launch where shapes fit) vs its three-launch path"),
+    ("bn_train", "vs_three_launch", 1.0, "training forward: cubn (one launch where shapes fit) vs its three-launch path"),
+    ("backward", "vs_three_launch", 1.0, "backward: cubn (one launch where shapes fit) vs its three-launch path"),
 ]
 
 INTRO = """# Performance
 
-Measured by `cubn bench` (the suite in `cubn/benchmarking.py`, also
+Measured by `cubn bench` (the suite in `cubn/benchmarking/`, also
 runnable as `pytest bench/`): cubn, PyTorch
 (`torch.nn.functional.batch_norm` then its ReLU/add; channels_last for NHWC;
 the same device buffers through DLPack), naive CuPy (mean/var and
@@ -111,7 +111,7 @@ def main():
                 s = summ.get(f"{op}/{dt}")
                 if not s:
                     continue
-                key = {"roofline": "roofline_geomean", "vs3": "speedup_vs_3launch_geomean"}.get(kind, "speedup_vs_torch_geomean")
+                key = {"roofline": "roofline_geomean", "vs_three_launch": "speedup_vs_three_launch_geomean"}.get(kind, "speedup_vs_torch_geomean")
                 v = s.get(key)
                 if v is not None:
                     mark = "met" if v >= goal else "missed"

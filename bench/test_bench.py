@@ -27,21 +27,24 @@ def shape(request):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("op", B.OPS)
-@pytest.mark.parametrize("peer", B.PEERS)
-def test_bench(benchmark, shape, dtype, op, peer, monkeypatch):
+@pytest.mark.parametrize("peer", list(B.PEERS))
+def test_bench(benchmark, shape, dtype, op, peer):
     layout, shp = shape
-    if peer == "cubn_3launch" and op not in B.ONE_LAUNCH_OPS:
+    if peer == "cubn_three_launch" and op not in B.ONE_LAUNCH_OPS:
         pytest.skip(f"{op} runs the same kernels as cubn")
-    for k, v in B.PEER_ENV.get(peer, {}).items():
-        monkeypatch.setenv(k, v)
-    dt = B._resolve_dtype(dtype)
+    with B.peer_context(peer):
+        _bench(benchmark, layout, shp, dtype, op, peer)
+
+
+def _bench(benchmark, layout, shp, dtype, op, peer):
+    dt = B.resolve_dtype(dtype)
     if dt is None:
         pytest.skip(f"{dtype} unavailable")
     if peer == "numpy":
         if dtype != "float32" or np.prod(shp) > B.NUMPY_MAX_ELEMENTS:
             pytest.skip("numpy: float32 shapes up to 4M elements")
         inp = B.Inputs(np, layout, shp, dt)
-        run = B.CASE_BUILDERS[peer](op, inp)
+        run = B.PEERS[peer].build(op, inp)
         sync = lambda: None  # noqa: E731
     else:
         if not cubn.gpu_available():
@@ -51,7 +54,7 @@ def test_bench(benchmark, shape, dtype, op, peer, monkeypatch):
         if peer == "torch":
             pytest.importorskip("torch")
         inp = B.Inputs(cp, layout, shp, dt)
-        run = B.CASE_BUILDERS[peer](op, inp)
+        run = B.PEERS[peer].build(op, inp)
         sync = cp.cuda.Device().synchronize
     counter = iter(range(10**9))
 

@@ -5,6 +5,7 @@ a vectorized NumPy implementation. ``import cubn`` needs NumPy only.
 """
 from . import activations, compat, distributed, preprocessing, regularizers
 from ._backend import gpu_available, use_backend
+from ._options import use_one_launch
 from .layers import BatchNorm, SyncBatchNorm
 from ._version import __version__
 from .ops import (
@@ -31,6 +32,7 @@ __all__ = [
     "activations",
     "gpu_available",
     "use_backend",
+    "use_one_launch",
     "moments",
     "weighted_moments",
     "batch_normalization",

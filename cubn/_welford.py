@@ -4,7 +4,8 @@ A triple ``(count, mean, M2)`` summarizes data exactly enough to merge:
 two triples combine with Chan, Golub & LeVeque's pairwise formula, never
 through ``E[x²] − E[x]²``. The same arithmetic as ``chan_merge`` in
 ``kernels/common.cuh``; used by the NumPy backend, ``RunningMoments`` and the
-dask reductions (NumPy or CuPy arrays alike).
+dask reductions (NumPy or CuPy arrays alike), and the one place that turns a
+triple into a mean and a variance on the host.
 """
 from __future__ import annotations
 
@@ -43,3 +44,17 @@ def tree_merge(count, mean, m2):
             count, mean, m2 = (xp.concatenate([a, xp.zeros_like(a[:1])]) for a in (count, mean, m2))
         count, mean, m2 = chan_merge(count[0::2], mean[0::2], m2[0::2], count[1::2], mean[1::2], m2[1::2])
     return count[0], mean[0], m2[0]
+
+
+def mean_or_nan(count, mean):
+    """The mean of each triple; NaN where it holds nothing (count 0)."""
+    xp = _namespace(count)
+    return xp.where(count > 0, mean, np.nan)
+
+
+def variance(count, m2):
+    """The population variance ``M2 / count`` of each triple (M2 clipped at 0); NaN where count is 0."""
+    xp = _namespace(count)
+    live = count > 0
+    with np.errstate(all="ignore"):
+        return xp.where(live, xp.maximum(m2, 0) / xp.where(live, count, 1), np.nan)

@@ -128,7 +128,8 @@ _DERIVATIVE = {
     "silu": _silu_d,
 }
 
-# Kernel ids: the template argument ACT of the CUDA kernels (see kernels/common.cuh).
+# Kernel ids: the template argument ACT of the CUDA kernels, stated here only:
+# kernels/registry.py hands them to the compilers as CUBN_ACT_<NAME> defines.
 NONE_ID = 0
 relu = Activation("relu", 1)
 relu6 = Activation("relu6", 2)

@@ -68,7 +68,17 @@ def _model(args) -> int:
 def _precompile(args) -> int:
     from cubn.backends.cupy_launcher import precompile
 
-    n = precompile(jobs=args.jobs, progress=True)
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the count at the end is all
+        n = precompile(jobs=args.jobs)
+    else:
+        with tqdm(desc="precompile", unit="variant", disable=None) as bar:  # no bar unless stderr is a terminal
+            def progress(k, total):
+                bar.total = total
+                bar.update(k)
+
+            n = precompile(jobs=args.jobs, progress=progress)
     print(f"compiled {n} kernel variants into CuPy's cache")
     return 0
 
@@ -95,6 +105,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="a few shapes only")
     p.add_argument("--dtypes", default="float32,float16,bfloat16")
     p.add_argument("--ops", default=None, help="comma-separated subset of ops")
+    p.add_argument("--peers", default=None, help="comma-separated subset of peers (default: every registered one)")
     p.add_argument("--repeat", type=int, default=None)
     p.set_defaults(func=_bench)
     p = sub.add_parser("model", help="predicted GPU time of the benchmark's ops: a traced traffic and "

@@ -16,26 +16,6 @@ import numpy as np
 import cubn
 
 
-class _Progress:
-    """A one-line text progress bar (stderr), no dependencies."""
-
-    def __init__(self, total, label, stream=None, width=30):
-        self.total, self.label, self.width = total, label, width
-        self.stream = stream or sys.stderr
-        self.n = 0
-
-    def update(self, n=1, suffix=""):
-        self.n += n
-        frac = self.n / max(self.total, 1)
-        bar = "#" * int(frac * self.width)
-        self.stream.write(f"\r{self.label} [{bar:<{self.width}}] {self.n}/{self.total} {suffix}")
-        self.stream.flush()
-
-    def close(self):
-        self.stream.write("\n")
-        self.stream.flush()
-
-
 class _Adam:
     def __init__(self, xp, params, lr=2e-3, b1=0.9, b2=0.999, eps=1e-8):
         self.xp, self.lr, self.b1, self.b2, self.eps = xp, lr, b1, b2, eps
@@ -50,6 +30,18 @@ class _Adam:
             self.m[k] = self.b1 * self.m[k] + (1 - self.b1) * g
             self.v[k] = self.b2 * self.v[k] + (1 - self.b2) * g * g
             params[k] -= self.lr * (self.m[k] / c1) / (self.xp.sqrt(self.v[k] / c2) + self.eps)
+
+
+def _steps(n, label, progress):
+    """range(n), with a tqdm progress bar on stderr when ``progress`` (none when stderr is not a terminal)."""
+    if not progress:
+        return range(n)
+    try:
+        from tqdm import tqdm
+    except ImportError as e:
+        raise SystemExit("cubn demo needs tqdm for its progress bar: pip install 'cubn[demo]' "
+                         "(or run it with --no-progress)") from e
+    return tqdm(range(n), desc=label, leave=False, disable=None)
 
 
 def load_digits_split(seed):
@@ -102,9 +94,8 @@ def run(epochs=20, batch_size=64, hidden=128, seed=0, device="auto", out=None, p
     t0 = time.perf_counter()
     for epoch in range(1, epochs + 1):
         perm = xp.asarray(rng.permutation(n))
-        bar = _Progress(steps, f"epoch {epoch:2d}/{epochs}") if progress else None
         total_loss, correct = 0.0, 0
-        for s in range(steps):
+        for s in _steps(steps, f"epoch {epoch:2d}/{epochs}", progress):
             idx = perm[s * batch_size:(s + 1) * batch_size]
             xb, yb = xtr[idx], ytr[idx]
             a, logits = forward(xb, True)
@@ -126,10 +117,6 @@ def run(epochs=20, batch_size=64, hidden=128, seed=0, device="auto", out=None, p
             grads["b1"] = dh.sum(axis=0)
             grads.update({"bn_" + k: g for k, g in bn.gradients.items()})
             opt.step({**params, **{"bn_" + k: v for k, v in bn_params.items()}}, grads)
-            if bar:
-                bar.update(1)
-        if bar:
-            bar.close()
         _, test_logits = forward(xte, False)
         test_acc = float((test_logits.argmax(axis=1) == yte).mean())
         rec = {"epoch": epoch, "loss": total_loss / n, "train_accuracy": correct / n, "test_accuracy": test_acc}

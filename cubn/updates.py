@@ -119,7 +119,7 @@ def warn_if_pending(layer, spec) -> None:
     """Warn when ``layer`` runs inference while its own updates wait in its collections.
 
     ``spec`` is the layer's ``updates_collections`` (None: in place, nothing
-    waits). Pending updates expose the layer they update as ``.layer``.
+    waits). A pending update says whether it is the layer's by ``belongs_to(layer)``.
     """
     if spec is None:
         return
@@ -127,10 +127,14 @@ def warn_if_pending(layer, spec) -> None:
         _warn_if_pending_in(layer, collection)
 
 
+def _not_any(layer) -> bool:
+    return False
+
+
 def _warn_if_pending_in(layer, collection) -> None:
     if not collection:
         return
-    n = sum(1 for u in collection if getattr(u, "layer", None) is layer)
+    n = sum(1 for u in collection if getattr(u, "belongs_to", _not_any)(layer))
     if n:
         name = getattr(collection, "name", None)
         where = "cubn.UPDATE_OPS" if collection is UPDATE_OPS else (f"collection {name!r}" if name else "its collection")

@@ -95,20 +95,19 @@ def backend(request):
     yield from _backend_fixture(request)
 
 
-@pytest.fixture(params=["numpy", "emulated", "emulated-3launch", "cupy", "cupy-3launch"])
-def train_backend(request, monkeypatch):
+@pytest.fixture(params=["numpy", "emulated", "emulated-three_launch", "cupy", "cupy-three_launch"])
+def train_backend(request):
     """``backend`` for training-forward tests: the kernel backends run twice,
-    with the one-launch (persistent.cu) path where the shape allows it, and
-    with it switched off (``CUBN_PERSISTENT=0``: statistics, finalize,
-    normalize), so both paths meet the same assertions."""
+    with the one-launch (one_launch.cu) path where the shape allows it, and
+    with it switched off (``cubn.use_one_launch(False)``: the three-launch
+    path, statistics, finalize, normalize), so both paths meet the same
+    assertions."""
     name, _, path = request.param.partition("-")
     reason = backend_skip_reason(name)
     if reason:
         pytest.skip(reason)
-    if path:
-        monkeypatch.setenv("CUBN_PERSISTENT", "0")
     b = Backend(name)
-    with b.context():
+    with b.context(), cubn.use_one_launch(not path):
         yield b
 
 

@@ -26,6 +26,7 @@ def options_for(arch: str):
 
     return (
         list(registry.NVRTC_OPTIONS)
+        + list(registry.define_options())
         + list(registry.CUPY_ADDED_OPTIONS)
         + [f"--gpu-architecture={arch}", f"-I{registry.KERNEL_DIR}"]
         + [f"-I{d}" for d in nvrtc_include_dirs()]
@@ -33,7 +34,7 @@ def options_for(arch: str):
 
 
 # Sources whose register use matters enough to check for spills (ptxas -v).
-PTXAS_VERBOSE = ("persistent.cu",)
+PTXAS_VERBOSE = ("one_launch.cu",)
 
 
 def split_ptxas_info(log: str):

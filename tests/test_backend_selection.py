@@ -77,11 +77,11 @@ def test_cupy_source_text_changes_with_any_header(tmp_path, monkeypatch):
         shutil.copy(p, tmp_path / p.name)
     monkeypatch.setattr(registry, "KERNEL_DIR", tmp_path)
     cupy_launcher.source_text.cache_clear()
-    before = cupy_launcher.source_text(tmp_path / "persistent.cu")
-    assert before.endswith((tmp_path / "persistent.cu").read_text())
+    before = cupy_launcher.source_text(tmp_path / "one_launch.cu")
+    assert before.endswith((tmp_path / "one_launch.cu").read_text())
     with open(tmp_path / "finalize.cuh", "a") as f:
         f.write("\n// edited\n")
     cupy_launcher.source_text.cache_clear()
-    after = cupy_launcher.source_text(tmp_path / "persistent.cu")
+    after = cupy_launcher.source_text(tmp_path / "one_launch.cu")
     cupy_launcher.source_text.cache_clear()
     assert after != before and after.splitlines()[1:] == before.splitlines()[1:]

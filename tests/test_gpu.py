@@ -208,22 +208,26 @@ def test_one_launch_forward_on_device_shapes(fmt, shape, dtype, monkeypatch):
     c = shape[-1] if fmt == "NHWC" else shape[1]
     g = cp.asarray(np.linspace(0.5, 1.5, c, dtype=np.float32))
     b = cp.asarray(np.linspace(-1, 1, c, dtype=np.float32))
+    from cubn.backends import one_launch
+    from cubn.backends._memory import alignment
+
     backend = cubn._backend.get_backend("cupy")
     plan = cubn._plan.plan_for_channels(shape, fmt, "test")
-    assert backend._persist_config(plan, x.dtype, (x,)) is not None
+    acc = np.dtype(np.float32)
+    assert one_launch.decide(one_launch.FORWARD, plan, x.dtype, acc, backend.info, alignment(x)) is not None
     calls = []
-    real = kb.KernelBackend.train_forward_persistent
+    real = kb.KernelBackend.train_forward_one_launch
 
     def spy(self, *a):
-        out = real(self, *a)
-        calls.append(out is not None)
-        return out
+        calls.append(a[0].kind)
+        return real(self, *a)
 
-    monkeypatch.setattr(kb.KernelBackend, "train_forward_persistent", spy)
+    monkeypatch.setattr(kb.KernelBackend, "train_forward_one_launch", spy)
     y1, m1, v1 = cubn.fused_batch_norm(x, g, b, data_format=fmt, activation="relu")
-    assert calls == [True]
-    monkeypatch.setenv("CUBN_PERSISTENT", "0")
-    y3, m3, v3 = cubn.fused_batch_norm(x, g, b, data_format=fmt, activation="relu")
+    assert calls == [one_launch.FORWARD]
+    with cubn.use_one_launch(False):
+        y3, m3, v3 = cubn.fused_batch_norm(x, g, b, data_format=fmt, activation="relu")
+    assert calls == [one_launch.FORWARD]
     cp.testing.assert_allclose(m1, m3, rtol=1e-5, atol=1e-5)
     cp.testing.assert_allclose(v1, v3, rtol=1e-4, atol=1e-5)
     tol = 2e-5 if dtype == "float32" else 4e-3

@@ -8,20 +8,23 @@ import pytest
 import cubn
 
 
+@pytest.fixture(params=[True, False], ids=["one_launch", "three_launch"])
+def one_launch(request):
+    with cubn.use_one_launch(request.param):
+        yield request.param
+
+
 @pytest.fixture
-def launches(emulated_launches):
+def launches(emulated_launches, one_launch):
     with cubn.use_backend("emulated"):
         yield emulated_launches
 
 
-@pytest.mark.parametrize("one_launch", [True, False])
 @pytest.mark.parametrize("shape,fmt", [((4, 3, 5, 6), "NHWC"), ((4, 6, 5, 3), "NCHW")])
-def test_launch_counts(launches, rng, shape, fmt, one_launch, monkeypatch):
+def test_launch_counts(launches, rng, shape, fmt, one_launch):
     """Small tensors take the one-launch training forward and backward
-    (persistent.cu); with them switched off, statistics + finalize +
+    (one_launch.cu); with them switched off, statistics + finalize +
     normalize, and sums + finalize + apply."""
-    if not one_launch:
-        monkeypatch.setenv("CUBN_PERSISTENT", "0")
     x = rng.standard_normal(shape).astype(np.float32)
     c = shape[-1] if fmt == "NHWC" else shape[1]
     g, b = np.ones(c, np.float32), np.zeros(c, np.float32)
@@ -35,7 +38,7 @@ def test_launch_counts(launches, rng, shape, fmt, one_launch, monkeypatch):
     assert len(count(lambda: cubn.moments(x, [0, 1, 2] if fmt == "NHWC" else [0, 2, 3]))) == 2
     train = count(lambda: cubn.fused_batch_norm(x, g, b, data_format=fmt, activation="relu", side_input=x))
     assert len(train) == train_launches
-    assert train[0 if one_launch else 1] == ("cubn_bn_train_persistent" if one_launch else "cubn_bn_finalize")
+    assert train[0 if one_launch else 1] == ("cubn_bn_train_one_launch" if one_launch else "cubn_bn_finalize")
     assert len(count(lambda: cubn.fused_batch_norm(x, g, b, g, g, data_format=fmt, is_training=False))) == 1
     assert len(count(lambda: cubn.batch_normalization(x, 0.5, 2.0, None, None, 1e-3))) == 1
     bn = cubn.BatchNorm(scale=True, data_format=fmt, updates_collections=None, zero_debias_moving_mean=True)

@@ -227,7 +227,7 @@ def test_the_emulator_refuses_what_a_gpu_cannot_read(rng):
 
     b = get_backend("emulated")
     ok = np.zeros(2, np.float32)
-    kernel = b.launcher.get(registry.finalize_kernel("cubn_merge_sums", np.dtype(np.float32)))
+    kernel = b.launcher.get(registry.MERGE_SUMS.variant(A=registry.element(np.float32)))
     good = (np.int32(2), np.int32(1), np.int32(1), ok, ok.copy(), np.zeros(2, np.float32), np.zeros(2, np.float32))
     b.launcher.launch(kernel, (1, 1, 1), (128, 1, 1), 0, good)
     for kind, msg in (("big-endian", "non-native byte order"), ("misaligned", "misaligned"),

@@ -21,14 +21,14 @@ pytestmark = pytest.mark.sanitizer
 REPO = Path(__file__).resolve().parent.parent
 
 SELECTION = (
-    "test_persistent and (37x20 or 3x2x6 or agree) or "
+    "test_one_launch and (37x20 or 3x2x6 or agree) or "
     "emulated and float32 and ("
     "test_moments or test_weighted_moments or test_many_blocks_per_channel or test_unaligned"
-    " or (test_fused_batch_norm_training and NHWC) or (test_fused_batch_norm_training and NCHW and not 3launch)"
+    " or (test_fused_batch_norm_training and NHWC) or (test_fused_batch_norm_training and NCHW and not three_launch)"
     " or (test_fused_batch_norm_inference and gelu)"
-    " or (test_low_precision_backward and relu and not 3launch)"
+    " or (test_low_precision_backward and relu and not three_launch)"
     ") or emulated and (test_gradients_match_finite_differences and relu"
-    " and (renorm and not 3launch or weighted and 3launch))"
+    " and (renorm and not three_launch or weighted and three_launch))"
 )
 
 PREPROCESSING = (
@@ -46,7 +46,7 @@ def test_kernels_are_clean_under_sanitizer(mode):
         pytest.skip(str(e))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-o", "addopts=",
-           "tests/test_forward.py", "tests/test_backward.py", "tests/test_preprocessing.py", "tests/test_persistent.py",
+           "tests/test_forward.py", "tests/test_backward.py", "tests/test_preprocessing.py", "tests/test_one_launch.py",
            "-k", f"({SELECTION}) or ({PREPROCESSING})"]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     out = r.stdout + r.stderr

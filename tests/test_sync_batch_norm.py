@@ -90,21 +90,13 @@ def warm_emulator():
         pytest.skip(reason)
     # SyncBatchNorm always runs the three-launch kernels (its statistics go
     # through the exchange): warm those, for both layouts.
-    old = os.environ.get("CUBN_PERSISTENT")
-    os.environ["CUBN_PERSISTENT"] = "0"
-    try:
-        with cubn.use_backend("emulated"):
-            for dt in ("float32", "float64"):
-                for shape, fmt in (((4, 3), "NHWC"), ((4, 3, 2, 2), "NCHW")):
-                    bn = cubn.BatchNorm(updates_collections=None, data_format=fmt)
-                    x = np.arange(np.prod(shape), dtype=dt).reshape(shape)
-                    bn(x)
-                    bn.backward(x)
-    finally:
-        if old is None:
-            os.environ.pop("CUBN_PERSISTENT", None)
-        else:
-            os.environ["CUBN_PERSISTENT"] = old
+    with cubn.use_backend("emulated"), cubn.use_one_launch(False):
+        for dt in ("float32", "float64"):
+            for shape, fmt in (((4, 3), "NHWC"), ((4, 3, 2, 2), "NCHW")):
+                bn = cubn.BatchNorm(updates_collections=None, data_format=fmt)
+                x = np.arange(np.prod(shape), dtype=dt).reshape(shape)
+                bn(x)
+                bn.backward(x)
 
 
 # ---------------------------------------------------------------------------
@@ -314,14 +306,20 @@ class _Recorder(Communicator):
         return a
 
 
+@pytest.fixture
+def three_launch():
+    """Bitwise equality needs the same kernels: SyncBatchNorm always takes the
+    three-launch path (its statistics go through the exchange), so BatchNorm must too."""
+    with cubn.use_one_launch(False):
+        yield
+
+
 @pytest.mark.parametrize("backend_name", ["numpy", "emulated"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_single_rank_equals_batch_norm_and_exchanges_what_the_docs_say(request, backend_name, dtype, rng, monkeypatch):
+def test_single_rank_equals_batch_norm_and_exchanges_what_the_docs_say(request, backend_name, dtype, rng,
+                                                                         three_launch):
     if backend_name == "emulated":
         request.getfixturevalue("warm_emulator")
-    # Bitwise equality needs the same kernels: SyncBatchNorm always takes the
-    # three-launch path (its statistics go through the exchange).
-    monkeypatch.setenv("CUBN_PERSISTENT", "0")
     c = 5
     x = (3 + 2 * rng.standard_normal((6, 2, 3, c))).astype(dtype)
     dy = rng.standard_normal(x.shape).astype(dtype)
@@ -389,10 +387,15 @@ def test_batch_norm_arguments_and_state_are_inherited(tmp_path):
     np.testing.assert_array_equal(loaded.variables["moving_mean"], bn.variables["moving_mean"])
 
 
-def test_explicit_context_and_interleaved_inference(rng, monkeypatch):
+@pytest.fixture
+def three_launch():
+    with cubn.use_one_launch(False):  # the same kernels as SyncBatchNorm's, for bitwise equality
+        yield
+
+
+def test_explicit_context_and_interleaved_inference(rng, three_launch):
     """SyncBatchNorm.backward(dy, ctx) after an inference call: the training dx,
     with the backward exchange of that training call; backward(dy) alone is refused."""
-    monkeypatch.setenv("CUBN_PERSISTENT", "0")  # the same kernels as SyncBatchNorm's, for bitwise equality
     x = (3 + rng.standard_normal((6, 4))).astype(np.float32)
     dy = rng.standard_normal(x.shape).astype(np.float32)
     comm = _Recorder()

@@ -5,11 +5,15 @@ Every op is a sequence of these on a tensor viewed as ``(outer, C, inner)``
 the kernel backend (CuPy or emulated) with one kernel launch each. All
 per-channel arrays are 1-D of length C in the accumulation dtype.
 
-The kernel backend has two optional primitives more,
-``train_forward_persistent`` and ``backward_persistent``: the whole training
-forward, or the whole backward, in one launch when every channel fits in one
-block (``bn_forward`` / ``bn_backward`` fall back to the sequence when they
-return None, and on backends without them).
+The kernel backends have two primitives more, ``train_forward_one_launch``
+and ``backward_one_launch``: the whole training forward, or the whole
+backward, in one launch when every channel fits in one block. Whether they
+run is decided once, by ``one_launch.decide`` (the ops call it with the
+backend's ``info``: None on the NumPy backend, which has no such path).
+The preprocessing API is a second client of the same backends, through four
+primitives of its own (``input_partials``, ``merge_into_state``,
+``affine_map``, ``affine_transpose``). :class:`Backend` and
+:class:`OneLaunchBackend` list the interface.
 
 Normalization is always written ``y = act((x - mean) * scale + shift + side)``:
 subtracting the mean first keeps every digit when |mean| >> std, which the
@@ -18,7 +22,7 @@ folded form ``x * scale + (shift - mean * scale)`` would lose.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -164,3 +168,43 @@ class BackwardCoeffs(NamedTuple):
     dbeta: Any
     k1: Any
     k2: Any
+
+
+# ---------------------------------------------------------------------------
+# The interface
+# ---------------------------------------------------------------------------
+@runtime_checkable
+class Backend(Protocol):
+    """What the ops, the layers and the preprocessing API call on a backend."""
+
+    name: str
+    xp: Any                   # the array module (numpy or cupy)
+    info: DeviceInfo | None   # the device's limits; None: no device (no one-launch path)
+
+    # statistics
+    def welford_partials(self, plan, x3, acc, weights=None) -> Partials: ...
+    def finalize(self, partials, acc, fold, update=None, given=None) -> Stats: ...
+    def merge_partials(self, partials, acc) -> Partials: ...
+    def merge_sums(self, sums, acc) -> Sums: ...
+    def moving_update(self, stats, acc, u) -> None: ...
+
+    # elementwise and backward
+    def normalize(self, plan, x3, affine, side3, act, acc, out_dtype): ...
+    def backward_partials(self, plan, dy3, x3, side3, affine, act, acc) -> Sums: ...
+    def backward_finalize(self, sums, stats, acc, training) -> BackwardCoeffs: ...
+    def backward_apply(self, plan, dy3, x3, side3, affine, act, coeffs, weights, acc, want_dside, out_dtype,
+                       side_dtype): ...
+
+    # preprocessing
+    def input_partials(self, plan, x3, acc, weights=None) -> Partials: ...
+    def merge_into_state(self, partials, acc, state) -> None: ...
+    def affine_map(self, x3, a, d, out_dtype, inverse): ...
+    def affine_transpose(self, x3, channel_last, a, d, out_dtype, inverse): ...
+
+
+@runtime_checkable
+class OneLaunchBackend(Backend, Protocol):
+    """A backend with the one-launch path (the kernel backends); ``launch``: a ``one_launch.OneLaunch``."""
+
+    def train_forward_one_launch(self, launch, plan, x3, acc, fold, update, side3, act): ...
+    def backward_one_launch(self, launch, plan, dy3, x3, side3, stats, act, acc, training, want_dside): ...

@@ -45,8 +45,10 @@ def cuda_include_dirs() -> tuple:
 
 
 def compile_options() -> tuple:
-    """The options cubn passes to CuPy's NVRTC for every kernel."""
-    return registry.NVRTC_OPTIONS + (f"-I{registry.KERNEL_DIR}",) + tuple(f"-I{d}" for d in cuda_include_dirs())
+    """The options cubn passes to CuPy's NVRTC for every kernel: the launch constants
+    as defines (the emulator's g++ gets the same), the include directories."""
+    return (registry.NVRTC_OPTIONS + registry.define_options() + (f"-I{registry.KERNEL_DIR}",)
+            + tuple(f"-I{d}" for d in cuda_include_dirs()))
 
 
 @functools.lru_cache(maxsize=None)
@@ -123,12 +125,14 @@ def _compile_chunk(names):
     return len(names)
 
 
-def precompile(jobs: int = 1, progress: bool = False) -> int:
+def precompile(jobs: int = 1, progress=None) -> int:
     """Compile every registered variant for device 0 into CuPy's disk cache,
-    in ``jobs`` processes, so that first calls (and test runs) load cubins."""
+    in ``jobs`` processes, so that first calls (and test runs) load cubins.
+
+    ``progress(n, total)``: called as each process finishes its ``n`` variants.
+    """
     import concurrent.futures as cf
     import multiprocessing as mp
-    import sys
 
     variants = registry.all_variants()
     keys = [(v.source, v.name_expression) for v in variants]
@@ -138,8 +142,6 @@ def precompile(jobs: int = 1, progress: bool = False) -> int:
     with cf.ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx) as ex:
         for n in ex.map(_compile_chunk, chunks):
             done += n
-            if progress:
-                print(f"\rprecompiled {done}/{len(keys)}", end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
+            if progress is not None:
+                progress(n, len(keys))
     return done

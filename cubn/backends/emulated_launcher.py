@@ -158,19 +158,24 @@ class EmulatedLauncher:
         bfloat16 and float64 code).
         """
         names = _names_for_source(variant.source, variant.name_expression)
-        return self.build_module(KERNELS_DIR / variant.source, names)[variant.name_expression]
+        module = self.build_module(KERNELS_DIR / variant.source, names, defines=_kernel_defines())
+        return module[variant.name_expression]
 
     def build_module(
-        self, source_path: pathlib.Path, name_expressions: list[str], include_dirs=()
+        self, source_path: pathlib.Path, name_expressions: list[str], include_dirs=(), defines=()
     ) -> dict[str, EmulatedKernel]:
-        """Builds (or loads from the cache) ``source_path`` with the given name expressions."""
+        """Builds (or loads from the cache) ``source_path`` with the given name expressions.
+
+        ``defines``: ``(name, value)`` pairs passed to the compiler as ``-Dname=value``.
+        """
         source_path = pathlib.Path(source_path).resolve()
         include_dirs = tuple(pathlib.Path(d).resolve() for d in include_dirs)
-        key = (self.sanitize, source_path, tuple(name_expressions), include_dirs)
+        defines = tuple((str(k), str(v)) for k, v in defines)
+        key = (self.sanitize, source_path, tuple(name_expressions), include_dirs, defines)
         with _build_lock:
             module = _modules.get(key)
             if module is None:
-                module = _load_module(source_path, list(name_expressions), include_dirs, self.sanitize)
+                module = _load_module(source_path, list(name_expressions), include_dirs, self.sanitize, defines)
                 _modules[key] = module
         return module
 
@@ -243,6 +248,17 @@ _build_lock = threading.Lock()
 # Shared by every launcher of the process, so that each source is loaded once.
 _modules: dict[tuple, dict[str, EmulatedKernel]] = {}
 _runtimes: dict[str | None, int] = {}  # sanitize mode -> address of the runtime's API table
+
+
+def _kernel_defines() -> tuple:
+    """cubn's launch constants for its own kernels (none when the registry is absent)."""
+    try:
+        from cubn.kernels import registry
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("cubn.kernels.registry", "cubn.kernels", "cubn"):
+            raise
+        return ()
+    return registry.DEFINES
 
 
 def _names_for_source(source: str, requested: str) -> list[str]:
@@ -322,11 +338,15 @@ def _headers_in(directory: pathlib.Path):
     return [p for p in directory.iterdir() if p.is_file() and p.suffix in (".cu", ".cuh", ".h", ".hpp")]
 
 
-def _build(stem: str, tu_text: str, include_dirs: tuple[pathlib.Path, ...], sanitize: str | None) -> pathlib.Path:
+def _build(
+    stem: str, tu_text: str, include_dirs: tuple[pathlib.Path, ...], sanitize: str | None, defines=()
+) -> pathlib.Path:
     """Compiles ``tu_text`` into a cached shared object, unless already there."""
-    flags = [*_FLAGS, *_SANITIZER_FLAGS[sanitize], f"-I{SHIM_DIR}", *(f"-I{d}" for d in include_dirs)]
+    define_flags = [f"-D{k}={v}" for k, v in defines]
+    flags = [*_FLAGS, *_SANITIZER_FLAGS[sanitize], *define_flags, f"-I{SHIM_DIR}", *(f"-I{d}" for d in include_dirs)]
     h = hashlib.sha256()
-    h.update("\0".join([_compiler_identity(), str(sanitize), *_FLAGS, *_SANITIZER_FLAGS[sanitize], tu_text]).encode())
+    h.update("\0".join([_compiler_identity(), str(sanitize), *_FLAGS, *_SANITIZER_FLAGS[sanitize], *define_flags,
+                        tu_text]).encode())
     _hash_files(h, [p for p in SHIM_DIR.iterdir() if p.is_file()])
     for d in include_dirs:
         _hash_files(h, _headers_in(d))
@@ -398,7 +418,7 @@ def _c_string(text: str) -> str:
 
 
 def _load_module(
-    source: pathlib.Path, names: list[str], include_dirs: tuple[pathlib.Path, ...], sanitize: str | None
+    source: pathlib.Path, names: list[str], include_dirs: tuple[pathlib.Path, ...], sanitize: str | None, defines=()
 ) -> dict[str, EmulatedKernel]:
     if not source.is_file():
         raise FileNotFoundError(f"kernel source {source} does not exist")
@@ -418,7 +438,7 @@ def _load_module(
             f'extern "C" CUBN_EMU_EXPORT const char* cubn_emu_signature_{i}() {{ return cubn_emu::signature(&{name}); }}',
         ]
     # The kernel's own directory is searched first, as for `#include "x.cuh"` under nvcc.
-    path = _build(source.stem, "\n".join(lines) + "\n", (source.parent, *include_dirs), sanitize)
+    path = _build(source.stem, "\n".join(lines) + "\n", (source.parent, *include_dirs), sanitize, defines)
     api = _runtime_api(sanitize)
     library = ctypes.CDLL(str(path))
     library.cubn_emu_bind.argtypes = [ctypes.c_void_p]

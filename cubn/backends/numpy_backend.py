@@ -12,6 +12,7 @@ import numpy as np
 
 from .._welford import tree_merge
 from .base import Affine, BackwardCoeffs, Partials, RawAffine, Stats, Sums
+from .numpy_preprocessing import NumpyPreprocessing
 
 
 def _quiet(f):
@@ -50,9 +51,10 @@ def _by_channel(p, fold):
     return p.reshape(n * fold, cols // fold)
 
 
-class NumpyBackend:
+class NumpyBackend(NumpyPreprocessing):
     name = "numpy"
     xp = np
+    info = None  # no device: the one-launch path never runs here
 
     # -- statistics -------------------------------------------------------
     @_quiet

@@ -9,10 +9,6 @@
 // Sums are deterministic: fixed trees, no atomics.
 #include "common.cuh"
 
-#define CUBN_REDUCE_THREADS 256
-#define CUBN_ELEMENTWISE_THREADS 256
-#define CUBN_UNROLL 4
-
 template <int ACT, typename A>
 __device__ __forceinline__ void bwd_accumulate(A dy, A xv, A sidev, A m, A s, A t, A alpha, A& s1, A& s2) {
   const A xm = xv - m;

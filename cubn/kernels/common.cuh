@@ -11,6 +11,15 @@
 
 typedef long long i64;
 
+// Launch constants and activation ids are stated once, in
+// cubn/kernels/registry.py, and reach every compiler (NVRTC for the GPU, g++
+// for the emulator) as -D defines: registry.define_options().
+#if !defined(CUBN_REDUCE_THREADS) || !defined(CUBN_ELEMENTWISE_THREADS) || !defined(CUBN_FINALIZE_THREADS) || \
+    !defined(CUBN_ONE_LAUNCH_THREADS) || !defined(CUBN_TRANSPOSE_THREADS) || !defined(CUBN_UNROLL) ||     \
+    !defined(CUBN_ACT_NONE)
+#error "cubn kernels need the -D options of cubn.kernels.registry.define_options()"
+#endif
+
 #ifdef CUBN_EMULATED
 #define CUBN_DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(cubn_emu::dynamic_shared())
 #else
@@ -164,10 +173,12 @@ __device__ __forceinline__ void column_sum2(const A* s1, const A* s2, A* p1, A* 
 }
 
 // ---------------------------------------------------------------------------
-// Activations (ids match cubn/activations.py). fwd: act(z); grad: act'(z).
+// Activations (ids: cubn/activations.py, as CUBN_ACT_* defines). fwd: act(z); grad: act'(z).
 // ---------------------------------------------------------------------------
-enum { ACT_NONE = 0, ACT_RELU = 1, ACT_RELU6 = 2, ACT_LEAKY_RELU = 3, ACT_ELU = 4, ACT_SIGMOID = 5,
-       ACT_TANH = 6, ACT_GELU = 7, ACT_GELU_TANH = 8, ACT_SILU = 9 };
+enum { ACT_NONE = CUBN_ACT_NONE, ACT_RELU = CUBN_ACT_RELU, ACT_RELU6 = CUBN_ACT_RELU6,
+       ACT_LEAKY_RELU = CUBN_ACT_LEAKY_RELU, ACT_ELU = CUBN_ACT_ELU, ACT_SIGMOID = CUBN_ACT_SIGMOID,
+       ACT_TANH = CUBN_ACT_TANH, ACT_GELU = CUBN_ACT_GELU, ACT_GELU_TANH = CUBN_ACT_GELU_TANH,
+       ACT_SILU = CUBN_ACT_SILU };
 
 __device__ __forceinline__ float m_exp(float v) { return expf(v); }
 __device__ __forceinline__ double m_exp(double v) { return exp(v); }

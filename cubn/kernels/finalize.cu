@@ -13,8 +13,6 @@
 // several outer rows into one matrix row).
 #include "finalize.cuh"
 
-#define CUBN_FINALIZE_THREADS 128
-
 template <typename A>  // A unused: keeps one instantiation per accumulation type
 __device__ __forceinline__ i64 partial_index(int p, int C, int fold, int c) {
   const int row = p / fold, m = p - row * fold;

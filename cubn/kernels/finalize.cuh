@@ -1,5 +1,5 @@
 // Per-channel finalize logic shared by cubn_bn_finalize (finalize.cu) and
-// the one-launch training forward (persistent.cu): from a channel's batch
+// the one-launch training forward (one_launch.cu): from a channel's batch
 // statistics to every output of the statistics step -- mean, biased
 // variance, 1/std, the folded normalization coefficients, the renorm
 // corrections and the moving-statistics update.

@@ -13,9 +13,6 @@
 // 2 one weight per element (w has x's layout). Zero weights are skipped.
 #include "common.cuh"
 
-#define CUBN_MOMENTS_THREADS 256
-#define CUBN_UNROLL 4
-
 // Mean and M2 of VEC values held in registers (two passes over registers).
 template <typename A, int VEC>
 __device__ __forceinline__ void vec_moments(const A* v, A& mean, A& m2) {
@@ -29,7 +26,7 @@ __device__ __forceinline__ void vec_moments(const A* v, A& mean, A& m2) {
 }
 
 template <typename T, int WMODE, int VEC>
-__global__ void __launch_bounds__(CUBN_MOMENTS_THREADS)
+__global__ void __launch_bounds__(CUBN_REDUCE_THREADS)
 cubn_moments_cl(const T* __restrict__ x, i64 rows, int cols,
                 const typename AccOf<T>::type* __restrict__ w, i64 wdiv,
                 typename AccOf<T>::type* __restrict__ p_count,
@@ -139,7 +136,7 @@ cubn_moments_cl(const T* __restrict__ x, i64 rows, int cols,
 // The channel's data, flattened as j = o * inner + i, is cut into nsplit
 // chunks of `chunk` elements (a multiple of VEC; inner % VEC == 0 when VEC > 1).
 template <typename T, int WMODE, int VEC>
-__global__ void __launch_bounds__(CUBN_MOMENTS_THREADS)
+__global__ void __launch_bounds__(CUBN_REDUCE_THREADS)
 cubn_moments_cf(const T* __restrict__ x, i64 outer, int C, i64 inner, int nsplit, i64 chunk,
                 const typename AccOf<T>::type* __restrict__ w, i64 wdiv,
                 typename AccOf<T>::type* __restrict__ p_count,

@@ -11,8 +11,6 @@
 // digits.
 #include "common.cuh"
 
-#define CUBN_ELEMENTWISE_THREADS 256
-
 template <typename T, int ACT, int VEC, int RAW>
 __global__ void __launch_bounds__(CUBN_ELEMENTWISE_THREADS)
 cubn_normalize(const T* __restrict__ x, const T* __restrict__ side, T* __restrict__ y,

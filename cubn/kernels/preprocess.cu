@@ -34,9 +34,6 @@ __device__ __forceinline__ double to_acc(cubn_f32_wide x) { return double(x.v); 
 
 #include "moments.cu"
 
-#define CUBN_PP_THREADS 256
-#define CUBN_RM_MERGE_THREADS 128
-
 // ---------------------------------------------------------------------------
 // RunningMoments: merge one batch's partials into the state.
 // ---------------------------------------------------------------------------
@@ -47,11 +44,11 @@ __device__ __forceinline__ double to_acc(cubn_f32_wide x) { return double(x.v); 
 // bitwise reproducible, no atomics. The state is float64 whatever A is, so a
 // count stays exact to 2^53 and long streams do not drift.
 template <typename A>
-__global__ void __launch_bounds__(CUBN_RM_MERGE_THREADS)
+__global__ void __launch_bounds__(CUBN_FINALIZE_THREADS)
 cubn_rm_merge(int C, int nparts, int fold, const A* __restrict__ p_count, const A* __restrict__ p_mean,
               const A* __restrict__ p_m2, double* s_count, double* s_mean, double* s_m2) {
   const int lane = threadIdx.x & 31;
-  const int c = blockIdx.x * (CUBN_RM_MERGE_THREADS / 32) + (threadIdx.x >> 5);
+  const int c = blockIdx.x * (CUBN_FINALIZE_THREADS / 32) + (threadIdx.x >> 5);
   if (c >= C) return;  // a whole warp leaves together
   double n = 0.0, mean = 0.0, m2 = 0.0;
   const int total = nparts * fold;
@@ -119,7 +116,7 @@ __device__ __forceinline__ A pp_apply(A v, A a, A d) {
 // the host picks VEC so both the Tin and the Tout vector are at most 16 bytes
 // and aligned (VEC == 1 otherwise).
 template <typename Tin, typename Tout, int INVERSE, int VEC>
-__global__ void __launch_bounds__(CUBN_PP_THREADS)
+__global__ void __launch_bounds__(CUBN_ELEMENTWISE_THREADS)
 cubn_pp_affine(const Tin* __restrict__ x, Tout* __restrict__ y, i64 n, int C, i64 inner,
                const typename PpAcc<Tin, Tout>::type* __restrict__ a,
                const typename PpAcc<Tin, Tout>::type* __restrict__ d) {
@@ -161,7 +158,7 @@ cubn_pp_affine(const Tin* __restrict__ x, Tout* __restrict__ y, i64 n, int C, i6
 // VEC > 1 (host-checked): TQ == Q and P*Q % VEC == 0 and TP*Q % VEC == 0, or
 // TQ < Q and Q % VEC == 0 and TQ % VEC == 0; x aligned to VEC elements.
 template <typename Tin, typename Tout, int CH_Q, int INVERSE, int VEC>
-__global__ void __launch_bounds__(CUBN_PP_THREADS)
+__global__ void __launch_bounds__(CUBN_TRANSPOSE_THREADS)
 cubn_pp_transpose(const Tin* __restrict__ x, Tout* __restrict__ y, i64 B, i64 P, int Q, int TP, int TQ,
                   const typename PpAcc<Tin, Tout>::type* __restrict__ a,
                   const typename PpAcc<Tin, Tout>::type* __restrict__ d) {

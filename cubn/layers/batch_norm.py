@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import numbers
 import threading
@@ -458,7 +459,7 @@ class BatchNorm:
             if update is not None:
                 self._step += 1
             else:
-                self._defer(_DeferredUpdate(self, backend, ctx.stats, bessel))
+                self._defer(self._deferred(backend, ctx.stats, bessel))
         else:
             warn_if_pending(self, self.updates_collections)
             y3, ctx = bn_forward(backend, plan, x3, acc, training=False, fold=fold,
@@ -506,7 +507,7 @@ class BatchNorm:
             var = sum(c.stats.var for _, c in parts) / acc.type(groups)
         stats = Stats(count * groups, xp.ascontiguousarray(mean, dtype=acc), xp.ascontiguousarray(var, dtype=acc),
                       None, None, None, None, None)
-        update = _DeferredUpdate(self, backend, stats, False)
+        update = self._deferred(backend, stats, False)
         if self.updates_collections is None:
             update()
         else:
@@ -566,6 +567,20 @@ class BatchNorm:
             u.renorm_mean, u.renorm_stddev = v["renorm_mean"], v["renorm_stddev"]
             u.moving_stddev = v["moving_stddev"]
         return u
+
+    def _deferred_moving_update(self, bessel, xp):
+        """The MovingUpdate a deferred update applies: the variables as they are when it runs."""
+        if self._xp is not xp:
+            raise RuntimeError("a pending BatchNorm update cannot run: the layer moved to another device since")
+        return self._moving_update(bessel, self._step + 1)
+
+    def _count_step(self):
+        self._step += 1
+
+    def _deferred(self, backend, stats, bessel):
+        """The pending update of a training call (what ``updates_collections`` receives)."""
+        return _DeferredUpdate(backend, stats, self._acc, functools.partial(self._deferred_moving_update, bessel),
+                               self._count_step, self.__repr__, self._threads.lock, weakref.ref(self))
 
     def _adjustment(self, x, plan, xp, acc):
         out = self.adjustment(tuple(x.shape))
@@ -914,23 +929,33 @@ def _element_mask(func, mask, x, ch_axis, xp):
 
 
 class _DeferredUpdate:
-    """One pending moving-statistics update, appended to ``updates_collections``."""
+    """One pending moving-statistics update, appended to ``updates_collections``.
 
-    def __init__(self, layer, backend, stats, bessel):
-        self.layer, self.backend, self.stats, self.bessel = layer, backend, stats, bessel
+    It holds the batch statistics and three callbacks of its layer:
+    ``make_update(xp)`` gives the ``MovingUpdate`` of the layer's variables
+    as they are when the update runs (or raises), ``done()`` records that it
+    ran, ``describe()`` names the layer; ``lock`` serializes the updates of
+    one layer (reentrant: ``make_update`` may take it too); ``owner`` is a
+    weak reference to the layer, for :meth:`belongs_to` only.
+    """
+
+    def __init__(self, backend, stats, acc, make_update, done, describe, lock, owner=None):
+        self.backend, self.stats, self.acc = backend, stats, acc
+        self.make_update, self.done, self.describe = make_update, done, describe
+        self.lock, self.owner = lock, owner
+
+    def belongs_to(self, layer) -> bool:
+        """Whether this update is one of ``layer``'s (PendingUpdatesWarning asks)."""
+        return self.owner is not None and self.owner() is layer
 
     def __call__(self):
-        layer = self.layer
-        with layer._threads.lock:
-            if layer._xp is not self.backend.xp:
-                raise RuntimeError("a pending BatchNorm update cannot run: the layer moved to another device since")
-            step = layer._step + 1
-            u = layer._moving_update(self.bessel, step)
-            self.backend.moving_update(self.stats, layer._acc, u)
-            layer._step = step
+        with self.lock:
+            u = self.make_update(self.backend.xp)
+            self.backend.moving_update(self.stats, self.acc, u)
+            self.done()
 
     def __repr__(self):
-        return f"<update of {self.layer!r}>"
+        return f"<update of {self.describe()}>"
 
     def __reduce__(self):
         raise TypeError(f"{self!r} is pending: run cubn.run_updates() on its collection before pickling "

@@ -15,6 +15,7 @@ instead of a hang or a silent mix of unrelated statistics.
 """
 from __future__ import annotations
 
+import functools
 import json
 import zlib
 from typing import NamedTuple
@@ -24,6 +25,7 @@ import numpy as np
 from .. import _dtypes
 from .._backend import is_cupy_array
 from .._checks import arg_error, describe
+from ..backends._memory import pointer
 from ..backends.base import Partials, Sums
 from ..distributed.comm import ExchangeTimeout, as_communicator
 from .batch_norm import BatchNorm
@@ -43,7 +45,7 @@ class _Local(NamedTuple):
     """What this rank's call looks like, for the header."""
 
     channels: int
-    dtype: int       # index in _dtypes.FLOAT_NAMES
+    dtype: int       # the dtype's sync_code in the dtype table (cubn._dtypes)
     fmt: int         # index in _FORMATS
     ndim: int
     per_channel: int  # elements per channel in this rank's slice (0: an empty slice)
@@ -165,15 +167,17 @@ class SyncBatchNorm(BatchNorm):
         if getattr(comm, "device", None) is not None and is_cupy_array(x) and x.device.id != comm.device:
             raise ValueError(f"SyncBatchNorm: the NCCL communicator belongs to CUDA device {comm.device} but 'x' is "
                              f"on device {x.device.id}")
-        local = _Local(plan.channels, _code(_dtypes.FLOAT_NAMES, np.dtype(x.dtype).name),
+        local = _Local(plan.channels, _dtype_code(x.dtype),
                        _code(_FORMATS, self.data_format), x.ndim, plan.per_channel, int(bool(weighted)))
+        check_sums = None
         if self.verify:
             headers = self._agree(FORWARD, self._calls, local)
             if int(headers[:, _PER_CHANNEL].sum()) == 0:
                 raise arg_error(ValueError, "SyncBatchNorm", "x",
                                 "at least one element per channel in the whole distributed batch",
                                 f"an empty batch on all {comm.size} ranks (training call {self._calls})")
-        return _Exchange(self, comm, self._calls, local, self.timeout)
+            check_sums = functools.partial(self._agree, BACKWARD, self._calls, local)
+        return _Exchange(comm, self._calls, check_sums, self.timeout)
 
     # -- consistency ----------------------------------------------------------
     def _config_code(self) -> int:
@@ -211,11 +215,16 @@ class SyncBatchNorm(BatchNorm):
 
 
 class _Exchange:
-    """The object bn_forward/bn_backward call between statistics and finalize."""
+    """The object bn_forward/bn_backward call between statistics and finalize.
 
-    def __init__(self, layer, comm, call, local, timeout=None):
-        self.layer, self.comm, self.call, self.local = layer, comm, call, local
-        self.timeout = timeout
+    ``comm``: the communicator; ``call``: the training call it belongs to;
+    ``check_sums``: run before the backward sums are exchanged (the header
+    agreement of the backward), or None without verification; ``timeout``:
+    seconds each collective may wait (None: forever).
+    """
+
+    def __init__(self, comm, call, check_sums=None, timeout=None):
+        self.comm, self.call, self.check_sums, self.timeout = comm, call, check_sums, timeout
 
     def partials(self, backend, partials, acc):
         """Local partials -> one triple per channel -> every rank's triples, (ranks, C)."""
@@ -231,8 +240,8 @@ class _Exchange:
 
     def sums(self, backend, sums, acc):
         """Local backward sums -> their sum over ranks, (1, C)."""
-        if self.layer.verify:
-            self.layer._agree(BACKWARD, self.call, self.local)
+        if self.check_sums is not None:
+            self.check_sums()
         xp = backend.xp
         mine = _stack_rows(xp, backend.merge_sums(sums, acc)[:2])  # (2, C): S1, S2
         c = mine.shape[1]
@@ -267,12 +276,13 @@ def _collective(comm, method, a, timeout, phase):
             "them all)") from None
 
 
+def _dtype_code(dtype) -> int:
+    row = _dtypes.TABLE.get(np.dtype(dtype).name)
+    return 99 if row is None or row.sync_code is None else row.sync_code
+
+
 def _code(names, name) -> int:
     return names.index(name) if name in names else 99
-
-
-def _ptr(a) -> int:
-    return a.data.ptr if is_cupy_array(a) else a.__array_interface__["data"][0]
 
 
 def _stack_rows(xp, rows):
@@ -280,7 +290,7 @@ def _stack_rows(xp, rows):
     k, c = len(rows), rows[0].shape[-1]
     base = getattr(rows[0], "base", None)
     if (base is not None and tuple(base.shape) == (k, c) and base.flags.c_contiguous
-            and all(getattr(r, "base", None) is base and _ptr(r) == _ptr(base) + i * c * base.itemsize
+            and all(getattr(r, "base", None) is base and pointer(r) == pointer(base) + i * c * base.itemsize
                     for i, r in enumerate(rows))):
         return base  # the kernel backend's merge buffers are laid out this way
     return xp.concatenate([r.reshape(1, c) for r in rows], axis=0)
@@ -346,7 +356,7 @@ def _check_headers(h):
         raise arg_error(ValueError, f, "x", "the same channel count on every rank",
                         _grouped([f"{int(v)} channels" for v in h[:, _CHANNELS]]) + when)
     if differs(_DTYPE):
-        names = [_dtypes.FLOAT_NAMES[v] if 0 <= v < len(_dtypes.FLOAT_NAMES) else "?" for v in h[:, _DTYPE]]
+        names = [_dtypes.SYNC_NAMES[v] if 0 <= v < len(_dtypes.SYNC_NAMES) else "?" for v in h[:, _DTYPE]]
         raise arg_error(TypeError, f, "x", "the same dtype on every rank", _grouped(names) + when)
     if differs(_FORMAT):
         names = [_FORMATS[v] if 0 <= v < len(_FORMATS) else "?" for v in h[:, _FORMAT]]

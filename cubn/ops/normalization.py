@@ -11,7 +11,10 @@ from .. import _dtypes, activations
 from .._backend import is_array, select, take_dlpack
 from .._checks import arg_error, check_float_input, check_positive_epsilon, describe
 from .._memory import readable, readable_all
+from .._options import one_launch_enabled
 from .._plan import channel_axis, plan_for_channels, plan_for_kept_axes
+from ..backends import one_launch
+from ..backends._memory import alignment
 from ..backends.base import Affine, Fold, MovingUpdate, RawAffine
 from .._args import channel_param
 
@@ -46,7 +49,8 @@ def bn_forward(backend, plan, x3, acc, *, training, fold, update=None, given=Non
     Training: statistics of ``x3`` (weighted by ``weights``), optional moving
     update in the same finalize launch: 3 launches; 1 launch on the kernel
     backends when every channel fits in one block's registers (unweighted,
-    not distributed: ``KernelBackend.train_forward_persistent``). Inference: ``given =
+    not distributed, allowed by ``cubn.use_one_launch``: the one-launch path,
+    chosen by ``backends.one_launch.decide``). Inference: ``given =
     (mean, var)`` folded inside the normalize launch: 1 launch.
 
     ``exchange`` (SyncBatchNorm) sits between the statistics and finalize:
@@ -57,12 +61,12 @@ def bn_forward(backend, plan, x3, acc, *, training, fold, update=None, given=Non
                          x_dtype=x3.dtype, side_dtype=None if side3 is None else side3.dtype,
                          exchange=exchange if training else None)
     if training:
-        one_launch = getattr(backend, "train_forward_persistent", None)
-        if one_launch is not None and weights is None and exchange is None:
-            done = one_launch(plan, x3, acc, fold, update, side3, act)
-            if done is not None:
-                y3, ctx.stats = done
-                return y3, ctx
+        launch = one_launch.decide(one_launch.FORWARD, plan, x3.dtype, acc, backend.info, alignment(x3, side3),
+                                   enabled=one_launch_enabled(), weighted=weights is not None,
+                                   distributed=exchange is not None)
+        if launch is not None:
+            y3, ctx.stats = backend.train_forward_one_launch(launch, plan, x3, acc, fold, update, side3, act)
+            return y3, ctx
         partials = backend.welford_partials(plan, x3, acc, weights)
         if exchange is not None:
             partials = exchange.partials(backend, partials, acc)
@@ -80,7 +84,7 @@ def bn_backward(ctx: ForwardContext, dy3, want_dside: bool):
 
     Sums, finalize, apply: 3 launches; 1 on the kernel backends when every
     channel's x and dy' fit in one block's registers (unweighted or
-    inference, not distributed: ``KernelBackend.backward_persistent``).
+    inference, not distributed: the one-launch path, as in :func:`bn_forward`).
 
     dgamma/dbeta are the gradients of gamma (the scale) and beta (the offset)
     as the forward used them; r, d and the adjustment are constants.
@@ -89,12 +93,15 @@ def bn_backward(ctx: ForwardContext, dy3, want_dside: bool):
     stats = ctx.stats
     if stats is None:  # inference forward: fold the given statistics now
         stats = ctx.stats = b.finalize(None, acc, ctx.fold, given=ctx.given)
-    one_launch = getattr(b, "backward_persistent", None)
-    if one_launch is not None and ctx.exchange is None and (ctx.weights is None or not ctx.training):
-        done = one_launch(ctx.plan, dy3, ctx.x3, ctx.side3, stats, ctx.act, acc, ctx.training, want_dside,
-                          ctx.x_dtype, ctx.side_dtype or ctx.x_dtype)
-        if done is not None:
-            return done
+    side = ctx.side3 if ctx.act is not None else None  # the side input matters only under an activation
+    same = np.dtype(ctx.x_dtype) == ctx.x3.dtype and (
+        not want_dside or np.dtype(ctx.side_dtype or ctx.x_dtype) == ctx.x3.dtype)
+    launch = one_launch.decide(one_launch.BACKWARD, ctx.plan, ctx.x3.dtype, acc, b.info, alignment(dy3, ctx.x3, side),
+                               enabled=one_launch_enabled(), weighted=ctx.weights is not None and ctx.training,
+                               distributed=ctx.exchange is not None, same_dtypes=same)
+    if launch is not None:
+        return b.backward_one_launch(launch, ctx.plan, dy3, ctx.x3, ctx.side3, stats, ctx.act, acc, ctx.training,
+                                     want_dside)
     affine = Affine(stats.mean, stats.scale, stats.shift)
     sums = b.backward_partials(ctx.plan, dy3, ctx.x3, ctx.side3, affine, ctx.act, acc)
     if ctx.exchange is not None:  # sums over the whole distributed batch

@@ -19,13 +19,12 @@ Because no step can be contracted into an FMA, the results are bit-identical
 on every backend for integer and 16-bit inputs (and float32 inputs, save
 subnormal values, which the GPU flushes to zero).
 
-Orchestration shared by the emulated and the CuPy paths lives here too: both
-call :func:`welford_partials`, :func:`affine_map` and the launch helpers with a
-``KernelBackend``, so the emulator runs exactly the GPU's launches.
+The arithmetic itself is the backends' ``affine_map`` / ``affine_transpose``
+primitives (``backends/numpy_preprocessing.py``, ``backends/kernel_preprocessing.py``);
+this module checks arguments, builds the layout and picks the primitive.
 """
 from __future__ import annotations
 
-import functools
 import numbers
 from dataclasses import dataclass
 
@@ -35,112 +34,22 @@ from .. import _dtypes
 from .._backend import is_array, select, take_dlpack
 from .._checks import arg_error, describe
 from .._memory import readable
-from ..backends.base import Partials
-from ..kernels import registry
-
-SOURCE = "preprocess.cu"
 
 # Input dtypes of the preprocessing API (the only part of cubn that takes
 # integers), and the outputs its transforms write.
-INT_DTYPES = ("uint8", "uint16")
-IN_DTYPES = INT_DTYPES + ("float16", "bfloat16", "float32", "float64")
-OUT_DTYPES = ("float16", "bfloat16", "float32", "float64")
-_CTYPES = {"uint8": "unsigned char", "uint16": "unsigned short", **_dtypes.CTYPES}
-
-TILE_BYTES = 16 * 1024   # shared memory staging one transpose tile
-PP_THREADS = 256
-RM_MERGE_THREADS = 128
+INT_DTYPES = _dtypes.INT_INPUT_NAMES
+IN_DTYPES = _dtypes.PREPROCESSING_INPUT_NAMES
+OUT_DTYPES = _dtypes.PREPROCESSING_OUTPUT_NAMES
 
 
-def _itemsize(name: str) -> int:
-    return {"uint8": 1, "uint16": 2, "float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}[name]
-
-
-def compute_dtype(in_name: str, out_name: str) -> np.dtype:
-    """float64 when either side is float64, else float32."""
-    return np.dtype(np.float64 if "float64" in (in_name, out_name) else np.float32)
-
-
-def _affine_vec(in_name, out_name) -> int:
-    return 16 // max(_itemsize(in_name), _itemsize(out_name))
-
-
-def _transpose_vec(in_name) -> int:
-    return 16 // _itemsize(in_name)
-
-
-def _transform_pairs():
-    """(input, output, inverse) combinations the transform kernels exist for.
-
-    The inverse (``Standardizer.inverse_transform``) maps a float array back to
-    the same float dtype.
-    """
-    out = [(i, o, 0) for i in IN_DTYPES for o in OUT_DTYPES]
-    out += [(f, f, 1) for f in OUT_DTYPES]
-    return out
-
-
-def kernel_variants(Variant) -> list:
-    """Every variant of preprocess.cu the library may launch (read by the registry)."""
-    out = []
-    for dt in INT_DTYPES + ("float32",):
-        t = _stats_ctype(dt)
-        for layout in ("cl", "cf"):
-            for wmode in (0, 1, 2):
-                # The same vector widths the kernel backend's configuration picks.
-                for v in registry.vector_widths(np.dtype(dt)):
-                    out.append(Variant(SOURCE, f"cubn_moments_{layout}", (t, str(wmode), str(v))))
-    for acc in ("float", "double"):
-        out.append(Variant(SOURCE, "cubn_rm_merge", (acc,)))
-    for i, o, inv in _transform_pairs():
-        ti, to = _CTYPES[i], _CTYPES[o]
-        for v in sorted({1, _affine_vec(i, o)}):
-            out.append(Variant(SOURCE, "cubn_pp_affine", (ti, to, str(inv), str(v))))
-        for ch_q in (0, 1):
-            for v in sorted({1, _transpose_vec(i)}):
-                out.append(Variant(SOURCE, "cubn_pp_transpose", (ti, to, str(ch_q), str(inv), str(v))))
-    return out
-
-
-@functools.lru_cache(maxsize=None)
-def _registered() -> frozenset:
-    return frozenset(registry.variants_for_source(SOURCE))
-
-
-def variant(kernel: str, targs: tuple):
-    """A registered preprocess.cu variant (refuses anything the NVRTC test does not compile)."""
-    v = registry.Variant(SOURCE, kernel, tuple(targs))
-    if v not in _registered():
-        raise KeyError(f"kernel variant {v.name_expression} ({SOURCE}) is not registered")
-    return v
-
-
-def ctype(dtype) -> str:
-    return _CTYPES[np.dtype(dtype).name]
-
-
-def _stats_ctype(name: str) -> str:
-    # float32 statistics kernels here are the double-accumulator ones (see preprocess.cu).
-    return "cubn_f32_wide" if name == "float32" else _CTYPES[name]
-
-
-def stats_acc(dtype) -> np.dtype:
-    """Accumulation dtype of the preprocessing statistics.
-
-    float64 for float32 and float64 data (a float32 partial mean is good to
-    only ulp(|mean|)/2, which merges of many batches turn into variance
-    errors of ~1e-4 at |mean|/std ~ 1e4; scikit-learn also accumulates
-    float32 in float64); float32 for 8- and 16-bit data, whose values and
-    means float32 holds closely enough.
-    """
-    return np.dtype(np.float64 if np.dtype(dtype).name in ("float32", "float64") else np.float32)
+compute_dtype = _dtypes.compute_dtype  # the transforms' arithmetic: float64 when either side is float64
 
 
 # ---------------------------------------------------------------------------
 # Argument checks
 # ---------------------------------------------------------------------------
 def _dtype_names() -> str:
-    return ", ".join(n for n in IN_DTYPES if n != "bfloat16" or _dtypes.bfloat16 is not None)
+    return ", ".join(_dtypes.available(IN_DTYPES))
 
 
 def check_input(func: str, name: str, x) -> None:
@@ -159,7 +68,7 @@ def check_out_dtype(func: str, name: str, value) -> np.dtype:
     except (TypeError, ValueError):
         dt = None
     if dt is None or dt.name not in OUT_DTYPES:
-        names = ", ".join(repr(n) for n in OUT_DTYPES if n != "bfloat16" or _dtypes.bfloat16 is not None)
+        names = ", ".join(repr(n) for n in _dtypes.available(OUT_DTYPES))
         raise arg_error(ValueError, func, name, f"one of {names}", repr(value))
     return dt
 
@@ -264,138 +173,24 @@ def per_channel(func, name, value, c, xp, x=None):
 
 
 # ---------------------------------------------------------------------------
-# Statistics of integer inputs on the kernel backends
-# ---------------------------------------------------------------------------
-def welford_partials(backend, plan, x3, acc, weights=None) -> Partials:
-    """``backend.welford_partials`` with ``acc`` = :func:`stats_acc`, for every input dtype.
-
-    Inputs whose accumulator the backend's own primitive already uses
-    (16-bit floats, float64) go to it (moments.cu). uint8/uint16 inputs, and
-    float32 inputs with float64 partials, launch moments.cu's kernels
-    instantiated for them in preprocess.cu, with the backend's own launch
-    configuration (``KernelBackend.welford_partials`` with its ``kernel`` hook). The NumPy backend converts rows to ``acc`` for every dtype.
-    """
-    own = x3.dtype.kind not in "ui" and not (x3.dtype == np.float32 and acc == np.float64)
-    if backend.name == "numpy":
-        if acc == np.float64 and weights is None and plan.channels_last and x3.shape[0] > 0:
-            return _numpy_columns_f64(x3)
-        return backend.welford_partials(plan, x3, acc, weights)
-    if own:
-        return backend.welford_partials(plan, x3, acc, weights)
-    t = _stats_ctype(x3.dtype.name)
-    return backend.welford_partials(
-        plan, x3, acc, weights,
-        kernel=lambda layout, wmode, vec: variant(f"cubn_moments_{layout}", (t, str(wmode), str(vec))))
-
-
-def _numpy_columns_f64(x3) -> Partials:
-    """Two-pass float64 statistics of the columns of an (N, C) matrix, without transposing it.
-
-    The NumPy backend's primitive copies the data into per-channel rows first
-    (for pairwise sums in the accumulation dtype); in float64 plain column
-    sums are accurate enough (n·eps ~ 1e-10 at n = 1e6), and skipping the
-    copy halves the memory traffic of ``Standardizer.fit`` on the CPU.
-    """
-    xr = x3.reshape(x3.shape[0], x3.shape[1])
-    n = xr.shape[0]
-    with np.errstate(invalid="ignore", over="ignore"):
-        mean = np.add.reduce(xr, axis=0, dtype=np.float64) / n
-        d = np.subtract(xr, mean, dtype=np.float64)
-        m2 = np.einsum("ij,ij->j", d, d)
-    return Partials(np.full((1, xr.shape[1]), float(n)), mean[None, :], m2[None, :], 1)
-
-
-# ---------------------------------------------------------------------------
 # The fused transform
 # ---------------------------------------------------------------------------
-def _ptr(a) -> int:
-    if isinstance(a, np.ndarray):
-        return a.__array_interface__["data"][0]
-    return a.data.ptr
-
-
-def _aligned(nbytes, *arrays) -> bool:
-    return all(_ptr(a) % nbytes == 0 for a in arrays)
-
-
-def _tile(P: int, Q: int, A_size: int) -> tuple:
-    """(TP, TQ) of a transpose tile that fits TILE_BYTES of staged values."""
-    budget = TILE_BYTES // A_size
-    if Q <= 32:  # a few channels of many pixels: whole rows
-        return max(32, (budget // (Q | 1)) // 32 * 32), Q
-    if P <= 32:  # a few channels, each a long run of pixels
-        tq = max(32, ((budget // P) - 1) // 32 * 32)
-        return P, min(tq, Q)
-    return max(32, (budget // 33) // 32 * 32), 32
-
-
 def affine_map(backend, x, lay: Layout, a, d, out_dtype, inverse: bool):
     """``y = (x - a[c]) / d[c]`` (or ``x * d[c] + a[c]``) in ``lay``'s output layout.
 
-    ``a`` and ``d`` are contiguous (C,) arrays in :func:`compute_dtype`.
-    One kernel launch on a kernel backend; vectorized NumPy otherwise.
+    ``a`` and ``d`` are (C,) arrays (converted to :func:`compute_dtype`).
+    One kernel launch on a kernel backend: the backend's ``affine_map``
+    primitive in place, or ``affine_transpose`` when the layout changes.
     """
     xp = backend.xp
     out_dtype = np.dtype(out_dtype)
-    A = compute_dtype(x.dtype.name, out_dtype.name)
-    if backend.name == "numpy":
-        return _numpy_affine(x, lay, a, d, A, out_dtype, inverse)
-    if not x.flags.c_contiguous:
-        x = xp.ascontiguousarray(x)
-    y = xp.empty(lay.shape_out, out_dtype)
-    n = x.size
-    if n == 0:
-        return y
-    ti, to, inv = ctype(x.dtype), ctype(out_dtype), str(int(inverse))
-    if not lay.transpose:
-        vmax = _affine_vec(x.dtype.name, out_dtype.name)
-        vec = vmax if _aligned(vmax * x.dtype.itemsize, x) and _aligned(vmax * out_dtype.itemsize, y) else 1
-        grid, block = backend._elementwise_grid(n, vec)
-        backend._launch(
-            variant("cubn_pp_affine", (ti, to, inv, str(vec))), grid, block, 0,
-            (x, y, np.int64(n), np.int32(lay.channels), np.int64(lay.inner), a, d),
-        )
-        return y
-    B, P, Q = lay.B, lay.P, lay.Q
-    tp, tq = _tile(P, Q, A.itemsize)
-    vmax = _transpose_vec(x.dtype.name)
-    if tq == Q:
-        fits = (P * Q) % vmax == 0 and (tp * Q) % vmax == 0
-    else:
-        fits = Q % vmax == 0 and tq % vmax == 0
-    vec = vmax if fits and _aligned(vmax * x.dtype.itemsize, x) else 1
-    ntiles = B * (-(-P // tp)) * (-(-Q // tq))
-    grid = (max(1, min(ntiles, backend.info.multiprocessor_count * 8 * 4)), 1, 1)
-    shared = tp * (tq | 1) * A.itemsize
-    backend._launch(
-        variant("cubn_pp_transpose", (ti, to, str(lay.ch_q), inv, str(vec))), grid, (PP_THREADS, 1, 1), shared,
-        (x, y, np.int64(B), np.int64(P), np.int32(Q), np.int32(tp), np.int32(tq), a, d),
-    )
-    return y
-
-
-def _numpy_affine(x, lay, a, d, A, out_dtype, inverse):
-    """The reference arithmetic, vectorized: the kernels' exact operations."""
-    x3 = np.ascontiguousarray(x).reshape(lay.outer, lay.channels, lay.inner)
-    ab = np.asarray(a, A)[None, :, None]
-    db = np.asarray(d, A)[None, :, None]
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore", under="ignore"):
-        # One temporary in A; the ufuncs convert x exactly, as astype(A) would.
-        if inverse:
-            y = np.multiply(x3, db, dtype=A)
-            y += ab
-        else:
-            y = np.subtract(x3, ab, dtype=A)
-            y /= db
-        if A == np.float64 and out_dtype.itemsize == 2:
-            y = y.astype(np.float32)  # 16-bit outputs round from float32, as in the kernels
-        y = y.astype(out_dtype, copy=False)
-    if lay.in_last != lay.out_last:
-        if lay.in_last:  # (N*S, C, 1) -> (N, S, C) -> (N, C, S)
-            y = y.reshape(lay.shape_in[0], -1, lay.channels).transpose(0, 2, 1)
-        else:  # (N, C, S) -> (N, S, C)
-            y = y.transpose(0, 2, 1)
-        y = np.ascontiguousarray(y)
+    A = compute_dtype(_dtypes.name_of(x.dtype), out_dtype.name)
+    a, d = xp.ascontiguousarray(a, dtype=A), xp.ascontiguousarray(d, dtype=A)
+    x = xp.ascontiguousarray(x)
+    if lay.transpose:
+        y = backend.affine_transpose(x.reshape(lay.B, lay.P, lay.Q), lay.ch_q, a, d, out_dtype, inverse)
+    else:  # the same layout, or one whose change moves no byte (one channel or one pixel per item)
+        y = backend.affine_map(x.reshape(lay.outer, lay.channels, lay.inner), a, d, out_dtype, inverse)
     return y.reshape(lay.shape_out)
 
 

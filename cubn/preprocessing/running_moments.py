@@ -4,104 +4,31 @@ The state is one Welford triple per kept element, ``(count, mean, M2)``, kept
 in float64 whatever the data's dtype (so counts stay exact to 2**53 and a long
 stream does not drift). A batch is reduced to its own triples (partials in
 float64 for float32/float64 data, in float32 for 8- and 16-bit data: see
-``image.stats_acc``) and merged into the state with Chan et al.'s pairwise
+``cubn._dtypes.stats_acc``) and merged into the state with Chan et al.'s pairwise
 formula; two accumulators merge the same way, so any split of the data into
 batches, in any order, and any tree of merges gives the same statistics up to
 rounding.
 
-On a kernel backend (CuPy, emulated) an update is two launches and never
-reads a device value back on the host: moments.cu's Welford partials (one
-launch), then ``cubn_rm_merge`` (preprocess.cu), which merges the partials and
-folds them into the state in place (one launch).
+An update is two backend primitives, ``input_partials`` and
+``merge_into_state``: on a kernel backend (CuPy, emulated) two launches that
+never read a device value back on the host -- moments.cu's Welford partials,
+then ``cubn_rm_merge`` (preprocess.cu), which merges the partials and folds
+them into the state in place.
 """
 from __future__ import annotations
 
 import copy as _copy
-import operator
 
 import numpy as np
 
-from .._backend import array_module, is_array, select, take_dlpack
+from .._backend import array_module, select, take_dlpack
 from .._checks import arg_error, describe
 from .._memory import readable_all
-from .._plan import plan_for_kept_axes
-from .._args import as_like, make_weights
-from .._welford import chan_merge, tree_merge
+from .._welford import mean_or_nan, variance
 from . import image
+from .batch_moments import Batch, check_axis_type, is_dask_array, merge_triples_into, normalize_axes, result_dtype
 
-
-def is_dask_array(a) -> bool:
-    # By module name, so that NumPy/CuPy calls never import dask.
-    return type(a).__module__.split(".")[0] == "dask" and hasattr(a, "chunks")
-
-
-def result_dtype(dtype) -> np.dtype:
-    """Default dtype of the statistics of a batch: float64 for float64 data, float32 otherwise."""
-    return np.dtype(np.float64 if np.dtype(dtype).name == "float64" else np.float32)
-
-
-def merge_into_state(backend, partials, acc, state) -> None:
-    """Fold a batch's Welford partials into ``state`` ((3, C) float64: count, mean, M2) in place.
-
-    One ``cubn_rm_merge`` launch on a kernel backend (no host synchronization).
-    """
-    if backend.name == "numpy":
-        merged = backend.merge_partials(partials, acc)
-        n, m, s = chan_merge(state[0], state[1], state[2],
-                             *(np.asarray(p[0], np.float64) for p in merged[:3]))
-        state[0], state[1], state[2] = n, m, s
-        return
-    C = partials.count.shape[1] // partials.fold
-    if C == 0:
-        return
-    per_block = image.RM_MERGE_THREADS // 32
-    backend._launch(
-        image.variant("cubn_rm_merge", (image.ctype(acc),)),
-        (-(-C // per_block), 1, 1), (image.RM_MERGE_THREADS, 1, 1), 0,
-        (np.int32(C), np.int32(partials.count.shape[0]), np.int32(partials.fold), *partials[:3],
-         state[0], state[1], state[2]),
-    )
-
-
-def _merge_triple_into(backend, state, count, mean, m2) -> None:
-    """``state`` merged with float64 (C,) triples (another accumulator's state)."""
-    from ..backends.base import Partials
-
-    C = state.shape[1]
-    p = Partials(count.reshape(1, C), mean.reshape(1, C), m2.reshape(1, C), 1)
-    merge_into_state(backend, p, np.dtype(np.float64), state)
-
-
-# ---------------------------------------------------------------------------
-# RunningMoments
-# ---------------------------------------------------------------------------
-def _check_axis_type(func, axis):
-    if axis is None:
-        return
-    items = (axis,) if isinstance(axis, (int, np.integer)) and not isinstance(axis, bool) else axis
-    try:
-        [operator.index(a) for a in items]
-    except TypeError:
-        raise arg_error(TypeError, func, "axis", "None, an int or a sequence of ints", repr(axis)) from None
-
-
-def normalize_axes(func, axis, ndim, name="axis") -> tuple:
-    """``axis`` (None, an int or a sequence of ints) as sorted non-negative axes of a rank-``ndim`` array."""
-    if axis is None:
-        return tuple(range(ndim))
-    items = (axis,) if isinstance(axis, (int, np.integer)) and not isinstance(axis, bool) else axis
-    try:
-        axes = [operator.index(a) for a in items]
-    except TypeError:
-        raise arg_error(TypeError, func, name, "None, an int or a sequence of ints", repr(axis)) from None
-    out = []
-    for a in axes:
-        if not -ndim <= a < ndim:
-            raise arg_error(ValueError, func, name, f"axes in [-{ndim}, {ndim}) for a rank-{ndim} array", repr(axis))
-        out.append(a % ndim)
-    if len(set(out)) != len(out):
-        raise arg_error(ValueError, func, name, "no repeated axis", repr(axis))
-    return tuple(sorted(out))
+__all__ = ["RunningMoments", "is_dask_array", "normalize_axes", "result_dtype"]
 
 
 class RunningMoments:
@@ -134,7 +61,7 @@ class RunningMoments:
     """
 
     def __init__(self, axis=0, *, dtype=None):
-        _check_axis_type("RunningMoments", axis)  # ranges are checked against the first batch's rank
+        check_axis_type("RunningMoments", axis)  # ranges are checked against the first batch's rank
         self.axis = axis
         self.dtype = None if dtype is None else image.check_out_dtype("RunningMoments", "dtype", dtype)
         self.reset()
@@ -157,37 +84,25 @@ class RunningMoments:
     def _update(self, x, weights, func, xname, wname):
         x, weights = take_dlpack(func, **{xname: x, wname: weights})
         if is_dask_array(x) or is_dask_array(weights):
-            from .. import dask as cubn_dask
+            from .dask_reduction import computed_triple  # imports dask: only for dask inputs
 
             if not is_dask_array(x):
                 raise arg_error(TypeError, func, xname, "a dask array when the weights are one", describe(x))
             axes = self._axes_for(func, x.ndim)
             stat_shape = tuple(x.shape[a] for a in range(x.ndim) if a not in axes)
             self._check_shape(func, xname, x.ndim, stat_shape)
-            count, mean, m2 = cubn_dask._compute_triple(func, xname, wname, x, axes, weights)
+            count, mean, m2 = computed_triple(func, xname, wname, x, axes, weights)
             self._merge_triple(func, xname, x.ndim, axes, stat_shape, result_dtype(x.dtype), count, mean, m2)
             return self
         image.check_input(func, xname, x)
         x, weights = readable_all(func, **{xname: x, wname: weights})
         axes = self._axes_for(func, x.ndim)
-        plan = plan_for_kept_axes(x.shape, tuple(a for a in range(x.ndim) if a not in axes))
-        self._check_shape(func, xname, x.ndim, plan.stat_shape)
-        others = {wname: weights} if is_array(weights) else {}
-        if self._state is not None:
-            others["running state (from the first batch)"] = self._state
-        backend = select(func, xname, x, **others)
-        xp = backend.xp
-        acc = image.stats_acc(x.dtype)
-        w = None
-        if weights is not None:
-            wa = as_like(func, wname, weights, x, xp)
-            if plan.size > 0:
-                w = make_weights(func, wname, wa, x.shape, plan, xp, acc)
+        stat_shape = tuple(x.shape[a] for a in range(x.ndim) if a not in axes)
+        self._check_shape(func, xname, x.ndim, stat_shape)
+        batch = Batch(func, xname, wname, x, axes, weights, self._state)
         if self._state is None:
-            self._init(xp, x.ndim, axes, plan.stat_shape, result_dtype(x.dtype))
-        if plan.size > 0:
-            partials = image.welford_partials(backend, plan, plan.view3(x), acc, w)
-            merge_into_state(backend, partials, acc, self._state)
+            self._init(batch.backend.xp, x.ndim, axes, batch.plan.stat_shape, result_dtype(x.dtype))
+        batch.fold_into(self._state)
         return self
 
     def _axes_for(self, func, ndim):
@@ -219,7 +134,7 @@ class RunningMoments:
         xp = backend.xp
         flat = [xp.ascontiguousarray(xp.asarray(a, dtype=np.float64).reshape(-1)) for a in (count, mean, m2)]
         if flat[0].size:
-            _merge_triple_into(backend, self._state, *flat)
+            merge_triples_into(backend, self._state, *flat)
 
     def merge(self, other):
         """Merge another accumulator (same axes and statistic shape, same side) into this one. Returns ``self``."""
@@ -242,7 +157,7 @@ class RunningMoments:
         backend = select(func, "self", self._state, other=other._state)
         src = other._state.copy() if other is self else other._state
         if self._state.shape[1]:
-            _merge_triple_into(backend, self._state, src[0], src[1], src[2])
+            merge_triples_into(backend, self._state, src[0], src[1], src[2])
         return self
 
     def copy(self):
@@ -270,16 +185,10 @@ class RunningMoments:
         """Mean per statistic (NaN where nothing was seen); None before the first batch."""
         if self._state is None:
             return None
-        xp = array_module(self._state)
-        n = self._state[0]
-        return self._out(xp.where(n > 0, self._state[1], np.nan))
+        return self._out(mean_or_nan(self._state[0], self._state[1]))
 
     def _var64(self):
-        xp = array_module(self._state)
-        n, m2 = self._state[0], self._state[2]
-        live = n > 0
-        with np.errstate(all="ignore"):
-            return xp.where(live, xp.maximum(m2, 0) / xp.where(live, n, 1), np.nan)
+        return variance(self._state[0], self._state[2])
 
     @property
     def var(self):

@@ -28,6 +28,7 @@ from .._backend import array_module, is_array, is_cupy_array, select, take_dlpac
 from .._checks import arg_error, check_positive_epsilon, describe
 from .._memory import readable
 from .._args import as_like
+from .._welford import mean_or_nan
 from . import image
 from .running_moments import RunningMoments, is_dask_array
 
@@ -446,9 +447,8 @@ class Standardizer(*_BASES):
         return self._cached("mean", self._mean64)
 
     def _mean64(self):
-        xp = array_module(self._rm._state)
         s = self._rm._state
-        return xp.where(s[0] > 0, s[1], np.nan)
+        return mean_or_nan(s[0], s[1])
 
     @property
     def var_(self):
@@ -527,9 +527,9 @@ class Standardizer(*_BASES):
         A = image.compute_dtype(name, out.name)
         a, d = self._coefficients(A, inverse)
         if is_dask_array(X):
-            from .. import dask as cubn_dask
+            from .dask_reduction import map_affine  # imports dask: only for dask inputs
 
-            return cubn_dask._map_affine(X, in_last, out_last, ch, a, d, out, inverse)
+            return map_affine(X, in_last, out_last, ch, a, d, out, inverse)
         backend = select(f, "X", X, **{"fitted statistics": a})
         lay = image.make_layout(f, X.shape, in_last, out_last, name="X")
         return image.affine_map(backend, X, lay, a, d, out, inverse)

@@ -1,4 +1,4 @@
-"""The one-launch training forward (kernels/persistent.cu): when it is chosen,
+"""The one-launch training forward (kernels/one_launch.cu): when it is chosen,
 and that it computes what the three-launch path computes, at the edges of
 its register cache, with scalar and 16-byte accesses and partial column tiles.
 
@@ -7,13 +7,17 @@ fixture; these tests aim at the boundaries.
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
 import cubn
 from conftest import assert_close, np_dtype
 import reference as ref
-from cubn.backends import kernel_backend as kb
+from cubn.backends import one_launch
+from cubn.backends._memory import alignment
+from cubn.kernels import registry
 
 
 
@@ -74,14 +78,14 @@ def test_path_and_result_at_the_cache_edges(launches, rng, fmt, shape, dtype, pa
     x = (rng.standard_normal(shape) * 2 + 50).astype(np_dtype(dtype))
     side = rng.standard_normal(shape).astype(np_dtype(dtype))
     names, out = _path(launches, lambda: _train(x, fmt, side=side))
-    want = ["cubn_bn_train_persistent"] if path == "one" else ["cubn_moments_" + ("cl" if fmt == "NHWC" else "cf"),
+    want = ["cubn_bn_train_one_launch"] if path == "one" else ["cubn_moments_" + ("cl" if fmt == "NHWC" else "cf"),
                                                                  "cubn_bn_finalize", "cubn_normalize"]
     assert names == want
     (y, bm, bv), g, b = out
     _check(x, fmt, (np.asarray(y), np.asarray(bm), np.asarray(bv)), g, b, dtype, side=side)
 
 
-def test_both_paths_agree_on_every_output(launches, rng, monkeypatch):
+def test_both_paths_agree_on_every_output(launches, rng):
     """Moving statistics, renorm and zero-debias state written by the one launch
     equal those of statistics + finalize + normalize, step after step."""
     shape = (12, 5, 5, 6)
@@ -93,43 +97,40 @@ def test_both_paths_agree_on_every_output(launches, rng, monkeypatch):
         x = (rng.standard_normal(shape) * 3 + step).astype(np.float32)
         launches.clear()
         y1 = one(x, is_training=True)
-        assert launches == ["cubn_bn_train_persistent"]
-        monkeypatch.setenv("CUBN_PERSISTENT", "0")
-        y3 = three(x, is_training=True)
-        monkeypatch.delenv("CUBN_PERSISTENT")
+        assert launches == ["cubn_bn_train_one_launch"]
+        with cubn.use_one_launch(False):
+            y3 = three(x, is_training=True)
         assert_close(y1, y3, "float32", what=f"y step {step}")
         for name, v in three.variables.items():
             assert_close(one.variables[name], v, "float32", what=f"{name} step {step}")
         dy = rng.standard_normal(shape).astype(np.float32)
         launches.clear()
         d1 = one.backward(dy)
-        assert launches == ["cubn_bn_bwd_persistent"]
-        monkeypatch.setenv("CUBN_PERSISTENT", "0")
-        d3 = three.backward(dy)
-        monkeypatch.delenv("CUBN_PERSISTENT")
+        assert launches == ["cubn_bn_bwd_one_launch"]
+        with cubn.use_one_launch(False):
+            d3 = three.backward(dy)
         assert_close(d1, d3, "float32", what="dx")
         for name, gr in three.gradients.items():
             assert_close(one.gradients[name], gr, "float32", what=f"d{name}")
 
 
-def test_not_chosen_for_weights_or_when_switched_off(launches, rng, monkeypatch):
+def test_not_chosen_for_weights_or_when_switched_off(launches, rng):
     x = rng.standard_normal((8, 4, 4, 3)).astype(np.float32)
     bn = cubn.BatchNorm(updates_collections=None)
     names, _ = _path(launches, lambda: bn(x, batch_weights=rng.random(8)))
     assert names == ["cubn_moments_cl", "cubn_bn_finalize", "cubn_normalize"]
-    monkeypatch.setenv("CUBN_PERSISTENT", "0")
-    names, _ = _path(launches, lambda: bn(x))
+    with cubn.use_one_launch(False):
+        names, _ = _path(launches, lambda: bn(x))
     assert names == ["cubn_moments_cl", "cubn_bn_finalize", "cubn_normalize"]
-    monkeypatch.delenv("CUBN_PERSISTENT")
     names, _ = _path(launches, lambda: bn(x))
-    assert names == ["cubn_bn_train_persistent"]
+    assert names == ["cubn_bn_train_one_launch"]
 
 
 def test_nan_stays_in_its_channel(launches, rng):
     x = rng.standard_normal((64, 16)).astype(np.float32)
     x[7, 3] = np.nan
     names, ((y, bm, bv), g, b) = _path(launches, lambda: _train(x, "NHWC", act=None))
-    assert names == ["cubn_bn_train_persistent"]
+    assert names == ["cubn_bn_train_one_launch"]
     y, bm = np.asarray(y), np.asarray(bm)
     assert np.isnan(bm[3]) and np.all(np.isnan(y[:, 3]))
     keep = np.arange(16) != 3
@@ -145,19 +146,23 @@ def test_which_benchmark_shapes_take_one_launch(fmt, shape, expect):
     from cubn._plan import plan_for_channels
     from cubn.backends.base import DeviceInfo
 
-    backend = kb.KernelBackend.__new__(kb.KernelBackend)
-    backend.info = DeviceInfo("H100", 132, 1024, 48 * 1024)
+    h100 = DeviceInfo("H100", 132, 1024, 48 * 1024)
     plan = plan_for_channels(shape, fmt, "test")
-    cfg = backend._persist_config(plan, np.dtype(np.float32), (np.empty(16, np.float32),))
-    assert (cfg is not None) == expect
-    if cfg is not None:
-        vec, grid, block = cfg
-        assert block[0] * block[1] <= kb.PERSIST_THREADS
+    f32 = np.dtype(np.float32)
+    launch = one_launch.decide(one_launch.FORWARD, plan, f32, f32, h100, alignment=16)
+    assert (launch is not None) == expect
+    if launch is not None:
+        assert launch.block[0] * launch.block[1] <= registry.ONE_LAUNCH_THREADS
+        assert launch.shared_bytes <= h100.max_shared_memory_per_block
+    # what the options and the call allow, and what a device without one does not
+    for kw in (dict(enabled=False), dict(weighted=True), dict(distributed=True), dict(same_dtypes=False)):
+        assert one_launch.decide(one_launch.FORWARD, plan, f32, f32, h100, 16, **kw) is None
+    assert one_launch.decide(one_launch.FORWARD, plan, f32, f32, None, 16) is None
 
 
 @pytest.mark.parametrize("fmt,shape,dtype,path", CASES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v)
 @pytest.mark.parametrize("act", [None, "gelu"])
-def test_backward_path_and_result_at_the_cache_edges(launches, rng, monkeypatch, fmt, shape, dtype, path, act):
+def test_backward_path_and_result_at_the_cache_edges(launches, rng, fmt, shape, dtype, path, act):
     """The one-launch backward (x and dy' in registers: fewer items per thread
     than the forward) against sums + finalize + apply on the same context."""
     from cubn._plan import plan_for_channels
@@ -172,7 +177,7 @@ def test_backward_path_and_result_at_the_cache_edges(launches, rng, monkeypatch,
     m, v = x.astype(np.float64).mean(axis=axes).astype(acc), x.astype(np.float64).var(axis=axes).astype(acc)
     plan = plan_for_channels(shape, fmt, "test")
     backend = cubn._backend.get_backend("emulated")
-    fits = backend._persist_config(plan, x.dtype, (x,), lambda vec: kb.bwd_persist_items(x.dtype, vec)) is not None
+    fits = one_launch.decide(one_launch.BACKWARD, plan, x.dtype, acc, backend.info, alignment(x)) is not None
 
     def run():
         return cubn.batch_norm_backward(dy, x, g, m, v, 1e-3, offset=b, data_format=fmt, activation=act,
@@ -180,14 +185,34 @@ def test_backward_path_and_result_at_the_cache_edges(launches, rng, monkeypatch,
 
     names, one = _path(launches, run)
     if fits:
-        assert names == ["cubn_bn_finalize", "cubn_bn_bwd_persistent"]
+        assert names == ["cubn_bn_finalize", "cubn_bn_bwd_one_launch"]
     else:
         assert names[-2:] == ["cubn_bwd_finalize", "cubn_bwd_apply"]
-    monkeypatch.setenv("CUBN_PERSISTENT", "0")
-    three = run()
+    with cubn.use_one_launch(False):
+        three = run()
     for a1, a3, what in zip(one, three, ("dx", "dscale", "doffset", "dside_input")):
         if a3 is None:
             assert a1 is None
             continue
         scale = max(1.0, float(np.max(np.abs(np.asarray(a3, np.float64)))))
         assert_close(a1, a3, dtype, scale=scale, what=what)
+
+
+def test_the_option_is_scoped_and_checked():
+    from cubn._options import one_launch_enabled
+
+    assert one_launch_enabled()
+    with cubn.use_one_launch(False):
+        assert not one_launch_enabled()
+        with cubn.use_one_launch(True):
+            assert one_launch_enabled()
+        assert not one_launch_enabled()
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(one_launch_enabled()))  # a new thread: the default
+        t.start()
+        t.join()
+        assert seen == [True]
+    assert one_launch_enabled()
+    with pytest.raises(TypeError, match="use_one_launch: argument 'enabled': expected True or False"):
+        with cubn.use_one_launch("off"):
+            pass

@@ -14,18 +14,10 @@
 //           columns [blockIdx.x * blockDim.x * VEC, ...) and every row;
 //           thread (tx, ty) holds rows ty, ty + blockDim.y, ... of its VEC
 //           columns (VEC > 1 needs C % VEC == 0). blockDim.y is a power of 2.
-// The host launches this only when L <= items * VEC * threads (the
-// per-thread register cache); otherwise the three-launch path runs.
+// ITEMS: vectors each thread keeps in registers (the per-thread register
+// cache; registry.one_launch_items chooses it). The host launches this only
+// when L <= ITEMS * VEC * threads; otherwise the three-launch path runs.
 #include "finalize.cuh"
-
-#define CUBN_PERSIST_THREADS 512
-
-// Vectors each thread keeps: 8, but 4 for channels-last data other than
-// float32, whose per-column state (8 columns per thread for 16-bit types,
-// double-width registers for float64) would otherwise spill (checked by the
-// NVRTC test with ptxas -v for sm_80 and sm_90). KernelBackend.persist_items
-// mirrors this.
-template <typename T, int CL> struct PersistItems { enum { value = (CL && sizeof(T) != 4) ? 4 : 8 }; };
 
 // Channels first: the flat offset of the vector a thread holds as item k
 // (vectors t, t + blockDim.x, ... of channel c's L = outer * inner elements),
@@ -38,30 +30,29 @@ __device__ __forceinline__ i64 cf_item_offset(int k, i64 L, i64 inner, int C, in
   return (o * C + c) * inner + i;
 }
 
-template <typename T, int ACT, int VEC, int CL>
-__global__ void __launch_bounds__(CUBN_PERSIST_THREADS)
-cubn_bn_train_persistent(const T* __restrict__ x, const T* __restrict__ side, T* __restrict__ y,
+template <typename T, int ACT, int VEC, int CL, int ITEMS>
+__global__ void __launch_bounds__(CUBN_ONE_LAUNCH_THREADS)
+cubn_bn_train_one_launch(const T* __restrict__ x, const T* __restrict__ side, T* __restrict__ y,
                          i64 outer, int C, i64 inner, typename AccOf<T>::type alpha,
                          CUBN_FINALIZE_PARAMS(typename AccOf<T>::type)) {
   typedef typename AccOf<T>::type A;
-  constexpr int CUBN_PERSIST_ITEMS = PersistItems<T, CL>::value;
   const bool has_side = side != nullptr;
-  Vec<T, VEC> q[CUBN_PERSIST_ITEMS];
+  Vec<T, VEC> q[ITEMS];
   CUBN_DYNAMIC_SHARED(A, sh);
 
   if (CL == 0) {
-    i64 at[CUBN_PERSIST_ITEMS];  // flat element offset of each held vector, -1: none
+    i64 at[ITEMS];  // flat element offset of each held vector, -1: none
     const int c = blockIdx.x;
     const i64 L = outer * inner;
 #pragma unroll
-    for (int k = 0; k < CUBN_PERSIST_ITEMS; ++k) {
+    for (int k = 0; k < ITEMS; ++k) {
       at[k] = cf_item_offset<VEC>(k, L, inner, C, c);
       if (at[k] >= 0) q[k] = load_vec<T, VEC>(x + at[k]);
     }
     // Pass 1: the sum; pass 2: squared deviations from the mean (registers only).
     A s = A(0), unused = A(0);
 #pragma unroll
-    for (int k = 0; k < CUBN_PERSIST_ITEMS; ++k)
+    for (int k = 0; k < ITEMS; ++k)
       if (at[k] >= 0)
 #pragma unroll
         for (int e = 0; e < VEC; ++e) s += to_acc(q[k].v[e]);
@@ -71,7 +62,7 @@ cubn_bn_train_persistent(const T* __restrict__ x, const T* __restrict__ side, T*
     const A mean = sh[64];
     A m2 = A(0);
 #pragma unroll
-    for (int k = 0; k < CUBN_PERSIST_ITEMS; ++k)
+    for (int k = 0; k < ITEMS; ++k)
       if (at[k] >= 0)
 #pragma unroll
         for (int e = 0; e < VEC; ++e) { const A d = to_acc(q[k].v[e]) - mean; m2 += d * d; }
@@ -87,7 +78,7 @@ cubn_bn_train_persistent(const T* __restrict__ x, const T* __restrict__ side, T*
     __syncthreads();
     const A scale = sh[65], shift = sh[66];
 #pragma unroll
-    for (int k = 0; k < CUBN_PERSIST_ITEMS; ++k) {
+    for (int k = 0; k < ITEMS; ++k) {
       if (at[k] < 0) continue;
       Vec<T, VEC> sv;
       if (has_side) sv = load_vec<T, VEC>(side + at[k]);
@@ -110,7 +101,7 @@ cubn_bn_train_persistent(const T* __restrict__ x, const T* __restrict__ side, T*
     // Row of item k: k * by + ty (held or not); offsets are recomputed, not
     // stored, to leave registers to the cache itself.
 #pragma unroll
-    for (int k = 0; k < CUBN_PERSIST_ITEMS; ++k) {
+    for (int k = 0; k < ITEMS; ++k) {
       const i64 r = (i64)k * by + ty;
       if (active && r < rows) q[k] = load_vec<T, VEC>(x + r * C + j0);
     }
@@ -120,7 +111,7 @@ cubn_bn_train_persistent(const T* __restrict__ x, const T* __restrict__ side, T*
 #pragma unroll
     for (int e = 0; e < VEC; ++e) acc[e] = A(0);
 #pragma unroll
-    for (int k = 0; k < CUBN_PERSIST_ITEMS; ++k)
+    for (int k = 0; k < ITEMS; ++k)
       if (active && (i64)k * by + ty < rows)
 #pragma unroll
         for (int e = 0; e < VEC; ++e) acc[e] += to_acc(q[k].v[e]);
@@ -145,7 +136,7 @@ cubn_bn_train_persistent(const T* __restrict__ x, const T* __restrict__ side, T*
           const A m = coef[tx * VEC + e];
           acc[e] = A(0);
 #pragma unroll
-          for (int k = 0; k < CUBN_PERSIST_ITEMS; ++k)
+          for (int k = 0; k < ITEMS; ++k)
             if (active && (i64)k * by + ty < rows) { const A d = to_acc(q[k].v[e]) - m; acc[e] += d * d; }
         }
         __syncthreads();  // part is rewritten by the second pass
@@ -172,7 +163,7 @@ cubn_bn_train_persistent(const T* __restrict__ x, const T* __restrict__ side, T*
       sf[e] = coef[2 * width + tx * VEC + e];
     }
 #pragma unroll
-    for (int k = 0; k < CUBN_PERSIST_ITEMS; ++k) {
+    for (int k = 0; k < ITEMS; ++k) {
       const i64 r = (i64)k * by + ty;
       if (!active || r >= rows) continue;
       const i64 at = r * C + j0;
@@ -196,16 +187,12 @@ cubn_bn_train_persistent(const T* __restrict__ x, const T* __restrict__ side, T*
 // them into dgamma, dbeta, k1, k2, and the block writes
 // dx = scale * dy' - (k1 + k2 * (x - mean)) (and d side = dy') from its
 // registers: x and dy are read once instead of twice. Unweighted only.
-// Items per thread: 16 / VEC vectors (8 for scalar access), so that x and
-// the float dy' of 16 elements fit (no spills: the NVRTC test checks); 4 for
-// float64. kernel_backend.bwd_persist_items mirrors it.
-template <typename T, int VEC> struct BwdItems {
-  enum { value = sizeof(T) == 8 ? 4 : (VEC == 1 ? 8 : 16 / VEC) };
-};
-
-template <typename T, int ACT, int VEC, int CL>
-__global__ void __launch_bounds__(CUBN_PERSIST_THREADS)
-cubn_bn_bwd_persistent(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ side,
+// ITEMS (registry.one_launch_backward_items): 16 / VEC vectors (8 for
+// scalar access), so that x and the float dy' of 16 elements fit (no spills:
+// the NVRTC test checks); 4 for float64.
+template <typename T, int ACT, int VEC, int CL, int ITEMS>
+__global__ void __launch_bounds__(CUBN_ONE_LAUNCH_THREADS)
+cubn_bn_bwd_one_launch(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ side,
                        T* __restrict__ dx, T* __restrict__ dside, i64 outer, int C, i64 inner,
                        const typename AccOf<T>::type* __restrict__ mean,
                        const typename AccOf<T>::type* __restrict__ scale,
@@ -218,7 +205,7 @@ cubn_bn_bwd_persistent(const T* __restrict__ dy, const T* __restrict__ x, const 
                        typename AccOf<T>::type* __restrict__ dgamma,
                        typename AccOf<T>::type* __restrict__ dbeta) {
   typedef typename AccOf<T>::type A;
-  constexpr int IT = BwdItems<T, VEC>::value;
+  constexpr int IT = ITEMS;
   const bool has_side = ACT != ACT_NONE && side != nullptr;
   const bool want_dside = dside != nullptr;
   Vec<T, VEC> q[IT];
