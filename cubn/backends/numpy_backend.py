@@ -7,7 +7,7 @@ besides the outputs. Channels-last data is reduced down its rows, never
 transposed.
 
 Statistics are shifted sums: every element is taken relative to a pivot of
-its channel (the median of three of its elements), ``S = sum(x - p)`` and
+its channel (the mean of a sample of its elements), ``S = sum(x - p)`` and
 ``Q = sum((x - p)**2)``, summed per chunk in the accumulation dtype and across
 chunks in float64. Differences of nearby floats are exact, so the sums keep
 the digits an offset would cost a plain sum; ``M2 = Q - S**2/n`` loses only
@@ -29,6 +29,7 @@ from .base import Affine, BackwardCoeffs, Partials, RawAffine, Stats, Sums
 
 # Q / M2 above this (about 4 bits lost) -> compute again about the mean
 PIVOT_RATIO = 16.0
+PIVOT_SAMPLE = 64  # elements per channel whose mean is the pivot
 _BOOL = np.dtype(bool)
 
 
@@ -60,11 +61,25 @@ def _contiguous(a):
     return a if a is None or a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
-def _pivot(x3, acc):
-    """Per channel, the median of its first, middle and last elements (finite; 0 otherwise)."""
+def _pivot_sample(x3):
+    """The elements a channel's pivot is the mean of: PIVOT_SAMPLE of them, the first of rows spread over the batch."""
     outer, _, inner = x3.shape
-    three = np.stack([x3[0, :, 0], x3[outer // 2, :, inner // 2], x3[outer - 1, :, inner - 1]]).astype(acc)
-    p = np.sort(three, axis=0)[1]  # NaN sorts last: one NaN among three is never the median
+    ki = min(inner, PIVOT_SAMPLE)
+    ko = min(outer, max(1, PIVOT_SAMPLE // ki))
+    head = x3[:, :, :ki]
+    if ko < outer:
+        head = head[np.linspace(0, outer - 1, ko).astype(np.intp)]
+    return head
+
+
+def _pivot(x3, acc):
+    """Per channel, the mean of a sample of its elements (0 where that is not finite).
+
+    Near the channel's mean, so ``Q / M2`` stays close to 1; a sample with an
+    outlier only costs the second pass that ``PIVOT_RATIO`` triggers.
+    """
+    s = _pivot_sample(x3)
+    p = np.add.reduce(s, axis=(0, 2), dtype=acc) / acc.type(s.shape[0] * s.shape[2])
     return np.where(np.isfinite(p), p, acc.type(0))
 
 

@@ -132,6 +132,19 @@ def _red_run(t):
     return np.add.reduce(t)
 
 
+def _pairwise(vs):
+    """Sum a list of arrays in a balanced tree (fewer roundings than a running sum)."""
+    while len(vs) > 1:
+        vs = [vs[i] + vs[i + 1] if i + 1 < len(vs) else vs[i] for i in range(0, len(vs), 2)]
+    return vs[0]
+
+
+def _sum_rows_pairwise(a):
+    """Column sums of a small 2-D array in float64, pairwise down the columns (NumPy sums a
+    contiguous axis pairwise, and any other axis one row after another)."""
+    return np.add.reduce(np.ascontiguousarray(a.T, dtype=np.float64), axis=1)
+
+
 class _Panel:
     """One matrix view of a rows layout and the channels its columns hold."""
 
@@ -235,7 +248,7 @@ class Rows:
             if ps is None:
                 ps = tuple(None if v is None else self._param_row(v, pn) for v in params)
             h, w = pn.chunk_rows, pn.width
-            sums = None
+            parts = []
             for a in range(r0, r1, h):
                 b = min(r1, a + h)
                 cw = None if outer_weights is None else self._weights(outer_weights, pn, a, b)
@@ -243,13 +256,11 @@ class Rows:
                 out = kernel(tuple(None if v is None else v[a:b] for v in vs), ps, cw, _red_rows,
                              lambda slot, dtype=acc: scratch(slot, n, dtype).reshape(shape),
                              lambda: zeros(n, acc).reshape(shape))
-                if not n_red:
-                    continue
-                if sums is None:
-                    sums = list(out)
-                else:
-                    for j in range(n_red):
-                        sums[j] += out[j]
+                if n_red:
+                    parts.append(out)
+            if not n_red:
+                return
+            sums = [_pairwise([o[j] for o in parts]) for j in range(n_red)]
             for j in range(n_red):
                 if pn.kind == "block":
                     slots[j][t, : pn.c1 - pn.c0] = np.add.reduce(sums[j].reshape(pn.c1 - pn.c0, inner), axis=1)
@@ -266,11 +277,11 @@ class Rows:
         out = np.zeros(self.channels, np.float64)
         for pn, (t0, t1) in zip(self.panels, self.task_ranges):
             if pn.kind == "block":
-                out[pn.c0 : pn.c1] += np.add.reduce(slot[t0:t1, : pn.c1 - pn.c0], axis=0, dtype=np.float64)
+                out[pn.c0 : pn.c1] += _sum_rows_pairwise(slot[t0:t1, : pn.c1 - pn.c0])
                 continue
-            cols = np.add.reduce(slot[t0:t1, : pn.width], axis=0, dtype=np.float64)
-            cols = cols.reshape(pn.groups, pn.c1 - pn.c0, self.inner)
-            out[pn.c0 : pn.c1] += np.add.reduce(np.add.reduce(cols, axis=0), axis=1)
+            cols = _sum_rows_pairwise(slot[t0:t1, : pn.width])  # (groups * channels * inner,)
+            cols = _sum_rows_pairwise(cols.reshape(pn.groups, -1))  # (channels * inner,)
+            out[pn.c0 : pn.c1] += np.add.reduce(cols.reshape(pn.c1 - pn.c0, self.inner), axis=1)
         return out
 
 
@@ -284,12 +295,13 @@ class Runs:
         if inner <= chunk:
             ob = max(1, chunk // inner)
             chunks = [(o0, min(outer, o0 + ob), c, 0, inner) for o0 in range(0, outer, ob) for c in range(channels)]
+            self.grid = (len(chunks) // channels, channels, 1)
         else:
             piece = max(PIECE, chunk // PIECE * PIECE)
             cuts = [(i0, min(inner, i0 + piece)) for i0 in range(0, inner, piece)]
             chunks = [(o, o + 1, c, i0, i1) for o in range(outer) for c in range(channels) for i0, i1 in cuts]
+            self.grid = (outer, channels, len(cuts))
         self.chunks = chunks
-        self.channel_of = np.array([ch[2] for ch in chunks], dtype=np.intp)
         k = _task_size(len(chunks))
         self.tasks = [(a, min(len(chunks), a + k)) for a in range(0, len(chunks), k)]
         self.n_tasks = len(self.tasks)
@@ -315,7 +327,9 @@ class Runs:
         _threads.run(self.n_tasks, task, bufsize or _threads.UFUNC_BUFSIZE)
         if not n_red:
             return None
-        return tuple(np.bincount(self.channel_of, weights=r, minlength=self.channels) for r in results)
+        # chunk k = (a * C + c) * B + b: per channel, its chunks' sums pairwise
+        return tuple(_sum_rows_pairwise(r.reshape(self.grid).transpose(0, 2, 1).reshape(-1, self.channels))
+                     for r in results)
 
 
 @functools.lru_cache(maxsize=256)
