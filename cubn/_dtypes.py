@@ -30,19 +30,40 @@ def name_of(dtype) -> str:
     return np.dtype(dtype).name
 
 
+# Memo tables: these run on every call, and a dtype's ``name`` costs a microsecond.
+_SUPPORTED: dict = {}
+_ACC: dict = {}
+
+
 def is_supported_float(dtype) -> bool:
     try:
-        return np.dtype(dtype).name in FLOAT_NAMES
+        return _SUPPORTED[dtype]
+    except (KeyError, TypeError):
+        pass
+    try:
+        ok = np.dtype(dtype).name in FLOAT_NAMES
     except TypeError:
         return False
+    try:
+        _SUPPORTED[dtype] = ok
+    except TypeError:  # unhashable
+        pass
+    return ok
 
 
 def acc_dtype(dtype) -> np.dtype:
     """Accumulation dtype: float32 for 16-bit floats, the dtype itself otherwise."""
+    try:
+        return _ACC[dtype]
+    except (KeyError, TypeError):
+        pass
     dt = np.dtype(dtype)
-    if dt.name in ("float16", "bfloat16"):
-        return np.dtype(np.float32)
-    return dt
+    acc = np.dtype(np.float32) if dt.name in ("float16", "bfloat16") else dt
+    try:
+        _ACC[dtype] = acc
+    except TypeError:
+        pass
+    return acc
 
 
 def ctype(dtype) -> str:

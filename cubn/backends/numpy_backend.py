@@ -300,7 +300,9 @@ class NumpyBackend:
         if fold is None:  # moments only
             return Stats(count, mean, var, None, None, None, None, None)
         eps = acc.type(fold.eps)
-        invstd = (1 / np.sqrt(var + eps)).astype(acc, copy=False)
+        invstd = np.add(var, eps, dtype=acc)
+        np.sqrt(invstd, out=invstd)
+        np.divide(1, invstd, out=invstd)
         r = d = None
         if fold.renorm is not None:
             one = np.ones_like(mean)
@@ -314,14 +316,13 @@ class NumpyBackend:
             gcoef = (a_s * r * invstd).astype(acc)
             hcoef = (a_s * d + a_b).astype(acc)
         else:
-            gcoef = invstd if fold.adj_scale is None else (fold.adj_scale * invstd).astype(acc)
+            gcoef = invstd if fold.adj_scale is None else np.multiply(fold.adj_scale, invstd, dtype=acc)
             hcoef = np.zeros_like(mean) if fold.adj_bias is None else np.asarray(fold.adj_bias).astype(acc)
-        scale = gcoef if fold.gamma is None else (fold.gamma * gcoef).astype(acc)
-        shift = hcoef if fold.gamma is None else (fold.gamma * hcoef).astype(acc)
+        # y = gamma * (gcoef * (x - mean) + hcoef) + beta, folded; a missing gamma or beta is the identity
+        scale = gcoef if fold.gamma is None else np.multiply(fold.gamma, gcoef, dtype=acc)
+        shift = hcoef.copy() if fold.gamma is None else np.multiply(fold.gamma, hcoef, dtype=acc)
         if fold.beta is not None:
-            shift = (shift + fold.beta).astype(acc)
-        elif shift is hcoef:
-            shift = hcoef.copy()
+            np.add(shift, fold.beta, out=shift, dtype=acc)
         stats = Stats(count, mean, var, invstd, scale, shift, gcoef, hcoef, r, d)
         if update is not None:
             self.moving_update(stats, acc, update)

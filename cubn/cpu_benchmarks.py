@@ -1,0 +1,520 @@
+"""CPU benchmarks: cubn's NumPy backend beside its peers, measured side by side.
+
+Columns (peers), each a separately named thing that was timed:
+
+* ``cubn-1t``, ``cubn-Nt``: cubn's NumPy backend on 1 and on N threads
+  (``cubn.set_num_threads``), N the CPUs this process may use.
+* ``torch-1t``, ``torch-Nt``: PyTorch on the CPU with ``torch.set_num_threads``
+  1 and N: ``torch.nn.functional.batch_norm`` (then ``relu`` / ``add_`` and
+  ``relu_``), ``torch.var_mean`` for moments, ``aten.native_batch_norm_backward``
+  with the forward's saved statistics for backward. NHWC inputs are
+  ``channels_last`` tensors viewing the very NumPy buffers cubn reads.
+* ``numpy``: the naive NumPy formula (``mean``, ``var`` and elementwise
+  expressions; NumPy runs these on one thread).
+* ``copy``: ``np.copyto`` between two 256 MiB buffers, timed in the same
+  rounds: the machine's copy bandwidth (bytes read plus bytes written) under
+  the same load as the ops, which every throughput is compared with.
+
+Timing is interleaved: every round times each peer once, in a rotating
+order, so that a machine shared with other work loads every column alike;
+the median over rounds is reported. Inputs rotate over copies totalling at
+least 128 MiB, so that the 32 MiB L3 cache does not flatter small shapes.
+Peak memory is the most ``tracemalloc`` saw allocated during one call beyond
+the call's outputs, as a fraction of the input; it sees NumPy's allocations
+only (not PyTorch's).
+
+``run(...)`` returns the records; ``table(records)`` formats them;
+``bench/run_cpu_peers.py`` writes a committed run, and ``bench/test_bench_cpu.py``
+runs the same cases under pytest-benchmark.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import os
+import platform
+import statistics
+import time
+import tracemalloc
+
+import numpy as np
+
+from .benchmarking import EPS, MOMENTUM, OPS, SUITE, TENSOR_PASSES, channel_axis, reduce_axes
+
+PEERS = ("cubn-1t", "cubn-Nt", "torch-1t", "torch-Nt", "numpy")
+COPY_BYTES = 256 << 20
+ROTATE_BYTES = 128 << 20   # inputs rotate over at least this much memory (beyond the 32 MiB L3)
+MAX_COPIES = 16
+
+
+def all_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def threads_of(peer: str) -> int:
+    return 1 if peer.endswith("-1t") else all_threads()
+
+
+@dataclasses.dataclass
+class Record:
+    op: str
+    layout: str
+    shape: tuple
+    dtype: str
+    peer: str
+    threads: int = 1
+    median_ms: float | None = None
+    p10_ms: float | None = None
+    p90_ms: float | None = None
+    rounds: int = 0
+    bytes: int = 0
+    gbps: float | None = None
+    copy_gbps: float | None = None     # the copy measured in the same rounds
+    roofline: float | None = None      # gbps / copy_gbps
+    peak_memory: float | None = None   # beyond the outputs, as a fraction of the input
+    error: str | None = None
+
+
+# ---------------------------------------------------------------------------
+# Measurements
+# ---------------------------------------------------------------------------
+class Copy:
+    """A large ``np.copyto``: the copy bandwidth, read plus write bytes."""
+
+    def __init__(self, nbytes=COPY_BYTES):
+        self.src = np.ones(nbytes // 4, np.float32)
+        self.dst = np.zeros_like(self.src)
+        self.nbytes = 2 * self.src.nbytes
+
+    def __call__(self, i=0):
+        np.copyto(self.dst, self.src)
+
+
+def copy_bandwidth(nbytes=COPY_BYTES, reps=7) -> float:
+    """GB/s of a large ``np.copyto`` (bytes read plus bytes written), the median of ``reps``."""
+    c = Copy(nbytes)
+    c()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        c()
+        ts.append(time.perf_counter() - t)
+    return c.nbytes / statistics.median(ts) / 1e9
+
+
+def _root(a):
+    while isinstance(a, np.ndarray) and a.base is not None:
+        a = a.base
+    return a
+
+
+def peak_memory(fn, *args) -> tuple[int, object]:
+    """Bytes ``tracemalloc`` saw allocated at most during ``fn(*args)`` beyond its outputs; and the outputs."""
+    was = tracemalloc.is_tracing()
+    if not was:
+        tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        out = fn(*args)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        if not was:
+            tracemalloc.stop()
+    flat = out if isinstance(out, (tuple, list)) else (out,)
+    roots = {}
+    for a in flat:
+        r = _root(a)
+        if isinstance(r, np.ndarray):
+            roots[id(r)] = r.nbytes
+    return peak - sum(roots.values()), out
+
+
+# ---------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------
+class Inputs:
+    """Rotating copies of x for one (layout, shape, dtype); dy and side inputs; per-channel parameters."""
+
+    def __init__(self, layout, shape, dtype, seed=0):
+        self.layout, self.shape, self.dtype = layout, tuple(shape), np.dtype(dtype)
+        n = math.prod(shape)
+        self.nbytes = n * self.dtype.itemsize
+        self.k = int(max(2, min(MAX_COPIES, math.ceil(ROTATE_BYTES / max(self.nbytes, 1)))))
+        rs = np.random.default_rng(seed)
+        ax = channel_axis(layout, len(shape))
+        self.c = shape[ax]
+        self.fmt = "NCHW" if layout == "NCHW" else "NHWC"
+
+        def rand(scale=1.0, loc=0.0):
+            return (loc + scale * rs.standard_normal(shape, dtype=np.float32)).astype(self.dtype)
+
+        self.x = [rand(2.0, 1.0) for _ in range(self.k)]
+        self.dy = [rand() for _ in range(2)]
+        self.side = [rand() for _ in range(2)]
+        self.gamma = rs.uniform(0.5, 1.5, self.c).astype(self.dtype)
+        self.beta = rs.standard_normal(self.c).astype(self.dtype)
+        self.rmean = rs.standard_normal(self.c).astype(self.dtype)
+        self.rvar = rs.uniform(0.5, 2.0, self.c).astype(self.dtype)
+
+    def release(self):
+        self.x = self.dy = self.side = None
+
+
+# ---------------------------------------------------------------------------
+# Peers: each returns run(i), i the input rotation
+# ---------------------------------------------------------------------------
+def cubn_case(op, inp):
+    import cubn
+    from cubn import _dtypes
+    from cubn._plan import plan_for_channels
+    from cubn.backends.base import Fold
+    from cubn.ops.normalization import bn_backward, bn_forward
+
+    fmt, axes = inp.fmt, reduce_axes(inp.layout, len(inp.shape))
+    g, b, rm, rv = inp.gamma, inp.beta, inp.rmean.copy(), inp.rvar.copy()
+    if op == "moments":
+        return lambda i: cubn.moments(inp.x[i], axes)
+    if op == "bn_train":
+        return lambda i: cubn.fused_batch_norm(inp.x[i], g, b, rm, rv, EPS, fmt, exponential_avg_factor=MOMENTUM)
+    if op == "bn_infer":
+        return lambda i: cubn.fused_batch_norm(inp.x[i], g, b, rm, rv, EPS, fmt, is_training=False)
+    if op == "bn_relu":
+        return lambda i: cubn.fused_batch_norm(inp.x[i], g, b, rm, rv, EPS, fmt, exponential_avg_factor=MOMENTUM,
+                                               activation="relu")
+    if op == "bn_add_relu":
+        return lambda i: cubn.fused_batch_norm(inp.x[i], g, b, rm, rv, EPS, fmt, exponential_avg_factor=MOMENTUM,
+                                               activation="relu", side_input=inp.side[i % 2])
+    if op == "backward":
+        # What BatchNorm.backward runs: the forward's saved context, then the gradients.
+        ctxs = []
+        for x in inp.x:
+            plan = plan_for_channels(x.shape, fmt, "bench")
+            acc = _dtypes.acc_dtype(x.dtype)
+            from cubn._backend import get_backend
+
+            _, ctx = bn_forward(get_backend("numpy"), plan, plan.view3(x), acc, training=True, fold=Fold(EPS, g, b))
+            ctxs.append((ctx, plan))
+        return lambda i: bn_backward(ctxs[i][0], ctxs[i][1].view3(inp.dy[i % 2]), False)
+    raise KeyError(op)
+
+
+def torch_case(op, inp):
+    import torch
+    import torch.nn.functional as F
+
+    nd = len(inp.shape)
+
+    def tt(a):
+        t = torch.from_numpy(a)
+        if inp.layout == "NHWC":  # an NCHW view with channels_last strides, no copy
+            t = t.permute(0, nd - 1, *range(1, nd - 1))
+        return t
+
+    xs = [tt(x) for x in inp.x]
+    dys = [tt(d) for d in inp.dy]
+    sides = [tt(s) for s in inp.side]
+    w, b = torch.from_numpy(inp.gamma), torch.from_numpy(inp.beta)
+    rm, rv = torch.from_numpy(inp.rmean.copy()), torch.from_numpy(inp.rvar.copy())
+    dims = tuple(a for a in range(nd) if a != 1)
+    if op == "moments":
+        return lambda i: torch.var_mean(xs[i], dim=dims, correction=0)
+    if op == "bn_train":
+        return lambda i: F.batch_norm(xs[i], rm, rv, w, b, True, MOMENTUM, EPS)
+    if op == "bn_infer":
+        return lambda i: F.batch_norm(xs[i], rm, rv, w, b, False, MOMENTUM, EPS)
+    if op == "bn_relu":
+        return lambda i: F.relu(F.batch_norm(xs[i], rm, rv, w, b, True, MOMENTUM, EPS), inplace=True)
+    if op == "bn_add_relu":
+        return lambda i: F.batch_norm(xs[i], rm, rv, w, b, True, MOMENTUM, EPS).add_(sides[i % 2]).relu_()
+    if op == "backward":
+        saved = [torch.ops.aten.native_batch_norm(x, w, b, rm.clone(), rv.clone(), True, MOMENTUM, EPS) for x in xs]
+        return lambda i: torch.ops.aten.native_batch_norm_backward(
+            dys[i % 2], xs[i], w, rm, rv, saved[i][1], saved[i][2], True, EPS, [True, True, True])
+    raise KeyError(op)
+
+
+def numpy_case(op, inp):
+    """The naive NumPy formula: what one writes without cubn."""
+    nd = len(inp.shape)
+    axes = reduce_axes(inp.layout, nd)
+    shp = [1] * nd
+    shp[channel_axis(inp.layout, nd)] = inp.c
+    g, b = inp.gamma.reshape(shp), inp.beta.reshape(shp)
+    rm, rv = inp.rmean.reshape(shp), inp.rvar.reshape(shp)
+    n = math.prod(inp.shape) // inp.c
+
+    def train(x):
+        m = x.mean(axis=axes, keepdims=True)
+        v = x.var(axis=axes, keepdims=True)
+        return (x - m) / np.sqrt(v + EPS) * g + b
+
+    if op == "moments":
+        return lambda i: (inp.x[i].mean(axis=axes), inp.x[i].var(axis=axes))
+    if op == "bn_train":
+        return lambda i: train(inp.x[i])
+    if op == "bn_infer":
+        return lambda i: (inp.x[i] - rm) / np.sqrt(rv + EPS) * g + b
+    if op == "bn_relu":
+        return lambda i: np.maximum(train(inp.x[i]), 0)
+    if op == "bn_add_relu":
+        return lambda i: np.maximum(train(inp.x[i]) + inp.side[i % 2], 0)
+    if op == "backward":
+        stats = [(x.mean(axis=axes, keepdims=True), x.var(axis=axes, keepdims=True)) for x in inp.x]
+
+        def bwd(i):
+            x, dy = inp.x[i], inp.dy[i % 2]
+            m, v = stats[i]
+            inv = 1 / np.sqrt(v + EPS)
+            xhat = (x - m) * inv
+            db = dy.sum(axis=axes, keepdims=True)
+            dg = (dy * xhat).sum(axis=axes, keepdims=True)
+            return g * inv * (dy - db / n - xhat * dg / n), dg, db
+
+        return bwd
+    raise KeyError(op)
+
+
+def build(peer, op, inp):
+    if peer.startswith("cubn"):
+        return cubn_case(op, inp)
+    if peer.startswith("torch"):
+        return torch_case(op, inp)
+    if peer == "numpy":
+        return numpy_case(op, inp)
+    raise KeyError(peer)
+
+
+def set_threads(peer):
+    n = threads_of(peer)
+    if peer.startswith("cubn"):
+        import cubn
+
+        cubn.set_num_threads(n)
+    elif peer.startswith("torch"):
+        import torch
+
+        torch.set_num_threads(n)
+    return n
+
+
+# ---------------------------------------------------------------------------
+# The suite
+# ---------------------------------------------------------------------------
+def environment() -> dict:
+    import cubn
+
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "cubn": cubn.__version__, "numpy": np.__version__, "python": platform.python_version(),
+           "machine": platform.machine(), "processor": _cpu_name(), "cpus_available": all_threads(),
+           "cpu_count": os.cpu_count()}
+    try:
+        env["loadavg_start"] = os.getloadavg()
+    except OSError:
+        pass
+    try:
+        import torch
+
+        env["torch"] = torch.__version__
+        env["torch_threads_default"] = torch.get_num_threads()
+    except ImportError:
+        env["torch"] = None
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+SETTLE_S = 0.01  # before each timed call: threads of the previous peer (OpenMP spins) go idle
+
+
+def _time_once(run, i):
+    time.sleep(SETTLE_S)
+    t = time.perf_counter()
+    run(i)
+    return (time.perf_counter() - t) * 1e3
+
+
+def run_case(layout, shape, dtype, op, peers=PEERS, budget_s=2.0, min_rounds=5, max_rounds=25, copy=None,
+             memory=True, log=None):
+    """Time one (shape, dtype, op) for every peer, interleaved; returns one Record per peer."""
+    inp = Inputs(layout, shape, dtype)
+    copy = copy or Copy()
+    recs = {p: Record(op, layout, tuple(shape), np.dtype(dtype).name, p, threads_of(p)) for p in peers}
+    runs = {}
+    for p in peers:
+        try:
+            set_threads(p)
+            runs[p] = build(p, op, inp)
+            runs[p](0)  # warm-up (and the first touch of lazily built state)
+            runs[p](1 % inp.k)
+        except Exception as e:  # a peer that cannot run this case (e.g. torch missing)
+            recs[p].error = f"{type(e).__name__}: {e}"[:300]
+    live = [p for p in peers if p in runs]
+    times = {p: [] for p in live + ["copy"]}
+    start = time.perf_counter()
+    r = 0
+    while r < max_rounds and (r < min_rounds or time.perf_counter() - start < budget_s):
+        order = live[r % max(1, len(live)):] + live[: r % max(1, len(live))] if live else []
+        for p in order:
+            set_threads(p)
+            times[p].append(_time_once(runs[p], (r + 2) % inp.k))
+        times["copy"].append(_time_once(copy, 0))
+        r += 1
+    copy_ms = statistics.median(times["copy"])
+    copy_gbps = copy.nbytes / (copy_ms * 1e-3) / 1e9
+    nbytes = TENSOR_PASSES[op] * inp.nbytes
+    for p in live:
+        rec = recs[p]
+        s = sorted(times[p])
+        rec.median_ms = statistics.median(s)
+        rec.p10_ms, rec.p90_ms = s[int(0.1 * (len(s) - 1))], s[int(0.9 * (len(s) - 1))]
+        rec.rounds = len(s)
+        rec.bytes = nbytes
+        rec.gbps = nbytes / (rec.median_ms * 1e-3) / 1e9
+        rec.copy_gbps = copy_gbps
+        rec.roofline = rec.gbps / copy_gbps
+        if memory and (p.startswith("cubn") or p == "numpy"):
+            set_threads(p)
+            extra, _ = peak_memory(runs[p], 0)
+            rec.peak_memory = extra / inp.nbytes
+        if log:
+            log(format_record(rec))
+    inp.release()
+    return list(recs.values())
+
+
+def run(shapes=None, dtypes=("float32", "float64"), ops=OPS, peers=PEERS, budget_s=2.0, log=None, memory=True):
+    """Every (shape, dtype, op): interleaved peers. Returns (environment, records)."""
+    import cubn
+
+    shapes = shapes or SUITE
+    env = environment()
+    env["copy_gbps_start"] = copy_bandwidth()
+    copy = Copy()
+    records = []
+    try:
+        for layout, shape in shapes:
+            for dt in dtypes:
+                for op in ops:
+                    records += run_case(layout, shape, dt, op, peers, budget_s=budget_s, copy=copy, log=log,
+                                        memory=memory)
+    finally:
+        cubn.set_num_threads(None)
+    env["copy_gbps_end"] = copy_bandwidth()
+    try:
+        env["loadavg_end"] = os.getloadavg()
+    except OSError:
+        pass
+    return env, records
+
+
+# ---------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------
+def format_record(r) -> str:
+    if r.median_ms is None:
+        return f"{r.op:11s} {r.layout:4s} {str(r.shape):20s} {r.dtype:7s} {r.peer:8s} {r.error}"
+    mem = f" mem {r.peak_memory:.2f}x" if r.peak_memory is not None else ""
+    return (f"{r.op:11s} {r.layout:4s} {str(r.shape):20s} {r.dtype:7s} {r.peer:8s} {r.median_ms:10.3f} ms "
+            f"{r.gbps:6.1f} GB/s {100 * r.roofline:5.1f}% of copy{mem}")
+
+
+def ratios(records):
+    """Per (op, layout, shape, dtype): the peers' records and cubn's time ratios (< 1: cubn faster)."""
+    rows = {}
+    for r in records:
+        rows.setdefault((r.op, r.layout, r.shape, r.dtype), {})[r.peer] = r
+    out = {}
+    for key, peers in rows.items():
+        def ms(p):
+            r = peers.get(p)
+            return r.median_ms if r is not None and r.median_ms else None
+
+        def ratio(a, b):
+            return ms(a) / ms(b) if ms(a) and ms(b) else None
+
+        out[key] = {"peers": peers, "vs_torch_1t": ratio("cubn-1t", "torch-1t"), "vs_torch_Nt": ratio("cubn-Nt", "torch-Nt"),
+                    "vs_numpy_1t": ratio("cubn-1t", "numpy"), "vs_numpy_Nt": ratio("cubn-Nt", "numpy")}
+    return out
+
+
+def table(records, peers=PEERS) -> str:
+    """Text table: times per peer, cubn's ratios to its peers, cubn's fraction of the copy bandwidth, peak memory."""
+    head = (f"{'op':11s} {'layout':6s} {'shape':20s} {'dtype':7s} "
+            + " ".join(f"{p + ' ms':>11s}" for p in peers)
+            + f" {'1t/torch':>8s} {'Nt/torch':>8s} {'1t/numpy':>8s} {'Nt/numpy':>8s} {'Nt copy%':>8s} {'mem':>5s}")
+    lines = [head]
+    for (op, lay, shp, dt), row in ratios(records).items():
+        ps = row["peers"]
+        if all(r.median_ms is None for r in ps.values()):
+            continue
+
+        def cell(p):
+            r = ps.get(p)
+            return f"{r.median_ms:11.3f}" if r is not None and r.median_ms is not None else f"{'-':>11s}"
+
+        def rat(v):
+            return f"{v:8.2f}" if v is not None else f"{'-':>8s}"
+
+        nt = ps.get("cubn-Nt")
+        roof = f"{100 * nt.roofline:7.0f}%" if nt is not None and nt.roofline else f"{'-':>8s}"
+        mem = f"{nt.peak_memory:5.2f}" if nt is not None and nt.peak_memory is not None else f"{'-':>5s}"
+        lines.append(f"{op:11s} {lay:6s} {str(shp):20s} {dt:7s} " + " ".join(cell(p) for p in peers)
+                     + f" {rat(row['vs_torch_1t'])} {rat(row['vs_torch_Nt'])} {rat(row['vs_numpy_1t'])}"
+                     + f" {rat(row['vs_numpy_Nt'])} {roof} {mem}")
+    return "\n".join(lines)
+
+
+def summary(records) -> dict:
+    """Per op and dtype: how many cases meet each target, and the worst ratio."""
+    out = {}
+    for (op, lay, shp, dt), row in ratios(records).items():
+        s = out.setdefault(f"{op}/{dt}", {"cases": 0, "torch_1t_met": 0, "torch_Nt_met": 0, "numpy_met": 0,
+                                           "copy50_met": 0, "worst_vs_torch": None, "worst_vs_numpy": None,
+                                           "lowest_copy_fraction": None})
+        nt = row["peers"].get("cubn-Nt")
+        if nt is None or nt.median_ms is None:
+            continue
+        s["cases"] += 1
+        for key, name in (("vs_torch_1t", "torch_1t_met"), ("vs_torch_Nt", "torch_Nt_met")):
+            if row[key] is not None and row[key] <= 1.0:
+                s[name] += 1
+        vn = row["vs_numpy_Nt"]
+        if vn is not None and vn <= 1.0:
+            s["numpy_met"] += 1
+        if nt.roofline is not None and nt.roofline >= 0.5:
+            s["copy50_met"] += 1
+        worst_t = max(v for v in (row["vs_torch_1t"], row["vs_torch_Nt"]) if v is not None) \
+            if row["vs_torch_1t"] or row["vs_torch_Nt"] else None
+        for k, v, pick in (("worst_vs_torch", worst_t, max), ("worst_vs_numpy", vn, max),
+                           ("lowest_copy_fraction", nt.roofline, min)):
+            if v is not None:
+                s[k] = v if s[k] is None else pick(s[k], v)
+    return out
+
+
+def write(folder, env, records, notes=""):
+    """results.json, table.txt and README.md (the machine, the load, the targets met) in ``folder``."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {"kind": "cpu-peers", "environment": env, "summary": summary(records),
+            "records": [dataclasses.asdict(r) for r in records]}
+    (folder / "results.json").write_text(json.dumps(data, indent=1))
+    (folder / "table.txt").write_text(table(records) + "\n")
+    return data
