@@ -76,6 +76,7 @@ class Record:
     copy_gbps: float | None = None     # the copy measured in the same rounds
     roofline: float | None = None      # gbps / copy_gbps
     peak_memory: float | None = None   # beyond the outputs, as a fraction of the input
+    loadavg: float | None = None       # the machine's 1-minute load average when the case ran
     error: str | None = None
 
 
@@ -373,6 +374,10 @@ def run_case(layout, shape, dtype, op, peers=PEERS, budget_s=2.0, min_rounds=5, 
             times[p].append(_time_once(runs[p], (r + 2) % inp.k))
         times["copy"].append(_time_once(copy, 0))
         r += 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = None
     copy_ms = statistics.median(times["copy"])
     copy_gbps = copy.nbytes / (copy_ms * 1e-3) / 1e9
     nbytes = TENSOR_PASSES[op] * inp.nbytes
@@ -386,6 +391,7 @@ def run_case(layout, shape, dtype, op, peers=PEERS, budget_s=2.0, min_rounds=5, 
         rec.gbps = nbytes / (rec.median_ms * 1e-3) / 1e9
         rec.copy_gbps = copy_gbps
         rec.roofline = rec.gbps / copy_gbps
+        rec.loadavg = load
         if memory and (p.startswith("cubn") or p == "numpy"):
             set_threads(p)
             extra, _ = peak_memory(runs[p], 0)
@@ -506,6 +512,50 @@ def summary(records) -> dict:
     return out
 
 
+def _load_range(records):
+    loads = [r["loadavg"] for r in records if r.get("loadavg") is not None]
+    if not loads:
+        return "not available"
+    return f"median {statistics.median(loads):.1f}, from {min(loads):.1f} to {max(loads):.1f}"
+
+
+def readme(env, data, table_text, notes=""):
+    """A run's README.md: the machine, its load, the copy bandwidth, the targets met, the table."""
+    s = data["summary"]
+    lines = [
+        "# CPU benchmark: cubn's NumPy backend beside PyTorch and naive NumPy",
+        "",
+        f"- Date: {env['date']}; cubn {env['cubn']}, NumPy {env['numpy']}, PyTorch {env.get('torch')}, "
+        f"Python {env['python']}.",
+        f"- Machine: {env.get('processor')} ({env['machine']}), {env['cpus_available']} CPUs available to the process "
+        f"(of {env['cpu_count']}); 'Nt' columns ran on {env['cpus_available']} threads.",
+        f"- Load average (1 minute) over the cases: {_load_range(data['records'])}; "
+        f"{env['cpus_available']} means the CPUs were busy with this run alone, more means other work shared them.",
+        f"- Copy bandwidth (np.copyto, 256 MiB, read + write): {env['copy_gbps_start']:.1f} GB/s at the start, "
+        f"{env['copy_gbps_end']:.1f} GB/s at the end; each case's roofline uses the copy timed in its own rounds.",
+        "",
+        notes.strip(),
+        "",
+        "Columns: times (median of interleaved rounds) per peer; `1t/torch`, `Nt/torch`: cubn's time over",
+        "PyTorch's on 1 and on N threads; `1t/numpy`, `Nt/numpy`: over the naive NumPy formula; `Nt copy%`:",
+        "cubn-Nt's tensor traffic (moments 1, inference 2, training 3, +1 with a residual, backward 5 tensor",
+        "passes) per second, over the copy bandwidth; `mem`: cubn-Nt's peak allocation beyond its outputs, as a",
+        "fraction of the input (tracemalloc).",
+        "",
+        "## Targets per op and dtype (cases meeting them / cases)",
+        "",
+        "| op/dtype | <= torch 1t | <= torch Nt | <= numpy | >= 50% copy | worst ratio to torch | worst to numpy | lowest copy fraction |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for k, v in s.items():
+        f = lambda x, pct=False: "-" if x is None else (f"{100 * x:.0f}%" if pct else f"{x:.2f}")  # noqa: E731
+        lines.append(f"| {k} | {v['torch_1t_met']}/{v['cases']} | {v['torch_Nt_met']}/{v['cases']} | "
+                     f"{v['numpy_met']}/{v['cases']} | {v['copy50_met']}/{v['cases']} | {f(v['worst_vs_torch'])} | "
+                     f"{f(v['worst_vs_numpy'])} | {f(v['lowest_copy_fraction'], True)} |")
+    lines += ["", "## Table", "", "```", table_text.rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
 def write(folder, env, records, notes=""):
     """results.json, table.txt and README.md (the machine, the load, the targets met) in ``folder``."""
     import json
@@ -514,7 +564,9 @@ def write(folder, env, records, notes=""):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     data = {"kind": "cpu-peers", "environment": env, "summary": summary(records),
-            "records": [dataclasses.asdict(r) for r in records]}
+            "records": [dataclasses.asdict(r) for r in records], "notes": notes}
+    text = table(records)
     (folder / "results.json").write_text(json.dumps(data, indent=1))
-    (folder / "table.txt").write_text(table(records) + "\n")
+    (folder / "table.txt").write_text(text + "\n")
+    (folder / "README.md").write_text(readme(env, data, text, notes))
     return data

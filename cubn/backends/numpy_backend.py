@@ -62,14 +62,11 @@ def _contiguous(a):
 
 
 def _pivot_sample(x3):
-    """The elements a channel's pivot is the mean of: PIVOT_SAMPLE of them, the first of rows spread over the batch."""
+    """The elements a channel's pivot is the mean of: about PIVOT_SAMPLE of them, the first of rows spread over the batch."""
     outer, _, inner = x3.shape
     ki = min(inner, PIVOT_SAMPLE)
     ko = min(outer, max(1, PIVOT_SAMPLE // ki))
-    head = x3[:, :, :ki]
-    if ko < outer:
-        head = head[np.linspace(0, outer - 1, ko).astype(np.intp)]
-    return head
+    return x3[:: outer // ko, :, :ki][:ko]
 
 
 def _pivot(x3, acc):
@@ -263,19 +260,24 @@ class NumpyBackend:
         for again in (False, True):
             if weights is None:
                 s, q = lay.run(_sums_kernel(acc), (x3,), (pivot,), 2, acc, bufsize=bufsize)
-                n = np.full(c, float(outer * inner))
+                n = float(outer * inner)
+                dev = s / n
+                live = True
             else:
                 n, s, q = lay.run(_weighted_sums_kernel(acc), (x3, wfull), (pivot,), 3, acc,
                                   outer_weights=wo, bufsize=bufsize)
-            live = n != 0
-            dev = np.where(live, s / np.where(live, n, 1), 0)
+                live = n != 0
+                dev = np.where(live, s / np.where(live, n, 1), 0)
             m2 = q - s * dev
             if again or not np.any(live & (q > PIVOT_RATIO * m2)):
                 break
             # A pivot far from its channel's mean: again, about the mean found.
             centre = (pivot + dev).astype(acc)
             pivot = np.where(np.isfinite(centre), centre, pivot)
-        mean = np.where(live, pivot + dev, 0)
+        mean = pivot + dev
+        if weights is None:
+            return Partials(np.full((1, c), n, acc), mean.astype(acc)[None, :], m2.astype(acc)[None, :])
+        mean = np.where(live, mean, 0)
         m2 = np.where(live, m2, 0)
         return Partials(n.astype(acc)[None, :], mean.astype(acc)[None, :], m2.astype(acc)[None, :])
 

@@ -139,10 +139,26 @@ def _pairwise(vs):
     return vs[0]
 
 
-def _sum_rows_pairwise(a):
-    """Column sums of a small 2-D array in float64, pairwise down the columns (NumPy sums a
-    contiguous axis pairwise, and any other axis one row after another)."""
-    return np.add.reduce(np.ascontiguousarray(a.T, dtype=np.float64), axis=1)
+def _sum_pairwise(a):
+    """Sums over axis 1 of a small 3-D array (k, m, w), in float64; pairwise for float64 terms
+    (NumPy sums a contiguous axis pairwise, any other axis one term after another). Terms of
+    lower precision are summed in order: float64 has digits to spare for them."""
+    if a.shape[1] == 1:
+        return a[:, 0].astype(np.float64)
+    if a.shape[1] <= 32 or a.dtype.itemsize < 8:
+        return np.add.reduce(a, axis=1, dtype=np.float64)
+    return np.add.reduce(np.ascontiguousarray(a.transpose(0, 2, 1), dtype=np.float64), axis=2)
+
+
+def _fold_groups(cols, groups, width):
+    """(k, groups * width) -> (k, width): the groups summed by halving, a balanced tree."""
+    while groups > 1:
+        half = groups // 2
+        folded = cols[:, : half * width] + cols[:, half * width : 2 * half * width]
+        if groups % 2:
+            folded[:, :width] += cols[:, 2 * half * width :]
+        cols, groups = folded, half
+    return cols
 
 
 class _Panel:
@@ -210,11 +226,12 @@ class Rows:
 
     def _param_row(self, v, pn):
         """A per-channel (C,) vector as the parameter row of panel ``pn`` (the channel pattern repeated)."""
-        if pn.kind == "block":
-            v = v[pn.c0 : pn.c1]
-            return np.repeat(v, self.inner) if self.inner > 1 else v
-        full = np.repeat(v, self.inner) if self.inner > 1 else v
-        return np.tile(full, pn.groups) if pn.groups > 1 else full
+        v = v[pn.c0 : pn.c1]
+        if self.inner == 1 and pn.groups == 1:
+            return v
+        row = np.empty(pn.groups * (pn.c1 - pn.c0) * self.inner, v.dtype)
+        row.reshape(pn.groups, pn.c1 - pn.c0, self.inner)[...] = v[:, None]
+        return row
 
     def _weights(self, wo, pn, r0, r1):
         """Outer-index weights ``wo`` (outer,) for rows [r0, r1) of panel ``pn``, shaped to broadcast."""
@@ -237,7 +254,7 @@ class Rows:
                 if "row" not in shared:
                     shared["row"] = tuple(None if v is None else self._param_row(v, pn) for v in params)
                 shared[i] = tuple(None if r is None else r[: pn.width] for r in shared["row"])
-        slots = [np.empty((self.n_tasks, self.slot_width), acc) for _ in range(n_red)]
+        slots = np.empty((n_red, self.n_tasks, self.slot_width), acc)
         inner = self.inner
 
         def task(t):
@@ -263,25 +280,30 @@ class Rows:
             sums = [_pairwise([o[j] for o in parts]) for j in range(n_red)]
             for j in range(n_red):
                 if pn.kind == "block":
-                    slots[j][t, : pn.c1 - pn.c0] = np.add.reduce(sums[j].reshape(pn.c1 - pn.c0, inner), axis=1)
+                    slots[j, t, : pn.c1 - pn.c0] = np.add.reduce(sums[j].reshape(pn.c1 - pn.c0, inner), axis=1)
                 else:
-                    slots[j][t, :w] = sums[j]
+                    slots[j, t, :w] = sums[j]
 
         _threads.run(self.n_tasks, task, bufsize or _threads.UFUNC_BUFSIZE)
         if not n_red:
             return None
-        return tuple(self._merge(s) for s in slots)
+        return tuple(self._merge(slots))
 
-    def _merge(self, slot):
-        """Task slots -> per-channel float64 sums, in task order."""
-        out = np.zeros(self.channels, np.float64)
+    def _merge(self, slots):
+        """Task slots (n_red, tasks, width) -> per-channel float64 sums (n_red, C), in task order."""
+        n_red = slots.shape[0]
+        out = np.zeros((n_red, self.channels), np.float64)
         for pn, (t0, t1) in zip(self.panels, self.task_ranges):
+            cb = pn.c1 - pn.c0
             if pn.kind == "block":
-                out[pn.c0 : pn.c1] += _sum_rows_pairwise(slot[t0:t1, : pn.c1 - pn.c0])
+                out[:, pn.c0 : pn.c1] += _sum_pairwise(slots[:, t0:t1, :cb])
                 continue
-            cols = _sum_rows_pairwise(slot[t0:t1, : pn.width])  # (groups * channels * inner,)
-            cols = _sum_rows_pairwise(cols.reshape(pn.groups, -1))  # (channels * inner,)
-            out[pn.c0 : pn.c1] += np.add.reduce(cols.reshape(pn.c1 - pn.c0, self.inner), axis=1)
+            cols = _sum_pairwise(slots[:, t0:t1, : pn.width])                # (n_red, groups * cb * inner)
+            if slots.dtype.itemsize < 8:  # (n_red, cb * inner)
+                cols = np.add.reduce(cols.reshape(n_red, pn.groups, cb * self.inner), axis=1)
+            else:
+                cols = _fold_groups(cols, pn.groups, cb * self.inner)
+            out[:, pn.c0 : pn.c1] += cols if self.inner == 1 else np.add.reduce(cols.reshape(n_red, cb, self.inner), axis=2)
         return out
 
 
@@ -309,7 +331,7 @@ class Runs:
     def run(self, kernel, arrays, params, n_red, acc, outer_weights=None, bufsize=None):
         chunks, tasks = self.chunks, self.tasks
         scal = [None if v is None else v for v in params]
-        results = [np.empty(len(chunks), np.float64) for _ in range(n_red)]
+        results = np.empty((n_red, len(chunks)), np.float64)
 
         def task(t):
             a, b = tasks[t]
@@ -322,14 +344,14 @@ class Runs:
                 out = kernel(vs, ps, cw, _red_run, lambda slot, dtype=acc: scratch(slot, n, dtype).reshape(shape),
                              lambda: zeros(n, acc).reshape(shape))
                 for j in range(n_red):
-                    results[j][k] = out[j]
+                    results[j, k] = out[j]
 
         _threads.run(self.n_tasks, task, bufsize or _threads.UFUNC_BUFSIZE)
         if not n_red:
             return None
         # chunk k = (a * C + c) * B + b: per channel, its chunks' sums pairwise
-        return tuple(_sum_rows_pairwise(r.reshape(self.grid).transpose(0, 2, 1).reshape(-1, self.channels))
-                     for r in results)
+        a, c, b = self.grid
+        return tuple(_sum_pairwise(results.reshape(n_red, a, c, b).transpose(0, 1, 3, 2).reshape(n_red, a * b, c)))
 
 
 @functools.lru_cache(maxsize=256)
