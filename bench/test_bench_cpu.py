@@ -27,7 +27,7 @@ def shape(request):
 
 @pytest.fixture(scope="module", params=["float32", "float64"])
 def inputs(request, shape):
-    inp = C.Inputs(shape[0], shape[1], request.param)
+    inp = C.inputs(shape[0], shape[1], request.param)
     yield inp
     inp.release()
 

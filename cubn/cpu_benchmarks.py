@@ -17,8 +17,10 @@ Columns (peers), each a separately named thing that was timed:
 
 Timing is interleaved: every round times each peer once, in a rotating
 order, so that a machine shared with other work loads every column alike;
-the median over rounds is reported. Inputs rotate over copies totalling at
-least 128 MiB, so that the 32 MiB L3 cache does not flatter small shapes.
+the median over rounds is reported. Inputs, parameters and the peers' code
+are the suite's own (``cubn.benchmarking``: the cubn, torch and naive peers),
+on NumPy arrays; inputs rotate over copies totalling at least 128 MiB, so that
+the L3 cache does not flatter small shapes.
 Peak memory is the most ``tracemalloc`` saw allocated during one call beyond
 the call's outputs, as a fraction of the input; it sees NumPy's allocations
 only (not PyTorch's).
@@ -31,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import math
 import os
 import platform
 import statistics
@@ -40,12 +41,11 @@ import tracemalloc
 
 import numpy as np
 
-from .benchmarking import EPS, MOMENTUM, OPS, SUITE, TENSOR_PASSES, channel_axis, reduce_axes
+from . import benchmarking as _B
+from .benchmarking import OPS, SUITE, TENSOR_PASSES
 
 PEERS = ("cubn-1t", "cubn-Nt", "torch-1t", "torch-Nt", "numpy")
 COPY_BYTES = 256 << 20
-ROTATE_BYTES = 128 << 20   # inputs rotate over at least this much memory (beyond the 32 MiB L3)
-MAX_COPIES = 16
 
 
 def all_threads() -> int:
@@ -136,158 +136,22 @@ def peak_memory(fn, *args) -> tuple[int, object]:
 
 
 # ---------------------------------------------------------------------------
-# Inputs
+# Inputs and peers: the suite's own (cubn.benchmarking), on NumPy arrays
 # ---------------------------------------------------------------------------
-class Inputs:
-    """Rotating copies of x for one (layout, shape, dtype); dy and side inputs; per-channel parameters."""
-
-    def __init__(self, layout, shape, dtype, seed=0):
-        self.layout, self.shape, self.dtype = layout, tuple(shape), np.dtype(dtype)
-        n = math.prod(shape)
-        self.nbytes = n * self.dtype.itemsize
-        self.k = int(max(2, min(MAX_COPIES, math.ceil(ROTATE_BYTES / max(self.nbytes, 1)))))
-        rs = np.random.default_rng(seed)
-        ax = channel_axis(layout, len(shape))
-        self.c = shape[ax]
-        self.fmt = "NCHW" if layout == "NCHW" else "NHWC"
-
-        def rand(scale=1.0, loc=0.0):
-            return (loc + scale * rs.standard_normal(shape, dtype=np.float32)).astype(self.dtype)
-
-        self.x = [rand(2.0, 1.0) for _ in range(self.k)]
-        self.dy = [rand() for _ in range(2)]
-        self.side = [rand() for _ in range(2)]
-        self.gamma = rs.uniform(0.5, 1.5, self.c).astype(self.dtype)
-        self.beta = rs.standard_normal(self.c).astype(self.dtype)
-        self.rmean = rs.standard_normal(self.c).astype(self.dtype)
-        self.rvar = rs.uniform(0.5, 2.0, self.c).astype(self.dtype)
-
-    def release(self):
-        self.x = self.dy = self.side = None
+def inputs(layout, shape, dtype):
+    """Rotating copies of x (over at least 128 MiB), dy, side inputs and per-channel parameters."""
+    return _B.Inputs(np, layout, shape, np.dtype(dtype))
 
 
-# ---------------------------------------------------------------------------
-# Peers: each returns run(i), i the input rotation
-# ---------------------------------------------------------------------------
-def cubn_case(op, inp):
-    import cubn
-    from cubn import _dtypes
-    from cubn._plan import plan_for_channels
-    from cubn.backends.base import Fold
-    from cubn.ops.normalization import bn_backward, bn_forward
-
-    fmt, axes = inp.fmt, reduce_axes(inp.layout, len(inp.shape))
-    g, b, rm, rv = inp.gamma, inp.beta, inp.rmean.copy(), inp.rvar.copy()
-    if op == "moments":
-        return lambda i: cubn.moments(inp.x[i], axes)
-    if op == "bn_train":
-        return lambda i: cubn.fused_batch_norm(inp.x[i], g, b, rm, rv, EPS, fmt, exponential_avg_factor=MOMENTUM)
-    if op == "bn_infer":
-        return lambda i: cubn.fused_batch_norm(inp.x[i], g, b, rm, rv, EPS, fmt, is_training=False)
-    if op == "bn_relu":
-        return lambda i: cubn.fused_batch_norm(inp.x[i], g, b, rm, rv, EPS, fmt, exponential_avg_factor=MOMENTUM,
-                                               activation="relu")
-    if op == "bn_add_relu":
-        return lambda i: cubn.fused_batch_norm(inp.x[i], g, b, rm, rv, EPS, fmt, exponential_avg_factor=MOMENTUM,
-                                               activation="relu", side_input=inp.side[i % 2])
-    if op == "backward":
-        # What BatchNorm.backward runs: the forward's saved context, then the gradients.
-        ctxs = []
-        for x in inp.x:
-            plan = plan_for_channels(x.shape, fmt, "bench")
-            acc = _dtypes.acc_dtype(x.dtype)
-            from cubn._backend import get_backend
-
-            _, ctx = bn_forward(get_backend("numpy"), plan, plan.view3(x), acc, training=True, fold=Fold(EPS, g, b))
-            ctxs.append((ctx, plan))
-        return lambda i: bn_backward(ctxs[i][0], ctxs[i][1].view3(inp.dy[i % 2]), False)
-    raise KeyError(op)
-
-
-def torch_case(op, inp):
-    import torch
-    import torch.nn.functional as F
-
-    nd = len(inp.shape)
-
-    def tt(a):
-        t = torch.from_numpy(a)
-        if inp.layout == "NHWC":  # an NCHW view with channels_last strides, no copy
-            t = t.permute(0, nd - 1, *range(1, nd - 1))
-        return t
-
-    xs = [tt(x) for x in inp.x]
-    dys = [tt(d) for d in inp.dy]
-    sides = [tt(s) for s in inp.side]
-    w, b = torch.from_numpy(inp.gamma), torch.from_numpy(inp.beta)
-    rm, rv = torch.from_numpy(inp.rmean.copy()), torch.from_numpy(inp.rvar.copy())
-    dims = tuple(a for a in range(nd) if a != 1)
-    if op == "moments":
-        return lambda i: torch.var_mean(xs[i], dim=dims, correction=0)
-    if op == "bn_train":
-        return lambda i: F.batch_norm(xs[i], rm, rv, w, b, True, MOMENTUM, EPS)
-    if op == "bn_infer":
-        return lambda i: F.batch_norm(xs[i], rm, rv, w, b, False, MOMENTUM, EPS)
-    if op == "bn_relu":
-        return lambda i: F.relu(F.batch_norm(xs[i], rm, rv, w, b, True, MOMENTUM, EPS), inplace=True)
-    if op == "bn_add_relu":
-        return lambda i: F.batch_norm(xs[i], rm, rv, w, b, True, MOMENTUM, EPS).add_(sides[i % 2]).relu_()
-    if op == "backward":
-        saved = [torch.ops.aten.native_batch_norm(x, w, b, rm.clone(), rv.clone(), True, MOMENTUM, EPS) for x in xs]
-        return lambda i: torch.ops.aten.native_batch_norm_backward(
-            dys[i % 2], xs[i], w, rm, rv, saved[i][1], saved[i][2], True, EPS, [True, True, True])
-    raise KeyError(op)
-
-
-def numpy_case(op, inp):
-    """The naive NumPy formula: what one writes without cubn."""
-    nd = len(inp.shape)
-    axes = reduce_axes(inp.layout, nd)
-    shp = [1] * nd
-    shp[channel_axis(inp.layout, nd)] = inp.c
-    g, b = inp.gamma.reshape(shp), inp.beta.reshape(shp)
-    rm, rv = inp.rmean.reshape(shp), inp.rvar.reshape(shp)
-    n = math.prod(inp.shape) // inp.c
-
-    def train(x):
-        m = x.mean(axis=axes, keepdims=True)
-        v = x.var(axis=axes, keepdims=True)
-        return (x - m) / np.sqrt(v + EPS) * g + b
-
-    if op == "moments":
-        return lambda i: (inp.x[i].mean(axis=axes), inp.x[i].var(axis=axes))
-    if op == "bn_train":
-        return lambda i: train(inp.x[i])
-    if op == "bn_infer":
-        return lambda i: (inp.x[i] - rm) / np.sqrt(rv + EPS) * g + b
-    if op == "bn_relu":
-        return lambda i: np.maximum(train(inp.x[i]), 0)
-    if op == "bn_add_relu":
-        return lambda i: np.maximum(train(inp.x[i]) + inp.side[i % 2], 0)
-    if op == "backward":
-        stats = [(x.mean(axis=axes, keepdims=True), x.var(axis=axes, keepdims=True)) for x in inp.x]
-
-        def bwd(i):
-            x, dy = inp.x[i], inp.dy[i % 2]
-            m, v = stats[i]
-            inv = 1 / np.sqrt(v + EPS)
-            xhat = (x - m) * inv
-            db = dy.sum(axis=axes, keepdims=True)
-            dg = (dy * xhat).sum(axis=axes, keepdims=True)
-            return g * inv * (dy - db / n - xhat * dg / n), dg, db
-
-        return bwd
-    raise KeyError(op)
+# The suite's case builders work on NumPy arrays as on CuPy ones: cubn on NumPy
+# arrays is the NumPy backend; PyTorch views the same buffers (channels_last
+# for NHWC); the naive formula runs in NumPy.
+_FAMILY = {"cubn": "cubn", "torch": "torch", "numpy": "cupy_naive"}
 
 
 def build(peer, op, inp):
-    if peer.startswith("cubn"):
-        return cubn_case(op, inp)
-    if peer.startswith("torch"):
-        return torch_case(op, inp)
-    if peer == "numpy":
-        return numpy_case(op, inp)
-    raise KeyError(peer)
+    """``run(i)`` for peer ``peer`` (see PEERS) doing ``op`` on input rotation ``i``."""
+    return _B.CASE_BUILDERS[_FAMILY[peer.split("-")[0]]](op, inp)
 
 
 def set_threads(peer):
@@ -351,7 +215,7 @@ def _time_once(run, i):
 def run_case(layout, shape, dtype, op, peers=PEERS, budget_s=2.0, min_rounds=5, max_rounds=25, copy=None,
              memory=True, log=None):
     """Time one (shape, dtype, op) for every peer, interleaved; returns one Record per peer."""
-    inp = Inputs(layout, shape, dtype)
+    inp = inputs(layout, shape, dtype)
     copy = copy or Copy()
     recs = {p: Record(op, layout, tuple(shape), np.dtype(dtype).name, p, threads_of(p)) for p in peers}
     runs = {}

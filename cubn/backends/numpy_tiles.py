@@ -298,10 +298,11 @@ class Rows:
             if pn.kind == "block":
                 out[:, pn.c0 : pn.c1] += _sum_pairwise(slots[:, t0:t1, :cb])
                 continue
-            cols = _sum_pairwise(slots[:, t0:t1, : pn.width])                # (n_red, groups * cb * inner)
-            if slots.dtype.itemsize < 8:  # (n_red, cb * inner)
-                cols = np.add.reduce(cols.reshape(n_red, pn.groups, cb * self.inner), axis=1)
+            if slots.dtype.itemsize < 8:  # tasks and groups in one float64 sum: digits to spare
+                part = slots[:, t0:t1, : pn.width].reshape(n_red, (t1 - t0) * pn.groups, cb * self.inner)
+                cols = np.add.reduce(part, axis=1, dtype=np.float64)      # (n_red, cb * inner)
             else:
+                cols = _sum_pairwise(slots[:, t0:t1, : pn.width])         # (n_red, groups * cb * inner)
                 cols = _fold_groups(cols, pn.groups, cb * self.inner)
             out[:, pn.c0 : pn.c1] += cols if self.inner == 1 else np.add.reduce(cols.reshape(n_red, cb, self.inner), axis=2)
         return out
