@@ -8,6 +8,7 @@ targets met); see cubn/cpu_benchmarks.py for what each column is.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -28,8 +29,10 @@ def main(argv=None):
     p.add_argument("--notes", default="", help="what else to say about the run (e.g. the machine's other load)")
     a = p.parse_args(argv)
     shapes = QUICK if a.quick else SUITE
+    # smallest shapes first; results are written after every shape
+    shapes = sorted(shapes, key=lambda ls: math.prod(ls[1]))
     env, records = C.run(shapes, tuple(a.dtypes.split(",")), tuple(a.ops.split(",")), budget_s=a.budget,
-                         log=lambda s: print(s, flush=True))
+                         log=lambda s: print(s, flush=True), each=lambda e, r: C.write(a.out, e, r, a.notes))
     C.write(a.out, env, records, a.notes)
     print(C.table(records))
     return 0

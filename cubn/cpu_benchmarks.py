@@ -266,8 +266,12 @@ def run_case(layout, shape, dtype, op, peers=PEERS, budget_s=2.0, min_rounds=5, 
     return list(recs.values())
 
 
-def run(shapes=None, dtypes=("float32", "float64"), ops=OPS, peers=PEERS, budget_s=2.0, log=None, memory=True):
-    """Every (shape, dtype, op): interleaved peers. Returns (environment, records)."""
+def run(shapes=None, dtypes=("float32", "float64"), ops=OPS, peers=PEERS, budget_s=2.0, log=None, memory=True,
+        each=None):
+    """Every (shape, dtype, op): interleaved peers. Returns (environment, records).
+
+    ``each(env, records)`` is called after every shape (to save partial results).
+    """
     import cubn
 
     shapes = shapes or SUITE
@@ -281,6 +285,8 @@ def run(shapes=None, dtypes=("float32", "float64"), ops=OPS, peers=PEERS, budget
                 for op in ops:
                     records += run_case(layout, shape, dt, op, peers, budget_s=budget_s, copy=copy, log=log,
                                         memory=memory)
+            if each is not None:
+                each(env, records)
     finally:
         cubn.set_num_threads(None)
     env["copy_gbps_end"] = copy_bandwidth()
@@ -395,8 +401,9 @@ def readme(env, data, table_text, notes=""):
         f"(of {env['cpu_count']}); 'Nt' columns ran on {env['cpus_available']} threads.",
         f"- Load average (1 minute) over the cases: {_load_range(data['records'])}; "
         f"{env['cpus_available']} means the CPUs were busy with this run alone, more means other work shared them.",
-        f"- Copy bandwidth (np.copyto, 256 MiB, read + write): {env['copy_gbps_start']:.1f} GB/s at the start, "
-        f"{env['copy_gbps_end']:.1f} GB/s at the end; each case's roofline uses the copy timed in its own rounds.",
+        f"- Copy bandwidth (np.copyto, 256 MiB, read + write): {env['copy_gbps_start']:.1f} GB/s at the start"
+        + (f", {env['copy_gbps_end']:.1f} GB/s at the end" if "copy_gbps_end" in env else " (run still going)")
+        + "; each case's roofline uses the copy timed in its own rounds.",
         "",
         notes.strip(),
         "",
