@@ -118,7 +118,12 @@ def main():
                     vals.append(f"{dt}: {100 * v:.0f}% ({mark})" if kind == "roofline" else f"{dt}: {v:.2f}x ({mark})")
             cells.append("; ".join(vals) or "-")
         out.append(f"| {text} | " + (" | ".join(cells) if cells else "not measured") + " |")
+    cpu_runs = [r for r in runs if json.loads(r.read_text()).get("kind") == "cpu-peers"]
+    if cpu_runs:
+        out.append(cpu_section(cpu_runs))
     for r in runs:
+        if r in cpu_runs:
+            continue
         data = json.loads(r.read_text())
         env = data["environment"]
         name = r.parent.name
@@ -139,6 +144,21 @@ def main():
     out += sections(RESULTS)
     PAGE.write_text("\n".join(out) + "\n")
     print(f"wrote {PAGE} from {len(runs)} run(s)")
+
+
+def cpu_section(runs):
+    """The CPU runs of bench/run_cpu_peers.py: their README (machine, load, targets, table)."""
+    out = ["\n## CPU: the NumPy backend beside PyTorch and naive NumPy\n",
+           "Measured by `bench/run_cpu_peers.py` (`cubn/cpu_benchmarks.py`): cubn's NumPy backend on 1 and N "
+           "threads, PyTorch's CPU kernels on 1 and N threads, and the naive NumPy formula, timed in interleaved "
+           "rounds on the same arrays, with a large `np.copyto` timed in the same rounds. How the backend runs: "
+           "[The NumPy backend](cpu.md).\n"]
+    for r in runs:
+        readme = r.parent / "README.md"
+        body = readme.read_text().split("\n", 1)[1] if readme.exists() else ""
+        out.append(f"### Run `{r.parent.name}`\n")
+        out.append(body.replace("\n## ", "\n#### ").strip() + "\n")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ a vectorized NumPy implementation. ``import cubn`` needs NumPy only.
 from . import activations, compat, distributed, preprocessing, regularizers
 from ._backend import gpu_available, use_backend
 from ._options import use_one_launch
+from ._threads import get_num_threads, set_num_threads
 from .layers import BatchNorm, SyncBatchNorm
 from ._version import __version__
 from .ops import (
@@ -33,6 +34,8 @@ __all__ = [
     "gpu_available",
     "use_backend",
     "use_one_launch",
+    "set_num_threads",
+    "get_num_threads",
     "moments",
     "weighted_moments",
     "batch_normalization",

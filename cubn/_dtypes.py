@@ -121,16 +121,39 @@ def numpy_dtype(name: str) -> np.dtype:
     return dt
 
 
+# Memo tables: these run on every call, and a dtype's ``name`` costs a microsecond.
+_SUPPORTED: dict = {}
+_ACC: dict = {}
+
+
 def is_supported_float(dtype) -> bool:
     try:
-        return name_of(dtype) in FLOAT_NAMES
+        return _SUPPORTED[dtype]
+    except (KeyError, TypeError):
+        pass
+    try:
+        ok = name_of(dtype) in FLOAT_NAMES
     except TypeError:
         return False
+    try:
+        _SUPPORTED[dtype] = ok
+    except TypeError:  # unhashable
+        pass
+    return ok
 
 
 def acc_dtype(dtype) -> np.dtype:
     """Accumulation dtype of the ops: float32 for 16-bit floats, the dtype itself otherwise."""
-    return np.dtype(TABLE[name_of(dtype)].acc)
+    try:
+        return _ACC[dtype]
+    except (KeyError, TypeError):
+        pass
+    acc = np.dtype(TABLE[name_of(dtype)].acc)
+    try:
+        _ACC[dtype] = acc
+    except TypeError:  # unhashable
+        pass
+    return acc
 
 
 def stats_acc(dtype) -> np.dtype:

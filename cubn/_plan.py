@@ -146,8 +146,21 @@ def channel_axis(ndim: int, data_format: str, func: str) -> int:
     return ndim - 1 if fmt in _CHANNELS_LAST else 1
 
 
+_CHANNEL_PLANS: dict = {}
+
+
 def plan_for_channels(shape, data_format: str, func: str, *, min_rank=2, max_rank=5) -> Plan:
-    """Plan for batch normalization: statistics over all axes but the channel axis."""
+    """Plan for batch normalization: statistics over all axes but the channel axis (memoized: plans are immutable)."""
+    key = (tuple(shape), data_format, func, min_rank, max_rank) if isinstance(data_format, str) else None
+    plan = _CHANNEL_PLANS.get(key) if key is not None else None
+    if plan is None:
+        plan = _plan_for_channels(shape, data_format, func, min_rank, max_rank)
+        if key is not None and len(_CHANNEL_PLANS) < 1024:
+            _CHANNEL_PLANS[key] = plan
+    return plan
+
+
+def _plan_for_channels(shape, data_format, func, min_rank, max_rank) -> Plan:
     ndim = len(shape)
     if not min_rank <= ndim <= max_rank:
         raise arg_error(

@@ -100,7 +100,7 @@ def test_no_import_cycle():
 
 # Self-contained descriptions and helpers that anything may use: dtypes, argument
 # errors, Welford merges, the activations' descriptors (names, kernel ids, NumPy math).
-FOUNDATION = {"cubn._dtypes", "cubn._checks", "cubn._welford", "cubn._version", "cubn.activations"}
+FOUNDATION = {"cubn._dtypes", "cubn._checks", "cubn._welford", "cubn._threads", "cubn._version", "cubn.activations"}
 
 
 def test_the_foundation_imports_only_the_foundation():

@@ -1,8 +1,20 @@
-"""The NumPy backend: the primitives of ``backends.base`` in vectorized NumPy.
+"""The NumPy backend: the primitives of ``backends.base`` in NumPy, one pass over memory.
 
-Sums run along contiguous rows (one row per channel), where NumPy uses
-pairwise summation, so their error grows like log(n) rather than n; variances
-are two-pass (mean first, then squared deviations), never E[x²] − E[x]².
+Each primitive walks its tensors chunk by chunk (``numpy_tiles``: a few
+hundred KiB, read once and worked on in the L2 cache with in-place ufuncs),
+on the threads of ``cubn._threads``; nothing tensor-sized is allocated
+besides the outputs. Channels-last data is reduced down its rows, never
+transposed.
+
+Statistics are shifted sums: every element is taken relative to a pivot of
+its channel (the mean of a sample of its elements), ``S = sum(x - p)`` and
+``Q = sum((x - p)**2)``, summed per chunk in the accumulation dtype and across
+chunks in float64. Differences of nearby floats are exact, so the sums keep
+the digits an offset would cost a plain sum; ``M2 = Q - S**2/n`` loses only
+the bits of ``Q / M2 = 1 + (mean - p)**2 / var``. Where that ratio exceeds
+``PIVOT_RATIO`` (a pivot far from its channel's mean) the statistics are
+computed again about the mean just found, so the variance is always within a
+few float32 roundings of the two-pass value.
 """
 from __future__ import annotations
 
@@ -10,9 +22,16 @@ import functools
 
 import numpy as np
 
+from .. import _threads
 from .._welford import tree_merge
+from . import numpy_tiles as tiles
 from .base import Affine, BackwardCoeffs, Partials, RawAffine, Stats, Sums
 from .numpy_preprocessing import NumpyPreprocessing
+
+# Q / M2 above this (about 4 bits lost) -> compute again about the mean
+PIVOT_RATIO = 16.0
+PIVOT_SAMPLE = 64  # elements per channel whose mean is the pivot
+_BOOL = np.dtype(bool)
 
 
 def _quiet(f):
@@ -26,29 +45,197 @@ def _quiet(f):
     return wrapper
 
 
-def _rows(a3, dtype):
-    """(outer, C, inner) -> contiguous (C, outer*inner) in ``dtype``."""
-    outer, c, inner = a3.shape
-    return np.ascontiguousarray(np.moveaxis(a3, 1, 0), dtype=dtype).reshape(c, outer * inner)
+def _layout(x3, acc):
+    outer, c, inner = x3.shape
+    return tiles.layout(outer, c, inner, acc.itemsize)
 
 
-def _bc(v):
-    """Per-channel (C,) array broadcast against (outer, C, inner)."""
-    return v[None, :, None]
+def _bufsize(acc, *arrays):
+    """Loops that cast (16-bit floats, integers) want NumPy's default buffers; the others small ones."""
+    for a in arrays:
+        if a is not None and a.dtype != acc:
+            return _threads.DEFAULT_BUFSIZE
+    return _threads.UFUNC_BUFSIZE
 
 
-def _weights_rows(weights, shape3, dtype):
-    outer, c, inner = shape3
-    if weights.kind == "full":
-        return _rows(weights.values, dtype)
-    w = np.repeat(np.asarray(weights.values, dtype=dtype), weights.divisor)[:outer]
-    return np.broadcast_to(np.repeat(w, inner)[None, :], (c, outer * inner))
+def _contiguous(a):
+    return a if a is None or a.flags.c_contiguous else np.ascontiguousarray(a)
+
+
+def _pivot_sample(x3):
+    """The elements a channel's pivot is the mean of: about PIVOT_SAMPLE of them, the first of rows spread over the batch."""
+    outer, _, inner = x3.shape
+    ki = min(inner, PIVOT_SAMPLE)
+    ko = min(outer, max(1, PIVOT_SAMPLE // ki))
+    return x3[:: outer // ko, :, :ki][:ko]
+
+
+def _pivot(x3, acc):
+    """Per channel, the mean of a sample of its elements (0 where that is not finite).
+
+    Near the channel's mean, so ``Q / M2`` stays close to 1; a sample with an
+    outlier only costs the second pass that ``PIVOT_RATIO`` triggers.
+    """
+    s = _pivot_sample(x3)
+    p = np.add.reduce(s, axis=(0, 2), dtype=acc) / acc.type(s.shape[0] * s.shape[2])
+    return np.where(np.isfinite(p), p, acc.type(0))
+
+
+def _small_moments(x3, acc) -> Partials:
+    """Two-pass statistics of a small array about its first elements: the fewest NumPy calls."""
+    outer, c, inner = x3.shape
+    n = outer * inner
+    p = x3[0, :, 0].astype(acc)
+    p = np.where(np.isfinite(p), p, acc.type(0))
+    d = np.subtract(x3, p[:, None], dtype=acc)
+    dev = np.add.reduce(d, axis=(0, 2)) / acc.type(n)
+    np.subtract(d, dev[:, None], out=d)
+    np.multiply(d, d, out=d)
+    m2 = np.add.reduce(d, axis=(0, 2))
+    return Partials(np.full((1, c), n, acc), (p + dev)[None, :], m2[None, :])
+
+
+def _outer_weights(weights, outer, acc):
+    """An "outer" Weights as one weight per outer index (outer,); None for "full" weights."""
+    if weights is None or weights.kind == "full":
+        return None
+    return np.repeat(np.asarray(weights.values, dtype=acc), weights.divisor)[:outer]
+
+
+# ---------------------------------------------------------------------------
+# Chunk kernels: kernel(views, params, outer_w, red, tmp, zero) -> reductions
+#   tmp(slot, dtype=acc): a temporary shaped like the chunk; zero(): zeros to compare with
+# ---------------------------------------------------------------------------
+def _sums_kernel(acc):
+    """S = sum(x - p), Q = sum((x - p)**2)."""
+
+    def kernel(v, p, w, red, tmp, zero):
+        d = tmp(0)
+        np.subtract(v[0], p[0], out=d)
+        s = red(d)
+        np.multiply(d, d, out=d)
+        return s, red(d)
+
+    return kernel
+
+
+def _weighted_sums_kernel(acc):
+    """W = sum(w), S = sum(w (x - p)), Q = sum(w (x - p)**2); elements of weight 0 skipped."""
+
+    def kernel(v, p, w, red, tmp, zero):
+        wt = v[1] if v[1] is not None else w
+        d = tmp(0)
+        np.subtract(v[0], p[0], out=d)
+        d = np.where(wt != 0, d, acc.type(0))  # an Inf/NaN under weight 0 does not spread
+        wb = np.broadcast_to(wt, d.shape)
+        total = red(wb)
+        wd = wb * d
+        s = red(wd)
+        np.multiply(wd, d, out=wd)
+        return total, s, red(wd)
+
+    return kernel
+
+
+def _act_inplace(act, z, zero):
+    if act.name == "relu":  # against a zeros buffer: NumPy's scalar maximum loop is 4x slower
+        np.maximum(z, zero(), out=z)
+    else:
+        z[...] = act.forward(z)
+
+
+def _preact_into(z, x, mean, scale, shift, side):
+    """z = (x - mean) * scale + shift (+ side), in place in ``z``."""
+    np.subtract(x, mean, out=z)
+    np.multiply(z, scale, out=z)
+    np.add(z, shift, out=z)
+    if side is not None:
+        np.add(z, side, out=z)
+
+
+def _normalize_kernel(act, acc):
+    def kernel(v, p, w, red, tmp, zero):
+        x, side, y = v
+        z = y if y.dtype == acc else tmp(0)
+        _preact_into(z, x, p[0], p[1], p[2], side)
+        if act is not None:
+            _act_inplace(act, z, zero)
+        if z is not y:
+            np.copyto(y, z, casting="unsafe")
+
+    return kernel
+
+
+def _dy_prime(act, acc, dy, x, side, p, tmp):
+    """dy' = dy * act'(z) (the pre-activation z recomputed from x), or dy itself."""
+    if act is None:
+        if dy.dtype == acc:
+            return dy
+        t = tmp(1)
+        np.copyto(t, dy)
+        return t
+    z = tmp(1)
+    _preact_into(z, x, p[0], p[1], p[2], side)
+    if act.name == "relu":
+        mask = tmp(3, _BOOL)
+        np.greater(z, 0, out=mask)
+        np.multiply(dy, mask, out=z)
+    else:
+        np.multiply(dy, act.derivative(z), out=z)
+    return z
+
+
+def _backward_sums_kernel(act, acc):
+    """S1 = sum(dy'), S2 = sum(dy' (x - mean))."""
+
+    def kernel(v, p, w, red, tmp, zero):
+        dy, x, side = v
+        dyp = _dy_prime(act, acc, dy, x, side, p, tmp)
+        xm = tmp(0)
+        np.subtract(x, p[0], out=xm)
+        s1 = red(dyp)
+        np.multiply(xm, dyp, out=xm)
+        return s1, red(xm)
+
+    return kernel
+
+
+def _backward_apply_kernel(act, acc):
+    """dx = dy' * scale - w * (k1 + k2 * (x - mean)); dside = dy'."""
+
+    def kernel(v, p, w, red, tmp, zero):
+        dy, x, side, dx, dside, wfull = v
+        dyp = _dy_prime(act, acc, dy, x, side, p, tmp)
+        corr = tmp(0)
+        np.subtract(x, p[0], out=corr)
+        np.multiply(corr, p[4], out=corr)
+        np.add(corr, p[3], out=corr)
+        wt = wfull if wfull is not None else w
+        if wt is not None:
+            np.multiply(corr, wt, out=corr)
+        t = dx if dx.dtype == acc else tmp(2)
+        np.multiply(dyp, p[1], out=t)
+        np.subtract(t, corr, out=t)
+        if t is not dx:
+            np.copyto(dx, t, casting="unsafe")
+        if dside is not None:
+            np.copyto(dside, dyp, casting="unsafe")
+
+    return kernel
 
 
 def _by_channel(p, fold):
     """(nsplit, C*fold) partials -> (nsplit*fold, C): column j belongs to channel j % C."""
     n, cols = p.shape
     return p.reshape(n * fold, cols // fold)
+
+
+def _merge(partials, acc):
+    """Partials (any nsplit, fold) -> one (count, mean, M2) per channel."""
+    cols = [np.asarray(p, dtype=acc) for p in partials[:3]]
+    if cols[0].shape[0] == 1 and partials.fold == 1:
+        return cols[0][0], cols[1][0], cols[2][0]
+    return tree_merge(*[_by_channel(c, partials.fold) for c in cols])
 
 
 class NumpyBackend(NumpyPreprocessing):
@@ -59,26 +246,42 @@ class NumpyBackend(NumpyPreprocessing):
     # -- statistics -------------------------------------------------------
     @_quiet
     def welford_partials(self, plan, x3, acc, weights=None) -> Partials:
-        xr = _rows(x3, acc)
-        c, n = xr.shape
+        acc = np.dtype(acc)
+        outer, c, inner = x3.shape
+        if outer * inner == 0:
+            z = np.zeros((1, c), acc)
+            return Partials(z, z.copy(), z.copy())
+        x3 = _contiguous(x3)
+        lay = _layout(x3, acc)
+        if lay.kind == "whole" and weights is None:
+            return _small_moments(x3, acc)
+        wo = _outer_weights(weights, outer, acc)
+        wfull = _contiguous(weights.values) if weights is not None and weights.kind == "full" else None
+        bufsize = _bufsize(acc, x3, wfull)
+        pivot = _pivot(x3, acc)
+        for again in (False, True):
+            if weights is None:
+                s, q = lay.run(_sums_kernel(acc), (x3,), (pivot,), 2, acc, bufsize=bufsize)
+                n = float(outer * inner)
+                dev = s / n
+                live = True
+            else:
+                n, s, q = lay.run(_weighted_sums_kernel(acc), (x3, wfull), (pivot,), 3, acc,
+                                  outer_weights=wo, bufsize=bufsize)
+                live = n != 0
+                dev = np.where(live, s / np.where(live, n, 1), 0)
+            m2 = q - s * dev
+            if again or not np.any(live & (q > PIVOT_RATIO * m2)):
+                break
+            # A pivot far from its channel's mean: again, about the mean found.
+            centre = (pivot + dev).astype(acc)
+            pivot = np.where(np.isfinite(centre), centre, pivot)
+        mean = pivot + dev
         if weights is None:
-            count = np.full(c, n, dtype=acc)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                mean = xr.sum(axis=1) / count if n else np.zeros(c, acc)
-            d = xr - mean[:, None]
-            m2 = np.einsum("ij,ij->i", d, d) if n else np.zeros(c, acc)
-        else:
-            # Zero weights are skipped (as the kernels do), so an Inf or NaN
-            # under a zero weight does not reach the statistics.
-            wr = _weights_rows(weights, x3.shape, acc)
-            live = wr != 0
-            xr = np.where(live, xr, 0)
-            count = wr.sum(axis=1)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                mean = np.where(count != 0, (wr * xr).sum(axis=1) / count, 0).astype(acc)
-            d = np.where(live, xr - mean[:, None], 0)
-            m2 = (wr * d * d).sum(axis=1)
-        return Partials(count[None, :], mean[None, :], m2[None, :])
+            return Partials(np.full((1, c), n, acc), mean.astype(acc)[None, :], m2.astype(acc)[None, :])
+        mean = np.where(live, mean, 0)
+        m2 = np.where(live, m2, 0)
+        return Partials(n.astype(acc)[None, :], mean.astype(acc)[None, :], m2.astype(acc)[None, :])
 
     @_quiet
     def finalize(self, partials, acc, fold, update=None, given=None) -> Stats:
@@ -88,25 +291,27 @@ class NumpyBackend(NumpyPreprocessing):
         statistics are ``given = (mean, var)`` (inference), count unused.
         """
         if partials is not None:
-            count, mean, m2 = tree_merge(*[_by_channel(np.asarray(p, dtype=acc), partials.fold) for p in partials[:3]])
-            with np.errstate(invalid="ignore", divide="ignore"):
-                var = np.where(count > 0, m2 / count, np.nan).astype(acc)
-                mean = np.where(count > 0, mean, np.nan).astype(acc)
-            var = np.maximum(var, 0)  # M2 >= 0 in exact arithmetic; guard the last bit
+            count, mean, m2 = _merge(partials, acc)
+            var = m2 / count
+            if not count.min() > 0:  # no data (or zero weights) in a channel: NaN
+                live = count > 0
+                var = np.where(live, var, np.nan).astype(acc, copy=False)
+                mean = np.where(live, mean, np.nan).astype(acc, copy=False)
+            np.maximum(var, 0, out=var)  # M2 >= 0 in exact arithmetic; guard the last bit
         else:
             mean, var = (np.asarray(g, dtype=acc) for g in given)
             count = np.zeros_like(mean)
         if fold is None:  # moments only
             return Stats(count, mean, var, None, None, None, None, None)
         eps = acc.type(fold.eps)
-        invstd = (1 / np.sqrt(var + eps)).astype(acc)
-        one = np.ones_like(mean)
-        gamma = one if fold.gamma is None else fold.gamma
-        beta = np.zeros_like(mean) if fold.beta is None else fold.beta
-        a_s = one if fold.adj_scale is None else fold.adj_scale
-        a_b = np.zeros_like(mean) if fold.adj_bias is None else fold.adj_bias
+        invstd = np.add(var, eps, dtype=acc)
+        np.sqrt(invstd, out=invstd)
+        np.divide(1, invstd, out=invstd)
         r = d = None
         if fold.renorm is not None:
+            one = np.ones_like(mean)
+            a_s = one if fold.adj_scale is None else fold.adj_scale
+            a_b = np.zeros_like(mean) if fold.adj_bias is None else fold.adj_bias
             rn = fold.renorm
             sd = np.sqrt(var + eps)
             rs = np.maximum(rn.renorm_stddev, np.sqrt(eps))
@@ -115,10 +320,13 @@ class NumpyBackend(NumpyPreprocessing):
             gcoef = (a_s * r * invstd).astype(acc)
             hcoef = (a_s * d + a_b).astype(acc)
         else:
-            gcoef = (a_s * invstd).astype(acc)
-            hcoef = a_b.astype(acc) if fold.adj_bias is not None else np.zeros_like(mean)
-        scale = (gamma * gcoef).astype(acc)
-        shift = (gamma * hcoef + beta).astype(acc)
+            gcoef = invstd if fold.adj_scale is None else np.multiply(fold.adj_scale, invstd, dtype=acc)
+            hcoef = np.zeros_like(mean) if fold.adj_bias is None else np.asarray(fold.adj_bias).astype(acc)
+        # y = gamma * (gcoef * (x - mean) + hcoef) + beta, folded; a missing gamma or beta is the identity
+        scale = gcoef if fold.gamma is None else np.multiply(fold.gamma, gcoef, dtype=acc)
+        shift = hcoef.copy() if fold.gamma is None else np.multiply(fold.gamma, hcoef, dtype=acc)
+        if fold.beta is not None:
+            np.add(shift, fold.beta, out=shift, dtype=acc)
         stats = Stats(count, mean, var, invstd, scale, shift, gcoef, hcoef, r, d)
         if update is not None:
             self.moving_update(stats, acc, update)
@@ -126,7 +334,7 @@ class NumpyBackend(NumpyPreprocessing):
 
     @_quiet
     def merge_partials(self, partials, acc) -> Partials:
-        count, mean, m2 = tree_merge(*[_by_channel(np.asarray(p, dtype=acc), partials.fold) for p in partials[:3]])
+        count, mean, m2 = _merge(partials, acc)
         return Partials(count[None, :], mean[None, :], m2[None, :], 1)
 
     def merge_sums(self, sums, acc) -> Sums:
@@ -167,30 +375,31 @@ class NumpyBackend(NumpyPreprocessing):
                 u.var_out[...] = u.var_in - (u.var_in - bv) * a
 
     # -- elementwise -------------------------------------------------------
-    def _preact(self, x3, affine, side3, acc):
-        if isinstance(affine, RawAffine):
-            affine = fold_raw(affine, acc)
-        z = (x3.astype(acc, copy=False) - _bc(affine.mean)) * _bc(affine.scale) + _bc(affine.shift)
-        if side3 is not None:
-            z = z + side3.astype(acc, copy=False)
-        return z
-
     @_quiet
     def normalize(self, plan, x3, affine, side3, act, acc, out_dtype):
-        z = self._preact(x3, affine, side3, acc)
-        if act is not None:
-            z = act.forward(z)
-        return z.astype(out_dtype, copy=False)
+        acc = np.dtype(acc)
+        if isinstance(affine, RawAffine):
+            affine = fold_raw(affine, acc)
+        x3, side3 = _contiguous(x3), _contiguous(side3)
+        y3 = np.empty(x3.shape, out_dtype)
+        if y3.size:
+            params = tuple(np.asarray(v, acc) for v in affine)
+            _layout(x3, acc).run(_normalize_kernel(act, acc), (x3, side3, y3), params, 0, acc,
+                                 bufsize=_bufsize(acc, x3, side3, y3))
+        return y3
 
     @_quiet
     def backward_partials(self, plan, dy3, x3, side3, affine, act, acc):
-        dyp = dy3.astype(acc, copy=False)
-        if act is not None:
-            dyp = dyp * act.derivative(self._preact(x3, affine, side3, acc))
-        xm = x3.astype(acc, copy=False) - _bc(affine.mean)
-        s1 = _rows(dyp, acc).sum(axis=1)
-        s2 = np.einsum("ij,ij->i", _rows(dyp, acc), _rows(xm, acc))
-        return Sums(s1[None, :], s2[None, :])
+        acc = np.dtype(acc)
+        dy3, x3, side3 = _contiguous(dy3), _contiguous(x3), _contiguous(side3)
+        c = x3.shape[1]
+        if x3.size == 0:
+            z = np.zeros((1, c), acc)
+            return Sums(z, z.copy())
+        params = tuple(np.asarray(v, acc) for v in affine)
+        s1, s2 = _layout(x3, acc).run(_backward_sums_kernel(act, acc), (dy3, x3, side3), params, 2, acc,
+                                      bufsize=_bufsize(acc, dy3, x3, side3))
+        return Sums(s1.astype(acc)[None, :], s2.astype(acc)[None, :])
 
     @_quiet
     def backward_finalize(self, sums, stats, acc, training):
@@ -198,8 +407,7 @@ class NumpyBackend(NumpyPreprocessing):
         s2 = np.asarray(sums.s2, acc).sum(axis=0)
         dgamma = stats.gcoef * s2 + stats.hcoef * s1
         if training:
-            with np.errstate(invalid="ignore", divide="ignore"):
-                inv_n = np.where(stats.count > 0, 1 / stats.count, 0).astype(acc)
+            inv_n = np.where(stats.count > 0, 1 / stats.count, 0).astype(acc)
             k1 = stats.scale * s1 * inv_n
             k2 = stats.scale * stats.invstd * stats.invstd * s2 * inv_n
         else:
@@ -208,24 +416,23 @@ class NumpyBackend(NumpyPreprocessing):
 
     @_quiet
     def backward_apply(self, plan, dy3, x3, side3, affine, act, coeffs, weights, acc, want_dside, out_dtype, side_dtype):
-        dyp = dy3.astype(acc, copy=False)
-        if act is not None:
-            dyp = dyp * act.derivative(self._preact(x3, affine, side3, acc))
-        xm = x3.astype(acc, copy=False) - _bc(affine.mean)
-        corr = _bc(coeffs.k1) + _bc(coeffs.k2) * xm
-        if weights is not None:
-            corr = corr * _weight3(weights, x3.shape, acc)
-        dx = dyp * _bc(affine.scale) - corr
-        dside = dyp.astype(side_dtype, copy=False) if want_dside else None
-        return dx.astype(out_dtype, copy=False), dside
-
-
-def _weight3(weights, shape3, acc):
-    outer, c, inner = shape3
-    if weights.kind == "full":
-        return weights.values.astype(acc, copy=False)
-    w = np.repeat(np.asarray(weights.values, dtype=acc), weights.divisor)[:outer]
-    return w[:, None, None]
+        acc = np.dtype(acc)
+        dy3, x3, side3 = _contiguous(dy3), _contiguous(x3), _contiguous(side3)
+        dx3 = np.empty(x3.shape, out_dtype)
+        if act is None and want_dside and dy3.dtype == np.dtype(side_dtype):
+            dside3, write_dside = dy3, None  # dy' is dy itself
+        elif want_dside:
+            dside3 = write_dside = np.empty(x3.shape, side_dtype)
+        else:
+            dside3 = write_dside = None
+        if x3.size == 0:
+            return dx3, dside3
+        wo = _outer_weights(weights, x3.shape[0], acc)
+        wfull = _contiguous(weights.values) if weights is not None and weights.kind == "full" else None
+        params = tuple(np.asarray(v, acc) for v in (affine.mean, affine.scale, affine.shift, coeffs.k1, coeffs.k2))
+        _layout(x3, acc).run(_backward_apply_kernel(act, acc), (dy3, x3, side3, dx3, write_dside, wfull), params, 0,
+                             acc, outer_weights=wo, bufsize=_bufsize(acc, dy3, x3, side3, dx3, write_dside, wfull))
+        return dx3, dside3
 
 
 def fold_raw(raw: RawAffine, acc) -> Affine:
