@@ -21,14 +21,17 @@ pytestmark = pytest.mark.model
 if shutil.which(os.environ.get("CXX", "g++")) is None:  # pragma: no cover
     pytest.skip("the traced emulator needs g++", allow_module_level=True)
 
+from cubn import _dtypes  # noqa: E402
 from cubn.kernels import registry  # noqa: E402
+from cubn.kernels.spec import element  # noqa: E402
 from cubn.model import _adapter, access, devices, predict, sampling, sass  # noqa: E402
-from cubn.model.suite import Model, parse_shape, plan  # noqa: E402
+from cubn.model.plans import plan  # noqa: E402
+from cubn.model.suite import Model, parse_shape  # noqa: E402
 from cubn.model.tracing import RecordingLauncher, TracingLauncher  # noqa: E402
 
 OPS = ("moments", "bn_train", "bn_infer", "bn_relu", "bn_add_relu", "backward")
 # Small shapes for which both training paths exist: every channel fits the
-# one-launch kernels' register cache, and CUBN_PERSISTENT=0 gives the other.
+# one-launch kernels' register cache, and cubn.use_one_launch(False) gives the other.
 SMALL = [("NCHW", (4, 6, 5, 8)), ("NHWC", (8, 4, 4, 16))]
 # Shapes with several partials per channel (finalize has something to walk).
 PARTIALS = [("NCHW", (16, 8, 32, 32)), ("NHWC", (64, 8, 8, 32))]
@@ -86,7 +89,7 @@ def tensor_traffic(traffic):
 @pytest.mark.parametrize("op", OPS)
 def test_traced_tensor_traffic_is_the_byte_model(model, op, layout, shape, one_launch):
     inputs, traffic = model.trace(op, layout, shape, "float32", one_launch)
-    fused = any("persistent" in t.launch.kernel for t in traffic)
+    fused = any("one_launch" in t.launch.kernel for t in traffic)
     expected = BYTE_MODEL[(op, fused)]
     if op in ("bn_train", "bn_relu", "bn_add_relu", "backward"):
         assert fused == one_launch, f"{op}: the one-launch path should {'' if one_launch else 'not '}run"
@@ -200,12 +203,12 @@ _OVER = {
 
 def _budget_cases():
     for dt in ("float32", "float16", "bfloat16"):
-        vec = registry.vector_widths(dt)[-1]
-        cases = [(registry.normalize(dt, 0, vec, False), NORMALIZE_BUDGET),
-                 (registry.normalize(dt, 0, vec, True), NORMALIZE_BUDGET),
-                 (registry.bwd_apply(dt, 0, vec), NORMALIZE_BUDGET),
-                 (registry.moments(dt, "cl", 0, vec), STATISTICS_BUDGET),
-                 (registry.moments(dt, "cf", 0, vec), STATISTICS_BUDGET)]
+        T, vec = element(dt), _dtypes.vector_widths(dt)[-1]
+        cases = [(registry.NORMALIZE.variant(T=T, ACT=0, VEC=vec, RAW=0), NORMALIZE_BUDGET),
+                 (registry.NORMALIZE.variant(T=T, ACT=0, VEC=vec, RAW=1), NORMALIZE_BUDGET),
+                 (registry.BWD_APPLY.variant(T=T, ACT=0, VEC=vec), NORMALIZE_BUDGET),
+                 (registry.MOMENTS_CL.variant(T=T, WMODE=0, VEC=vec), STATISTICS_BUDGET),
+                 (registry.MOMENTS_CF.variant(T=T, WMODE=0, VEC=vec), STATISTICS_BUDGET)]
         for v, budget in cases:
             over = _OVER.get(v.name_expression)
             marks = [pytest.mark.xfail(strict=True, reason=f"{over} SASS instructions per 16 B on sm_90, budget "
@@ -235,8 +238,9 @@ def test_sass_statistics_read_the_machine_code():
     the 16-byte normalize streams one LDG.128 per iteration, the moments
     kernels four (their loop is unrolled four times), the finalize loop reads
     scalars; registers are within the hardware's range."""
-    vs = [registry.normalize("float32", 0, 4, False), registry.moments("float32", "cl", 0, 4),
-          registry.finalize_kernel("cubn_bn_finalize", "float32")]
+    f32 = element("float32")
+    vs = [registry.NORMALIZE.variant(T=f32, ACT=0, VEC=4, RAW=0), registry.MOMENTS_CL.variant(T=f32, WMODE=0, VEC=4),
+          registry.BN_FINALIZE.variant(A=f32)]
     st = sass.stats_for([(v, None) for v in vs], "sm_90")
     norm, mom, fin = (st[(v.name_expression, sass.default_streamed(v))] for v in vs)
     assert (norm.widest_load, norm.iteration_widest_loads, norm.vector_positions) == (16, 1, 1.0)

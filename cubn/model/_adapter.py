@@ -15,7 +15,6 @@ import functools
 import hashlib
 import os
 import pathlib
-import re
 import subprocess
 import tempfile
 import threading
@@ -27,6 +26,7 @@ from ..backends import emulated_launcher as _emu
 from ..backends import kernel_backend as _kb
 from ..backends.base import DeviceInfo
 from ..kernels import registry as _registry
+from ..kernels.spec import Variant as _Variant
 
 MODEL_DIR = pathlib.Path(__file__).resolve().parent
 KERNELS_DIR = _registry.KERNEL_DIR
@@ -69,25 +69,14 @@ _route_lock = threading.RLock()
 # -- variants -----------------------------------------------------------------
 def variant_of(kernel):
     """The registry variant a model launcher's ``get`` received."""
-    return kernel if isinstance(kernel, _registry.Variant) else kernel.variant
-
-
-def kernel_name(variant) -> str:
-    return variant.kernel
-
-
-def template_args(variant) -> tuple:
-    return tuple(variant.targs)
-
-
-def all_variants():
-    return _registry.all_variants()
+    return kernel if isinstance(kernel, _Variant) else kernel.variant
 
 
 def nvrtc_options(arch: str) -> list:
     """What the CuPy launcher hands NVRTC, plus the target (as tests/test_nvrtc.py does)."""
     include = [f"-I{KERNELS_DIR}"] + [f"-I{d}" for d in cuda_include_dirs()]
-    return [*_registry.NVRTC_OPTIONS, *_registry.CUPY_ADDED_OPTIONS, f"--gpu-architecture={arch}", *include]
+    return [*_registry.NVRTC_OPTIONS, *_registry.define_options(), *_registry.CUPY_ADDED_OPTIONS,
+            f"--gpu-architecture={arch}", *include]
 
 
 def cuda_include_dirs() -> list:
@@ -98,52 +87,14 @@ def cuda_include_dirs() -> list:
 
 
 # -- kernel parameter names ------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def parameter_names(source: str, kernel: str) -> tuple:
-    """Names of a kernel's parameters, read from its ``.cu`` source (macros
-    such as ``CUBN_FINALIZE_PARAMS(A)`` expanded from the headers beside it)."""
-    text = (KERNELS_DIR / source).read_text()
-    m = re.search(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*)?" + re.escape(kernel) + r"\s*\(", text)
-    if m is None:
-        raise KeyError(f"kernel {kernel} is not defined in {source}")
-    depth, i = 1, m.end()
-    start = i
-    while depth:
-        ch = text[i]
-        depth += ch == "("
-        depth -= ch == ")"
-        i += 1
-    params = text[start:i - 1]
-    macros = _param_macros()
-    for name, body in macros.items():
-        params = re.sub(re.escape(name) + r"\s*\([^()]*(\([^()]*\)[^()]*)*\)", body, params)
-    params = re.sub(r"//[^\n]*", "", params)
-    names = []
-    depth = 0
-    current = ""
-    for ch in params + ",":
-        if ch in "<(":
-            depth += 1
-        elif ch in ">)":
-            depth -= 1
-        if ch == "," and depth == 0:
-            ident = re.findall(r"[A-Za-z_]\w*", current)
-            if ident:
-                names.append(ident[-1])
-            current = ""
-        else:
-            current += ch
-    return tuple(names)
+def parameter_names(variant) -> tuple:
+    """Names of a variant's launch arguments, in the kernel's order (its spec's)."""
+    return tuple(a.name for a in variant.spec.arguments)
 
 
-@functools.lru_cache(maxsize=None)
-def _param_macros() -> dict:
-    out = {}
-    for path in sorted(KERNELS_DIR.glob("*.cuh")):
-        text = path.read_text().replace("\\\n", " ")
-        for m in re.finditer(r"#define\s+(CUBN_\w+_PARAMS)\(\w+\)\s+(.*)", text):
-            out[m.group(1)] = m.group(2)
-    return out
+def template_params(variant) -> dict:
+    """{template parameter name: its C spelling} of a variant."""
+    return dict(zip((p.name for p in variant.spec.template), variant.targs))
 
 
 # -- benchmark suite facts ---------------------------------------------------------
@@ -178,9 +129,16 @@ def benchmark_constants():
     return B.EPS, B.MOMENTUM
 
 
-def persistent_switch():
-    """(environment variable, value that turns the one-launch kernels off)."""
-    return "CUBN_PERSISTENT", "0"
+def one_launch_allowed(enabled: bool):
+    """The scoped option that allows (or forbids) the one-launch kernels inside a block."""
+    from .._options import use_one_launch
+
+    return use_one_launch(bool(enabled))
+
+
+def three_launch_peer() -> str:
+    """The benchmark peer that times the three-launch path."""
+    return "cubn_three_launch"
 
 
 # -- building traced kernels ---------------------------------------------------------
@@ -284,10 +242,10 @@ def _load_traced(source: pathlib.Path, names: list):
 
 
 def _make_traced(params, entry, path, variant):
-    names = parameter_names(variant.source, variant.kernel)
+    names = parameter_names(variant)
     if len(names) != len(params):
-        raise RuntimeError(f"{variant.name_expression}: read {len(names)} parameter names from "
-                           f"{variant.source} but the kernel takes {len(params)} parameters")
+        raise RuntimeError(f"{variant.name_expression}: its spec names {len(names)} arguments "
+                           f"but the compiled kernel takes {len(params)} parameters")
     shim = _emu.EmulatedKernel(variant.name_expression, KERNELS_DIR / variant.source, params, None)
     return TracedKernel(variant, params, names, entry, shim, path)
 
@@ -313,7 +271,8 @@ def _build_shared(stem: str, tu_text: str, include_dirs, instrument: bool) -> pa
     runtime is linked in: the hooks come from the trace runtime."""
     compile_flags = [f for f in _emu._FLAGS if f != "-shared"]
     extra = list(TRACE_FLAGS) if instrument else []
-    flags = [*compile_flags, *extra, f"-I{_emu.SHIM_DIR}", *(f"-I{d}" for d in include_dirs)]
+    defines = [f"-D{k}={v}" for k, v in _registry.DEFINES]  # the launch constants, as the emulator gets them
+    flags = [*compile_flags, *extra, *defines, f"-I{_emu.SHIM_DIR}", *(f"-I{d}" for d in include_dirs)]
     h = hashlib.sha256()
     h.update("\0".join([_emu._compiler_identity(), "trace", *flags, tu_text]).encode())
     _emu._hash_files(h, [p for p in _emu.SHIM_DIR.iterdir() if p.is_file()])
@@ -359,9 +318,9 @@ def device_info(name, sms, max_threads=1024, max_shared=48 * 1024) -> DeviceInfo
 def benchmark_case(op, inputs):
     """The benchmark's cubn call for ``op`` (``run(i)`` over input set i),
     built on whatever backend NumPy inputs are routed to."""
-    from .. import benchmarking as B
+    from ..benchmarking import peers
 
-    return B._cubn_case(op, inputs)
+    return peers.PEERS["cubn"].build(op, inputs)
 
 
 def benchmark_axes(layout, ndim):
@@ -373,11 +332,17 @@ def benchmark_axes(layout, ndim):
 def resolve_dtype(name):
     from .. import benchmarking as B
 
-    return B._resolve_dtype(name)
+    return B.resolve_dtype(name)
 
 
 def make_variant(source, kernel, targs):
-    return _registry.Variant(source, kernel, tuple(targs))
+    """The registered variant of ``kernel`` in ``source`` with these template arguments (C spellings)."""
+    return _variants_by_key()[(source, kernel, tuple(targs))]
+
+
+@functools.lru_cache(maxsize=None)
+def _variants_by_key() -> dict:
+    return {(v.source, v.kernel, v.targs): v for v in _registry.all_variants()}
 
 
 def cupy_compile(keys) -> int:

@@ -50,7 +50,7 @@ def _trip_counts(first, step, end):
     return np.maximum(0, _ceil_div(end - first, step))
 
 
-def role_keys(kernel: str, template_args: tuple, grid, block, named: dict) -> np.ndarray:
+def role_keys(kernel: str, template: dict, grid, block, named: dict) -> np.ndarray:
     """One integer row per block (x fastest, as the emulator runs them)."""
     gx, gy, gz = grid
     total = gx * gy * gz
@@ -63,7 +63,7 @@ def role_keys(kernel: str, template_args: tuple, grid, block, named: dict) -> np
     cols = [edge(bx, gx), edge(by, gy), edge(bz, gz)]
     threads = block[0] * block[1] * block[2]
     if "n" in named and kernel in ("cubn_normalize", "cubn_bwd_apply"):
-        vec = int(template_args[2])
+        vec = int(template["VEC"])
         nvec = _ceil_div(int(named["n"]), vec)
         stride = gx * threads
         cols += [_trip_counts(lin * threads, stride, nvec), _trip_counts(lin * threads + threads - 1, stride, nvec)]
@@ -76,7 +76,7 @@ def role_keys(kernel: str, template_args: tuple, grid, block, named: dict) -> np
     return np.stack(cols, axis=1)
 
 
-def choose(kernel, template_args, grid, block, named, policy: SamplePolicy):
+def choose(kernel, template, grid, block, named, policy: SamplePolicy):
     """``(blocks, weights, role_of_sample, roles)``: the sampled block indices
     (rows of x, y, z), how many blocks each stands for, its role number, and
     the number of roles."""
@@ -89,7 +89,7 @@ def choose(kernel, template_args, grid, block, named, policy: SamplePolicy):
         role_of = lin.copy()  # every block stands for itself: exact
         nroles = total
     else:
-        keys = role_keys(kernel, template_args, grid, block, named)
+        keys = role_keys(kernel, template, grid, block, named)
         _, role = np.unique(keys, axis=0, return_inverse=True)
         role = role.reshape(-1)
         nroles = int(role.max()) + 1

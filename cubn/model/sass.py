@@ -45,7 +45,7 @@ from . import _adapter
 
 _LDG_WIDTH = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
 # Kernels whose loop streams more than one tensor per vector position.
-STREAMED_TENSORS = {"cubn_bwd_apply": 2, "cubn_bwd_reduce_cl": 2, "cubn_bwd_reduce_cf": 2, "cubn_bn_bwd_persistent": 2}
+STREAMED_TENSORS = {"cubn_bwd_apply": 2, "cubn_bwd_reduce_cl": 2, "cubn_bwd_reduce_cf": 2, "cubn_bn_bwd_one_launch": 2}
 
 
 def tool(name: str) -> str:
@@ -482,8 +482,8 @@ TENSOR_INPUT_NAMES = ("x", "dy", "side")
 
 
 def tensor_inputs(variant) -> int:
-    """Tensor-sized inputs a kernel can stream, by parameter name (x, dy, side)."""
-    return sum(1 for n in _adapter.parameter_names(variant.source, variant.kernel) if n in TENSOR_INPUT_NAMES)
+    """Tensor-sized inputs a kernel can stream, by argument name (x, dy, side)."""
+    return sum(1 for n in _adapter.parameter_names(variant) if n in TENSOR_INPUT_NAMES)
 
 
 def table(variants, archs=("sm_80", "sm_90")) -> str:
@@ -513,7 +513,7 @@ def main(argv=None) -> int:
     dynamic shared memory)."""
     import argparse
 
-    from .session import _shapes, used_variants
+    from .plans import benchmark_shapes, used_variants
 
     p = argparse.ArgumentParser(prog="python -m cubn.model.sass")
     p.add_argument("--shapes", choices=("quick", "full"), default="quick")
@@ -522,7 +522,7 @@ def main(argv=None) -> int:
     if why:
         print(f"SASS statistics unavailable: {why}")
         return 1
-    print(table(used_variants(_shapes(args.shapes))))
+    print(table(used_variants(benchmark_shapes(args.shapes))))
     return 0
 
 

@@ -5,7 +5,7 @@
     python -m cubn.model.session bench --shapes quick|full --out DIR [--dtypes ...] [--ops ...]
 
 ``variants`` lists the kernel variants the benchmark will launch on the
-shapes (both training paths: ``cubn`` and ``cubn_3launch``), found by running
+shapes (both training paths: the ``cubn`` and ``cubn_three_launch`` peers), found by running
 the benchmark's calls on a :class:`~cubn.model.tracing.RecordingLauncher` for
 the device: nothing is guessed, and nothing runs. ``precompile`` compiles
 exactly those into CuPy's disk cache in parallel processes, so the timed run
@@ -24,29 +24,10 @@ import sys
 import time
 
 from . import _adapter
-from .suite import DTYPES, plan
-from .tracing import RecordingLauncher
+from .plans import DTYPES, benchmark_shapes, used_variants  # noqa: F401 - used_variants re-exported
 
 
-def used_variants(shapes, dtypes=DTYPES, ops=None, device="h200"):
-    """Registry variants the benchmark's cubn calls launch on these shapes."""
-    ops = ops or _adapter.benchmark_ops()
-    launcher = RecordingLauncher(device)
-    seen = {}
-    for layout, shape in shapes:
-        for dt in dtypes:
-            if _adapter.resolve_dtype(dt) is None:
-                continue
-            for op in ops:
-                for one_launch in (True, False):
-                    for launch in plan(launcher, op, layout, shape, dt, one_launch):
-                        v = _adapter.make_variant(launch.source, launch.kernel, launch.template_args)
-                        seen[(v.source, v.name_expression)] = v
-    return [seen[k] for k in sorted(seen)]
-
-
-def _shapes(which):
-    return _adapter.benchmark_quick() if which == "quick" else _adapter.benchmark_suite()
+_shapes = benchmark_shapes
 
 
 def _compile_nvrtc(group):

@@ -9,86 +9,17 @@ holds, per record, each launch's time terms and the sampling's exactness.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import math
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from . import _adapter, access, predict, sampling, sass
 from .devices import Device, get_device
+from .plans import DTYPES, ModelInputs, make_inputs, plan, run_case  # noqa: F401 - re-exported
 from .tracing import TracingLauncher
-
-DTYPES = ("float32", "float16", "bfloat16")
-
-
-@dataclass
-class ModelInputs:
-    """What the benchmark's case builders read from their inputs."""
-
-    layout: str
-    shape: tuple
-    dtype: np.dtype
-    x: list
-    dy: list
-    side: list
-    gamma: np.ndarray
-    beta: np.ndarray
-    rmean: np.ndarray
-    rvar: np.ndarray
-    nbytes: int
-    k: int = 1
-
-
-def make_inputs(layout: str, shape, dtype) -> ModelInputs:
-    dtype = np.dtype(dtype)
-    c_axis, _ = _adapter.benchmark_axes(layout, len(shape))
-    c = shape[c_axis]
-    acc = np.float64 if dtype == np.float64 else np.float32
-    # zeros: pages nobody touches are never allocated
-    x, dy, side = (np.zeros(shape, dtype) for _ in range(3))
-    return ModelInputs(layout, tuple(shape), dtype, [x], [dy], [side], np.ones(c, acc), np.zeros(c, acc),
-                       np.zeros(c, acc), np.ones(c, acc), x.nbytes)
-
-
-@contextlib.contextmanager
-def one_launch_allowed(enabled: bool):
-    """Inside the block the kernel backend may (or may not) take its one-launch paths."""
-    with _one_launch(enabled):
-        yield
-
-
-def plan(launcher, op: str, layout: str, shape, dtype, one_launch: bool = True):
-    """The launches one call of ``op`` makes on ``launcher`` (a RecordingLauncher
-    or TracingLauncher), with placeholder inputs of the full size."""
-    backend = _adapter.kernel_backend(launcher)
-    inputs = make_inputs(layout, shape, _adapter.resolve_dtype(dtype) if isinstance(dtype, str) else dtype)
-    with _one_launch(one_launch), _adapter.routed_to(backend), np.errstate(all="ignore"):
-        run = _adapter.benchmark_case(op, inputs)
-        launcher.clear()
-        run(0)
-    return list(launcher.launches)
-
-
-@contextlib.contextmanager
-def _one_launch(enabled: bool):
-    var, off = _adapter.persistent_switch()
-    old = os.environ.get(var)
-    if not enabled:
-        os.environ[var] = off
-    try:
-        yield
-    finally:
-        if not enabled:
-            if old is None:
-                os.environ.pop(var, None)
-            else:
-                os.environ[var] = old
 
 
 class Model:
@@ -104,13 +35,8 @@ class Model:
 
     def trace(self, op: str, layout: str, shape, dtype, one_launch: bool = True):
         """The traced launches of one call of ``op`` (traffic per launch)."""
-        inputs = make_inputs(layout, shape, _adapter.resolve_dtype(dtype) if isinstance(dtype, str) else dtype)
-        # np.errstate: the model's data are placeholders, and the statistics a
-        # sampled launch leaves are not meant to be looked at.
-        with _one_launch(one_launch), _adapter.routed_to(self.backend), np.errstate(all="ignore"):
-            run = _adapter.benchmark_case(op, inputs)
-            self.launcher.clear()
-            run(0)
+        inputs = make_inputs(layout, shape, dtype)
+        run_case(self.launcher, self.backend, op, inputs, one_launch)
         traces = list(self.launcher.traces)
         self.launcher.clear()
         return inputs, [access.analyze(t) for t in traces]

@@ -60,6 +60,7 @@ class Launch:
     block: tuple
     shared_bytes: int
     args: list
+    template: dict = field(default_factory=dict)  # template parameter name -> its C spelling
 
     @property
     def named(self) -> dict:
@@ -142,7 +143,7 @@ class RecordingLauncher:
         if not 0 <= int(shared_bytes) <= self.device.max_shared_per_block:
             raise ValueError(f"shared_bytes={shared_bytes} is outside [0, {self.device.max_shared_per_block}]")
         if names is None:
-            names = _adapter.parameter_names(variant.source, variant.kernel)
+            names = _adapter.parameter_names(variant)
         if len(names) != len(args):
             raise TypeError(f"{variant.name_expression} takes {len(names)} arguments, got {len(args)}")
         out = []
@@ -158,7 +159,7 @@ class RecordingLauncher:
             else:
                 out.append(Argument(name, "scalar", value=a.item() if hasattr(a, "item") else a))
         return Launch(variant.kernel, variant.name_expression, variant.source, tuple(variant.targs), grid3, block3,
-                      int(shared_bytes), out)
+                      int(shared_bytes), out, _adapter.template_params(variant))
 
     def launch(self, kernel, grid, block, shared_bytes, args) -> None:
         variant = _adapter.variant_of(kernel)
@@ -216,7 +217,7 @@ class TracingLauncher(RecordingLauncher):
         self.launches.append(desc)
         self._fill_new_arrays(args)
         blocks, weights, role_of, roles = sampling.choose(
-            desc.kernel, desc.template_args, desc.grid, desc.block, desc.named, self.policy)
+            desc.kernel, desc.template, desc.grid, desc.block, desc.named, self.policy)
         # One range per distinct (pointer, size): aliased arguments (in-place
         # updates) share one, named after all of them.
         ranges, range_args, lo_len = [], [], []
