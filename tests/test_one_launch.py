@@ -62,8 +62,10 @@ CASES = [
     ("NCHW", (8, 3, 64, 64), "float16", "one"),     # VEC 8, L = 32768 = 512 threads x 8 vectors x 8
     ("NCHW", (9, 1, 64, 64), "float16", "three"),   # L = 36864 > 32768
     ("NCHW", (3, 2, 6), "float64", "one"),          # VEC 2 on doubles
-    ("NHWC", (2048, 6), "float32", "one"),          # scalar columns (6 % 4 != 0), bx = 2, by = 256
-    ("NHWC", (2049, 6), "float32", "three"),        # by would be 512: bx * by > 512
+    ("NHWC", (2048, 6), "float32", "one"),          # scalar columns (6 % 4 != 0), bx = 2, by = 256, 8 items
+    ("NHWC", (2049, 6), "float32", "one"),          # 8 items would need by = 512: 16 items, by = 256
+    ("NHWC", (4097, 6), "float32", "three"),        # 16 items, by would be 512: bx * by > 512
+    ("NHWC", (3136, 2048), "float32", "one"),       # the (64, 7, 7, 2048) benchmark rows: 16 items, VEC 4
     ("NHWC", (4096, 4), "float32", "one"),          # one column vector: bx = 1, by = 512
     ("NHWC", (37, 20), "float32", "one"),           # partial tile: 5 column vectors in a bx = 8 block
     ("NHWC", (3, 5, 7, 24), "bfloat16", "one"),     # VEC 8 on 16-bit (4 items per thread)
@@ -139,7 +141,7 @@ def test_nan_stays_in_its_channel(launches, rng):
 
 @pytest.mark.parametrize("fmt,shape,expect", [
     ("NCHW", (64, 2048, 7, 7), True), ("NCHW", (256, 256, 14, 14), False), ("NHWC", (1024, 64), True),
-    ("NHWC", (64, 7, 7, 2048), False), ("NHWC", (256, 1024), True), ("NCHW", (16, 3, 512, 512), False),
+    ("NHWC", (64, 7, 7, 2048), True), ("NHWC", (256, 1024), True), ("NCHW", (16, 3, 512, 512), False),
 ])
 def test_which_benchmark_shapes_take_one_launch(fmt, shape, expect):
     """The configuration rule on a pretend H100, without touching memory."""

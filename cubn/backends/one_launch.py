@@ -66,31 +66,36 @@ def decide(kind, plan, dtype, acc, device, alignment, *, enabled=True, weighted=
     divisible_by = plan.channels if cl else plan.inner
     vec = next(v for v in widths if divisible_by % v == 0 and (v * itemsize <= alignment or v == 1))
 
-    def items_for(v):
-        if kind == FORWARD:
-            return R.one_launch_items(dtype, cl)
-        return R.one_launch_backward_items(dtype, v)
-
-    items = items_for(vec)
+    if kind == FORWARD:
+        choices = R.one_launch_items(dtype, cl)  # registered caches, ascending: the smallest that fits
+    else:
+        choices = (R.one_launch_backward_items(dtype, vec),)
     if not cl:
         nvec = -(-plan.outer * plan.inner // vec)
-        if nvec > threads * items:
+        items = next((i for i in choices if nvec <= threads * i), None)
+        if items is None:
             return None
         grid, block = (plan.channels, 1, 1), (max(32, _pow2_at_least(-(-nvec // items))), 1, 1)
-        # block_sum2 scratch (64 values) and the channel's coefficients (3 or 2)
-        shared = (67 if kind == FORWARD else 66) * acc_size
+        # block_sum2 scratch (64 values) and the channel's values (pivot, mean, rest, scale, shift;
+        # the backward: k1, k2)
+        shared = (69 if kind == FORWARD else 66) * acc_size
     else:
+        if kind == FORWARD and plan.outer * plan.channels >= 2**31:
+            return None  # the channels-last forward indexes rows with 32-bit offsets
         # A block owns bx vectors of columns and every row; keep bx >= 2
         # (32-byte row segments) so that the loads stay coalesced.
         cv = plan.channels // vec
-        by = _pow2_at_least(-(-plan.outer // items))
-        bx = min(32, _pow2_at_least(cv))
-        while bx * by > threads and bx > 2:
-            bx //= 2
-        if bx * by > threads or (bx < 2 and cv >= 2):
+        for items in choices:
+            by = _pow2_at_least(-(-plan.outer // items))
+            bx = min(32, _pow2_at_least(cv))
+            while bx * by > threads and bx > 2:
+                bx //= 2
+            if bx * by <= threads and not (bx < 2 and cv >= 2):
+                break
+        else:
             return None
         grid, block = (-(-cv // bx), 1, 1), (bx, by, 1)
-        # the tree over ty ([by][width], twice for the backward) and the per-column coefficients
+        # the tree over ty ([by][width], twice for the backward) and the per-column values
         rows = by + 3 if kind == FORWARD else 2 * by + 2
         shared = rows * bx * vec * acc_size
     if shared > device.max_shared_memory_per_block:

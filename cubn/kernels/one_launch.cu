@@ -1,12 +1,15 @@
 // Training forward in one launch, for tensors whose every channel fits in
 // the registers of one block: the block reads its channels' data once, keeps
-// it in registers, reduces the statistics (exact two-pass over the registers:
-// the sum, then the squared deviations from the mean), finalizes them
-// (finalize.cuh: moving update, renorm, adjustment -- the same code as
-// cubn_bn_finalize) and writes y = act((x - mean) * scale + shift + side)
-// from the same registers. One read of x instead of two, and one launch
-// instead of three: no block waits on another, so there is no grid-wide
-// synchronization and nothing the emulator cannot run.
+// it in registers, reduces the statistics (two passes over the registers:
+// the sum of x - p about a pivot p, the channel's first finite element, then
+// the squared deviations from the mean), finalizes them (finalize.cuh:
+// moving update, renorm, adjustment -- the same code as cubn_bn_finalize)
+// and writes y = act((x - mean) * scale + shift + side) from the same
+// registers. One read of x instead of two, and one launch instead of three:
+// no block waits on another, so there is no grid-wide synchronization and
+// nothing the emulator cannot run. NaN and Inf are not filtered: they reach
+// their channel's sums, so its statistics and outputs are NaN (or the mean
+// is +-Inf) as on the NumPy backend.
 //   CL == 0 (channels first, inner > 1): block b owns channel b; thread t
 //           holds vectors t, t + blockDim.x, ... of the channel's
 //           L = outer * inner elements (VEC > 1 needs inner % VEC == 0).
@@ -15,8 +18,9 @@
 //           thread (tx, ty) holds rows ty, ty + blockDim.y, ... of its VEC
 //           columns (VEC > 1 needs C % VEC == 0). blockDim.y is a power of 2.
 // ITEMS: vectors each thread keeps in registers (the per-thread register
-// cache; registry.one_launch_items chooses it). The host launches this only
-// when L <= ITEMS * VEC * threads; otherwise the three-launch path runs.
+// cache; registry.one_launch_items lists the built ones, one_launch.decide
+// takes the smallest that fits). The host launches this only when
+// L <= ITEMS * VEC * threads; otherwise the three-launch path runs.
 #include "finalize.cuh"
 
 // Channels first: the flat offset of the vector a thread holds as item k
@@ -30,6 +34,45 @@ __device__ __forceinline__ i64 cf_item_offset(int k, i64 L, i64 inner, int C, in
   return (o * C + c) * inner + i;
 }
 
+// The pivot of a channel's shifted sums: its first element, or 0 where that
+// is NaN or infinite (then the non-finite value reaches the sums, and from
+// them the channel's statistics, as on the NumPy backend).
+template <typename A>
+__device__ __forceinline__ A finite_or_zero(A v) {
+  return v - v == A(0) ? v : A(0);
+}
+
+// From the shifted sum s = sum(x - p) of n elements: the mean p + s / n
+// rounded to A, and what that rounding left out (r = mean_exact - mean, up
+// to a rounding of s / n). Deviations are then taken as (x - mean) - r:
+// x - mean is exact for x near the mean, so a large offset costs neither
+// the variance nor y any digits, and a channel of equal values gives
+// deviations of exactly 0 (y = beta).
+template <typename A>
+__device__ __forceinline__ void mean_and_rest(A p, A s, A n, A& mean, A& rest) {
+  const A dev = s / n;
+  mean = p + dev;
+  rest = dev - (mean - p);
+}
+
+// Column sums for 2-D blocks, one value per column: v (VEC columns per
+// thread) is summed over ty in a fixed tree ([blockDim.y][width] in part,
+// blockDim.y a power of two); column j's total ends in part[j]. Every thread
+// of the block calls it; it ends with a barrier.
+template <typename A, int VEC>
+__device__ __forceinline__ void column_sum1(const A* v, A* part, int width) {
+  const int tx = threadIdx.x, ty = threadIdx.y;
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) part[ty * width + tx * VEC + e] = v[e];
+  __syncthreads();
+  for (int h = blockDim.y >> 1; h > 0; h >>= 1) {
+    if (ty < h)
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) part[ty * width + tx * VEC + e] += part[(ty + h) * width + tx * VEC + e];
+    __syncthreads();
+  }
+}
+
 template <typename T, int ACT, int VEC, int CL, int ITEMS>
 __global__ void __launch_bounds__(CUBN_ONE_LAUNCH_THREADS)
 cubn_bn_train_one_launch(const T* __restrict__ x, const T* __restrict__ side, T* __restrict__ y,
@@ -41,6 +84,7 @@ cubn_bn_train_one_launch(const T* __restrict__ x, const T* __restrict__ side, T*
   CUBN_DYNAMIC_SHARED(A, sh);
 
   if (CL == 0) {
+    // sh[0..63]: block_sum2's scratch; sh[64..68]: pivot, mean, rest, scale, shift.
     i64 at[ITEMS];  // flat element offset of each held vector, -1: none
     const int c = blockIdx.x;
     const i64 L = outer * inner;
@@ -49,34 +93,44 @@ cubn_bn_train_one_launch(const T* __restrict__ x, const T* __restrict__ side, T*
       at[k] = cf_item_offset<VEC>(k, L, inner, C, c);
       if (at[k] >= 0) q[k] = load_vec<T, VEC>(x + at[k]);
     }
-    // Pass 1: the sum; pass 2: squared deviations from the mean (registers only).
+    // The channel's first element is thread 0's first item.
+    if (threadIdx.x == 0) sh[64] = at[0] >= 0 ? finite_or_zero(to_acc(q[0].v[0])) : A(0);
+    __syncthreads();
+    const A p = sh[64];
+    // Pass 1: the shifted sum; pass 2: squared deviations from the mean (registers only).
     A s = A(0), unused = A(0);
 #pragma unroll
     for (int k = 0; k < ITEMS; ++k)
       if (at[k] >= 0)
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) s += to_acc(q[k].v[e]);
+        for (int e = 0; e < VEC; ++e) s += to_acc(q[k].v[e]) - p;
     block_sum2(s, unused, sh);
-    if (threadIdx.x == 0) sh[64] = s / A(L);
+    if (threadIdx.x == 0) {
+      A mean, rest;
+      mean_and_rest<A>(p, s, A(L), mean, rest);
+      sh[65] = mean;
+      sh[66] = rest;
+    }
     __syncthreads();
-    const A mean = sh[64];
+    const A mean = sh[65], rest = sh[66];
     A m2 = A(0);
 #pragma unroll
     for (int k = 0; k < ITEMS; ++k)
       if (at[k] >= 0)
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) { const A d = to_acc(q[k].v[e]) - mean; m2 += d * d; }
+        for (int e = 0; e < VEC; ++e) { const A d = (to_acc(q[k].v[e]) - mean) - rest; m2 += d * d; }
     __syncthreads();  // sh[0..63] is reused by the second reduction
     unused = A(0);
     block_sum2(m2, unused, sh);
     if (threadIdx.x == 0) {
+      // m2 is a sum of squares: >= 0, or NaN, which must stay NaN (no clamp)
       A scale, shift;
-      finalize_channel<A>(c, A(L), mean, m_max(m2 / A(L), A(0)), scale, shift, CUBN_FINALIZE_ARGS);
-      sh[65] = scale;
-      sh[66] = shift;
+      finalize_channel<A>(c, A(L), mean, m2 / A(L), scale, shift, CUBN_FINALIZE_ARGS);
+      sh[67] = scale;
+      sh[68] = shift - rest * scale;  // y = (x - mean) * scale + this
     }
     __syncthreads();
-    const A scale = sh[65], shift = sh[66];
+    const A scale = sh[67], shift = sh[68];
 #pragma unroll
     for (int k = 0; k < ITEMS; ++k) {
       if (at[k] < 0) continue;
@@ -92,90 +146,101 @@ cubn_bn_train_one_launch(const T* __restrict__ x, const T* __restrict__ side, T*
     }
   } else {
     // Channels last: rows = outer; shared memory holds one value per
-    // (ty, column) for the tree over ty, then the per-column coefficients.
-    const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
-    const int width = bx * VEC;
+    // (ty, column) for the tree over ty, then per-column values: the pivot,
+    // later the mean, rest, scale and shift ([3][width]).
+    const int tx = threadIdx.x, ty = threadIdx.y, by = blockDim.y;
+    const int width = blockDim.x * VEC;
     const int j0 = blockIdx.x * width + tx * VEC;
     const bool active = j0 < C;
-    const i64 rows = outer;
-    // Row of item k: k * by + ty (held or not); offsets are recomputed, not
-    // stored, to leave registers to the cache itself.
+    const int rows = (int)outer;
+    // Row of item k: k * by + ty (held or not). Offsets from the block's
+    // columns are 32-bit (decide: the whole tensor has < 2^31 elements) and
+    // recomputed, not stored, to leave registers to the cache itself.
+    const T* xc = x + j0;
 #pragma unroll
     for (int k = 0; k < ITEMS; ++k) {
-      const i64 r = (i64)k * by + ty;
-      if (active && r < rows) q[k] = load_vec<T, VEC>(x + r * C + j0);
+      const int r = k * by + ty;
+      if (active && r < rows) q[k] = load_vec<T, VEC>(xc + r * C);
     }
     A* part = sh;                  // [by][width]
-    A* coef = sh + by * width;     // mean, scale, shift: [3][width]
-    A acc[VEC];
+    A* coef = sh + by * width;     // [3][width]
+    // The pivots: row 0, item 0 of the threads ty == 0 (rows >= 1).
+    if (ty == 0)
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) acc[e] = A(0);
+      for (int e = 0; e < VEC; ++e) coef[tx * VEC + e] = active ? finite_or_zero(to_acc(q[0].v[e])) : A(0);
+    __syncthreads();
+    A m[VEC], acc[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      m[e] = coef[tx * VEC + e];
+      acc[e] = A(0);
+    }
 #pragma unroll
     for (int k = 0; k < ITEMS; ++k)
-      if (active && (i64)k * by + ty < rows)
+      if (active && k * by + ty < rows)
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) acc[e] += to_acc(q[k].v[e]);
-    // Two tree reductions over ty (the sum, then the squared deviations).
-    for (int pass = 0; pass < 2; ++pass) {
+        for (int e = 0; e < VEC; ++e) acc[e] += to_acc(q[k].v[e]) - m[e];
+    column_sum1<A, VEC>(acc, part, width);
+    if (ty == 0)
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) part[ty * width + tx * VEC + e] = acc[e];
-      __syncthreads();
-      for (int s = by >> 1; s > 0; s >>= 1) {
-        if (ty < s)
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) part[ty * width + tx * VEC + e] += part[(ty + s) * width + tx * VEC + e];
-        __syncthreads();
+      for (int e = 0; e < VEC; ++e) {
+        const int col = tx * VEC + e;
+        A mean, rest;
+        mean_and_rest<A>(m[e], part[col], A(rows), mean, rest);
+        coef[col] = mean;
+        coef[width + col] = rest;
       }
-      if (pass == 0) {
-        if (ty == 0)
+    __syncthreads();
+    {
+      A rest[VEC];
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) coef[tx * VEC + e] = part[tx * VEC + e] / A(rows);
-        __syncthreads();
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) {
-          const A m = coef[tx * VEC + e];
-          acc[e] = A(0);
-#pragma unroll
-          for (int k = 0; k < ITEMS; ++k)
-            if (active && (i64)k * by + ty < rows) { const A d = to_acc(q[k].v[e]) - m; acc[e] += d * d; }
-        }
-        __syncthreads();  // part is rewritten by the second pass
+      for (int e = 0; e < VEC; ++e) {
+        m[e] = coef[tx * VEC + e];
+        rest[e] = coef[width + tx * VEC + e];
+        acc[e] = A(0);
       }
+#pragma unroll
+      for (int k = 0; k < ITEMS; ++k)
+        if (active && k * by + ty < rows)
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) { const A d = (to_acc(q[k].v[e]) - m[e]) - rest[e]; acc[e] += d * d; }
     }
+    column_sum1<A, VEC>(acc, part, width);  // part's last readers passed the barrier above
     if (ty == 0 && active) {
 #pragma unroll 1
       for (int e = 0; e < VEC; ++e) {  // not unrolled: once per column, and finalize is long
         const int col = tx * VEC + e;
-        const A m = coef[col];
+        const A mean = coef[col], rest = coef[width + col];
         A scale, shift;
-        finalize_channel<A>(j0 + e, A(rows), m, m_max(part[col] / A(rows), A(0)), scale, shift,
-                            CUBN_FINALIZE_ARGS);
+        // a sum of squares: >= 0, or NaN, which must stay NaN (no clamp)
+        finalize_channel<A>(j0 + e, A(rows), mean, part[col] / A(rows), scale, shift, CUBN_FINALIZE_ARGS);
         coef[width + col] = scale;
-        coef[2 * width + col] = shift;
+        coef[2 * width + col] = shift - rest * scale;  // y = (x - mean) * scale + this
       }
     }
     __syncthreads();
-    A m[VEC], sc[VEC], sf[VEC];
+    A sc[VEC], sf[VEC];
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
       m[e] = coef[tx * VEC + e];
       sc[e] = coef[width + tx * VEC + e];
       sf[e] = coef[2 * width + tx * VEC + e];
     }
+    const T* sc0 = has_side ? side + j0 : nullptr;
+    T* yc = y + j0;
 #pragma unroll
     for (int k = 0; k < ITEMS; ++k) {
-      const i64 r = (i64)k * by + ty;
+      const int r = k * by + ty;
       if (!active || r >= rows) continue;
-      const i64 at = r * C + j0;
       Vec<T, VEC> sv;
-      if (has_side) sv = load_vec<T, VEC>(side + at);
+      if (has_side) sv = load_vec<T, VEC>(sc0 + r * C);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {  // y overwrites x in the cache
         A z = (to_acc(q[k].v[e]) - m[e]) * sc[e] + sf[e];
         if (has_side) z += to_acc(sv.v[e]);
         q[k].v[e] = Out<T>::cast(act_fwd<ACT>(z, alpha));
       }
-      store_vec<T, VEC>(y + at, q[k]);
+      store_vec<T, VEC>(yc + r * C, q[k]);
     }
   }
 }

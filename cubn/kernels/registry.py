@@ -46,15 +46,19 @@ ACTIVATIONS = tuple(ACTIVATION_IDS)
 ACT_IDS = tuple(ACTIVATION_IDS.values())
 
 
-def one_launch_items(dtype, channels_last: bool) -> int:
-    """Vectors each thread of the one-launch training forward keeps in registers.
+def one_launch_items(dtype, channels_last: bool) -> tuple:
+    """The register caches (vectors per thread, ascending) the one-launch training forward is built with.
 
-    8, but 4 for channels-last data other than float32, whose per-column
+    Channels first: 8. Channels last: 8 and 16 for float32 (16 lets a
+    block of 2 x 256 threads hold 4096 rows of 8 columns, e.g. the
+    (64, 7, 7, 2048) NHWC tensor); 4 for the other types, whose per-column
     state (8 columns per thread for 16-bit types, double-width registers for
     float64) would otherwise spill (the NVRTC test checks with ptxas -v for
-    sm_80 and sm_90).
+    sm_80 and sm_90). ``one_launch.decide`` takes the smallest that fits.
     """
-    return 4 if channels_last and _dtypes.itemsize(dtype) != 4 else 8
+    if not channels_last:
+        return (8,)
+    return (8, 16) if _dtypes.itemsize(dtype) == 4 else (4,)
 
 
 def one_launch_backward_items(dtype, vec: int) -> int:
@@ -190,7 +194,7 @@ _ONE_LAUNCH_DOMAINS = dict(T=FLOATS, ACT=ACT_IDS, VEC=_scalar_or_widest, CL=(0, 
 TRAIN_ONE_LAUNCH = Kernel(
     "cubn_bn_train_one_launch", "one_launch.cu", "typename T, int ACT, int VEC, int CL, int ITEMS",
     "const T* x, const T* side?, T* y, i64 outer, int C, i64 inner, A alpha=0, " + FINALIZE_ARGS,
-    _ONE_LAUNCH_DOMAINS, derived=dict(ITEMS=lambda T, CL, **_: one_launch_items(T.dtype, CL)))
+    dict(_ONE_LAUNCH_DOMAINS, ITEMS=lambda T, CL, **_: one_launch_items(T.dtype, CL)))
 BWD_ONE_LAUNCH = Kernel(
     "cubn_bn_bwd_one_launch", "one_launch.cu", "typename T, int ACT, int VEC, int CL, int ITEMS",
     "const T* dy, const T* x, const T* side?, T* dx, T* dside?, i64 outer, int C, i64 inner, const A* mean, "
