@@ -175,9 +175,14 @@ def test_activation_ids_have_one_source():
 
 
 def test_one_launch_items_are_a_template_argument():
+    seen = {}
     for v in registry.TRAIN_ONE_LAUNCH.variants():
-        T, cl, items = v.params["T"], v.params["CL"], v.params["ITEMS"]
-        assert items == registry.one_launch_items(T.dtype, cl) == (4 if cl and _dtypes.itemsize(T.dtype) != 4 else 8)
+        T, vec, cl, items = v.params["T"], v.params["VEC"], v.params["CL"], v.params["ITEMS"]
+        assert items in registry.one_launch_items(T.dtype, cl, vec)
+        seen.setdefault((T.dtype, vec, cl), set()).add(items)
+    for (dt, vec, cl), items in seen.items():  # every registered cache size is built, for every activation
+        want = (8,) if not cl else (4,) if _dtypes.itemsize(dt) != 4 else (8, 16) if vec > 1 else (8,)
+        assert tuple(sorted(items)) == registry.one_launch_items(dt, cl, vec) == want
     for v in registry.BWD_ONE_LAUNCH.variants():
         assert v.params["ITEMS"] == registry.one_launch_backward_items(v.params["T"].dtype, v.params["VEC"])
 

@@ -67,7 +67,7 @@ def decide(kind, plan, dtype, acc, device, alignment, *, enabled=True, weighted=
     vec = next(v for v in widths if divisible_by % v == 0 and (v * itemsize <= alignment or v == 1))
 
     if kind == FORWARD:
-        choices = R.one_launch_items(dtype, cl)  # registered caches, ascending: the smallest that fits
+        choices = R.one_launch_items(dtype, cl, vec)  # registered caches, ascending: the smallest that fits
     else:
         choices = (R.one_launch_backward_items(dtype, vec),)
     if not cl:

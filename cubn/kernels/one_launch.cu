@@ -73,8 +73,10 @@ __device__ __forceinline__ void column_sum1(const A* v, A* part, int width) {
   }
 }
 
+// The second launch bound (one resident block per SM suffices) lets ptxas
+// give the cache the registers it needs rather than spill to fit two.
 template <typename T, int ACT, int VEC, int CL, int ITEMS>
-__global__ void __launch_bounds__(CUBN_ONE_LAUNCH_THREADS)
+__global__ void __launch_bounds__(CUBN_ONE_LAUNCH_THREADS, 1)
 cubn_bn_train_one_launch(const T* __restrict__ x, const T* __restrict__ side, T* __restrict__ y,
                          i64 outer, int C, i64 inner, typename AccOf<T>::type alpha,
                          CUBN_FINALIZE_PARAMS(typename AccOf<T>::type)) {
@@ -191,29 +193,29 @@ cubn_bn_train_one_launch(const T* __restrict__ x, const T* __restrict__ side, T*
         coef[width + col] = rest;
       }
     __syncthreads();
-    {
-      A rest[VEC];
+    // sum((x - mean)^2) = M2 + rows * rest^2: each x - mean is exact near
+    // the mean, and the correction is taken off below (the rest is not kept
+    // per column here: 16-bit columns are 8 per thread, registers are short).
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        m[e] = coef[tx * VEC + e];
-        rest[e] = coef[width + tx * VEC + e];
-        acc[e] = A(0);
-      }
-#pragma unroll
-      for (int k = 0; k < ITEMS; ++k)
-        if (active && k * by + ty < rows)
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) { const A d = (to_acc(q[k].v[e]) - m[e]) - rest[e]; acc[e] += d * d; }
+    for (int e = 0; e < VEC; ++e) {
+      m[e] = coef[tx * VEC + e];
+      acc[e] = A(0);
     }
+#pragma unroll
+    for (int k = 0; k < ITEMS; ++k)
+      if (active && k * by + ty < rows)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) { const A d = to_acc(q[k].v[e]) - m[e]; acc[e] += d * d; }
     column_sum1<A, VEC>(acc, part, width);  // part's last readers passed the barrier above
     if (ty == 0 && active) {
 #pragma unroll 1
       for (int e = 0; e < VEC; ++e) {  // not unrolled: once per column, and finalize is long
         const int col = tx * VEC + e;
         const A mean = coef[col], rest = coef[width + col];
+        A var = part[col] / A(rows) - rest * rest;
+        var = var < A(0) ? A(0) : var;  // the last bit of the difference; a NaN stays NaN
         A scale, shift;
-        // a sum of squares: >= 0, or NaN, which must stay NaN (no clamp)
-        finalize_channel<A>(j0 + e, A(rows), mean, part[col] / A(rows), scale, shift, CUBN_FINALIZE_ARGS);
+        finalize_channel<A>(j0 + e, A(rows), mean, var, scale, shift, CUBN_FINALIZE_ARGS);
         coef[width + col] = scale;
         coef[2 * width + col] = shift - rest * scale;  // y = (x - mean) * scale + this
       }

@@ -46,11 +46,11 @@ ACTIVATIONS = tuple(ACTIVATION_IDS)
 ACT_IDS = tuple(ACTIVATION_IDS.values())
 
 
-def one_launch_items(dtype, channels_last: bool) -> tuple:
+def one_launch_items(dtype, channels_last: bool, vec: int) -> tuple:
     """The register caches (vectors per thread, ascending) the one-launch training forward is built with.
 
-    Channels first: 8. Channels last: 8 and 16 for float32 (16 lets a
-    block of 2 x 256 threads hold 4096 rows of 8 columns, e.g. the
+    Channels first: 8. Channels last: 8, and 16 for float32 16-byte vectors
+    (16 lets a block of 2 x 256 threads hold 4096 rows of 8 columns, e.g. the
     (64, 7, 7, 2048) NHWC tensor); 4 for the other types, whose per-column
     state (8 columns per thread for 16-bit types, double-width registers for
     float64) would otherwise spill (the NVRTC test checks with ptxas -v for
@@ -58,7 +58,9 @@ def one_launch_items(dtype, channels_last: bool) -> tuple:
     """
     if not channels_last:
         return (8,)
-    return (8, 16) if _dtypes.itemsize(dtype) == 4 else (4,)
+    if _dtypes.itemsize(dtype) != 4:
+        return (4,)
+    return (8, 16) if vec > 1 else (8,)
 
 
 def one_launch_backward_items(dtype, vec: int) -> int:
@@ -194,7 +196,7 @@ _ONE_LAUNCH_DOMAINS = dict(T=FLOATS, ACT=ACT_IDS, VEC=_scalar_or_widest, CL=(0, 
 TRAIN_ONE_LAUNCH = Kernel(
     "cubn_bn_train_one_launch", "one_launch.cu", "typename T, int ACT, int VEC, int CL, int ITEMS",
     "const T* x, const T* side?, T* y, i64 outer, int C, i64 inner, A alpha=0, " + FINALIZE_ARGS,
-    dict(_ONE_LAUNCH_DOMAINS, ITEMS=lambda T, CL, **_: one_launch_items(T.dtype, CL)))
+    dict(_ONE_LAUNCH_DOMAINS, ITEMS=lambda T, VEC, CL, **_: one_launch_items(T.dtype, CL, VEC)))
 BWD_ONE_LAUNCH = Kernel(
     "cubn_bn_bwd_one_launch", "one_launch.cu", "typename T, int ACT, int VEC, int CL, int ITEMS",
     "const T* dy, const T* x, const T* side?, T* dx, T* dside?, i64 outer, int C, i64 inner, const A* mean, "
