@@ -63,9 +63,9 @@ CASES = [
     ("NCHW", (9, 1, 64, 64), "float16", "three"),   # L = 36864 > 32768
     ("NCHW", (3, 2, 6), "float64", "one"),          # VEC 2 on doubles
     ("NHWC", (2048, 6), "float32", "one"),          # scalar columns (6 % 4 != 0), bx = 2, by = 256, 8 items
-    ("NHWC", (2049, 6), "float32", "one"),          # 8 items would need by = 512: 16 items, by = 256
-    ("NHWC", (4097, 6), "float32", "three"),        # 16 items, by would be 512: bx * by > 512
-    ("NHWC", (3136, 2048), "float32", "one"),       # the (64, 7, 7, 2048) benchmark rows: 16 items, VEC 4
+    ("NHWC", (2049, 6), "float32", "three"),        # by would be 512: bx * by > 512 (16 items: vectors only)
+    ("NHWC", (4096, 8), "float32", "one"),          # 2 column vectors: 8 items need by = 512, 16 items by = 256
+    ("NHWC", (4097, 8), "float32", "three"),        # 16 items, by would be 512
     ("NHWC", (4096, 4), "float32", "one"),          # one column vector: bx = 1, by = 512
     ("NHWC", (37, 20), "float32", "one"),           # partial tile: 5 column vectors in a bx = 8 block
     ("NHWC", (3, 5, 7, 24), "bfloat16", "one"),     # VEC 8 on 16-bit (4 items per thread)

@@ -221,13 +221,17 @@ cubn_bn_train_one_launch(const T* __restrict__ x, const T* __restrict__ side, T*
       }
     }
     __syncthreads();
+    // The largest caches leave no registers for the coefficients: they are
+    // read from shared memory for each vector then (ptxas spilled on sm_80).
+    constexpr bool kCoefInShared = ITEMS * VEC >= 64;
     A sc[VEC], sf[VEC];
+    if (!kCoefInShared)
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      m[e] = coef[tx * VEC + e];
-      sc[e] = coef[width + tx * VEC + e];
-      sf[e] = coef[2 * width + tx * VEC + e];
-    }
+      for (int e = 0; e < VEC; ++e) {
+        m[e] = coef[tx * VEC + e];
+        sc[e] = coef[width + tx * VEC + e];
+        sf[e] = coef[2 * width + tx * VEC + e];
+      }
     const T* sc0 = has_side ? side + j0 : nullptr;
     T* yc = y + j0;
 #pragma unroll
@@ -238,7 +242,9 @@ cubn_bn_train_one_launch(const T* __restrict__ x, const T* __restrict__ side, T*
       if (has_side) sv = load_vec<T, VEC>(sc0 + r * C);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {  // y overwrites x in the cache
-        A z = (to_acc(q[k].v[e]) - m[e]) * sc[e] + sf[e];
+        const int col = tx * VEC + e;
+        A z = kCoefInShared ? (to_acc(q[k].v[e]) - coef[col]) * coef[width + col] + coef[2 * width + col]
+                            : (to_acc(q[k].v[e]) - m[e]) * sc[e] + sf[e];
         if (has_side) z += to_acc(sv.v[e]);
         q[k].v[e] = Out<T>::cast(act_fwd<ACT>(z, alpha));
       }
