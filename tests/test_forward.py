@@ -81,7 +81,7 @@ def test_weighted_moments_zero_weight_channel(backend, rng):
 
 
 def test_large_offset_is_exact_where_naive_formula_fails(train_backend, rng):
-    """CONTRACT §2: 1e4 + N(0,1) in float32 keeps 1e-4 relative error; E[x²]−E[x]² loses all digits."""
+    """1e4 + N(0,1) in float32 keeps 1e-4 relative error; E[x²]−E[x]² loses all digits."""
     backend = train_backend
     x = (1e4 + rng.standard_normal((64, 16, 16, 8))).astype(np.float32)
     m, v = cubn.moments(backend.asarray(x), (0, 1, 2))
