@@ -49,7 +49,7 @@ def fully_connected(x, w, normalizer_fn=None, normalizer_params=None, scope=None
         return np.maximum(y, 0)
 
 
-def test_slim_normalizer_fn_pattern_from_seed_001(rng):
+def test_slim_normalizer_fn_pattern(rng):
     is_training = True
     batch_norm_params = {  # as slim code writes them
         "is_training": is_training,

@@ -115,7 +115,7 @@ def test_reenter_saved_scope():
             pass
 
 
-def test_seed_001_scope_function_pattern(rng):
+def test_slim_scope_function_pattern(rng):
     """slim's saved scope: ``def new_arg_sc(): with slim.arg_scope(...) as sc: return sc`` then ``with arg_scope(new_arg_sc())``."""
     def new_arg_sc():
         with arg_scope([compat.fully_connected], trainable=True, activation_fn="relu",
@@ -249,7 +249,7 @@ def test_fully_connected_with_batch_norm_has_no_biases(rng):
     assert sorted(compat.get_layer("fc1/BatchNorm").variables) == ["beta", "gamma", "moving_mean", "moving_variance"]
 
 
-def test_seed_001_normalizer_pattern_forward_and_backward(rng):
+def test_slim_normalizer_pattern_forward_and_backward(rng):
     """slim's batch_norm_params dict passed literally as normalizer_params; gradients as PyTorch's autograd."""
     torch = pytest.importorskip("torch", reason="torch is not installed")
     is_training = True
