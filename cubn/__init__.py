@@ -9,21 +9,8 @@ from ._options import use_one_launch
 from ._threads import get_num_threads, set_num_threads
 from .layers import BatchNorm, SyncBatchNorm
 from ._version import __version__
-from .ops import (
-    BatchNormGrads,
-    BatchNormalizationGrads,
-    batch_norm_backward,
-    batch_normalization_backward,
-    batch_norm_with_global_normalization,
-    batch_normalization,
-    fused_batch_norm,
-    moments,
-    moments_backward,
-    normalize_moments,
-    sufficient_statistics,
-    weighted_moments,
-    weighted_moments_backward,
-)
+from . import ops as _ops
+from .ops import *  # noqa: F401,F403 -- the functional ops, listed in ops.__all__
 from .io import from_keras, from_torch, load, save, to_torch_state_dict
 from .preprocessing import RunningMoments, normalize_images
 from .updates import UPDATE_OPS, PendingUpdatesWarning, UpdateCollection, run_updates
@@ -36,19 +23,7 @@ __all__ = [
     "use_one_launch",
     "set_num_threads",
     "get_num_threads",
-    "moments",
-    "weighted_moments",
-    "batch_normalization",
-    "batch_norm_with_global_normalization",
-    "fused_batch_norm",
-    "batch_norm_backward",
-    "BatchNormGrads",
-    "sufficient_statistics",
-    "normalize_moments",
-    "batch_normalization_backward",
-    "BatchNormalizationGrads",
-    "moments_backward",
-    "weighted_moments_backward",
+    *_ops.__all__,
     "BatchNorm",
     "SyncBatchNorm",
     "distributed",

@@ -55,6 +55,15 @@ def as_like(func, name, value, x, xp):
         raise arg_error(TypeError, func, name, "an array or a number", describe(value)) from None
 
 
+def refuse_negative(func, name, w):
+    """Frequency weights count samples: a negative one has no meaning (and would let a
+    merge keep a partial of total weight 0 as if it held a mean), so refuse it.
+    On a GPU this reads one flag back to the host."""
+    if w.size and w.dtype.kind != "b" and bool((w < 0).any()):
+        raise arg_error(ValueError, func, name, "non-negative frequency weights",
+                        f"a weight of {float(w.min())}")
+
+
 def make_weights(func, name, w, x_shape, plan, xp, acc) -> Weights:
     """Frequency weights broadcastable to x -> the cheapest :class:`Weights` form.
 
@@ -65,6 +74,7 @@ def make_weights(func, name, w, x_shape, plan, xp, acc) -> Weights:
     ndim = len(x_shape)
     if w.dtype.kind not in "fiub" and not _dtypes.is_supported_float(w.dtype):
         raise arg_error(TypeError, func, name, "real-valued weights", describe(w))
+    refuse_negative(func, name, w)
     if w.ndim == 1 and ndim >= 2 and w.shape[0] == x_shape[0] and w.shape[0] != 1:
         w = w.reshape((w.shape[0],) + (1,) * (ndim - 1))
     try:

@@ -126,34 +126,34 @@ _SUPPORTED: dict = {}
 _ACC: dict = {}
 
 
-def is_supported_float(dtype) -> bool:
+def _memoized(table, dtype, compute):
+    """``compute(dtype)`` through ``table`` (unhashable dtype-likes are computed every time)."""
     try:
-        return _SUPPORTED[dtype]
+        return table[dtype]
     except (KeyError, TypeError):
         pass
+    value = compute(dtype)
     try:
-        ok = name_of(dtype) in FLOAT_NAMES
-    except TypeError:
-        return False
-    try:
-        _SUPPORTED[dtype] = ok
+        table[dtype] = value
     except TypeError:  # unhashable
         pass
-    return ok
+    return value
+
+
+def _is_float_name(dtype) -> bool:
+    try:
+        return name_of(dtype) in FLOAT_NAMES
+    except TypeError:
+        return False
+
+
+def is_supported_float(dtype) -> bool:
+    return _memoized(_SUPPORTED, dtype, _is_float_name)
 
 
 def acc_dtype(dtype) -> np.dtype:
     """Accumulation dtype of the ops: float32 for 16-bit floats, the dtype itself otherwise."""
-    try:
-        return _ACC[dtype]
-    except (KeyError, TypeError):
-        pass
-    acc = np.dtype(TABLE[name_of(dtype)].acc)
-    try:
-        _ACC[dtype] = acc
-    except TypeError:  # unhashable
-        pass
-    return acc
+    return _memoized(_ACC, dtype, lambda d: np.dtype(TABLE[name_of(d)].acc))
 
 
 def stats_acc(dtype) -> np.dtype:

@@ -70,8 +70,8 @@ def moments(x, axes, *, weights=None, keepdims=False, split_every=None):
 
     One tree reduction of Welford triples computes both (``dask.compute(mean,
     var)`` runs it once). Results have ``x``'s dtype for float inputs and
-    float32 for uint8/uint16; a feature with no data (or zero total weight)
-    gets NaN.
+    float32 for uint8/uint16; a feature with no data gets NaN, one whose
+    weights sum to 0 gets mean 0 and variance 0 (as ``cubn.weighted_moments``).
 
     Args:
         x: dask array (NumPy or CuPy chunks).
@@ -91,7 +91,8 @@ def moments(x, axes, *, weights=None, keepdims=False, split_every=None):
     name = np.dtype(x.dtype).name
     out = np.dtype(x.dtype) if name in image.OUT_DTYPES else np.dtype(np.float32)
     t = triples(func, x, ax, w, keepdims, split_every)
-    return project(t, mean_of, out, out), project(t, var_of, out, out)
+    weighted = w is not None
+    return project(t, mean_of, out, out, weighted), project(t, var_of, out, out, weighted)
 
 
 def fit_running_moments(x, axis=0, *, weights=None, dtype=None):

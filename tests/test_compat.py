@@ -1,4 +1,4 @@
-"""cubn.compat: seed 000's signature, scope/reuse, slim's normalizer_fn pattern (seed 001)."""
+"""cubn.compat: tf.contrib.layers.batch_norm's signature, scope/reuse, slim's normalizer_fn pattern."""
 from __future__ import annotations
 
 import inspect
@@ -49,9 +49,9 @@ def fully_connected(x, w, normalizer_fn=None, normalizer_params=None, scope=None
         return np.maximum(y, 0)
 
 
-def test_slim_normalizer_fn_pattern_from_seed_001(rng):
+def test_slim_normalizer_fn_pattern(rng):
     is_training = True
-    batch_norm_params = {  # as in seed 001
+    batch_norm_params = {  # as slim code writes them
         "is_training": is_training,
         "zero_debias_moving_mean": True,
         "decay": 0.9,

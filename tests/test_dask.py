@@ -1,4 +1,4 @@
-"""cubn.dask (CONTRACT §4): moments, RunningMoments and Standardizer over
+"""cubn.dask: moments, RunningMoments and Standardizer over
 dask arrays, as dask's own tree reduction of Welford triples; equal to the
 in-memory results on the threaded scheduler and on a 2-process LocalCluster."""
 from __future__ import annotations

@@ -73,7 +73,7 @@ def test_weighted_moments_zero_weight_channel(backend, rng):
     x[0, 2, 1] = np.inf  # and an Inf where the weight is zero: skipped
     m, v = cubn.weighted_moments(backend.asarray(x), (0, 2), backend.asarray(w))
     m, v = backend.to_numpy(m), backend.to_numpy(v)
-    assert np.isnan(m[2]) and np.isnan(v[2])
+    assert m[2] == 0 and v[2] == 0  # tf.nn.weighted_moments' div_no_nan
     keep = [0, 1, 3]
     rm, rv = ref.moments(x[:, keep], (0, 2), weights=w[:, keep])
     assert_close(m[keep], rm, "float32")
@@ -81,7 +81,7 @@ def test_weighted_moments_zero_weight_channel(backend, rng):
 
 
 def test_large_offset_is_exact_where_naive_formula_fails(train_backend, rng):
-    """CONTRACT §2: 1e4 + N(0,1) in float32 keeps 1e-4 relative error; E[x²]−E[x]² loses all digits."""
+    """1e4 + N(0,1) in float32 keeps 1e-4 relative error; E[x²]−E[x]² loses all digits."""
     backend = train_backend
     x = (1e4 + rng.standard_normal((64, 16, 16, 8))).astype(np.float32)
     m, v = cubn.moments(backend.asarray(x), (0, 1, 2))

@@ -120,7 +120,7 @@ def test_training_sequence_then_inference(train_backend, rng, config, data_forma
 
 
 def test_update_ops_trap(backend, rng):
-    """Seed 001's trap: deferred updates that never run leave the moving statistics
+    """The slim trap: deferred updates that never run leave the moving statistics
     at their initial values, and inference is then wrong."""
     coll = cubn.UpdateCollection()
     good = cubn.BatchNorm(decay=0.5, updates_collections=coll)
@@ -199,7 +199,7 @@ def test_adjustment_training_only(train_backend, rng):
 
 
 def test_trainable_false(backend, rng):
-    """No gradients for beta/gamma, but statistics still follow is_training (CONTRACT §3, seed 003)."""
+    """No gradients for beta/gamma, but statistics still follow is_training (tf.contrib's semantics)."""
     bn = cubn.BatchNorm(scale=True, trainable=False, updates_collections=None, decay=0.5)
     x = _batch(rng, (8, 3))
     y = bn(backend.asarray(x))

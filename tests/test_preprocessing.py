@@ -1,4 +1,4 @@
-"""Preprocessing (CONTRACT §5): RunningMoments against the float64 truth,
+"""Preprocessing: RunningMoments against the float64 truth,
 Standardizer against scikit-learn itself, and the fused image transform
 against a NumPy reference (bit for bit), on every backend."""
 from __future__ import annotations

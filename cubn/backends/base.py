@@ -41,12 +41,17 @@ class Partials(NamedTuple):
 
     Column j belongs to channel j % C; ``fold > 1`` when a channels-last
     kernel folded several outer rows into one row to fill its warps.
+    ``weighted`` says the counts are sums of frequency weights: a channel
+    whose weights sum to 0 then finalizes to mean 0 and variance 0 (as
+    ``tf.nn.weighted_moments``), where a channel with no data at all
+    finalizes to NaN.
     """
 
     count: Any
     mean: Any
     m2: Any
     fold: int = 1
+    weighted: bool = False
 
 
 class Sums(NamedTuple):

@@ -439,19 +439,32 @@ def _load_module(
         ]
     # The kernel's own directory is searched first, as for `#include "x.cuh"` under nvcc.
     path = _build(source.stem, "\n".join(lines) + "\n", (source.parent, *include_dirs), sanitize, defines)
-    api = _runtime_api(sanitize)
+    library = load_bound(path, _runtime_api(sanitize))
+    kernels = {}
+    for i, (name, params) in enumerate(zip(names, signatures(library, len(names)))):
+        entry = _LAUNCH_PROTOTYPE((f"cubn_emu_launch_{i}", library))
+        kernels[name] = EmulatedKernel(name, source, params, entry)
+    return kernels
+
+
+def load_bound(path, api):
+    """``dlopen`` a built kernel library and bind it to the emulator runtime ``api``."""
     library = ctypes.CDLL(str(path))
     library.cubn_emu_bind.argtypes = [ctypes.c_void_p]
     if library.cubn_emu_bind(api) != 0:
         raise RuntimeError(f"{path} does not match the emulator runtime (stale build?)")
-    kernels = {}
-    for i, name in enumerate(names):
+    return library
+
+
+def signatures(library, count):
+    """The parameter type codes of the library's kernels 0..count-1 (``cubn_emu_signature_i``)."""
+    out = []
+    for i in range(count):
         signature = getattr(library, f"cubn_emu_signature_{i}")
         signature.restype = ctypes.c_char_p
         codes = signature().decode()
-        entry = _LAUNCH_PROTOTYPE((f"cubn_emu_launch_{i}", library))
-        kernels[name] = EmulatedKernel(name, source, tuple(codes.split(",")) if codes else (), entry)
-    return kernels
+        out.append(tuple(codes.split(",")) if codes else ())
+    return out
 
 
 # ---------------------------------------------------------------- launching

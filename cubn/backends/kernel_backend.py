@@ -144,14 +144,14 @@ class KernelBackend(KernelPreprocessing):
             shared = 3 * cfg.block[0] * cfg.block[1] * cfg.vec * acc.itemsize
             self._launch(cl_kernel.variant(T=T, WMODE=wmode, VEC=cfg.vec), cfg.grid, cfg.block, shared,
                          x=x3, rows=cfg.rows, cols=cfg.cols, w=wvals, wdiv=wdiv, p_count=pc, p_mean=pm, p_m2=p2)
-            return Partials(pc, pm, p2, cfg.fold)
+            return Partials(pc, pm, p2, cfg.fold, weights is not None)
         cfg = self._cf_config(plan, dt, (x3,))
         shape = (cfg.nsplit, plan.channels)
         pc, pm, p2 = xp.empty(shape, acc), xp.empty(shape, acc), xp.empty(shape, acc)
         self._launch(cf_kernel.variant(T=T, WMODE=wmode, VEC=cfg.vec), cfg.grid, cfg.block, 0,
                      x=x3, outer=plan.outer, C=plan.channels, inner=plan.inner, nsplit=cfg.nsplit, chunk=cfg.chunk,
                      w=wvals, wdiv=wdiv, p_count=pc, p_mean=pm, p_m2=p2)
-        return Partials(pc, pm, p2, 1)
+        return Partials(pc, pm, p2, 1, weights is not None)
 
     def finalize(self, partials, acc, fold, update=None, given=None) -> Stats:
         xp = self.xp
@@ -182,7 +182,7 @@ class KernelBackend(KernelPreprocessing):
         self._launch(R.MERGE_PARTIALS.variant(A=element(acc)), grid, block, 0,
                      C=C, nparts=partials.count.shape[0], fold=partials.fold, p_count=partials.count,
                      p_mean=partials.mean, p_m2=partials.m2, o_count=buf[0], o_mean=buf[1], o_m2=buf[2])
-        return Partials(buf[0:1], buf[1:2], buf[2:3], 1)
+        return Partials(buf[0:1], buf[1:2], buf[2:3], 1, partials.weighted)
 
     def merge_sums(self, sums, acc) -> Sums:
         C = sums.s1.shape[1] // sums.fold

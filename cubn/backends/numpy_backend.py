@@ -250,7 +250,7 @@ class NumpyBackend(NumpyPreprocessing):
         outer, c, inner = x3.shape
         if outer * inner == 0:
             z = np.zeros((1, c), acc)
-            return Partials(z, z.copy(), z.copy())
+            return Partials(z, z.copy(), z.copy(), weighted=weights is not None)
         x3 = _contiguous(x3)
         lay = _layout(x3, acc)
         if lay.kind == "whole" and weights is None:
@@ -281,7 +281,7 @@ class NumpyBackend(NumpyPreprocessing):
             return Partials(np.full((1, c), n, acc), mean.astype(acc)[None, :], m2.astype(acc)[None, :])
         mean = np.where(live, mean, 0)
         m2 = np.where(live, m2, 0)
-        return Partials(n.astype(acc)[None, :], mean.astype(acc)[None, :], m2.astype(acc)[None, :])
+        return Partials(n.astype(acc)[None, :], mean.astype(acc)[None, :], m2.astype(acc)[None, :], weighted=True)
 
     @_quiet
     def finalize(self, partials, acc, fold, update=None, given=None) -> Stats:
@@ -293,10 +293,12 @@ class NumpyBackend(NumpyPreprocessing):
         if partials is not None:
             count, mean, m2 = _merge(partials, acc)
             var = m2 / count
-            if not count.min() > 0:  # no data (or zero weights) in a channel: NaN
+            if not count.min() > 0:
+                # No data in a channel: NaN; weights summing to 0: 0 and 0 (TF's div_no_nan).
                 live = count > 0
-                var = np.where(live, var, np.nan).astype(acc, copy=False)
-                mean = np.where(live, mean, np.nan).astype(acc, copy=False)
+                empty = 0 if partials.weighted else np.nan
+                var = np.where(live, var, empty).astype(acc, copy=False)
+                mean = np.where(live, mean, empty).astype(acc, copy=False)
             np.maximum(var, 0, out=var)  # M2 >= 0 in exact arithmetic; guard the last bit
         else:
             mean, var = (np.asarray(g, dtype=acc) for g in given)
@@ -335,7 +337,7 @@ class NumpyBackend(NumpyPreprocessing):
     @_quiet
     def merge_partials(self, partials, acc) -> Partials:
         count, mean, m2 = _merge(partials, acc)
-        return Partials(count[None, :], mean[None, :], m2[None, :], 1)
+        return Partials(count[None, :], mean[None, :], m2[None, :], 1, partials.weighted)
 
     def merge_sums(self, sums, acc) -> Sums:
         return Sums(np.asarray(sums.s1, acc).sum(axis=0)[None, :], np.asarray(sums.s2, acc).sum(axis=0)[None, :], 1)

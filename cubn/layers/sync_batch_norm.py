@@ -236,7 +236,7 @@ class _Exchange:
         # finalize wants each field as a contiguous (ranks, C) block; it merges
         # the ranks with Chan's formula in a fixed order, so all ranks agree.
         fields = xp.ascontiguousarray(got.transpose(1, 0, 2))
-        return Partials(fields[0], fields[1], fields[2], 1)
+        return Partials(fields[0], fields[1], fields[2], 1, partials.weighted)
 
     def sums(self, backend, sums, acc):
         """Local backward sums -> their sum over ranks, (1, C)."""

@@ -225,18 +225,10 @@ def _load_traced(source: pathlib.Path, names: list):
             f'extern "C" CUBN_EMU_EXPORT const char* cubn_emu_signature_{i}() {{ return cubn_emu::signature(&{name}); }}',
         ]
     path = _build_shared(f"{source.stem}-traced", "\n".join(lines) + "\n", (source.parent,), instrument=True)
-    api = _emu._runtime_api(None)
-    library = ctypes.CDLL(str(path))
-    library.cubn_emu_bind.argtypes = [ctypes.c_void_p]
-    if library.cubn_emu_bind(api) != 0:
-        raise RuntimeError(f"{path} does not match the emulator runtime (stale build?)")
+    library = _emu.load_bound(path, _emu._runtime_api(None))
     out = {}
-    for i, name in enumerate(names):
-        signature = getattr(library, f"cubn_emu_signature_{i}")
-        signature.restype = ctypes.c_char_p
-        codes = signature().decode()
+    for i, (name, params) in enumerate(zip(names, _emu.signatures(library, len(names)))):
         entry = _TRACE_LAUNCH((f"cubn_trace_launch_{i}", library))
-        params = tuple(codes.split(",")) if codes else ()
         out[name] = functools.partial(_make_traced, params, entry, path)
     return out
 

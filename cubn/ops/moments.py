@@ -28,8 +28,9 @@ def _reduce(func, x, axes, keepdims, weights_arg=None, weights_name="weights"):
     if weights_arg is not None and plan.per_channel > 0:
         w = as_like(func, weights_name, weights_arg, x, xp)
         weights = make_weights(func, weights_name, w, x.shape, plan, xp, acc)
-    elif weights_arg is not None:
+    elif weights_arg is not None:  # nothing to weigh: div_no_nan(0, 0), as TF
         as_like(func, weights_name, weights_arg, x, xp)
+        return xp.zeros(out_shape, dtype=x.dtype), xp.zeros(out_shape, dtype=x.dtype)
     partials = backend.welford_partials(plan, x3, acc, weights)
     stats = backend.finalize(partials, acc, fold=None)
     mean = stats.mean.astype(x.dtype, copy=False).reshape(out_shape)
@@ -69,7 +70,8 @@ def weighted_moments(x, axes, weights=None, *, keepdims=False, frequency_weights
     Args:
         x: float array (numpy or cupy).
         axes: the axes to reduce.
-        weights: non-negative weights broadcastable to ``x``; a 1-D vector of
+        weights: non-negative weights broadcastable to ``x`` (a negative one
+            is a ``ValueError``); a 1-D vector of
             length ``x.shape[0]`` is one weight per batch item. Elements with
             weight 0 are skipped, so an Inf/NaN there does not spread.
             (``frequency_weights=`` is TensorFlow's name for the same.)
@@ -77,7 +79,7 @@ def weighted_moments(x, axes, weights=None, *, keepdims=False, frequency_weights
 
     Returns:
         ``(mean, variance)`` in ``x``'s dtype. A channel whose weights sum to
-        zero gets NaN (0/0), as in TensorFlow.
+        zero gets mean 0 and variance 0, as in TensorFlow (``div_no_nan``).
     """
     func = "weighted_moments"
     if frequency_weights is not None:

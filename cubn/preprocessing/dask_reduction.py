@@ -78,12 +78,22 @@ def take(d, key):
     return d[key]
 
 
-def mean_of(d, dtype):
+def mean_of(d, dtype, weighted=False):
+    """The mean; NaN where a feature has no data, 0 where its weights sum to 0 (as weighted_moments)."""
+    if weighted:
+        return _zero_where_empty(d["count"], d["mean"]).astype(dtype)
     return mean_or_nan(d["count"], d["mean"]).astype(dtype)
 
 
-def var_of(d, dtype):
+def var_of(d, dtype, weighted=False):
+    if weighted:
+        return _zero_where_empty(d["count"], variance(d["count"], d["m2"])).astype(dtype)
     return variance(d["count"], d["m2"]).astype(dtype)
+
+
+def _zero_where_empty(count, v):
+    xp = array_module(count)
+    return xp.where(count > 0, v, 0)
 
 
 # ---------------------------------------------------------------------------

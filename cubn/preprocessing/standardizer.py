@@ -382,6 +382,14 @@ class Standardizer(*_BASES):
         return self
 
     def _sample_weight(self, f, sample_weight, X, n):
+        w = self._sample_weight_array(f, sample_weight, X, n)
+        if w is not None and not _any_nonzero(w):
+            # scikit-learn's rule (and its message): all-zero weights are no data at all.
+            raise ValueError(f"Sample weights must contain at least one non-zero number ({f}: argument "
+                             "'sample_weight').")
+        return w
+
+    def _sample_weight_array(self, f, sample_weight, X, n):
         sample_weight, = take_dlpack(f, sample_weight=sample_weight)
         if sample_weight is None:
             return None
@@ -551,3 +559,10 @@ def _is_sparse(X) -> bool:
     except ImportError:  # pragma: no cover - scipy comes with scikit-learn
         return False
     return scipy.sparse.issparse(X)
+
+
+def _any_nonzero(w) -> bool:
+    """Whether any weight is non-zero (for a dask array, computed: the weights are one value per sample)."""
+    if is_dask_array(w):
+        return bool((w != 0).any().compute())
+    return bool((w != 0).any())

@@ -2,7 +2,7 @@
 ``tensorflow/contrib/framework/python/ops/arg_scope_test.py``), TF's naming and
 reuse inside variable scopes (``tensorflow/python/kernel_tests/variable_scope_test.py``
 and the slim habit of building a tower twice), ``fully_connected`` with
-``normalizer_fn`` (``layers_test.py`` FCTest) and seed 001's pattern, run
+``normalizer_fn`` (``layers_test.py`` FCTest) and slim's model-building pattern, run
 literally, forward and backward (gradients checked against PyTorch's autograd).
 """
 from __future__ import annotations
@@ -115,8 +115,8 @@ def test_reenter_saved_scope():
             pass
 
 
-def test_seed_001_scope_function_pattern(rng):
-    """Seed 001: ``def new_arg_sc(): with slim.arg_scope(...) as sc: return sc`` then ``with arg_scope(new_arg_sc())``."""
+def test_slim_scope_function_pattern(rng):
+    """slim's saved scope: ``def new_arg_sc(): with slim.arg_scope(...) as sc: return sc`` then ``with arg_scope(new_arg_sc())``."""
     def new_arg_sc():
         with arg_scope([compat.fully_connected], trainable=True, activation_fn="relu",
                        weights_initializer=compat.truncated_normal_initializer(stddev=0.01),
@@ -249,8 +249,8 @@ def test_fully_connected_with_batch_norm_has_no_biases(rng):
     assert sorted(compat.get_layer("fc1/BatchNorm").variables) == ["beta", "gamma", "moving_mean", "moving_variance"]
 
 
-def test_seed_001_normalizer_pattern_forward_and_backward(rng):
-    """Seed 001's batch_norm_params passed literally as normalizer_params; gradients as PyTorch's autograd."""
+def test_slim_normalizer_pattern_forward_and_backward(rng):
+    """slim's batch_norm_params dict passed literally as normalizer_params; gradients as PyTorch's autograd."""
     torch = pytest.importorskip("torch", reason="torch is not installed")
     is_training = True
     batch_norm_params = {

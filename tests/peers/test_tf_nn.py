@@ -176,7 +176,7 @@ def test_batch_norm_with_global_normalization_arbitrary_shapes(backend, rng):
         y = cubn.batch_normalization(backend.asarray(x), backend.asarray(m), backend.asarray(v), backend.asarray(beta),
                                      backend.asarray(gamma), 1e-3)
         assert_close(backend.to_numpy(y), (x - m) / np.sqrt(v + 1e-3) * gamma + beta, "float64")
-    # the TF 1 op: gamma only with scale_after_normalization (seed 004)
+    # the TF 1 op: gamma only with scale_after_normalization
     x = rng.random((4, 3))
     m, v, beta, gamma = (rng.random(3) for _ in range(4))
     y = cubn.batch_norm_with_global_normalization(backend.asarray(x), backend.asarray(m), backend.asarray(v),
