@@ -207,8 +207,9 @@ __device__ __forceinline__ A sigmoid(A z) {
 template <int ACT, typename A>
 __device__ __forceinline__ A act_fwd(A z, A alpha) {
   if (ACT == ACT_NONE) return z;
-  if (ACT == ACT_RELU) return z > A(0) ? z : A(0);
-  if (ACT == ACT_RELU6) return z > A(0) ? (z < A(6) ? z : A(6)) : A(0);
+  // Written so that a NaN falls through to z (as NumPy's maximum/minimum keep NaN).
+  if (ACT == ACT_RELU) return z < A(0) ? A(0) : z;
+  if (ACT == ACT_RELU6) return z < A(0) ? A(0) : (z > A(6) ? A(6) : z);
   if (ACT == ACT_LEAKY_RELU) return z > A(0) ? z : alpha * z;
   if (ACT == ACT_ELU) return z > A(0) ? z : alpha * m_expm1(z);
   if (ACT == ACT_SIGMOID) return sigmoid(z);
