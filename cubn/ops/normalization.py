@@ -488,20 +488,48 @@ def _fused_fast(func, backend, x, scale, offset, mean, variance, epsilon, data_f
 
 
 def _fused(backend, plan, x, acc, gamma, beta, given_mean, given_var, side_input, eps, f, act, is_training):
-    """fused_batch_norm on checked arguments: per-channel (C,) vectors in ``acc``."""
-    xp = backend.xp
-    fold = Fold(eps, gamma, beta)
+    """fused_batch_norm on checked arguments: per-channel (C,) vectors in ``acc``.
+
+    On a kernel backend the whole call -- its two statistics outputs
+    included -- replays the launch program of its signature.
+    """
     x3 = plan.view3(x)
     side3 = None if side_input is None else plan.view3(side_input)
+    if backend.info is None or not _lc._enabled or (not is_training and x.size == 0):
+        return _fused_run(backend, plan, x3, acc, gamma, beta, given_mean, given_var, side3, eps, f, act, is_training)
+    key = ("fused", backend, one_launch_enabled(), is_training, x3.shape, x3.strides, x3.dtype, alignment_of(x3),
+           acc, None if act is None else (act.kernel_id, act.alpha),
+           None if side3 is None else (side3.strides, alignment_of(side3)), eps, f,
+           gamma is None, beta is None, given_mean is None, given_var is None)
+    inputs = [x3, side3, gamma, beta, given_mean, given_var]
+    prog = _lc.lookup(key)
+    if prog is not None and prog is not _lc.UNCACHEABLE:
+        y3, m, v = prog.run(inputs)
+        return y3.reshape(plan.shape) if plan.perm is None else plan.unview3(y3), m, v
+    if prog is None and _lc.may_record(("fused", backend, x3.shape)):
+        rec = _lc.Recording(backend)
+        with rec:
+            y3, m, v = _fused_run(rec.backend, plan, x3, acc, gamma, beta, given_mean, given_var, side3, eps, f,
+                                  act, is_training)
+        _lc.store(key, rec.program(inputs, [y3, m, v], keyed_alignment=(0, 1)))
+    else:
+        y3, m, v = _fused_run(backend, plan, x3, acc, gamma, beta, given_mean, given_var, side3, eps, f, act,
+                              is_training)
+    return plan.unview3(y3), m, v
+
+
+def _fused_run(backend, plan, x3, acc, gamma, beta, given_mean, given_var, side3, eps, f, act, is_training):
+    """``(y3, mean, var)`` of fused_batch_norm (no launch program)."""
+    xp = backend.xp
+    fold = Fold(eps, gamma, beta)
     if is_training:
         new_mean = xp.empty(plan.channels, acc)
         new_var = xp.empty(plan.channels, acc)
         upd = MovingUpdate(a=f, bessel=True, mean_in=given_mean if f != 1.0 else None, mean_out=new_mean,
                            var_in=given_var if f != 1.0 else None, var_out=new_var)
-        y3, _ = bn_forward(backend, plan, x3, acc, training=True, fold=fold, update=upd, side3=side3, act=act)
-        return plan.unview3(y3), new_mean, new_var
-    if x.size == 0:
-        return xp.empty_like(x), given_mean, given_var
-    y3, _ = bn_forward(backend, plan, x3, acc, training=False, fold=fold, given=(given_mean, given_var),
-                       side3=side3, act=act)
-    return plan.unview3(y3), given_mean, given_var
+        y3, _ = _bn_forward(backend, plan, x3, acc, True, fold, upd, None, None, side3, act, None)
+        return y3, new_mean, new_var
+    if x3.size == 0:
+        return xp.empty_like(x3), given_mean, given_var
+    y3, _ = _bn_forward(backend, plan, x3, acc, False, fold, None, (given_mean, given_var), None, side3, act, None)
+    return y3, given_mean, given_var
