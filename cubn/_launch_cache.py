@@ -47,7 +47,7 @@ UNCACHEABLE = object()  # a signature whose calls always run the ordinary code
 _cache: OrderedDict = OrderedDict()
 _lock = threading.Lock()
 _enabled = True
-stats = {"hits": 0, "recorded": 0, "uncacheable": 0}
+stats = {"recorded": 0, "uncacheable": 0, "last_reason": None}  # for diagnostics
 
 
 def lookup(key):
@@ -106,10 +106,10 @@ def enabled() -> bool:
 
 
 def set_enabled(on: bool) -> None:
-    """Turn the cache off (every call runs the ordinary code) or on again; tests compare both."""
+    """Turn the cache off (every call runs the ordinary code) or on again; tests compare both.
+    The programs stay: turning it off changes which code runs, never what a program means."""
     global _enabled
     _enabled = bool(on)
-    clear()
 
 
 def size() -> int:
@@ -210,12 +210,12 @@ class _RecordingXp:
     def ascontiguousarray(self, a, dtype=None):
         out = self._xp.ascontiguousarray(a, dtype=dtype)
         if out is not a:
-            self._rec.impure = True
+            self._rec.impure = "a copy (ascontiguousarray)"
         return out
 
     def __getattr__(self, name):
         if not self._rec.closed:
-            self._rec.impure = True
+            self._rec.impure = self._rec.impure or name
         return getattr(self._xp, name)
 
 
@@ -259,7 +259,7 @@ class Recording:
         if self.closed:
             return
         if not c_order:
-            self.impure = True
+            self.impure = "an allocation not in C order"
         self.allocs[id(a)] = (len(self.alloc_order), a, zeroed)
         self.alloc_order.append(a)
 
@@ -283,18 +283,19 @@ class Recording:
         """
         try:
             prog = self._analyse(inputs, outputs, set(keyed_alignment), {frozenset(g) for g in aliases})
-        except _Impure:
+        except _Impure as e:
             stats["uncacheable"] += 1
+            stats["last_reason"] = str(e)
             return UNCACHEABLE
         stats["recorded"] += 1
         return prog
 
     def _analyse(self, inputs, outputs, keyed, aliases):
         if self.impure:
-            raise _Impure
+            raise _Impure(f"the array module was used for {self.impure}")
         for a in self.alloc_order:
             if a.size and _memory.pointer(a) % _memory.VECTOR_BYTES:
-                raise _Impure  # an allocator that does not align: nothing to promise
+                raise _Impure("an allocation not aligned to 16 bytes")
         geo = [None if a is None else _geometry(a) for a in inputs]
         roots, views, view_index = [], [], {}
         root_index = {}
@@ -306,13 +307,13 @@ class Recording:
             if matches:
                 if len(matches) > 1 and (frozenset(matches) not in aliases
                                          or len({id(inputs[i]) for i in matches}) != 1):
-                    raise _Impure  # one memory, two slots: which one a replay means is unknown
+                    raise _Impure("one memory in two input slots")
                 return matches[0]
             r = a
             while id(r) not in self.allocs:
                 r = r.base
                 if r is None:
-                    raise _Impure  # memory the call neither got nor allocated
+                    raise _Impure("memory the call neither got nor allocated")
             idx, root, zeroed = self.allocs[id(r)]
             if idx not in root_index:
                 root_index[idx] = len(roots)
@@ -325,7 +326,7 @@ class Recording:
             vi = view_index[v]
             if check:
                 if for_read and not zeroed and (ri, None) not in written and (ri, vi) not in written and a.size:
-                    raise _Impure  # read before any launch wrote it
+                    raise _Impure("a new buffer read before a launch wrote it")
                 if not for_read:
                     written.add((ri, None) if v[1] == "root" or (v[1] == "reshape") else (ri, vi))
             return ~vi
@@ -336,22 +337,20 @@ class Recording:
             hit = [i for i, gi in enumerate(geo) if gi == g and inputs[i] is not None]
             if hit:
                 if not all(i in keyed for i in hit):
-                    raise _Impure  # an alignment the key does not hold decided something
+                    raise _Impure("the address of an input the key does not align was asked")
                 continue
             r = a
             while r is not None and id(r) not in probed_ok:
                 r = r.base
             if r is None:
-                raise _Impure
+                raise _Impure("the address of an array neither given nor allocated was asked")
 
         launches = []
         for kernel, grid, block, shared, args in self.launches:
             entry = self.variants.get(id(kernel))
-            if entry is None or entry[0] is not kernel:
-                raise _Impure
+            if entry is None or entry[0] is not kernel or len(entry[1].spec.arguments) != len(args):
+                raise _Impure("a launch of a kernel not got through the launcher")
             spec_args = entry[1].spec.arguments
-            if len(spec_args) != len(args):
-                raise _Impure
             template, fills = list(args), []
             # reads first: a kernel reading and writing one buffer reads what was there
             order = sorted(range(len(args)), key=lambda k: not spec_args[k].const)
@@ -369,7 +368,7 @@ class Recording:
             if a is None:
                 outs.append(None)
             elif not _is_array(a):
-                raise _Impure
+                raise _Impure("a result that is not an array")
             else:
                 s = source(a, for_read=True)
                 outs.append(s)
@@ -405,4 +404,4 @@ def _recipe(a, root):
     if len(rshape) >= 2 and rstrides[0] and off % rstrides[0] == 0 and root.flags.c_contiguous and \
             a.flags.c_contiguous and a.size == root[0].size and 0 <= off // rstrides[0] < rshape[0]:
         return ("rowshape", (off // rstrides[0], shape))
-    raise _Impure
+    raise _Impure("a view other than a row, rows or a reshape")

@@ -496,7 +496,9 @@ def _fused(backend, plan, x, acc, gamma, beta, given_mean, given_var, side_input
     x3 = plan.view3(x)
     side3 = None if side_input is None else plan.view3(side_input)
     if backend.info is None or not _lc._enabled or (not is_training and x.size == 0):
-        return _fused_run(backend, plan, x3, acc, gamma, beta, given_mean, given_var, side3, eps, f, act, is_training)
+        y3, m, v = _fused_run(backend, plan, x3, acc, gamma, beta, given_mean, given_var, side3, eps, f, act,
+                              is_training)
+        return plan.unview3(y3), m, v
     key = ("fused", backend, one_launch_enabled(), is_training, x3.shape, x3.strides, x3.dtype, alignment_of(x3),
            acc, None if act is None else (act.kernel_id, act.alpha),
            None if side3 is None else (side3.strides, alignment_of(side3)), eps, f,
