@@ -34,71 +34,102 @@ from __future__ import annotations
 
 import copy
 import threading
+import weakref
 from collections import OrderedDict
 
 import numpy as np
 
 from .backends import _memory
 
-MAX_ENTRIES = 512
+MAX_ENTRIES = 512  # programs per backend
+# Recordings per group (an op at one shape): a scalar that changes with every
+# call (a factor of 1/t given to fused_batch_norm) would otherwise record each
+# call and evict the programs that are reused. Past the limit the group runs
+# the ordinary code.
+MAX_RECORDINGS_PER_GROUP = 64
 
 UNCACHEABLE = object()  # a signature whose calls always run the ordinary code
 
-_cache: OrderedDict = OrderedDict()
 _lock = threading.Lock()
 _enabled = True
+_all = weakref.WeakSet()  # every backend's programs, for clear()
 stats = {"recorded": 0, "uncacheable": 0, "last_reason": None}  # for diagnostics
 
 
-def lookup(key):
-    """The program (or :data:`UNCACHEABLE`) of ``key``, or None: record it."""
+class _Programs:
+    """One backend's programs (kept on the backend, so they go with it)."""
+
+    __slots__ = ("entries", "recordings", "__weakref__")
+
+    def __init__(self):
+        self.entries = OrderedDict()
+        self.recordings = {}
+
+
+def _programs(backend) -> _Programs:
+    p = backend.__dict__.get("_launch_programs")
+    if p is None:
+        with _lock:
+            p = backend.__dict__.get("_launch_programs")
+            if p is None:
+                p = backend.__dict__["_launch_programs"] = _Programs()
+                _all.add(p)
+    return p
+
+
+def lookup(backend, key):
+    """The program (or :data:`UNCACHEABLE`) of ``key`` on ``backend``, or None: record it."""
+    p = backend.__dict__.get("_launch_programs")
+    if p is None:
+        return None
+    entries = p.entries
     try:
-        entry = _cache[key]
+        entry = entries[key]
     except KeyError:
         return None
     except TypeError:  # an unhashable key part: never cached
         return UNCACHEABLE
     with _lock:
         try:
-            _cache.move_to_end(key)
+            entries.move_to_end(key)
         except KeyError:  # evicted meanwhile
             pass
     return entry
 
 
-def store(key, entry) -> None:
+def store(backend, key, entry) -> None:
+    entries = _programs(backend).entries
     with _lock:
-        _cache[key] = entry
-        _cache.move_to_end(key)
-        while len(_cache) > MAX_ENTRIES:
-            _cache.popitem(last=False)
+        entries[key] = entry
+        entries.move_to_end(key)
+        while len(entries) > MAX_ENTRIES:
+            entries.popitem(last=False)
 
 
-# Recordings per group (an op on one backend at one shape): a scalar that changes
-# with every call (a decay of 1/t given to fused_batch_norm) would otherwise record
-# each call and evict the programs that are reused. Past the limit the group runs
-# the ordinary code.
-MAX_RECORDINGS_PER_GROUP = 64
-_recordings: dict = {}
-
-
-def may_record(group) -> bool:
-    """Whether a call of ``group`` (hashable) may still be recorded; counts it."""
+def may_record(backend, group) -> bool:
+    """Whether a call of ``group`` (hashable) may still be recorded on ``backend``; counts it."""
+    rec = _programs(backend).recordings
     with _lock:
-        n = _recordings.get(group, 0)
+        n = rec.get(group, 0)
         if n >= MAX_RECORDINGS_PER_GROUP:
             return False
-        if len(_recordings) >= 16 * MAX_ENTRIES:
-            _recordings.clear()
-        _recordings[group] = n + 1
+        if len(rec) >= 16 * MAX_ENTRIES:
+            rec.clear()
+        rec[group] = n + 1
         return True
 
 
 def clear() -> None:
     """Forget every program (the next call of each signature records again)."""
     with _lock:
-        _cache.clear()
-        _recordings.clear()
+        for p in list(_all):
+            p.entries.clear()
+            p.recordings.clear()
+
+
+def size() -> int:
+    """Programs (and uncacheable signatures) held, over all backends."""
+    return sum(len(p.entries) for p in list(_all))
 
 
 def enabled() -> bool:
@@ -110,10 +141,6 @@ def set_enabled(on: bool) -> None:
     The programs stay: turning it off changes which code runs, never what a program means."""
     global _enabled
     _enabled = bool(on)
-
-
-def size() -> int:
-    return len(_cache)
 
 
 # ---------------------------------------------------------------------------

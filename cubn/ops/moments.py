@@ -51,16 +51,16 @@ def _moments(backend, plan, x, keepdims):
     x3 = plan.view3(x)
     if backend.info is None or not _lc._enabled:
         return _stats(backend, plan, x3, acc, None, x.dtype, out_shape)
-    key = ("moments", backend, x3.shape, x3.strides, x3.dtype, alignment_of(x3), out_shape)
-    prog = _lc.lookup(key)
+    key = ("moments", x3.shape, x3.strides, x3.dtype, alignment_of(x3), out_shape)
+    prog = _lc.lookup(backend, key)
     if prog is not None and prog is not _lc.UNCACHEABLE:
         mean, var = prog.run((x3,))
         return mean, var
-    if prog is None and _lc.may_record(("moments", backend, x3.shape)):
+    if prog is None and _lc.may_record(backend, ("moments", x3.shape)):
         rec = _lc.Recording(backend)
         with rec:
             mean, var = _stats(rec.backend, plan, x3, acc, None, x.dtype, out_shape)
-        _lc.store(key, rec.program([x3], [mean, var], keyed_alignment=(0,)))
+        _lc.store(backend, key, rec.program([x3], [mean, var], keyed_alignment=(0,)))
         return mean, var
     return _stats(backend, plan, x3, acc, None, x.dtype, out_shape)
 

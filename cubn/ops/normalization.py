@@ -68,7 +68,7 @@ def bn_forward(backend, plan, x3, acc, *, training, fold, update=None, given=Non
     if backend.info is not None and cacheable and exchange is None and weights is None and _lc._enabled:
         key = _forward_key(backend, x3, acc, training, fold, update, given, side3, act)
         if key is not None:
-            prog = _lc.lookup(key)
+            prog = _lc.lookup(backend, key)
             if prog is None or prog is not _lc.UNCACHEABLE:
                 inputs = _forward_inputs(x3, side3, fold, update, given)
                 ctx = ForwardContext(backend, plan, acc, x3, side3, act, training, fold, weights=None,
@@ -104,7 +104,7 @@ def _forward_key(backend, x3, acc, training, fold, update, given, side3, act):
     else:
         ukey = None
     side = None if side3 is None else (side3.shape, side3.strides, side3.dtype, alignment_of(side3))
-    return ("forward", backend, one_launch_enabled(), training, x3.shape, x3.strides, x3.dtype, alignment_of(x3),
+    return ("forward", one_launch_enabled(), training, x3.shape, x3.strides, x3.dtype, alignment_of(x3),
             acc, _act_key(act), side, fold.eps, fold.gamma is None, fold.beta is None, ukey,
             None if given is None else (given[0] is None, given[1] is None))
 
@@ -119,14 +119,14 @@ def _forward_inputs(x3, side3, fold, update, given):
 
 
 def _record_forward(key, backend, plan, x3, acc, training, fold, update, given, side3, act, inputs):
-    if not _lc.may_record(("forward", backend, x3.shape)):
+    if not _lc.may_record(backend, ("forward", x3.shape)):
         return _bn_forward(backend, plan, x3, acc, training, fold, update, given, None, side3, act, None)
     rec = _lc.Recording(backend)
     with rec:
         y3, ctx = _bn_forward(rec.backend, plan, x3, acc, training, fold, update, given, None, side3, act, None)
     ctx.backend = backend
     outs = [y3] + ([getattr(ctx.stats, f) for f in _STATS_FIELDS] if training else [])
-    _lc.store(key, rec.program(inputs, outs, keyed_alignment=(0, 1), aliases=((4, 5), (6, 7))))
+    _lc.store(backend, key, rec.program(inputs, outs, keyed_alignment=(0, 1), aliases=((4, 5), (6, 7))))
     return y3, ctx
 
 
@@ -172,7 +172,7 @@ def bn_backward(ctx: ForwardContext, dy3, want_dside: bool):
     if b.info is not None and ctx.exchange is None and (ctx.weights is None or not ctx.training) and _lc._enabled:
         key = _backward_key(ctx, dy3, want_dside)
         if key is not None:
-            prog = _lc.lookup(key)
+            prog = _lc.lookup(b, key)
             if prog is None or prog is not _lc.UNCACHEABLE:
                 stats = ctx.stats
                 if stats is None:
@@ -186,7 +186,7 @@ def bn_backward(ctx: ForwardContext, dy3, want_dside: bool):
                     if stats is None:
                         ctx.stats = Stats(*outs[4:])
                     return outs[0], outs[1], outs[2], outs[3]
-                if _lc.may_record(("backward", b, dy3.shape)):
+                if _lc.may_record(b, ("backward", dy3.shape)):
                     had_stats = stats is not None
                     rec = _lc.Recording(b)
                     ctx.backend = rec.backend
@@ -196,7 +196,7 @@ def bn_backward(ctx: ForwardContext, dy3, want_dside: bool):
                     finally:
                         ctx.backend = b
                     outs = list(out) + ([] if had_stats else [getattr(ctx.stats, f) for f in _STATS_FIELDS])
-                    _lc.store(key, rec.program(inputs, outs, keyed_alignment=(0, 1, 2)))
+                    _lc.store(b, key, rec.program(inputs, outs, keyed_alignment=(0, 1, 2)))
                     return out
     return _bn_backward(ctx, dy3, want_dside)
 
@@ -213,7 +213,7 @@ def _backward_key(ctx, dy3, want_dside):
     side3 = ctx.side3
     side = None if side3 is None else (side3.shape, side3.strides, side3.dtype, alignment_of(side3))
     x3 = ctx.x3
-    return ("backward", ctx.backend, one_launch_enabled(), ctx.training, want_dside, dy3.shape, dy3.strides,
+    return ("backward", one_launch_enabled(), ctx.training, want_dside, dy3.shape, dy3.strides,
             dy3.dtype, alignment_of(dy3), x3.shape, x3.strides, x3.dtype, alignment_of(x3), ctx.acc,
             _act_key(ctx.act), side, ctx.x_dtype, ctx.side_dtype, skey)
 
@@ -499,21 +499,21 @@ def _fused(backend, plan, x, acc, gamma, beta, given_mean, given_var, side_input
         y3, m, v = _fused_run(backend, plan, x3, acc, gamma, beta, given_mean, given_var, side3, eps, f, act,
                               is_training)
         return plan.unview3(y3), m, v
-    key = ("fused", backend, one_launch_enabled(), is_training, x3.shape, x3.strides, x3.dtype, alignment_of(x3),
+    key = ("fused", one_launch_enabled(), is_training, x3.shape, x3.strides, x3.dtype, alignment_of(x3),
            acc, None if act is None else (act.kernel_id, act.alpha),
            None if side3 is None else (side3.strides, alignment_of(side3)), eps, f,
            gamma is None, beta is None, given_mean is None, given_var is None)
     inputs = [x3, side3, gamma, beta, given_mean, given_var]
-    prog = _lc.lookup(key)
+    prog = _lc.lookup(backend, key)
     if prog is not None and prog is not _lc.UNCACHEABLE:
         y3, m, v = prog.run(inputs)
         return y3.reshape(plan.shape) if plan.perm is None else plan.unview3(y3), m, v
-    if prog is None and _lc.may_record(("fused", backend, x3.shape)):
+    if prog is None and _lc.may_record(backend, ("fused", x3.shape)):
         rec = _lc.Recording(backend)
         with rec:
             y3, m, v = _fused_run(rec.backend, plan, x3, acc, gamma, beta, given_mean, given_var, side3, eps, f,
                                   act, is_training)
-        _lc.store(key, rec.program(inputs, [y3, m, v], keyed_alignment=(0, 1)))
+        _lc.store(backend, key, rec.program(inputs, [y3, m, v], keyed_alignment=(0, 1)))
     else:
         y3, m, v = _fused_run(backend, plan, x3, acc, gamma, beta, given_mean, given_var, side3, eps, f, act,
                               is_training)
