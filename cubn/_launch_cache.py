@@ -159,7 +159,7 @@ class Program:
     def __init__(self, xp, roots, views, launches, outputs):
         self.roots = roots        # ((zeroed, shape, dtype), ...)
         self.views = views        # ((root, kind, arg), ...): "root", "row", "rows", "reshape", "rowshape"
-        self.launches = launches  # ((launch, kernel, grid, block, shared, template, fills), ...)
+        self.launches = launches  # ((launcher, kernel, grid, block, shared, template, fills), ...)
         self.outputs = outputs    # per output: input index >= 0, ~view index < 0, or None
         env = {"_empty": xp.empty, "_zeros": xp.zeros}
         lines = ["def run(inputs):"]
@@ -189,9 +189,10 @@ class Program:
         def name(src):
             return f"i{src}" if src >= 0 else f"v{~src}"
 
-        for j, (launch, kernel, grid, block, shared, template, fills) in enumerate(launches):
-            env[f"_launch{j}"], env[f"_k{j}"], env[f"_g{j}"], env[f"_b{j}"], env[f"_sh{j}"] = (
-                launch, kernel, grid, block, shared)
+        for j, (launcher, kernel, grid, block, shared, template, fills) in enumerate(launches):
+            # the launcher's launch is looked up at each call: whoever wraps it later is obeyed
+            env[f"_L{j}"], env[f"_k{j}"], env[f"_g{j}"], env[f"_b{j}"], env[f"_sh{j}"] = (
+                launcher, kernel, grid, block, shared)
             items = []
             filled = dict(fills)
             for pos, c in enumerate(template):
@@ -202,7 +203,7 @@ class Program:
                 else:
                     env[f"_c{j}_{pos}"] = c
                     items.append(f"_c{j}_{pos}")
-            lines.append(f"    _launch{j}(_k{j}, _g{j}, _b{j}, _sh{j}, ({', '.join(items)},))")
+            lines.append(f"    _L{j}.launch(_k{j}, _g{j}, _b{j}, _sh{j}, ({', '.join(items)},))")
         lines.append("    return [" + ", ".join("None" if o is None else name(o) for o in outputs) + "]")
         self.source = "\n".join(lines) + "\n"
         exec(compile(self.source, "<cubn launch program>", "exec"), env)  # noqa: S102 - our own text
@@ -388,7 +389,7 @@ class Recording:
                 fills.append((pos, source(a, for_read=spec_args[pos].const)))
                 template[pos] = None
             fills.sort()
-            launches.append((self.real.launcher.launch, kernel, tuple(grid), tuple(block), shared,
+            launches.append((self.real.launcher, kernel, tuple(grid), tuple(block), shared,
                              tuple(template), tuple(fills)))
         outs = []
         for a in outputs:

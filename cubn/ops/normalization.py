@@ -209,7 +209,9 @@ def _backward_key(ctx, dy3, want_dside):
             return None
         skey = (None, fold.eps, fold.gamma is None, fold.beta is None)
     else:
-        skey = tuple(getattr(stats, f) is None for f in _STATS_FIELDS)
+        s = stats
+        skey = (s.count is None, s.mean is None, s.var is None, s.invstd is None, s.scale is None, s.shift is None,
+                s.gcoef is None, s.hcoef is None, s.r is None, s.d is None)
     side3 = ctx.side3
     side = None if side3 is None else (side3.shape, side3.strides, side3.dtype, alignment_of(side3))
     x3 = ctx.x3
