@@ -11,10 +11,13 @@ from __future__ import annotations
 import numpy as np
 
 
-def plain_vector(a, c: int, acc) -> bool:
+def plain_vector(a, c: int, acc, _ndarray=np.ndarray) -> bool:
     """``a`` is None, or a (c,) contiguous array of dtype ``acc`` the kernels read as is."""
     if a is None:
         return True
+    if type(a) is _ndarray and a.dtype is acc and a.shape == (c,):  # the common case, first
+        f = a.flags
+        return f.aligned and f.c_contiguous
     if a.shape != (c,) or a.dtype != acc:
         return False
     if type(a) is np.ndarray:

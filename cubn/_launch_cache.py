@@ -26,9 +26,13 @@ A recording becomes a program only when the replay provably does the same:
   says they are the same object.
 
 The kernel backend never reads a device value back on the host (its module
-says so), so values cannot change the launches. Entries live in a bounded
-LRU dict shared by all threads; a recording runs on the calling thread's
-own copy of the backend.
+says so), so values cannot change the launches. What else changes them is
+in the key or in where the program lives: ``cubn.use_one_launch`` is part
+of every key; ``cubn.use_backend`` and the device pick another backend
+object, and each backend keeps its own programs (a bounded LRU dict shared
+by all threads, gone with the backend); ``cubn.set_num_threads`` only
+concerns the NumPy backend, which has no programs. A recording runs on the
+calling thread's own copy of the backend.
 """
 from __future__ import annotations
 
@@ -89,11 +93,10 @@ def lookup(backend, key):
         return None
     except TypeError:  # an unhashable key part: never cached
         return UNCACHEABLE
-    with _lock:
-        try:
-            entries.move_to_end(key)
-        except KeyError:  # evicted meanwhile
-            pass
+    try:
+        entries.move_to_end(key)  # one C call: atomic under the GIL, like the lookup
+    except KeyError:  # evicted meanwhile
+        pass
     return entry
 
 
