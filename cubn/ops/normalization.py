@@ -189,12 +189,8 @@ def bn_backward(ctx: ForwardContext, dy3, want_dside: bool):
                 if _lc.may_record(b, ("backward", dy3.shape)):
                     had_stats = stats is not None
                     rec = _lc.Recording(b)
-                    ctx.backend = rec.backend
-                    try:
-                        with rec:
-                            out = _bn_backward(ctx, dy3, want_dside)
-                    finally:
-                        ctx.backend = b
+                    with rec:  # (the context itself keeps its backend: other threads may use it meanwhile)
+                        out = _bn_backward(ctx, dy3, want_dside, rec.backend)
                     outs = list(out) + ([] if had_stats else [getattr(ctx.stats, f) for f in _STATS_FIELDS])
                     _lc.store(b, key, rec.program(inputs, outs, keyed_alignment=(0, 1, 2)))
                     return out
@@ -220,8 +216,10 @@ def _backward_key(ctx, dy3, want_dside):
             _act_key(ctx.act), side, ctx.x_dtype, ctx.side_dtype, skey)
 
 
-def _bn_backward(ctx, dy3, want_dside):
-    b, acc = ctx.backend, ctx.acc
+def _bn_backward(ctx, dy3, want_dside, b=None):
+    if b is None:
+        b = ctx.backend
+    acc = ctx.acc
     stats = ctx.stats
     if stats is None:  # inference forward: fold the given statistics now
         stats = ctx.stats = b.finalize(None, acc, ctx.fold, given=ctx.given)
