@@ -262,3 +262,30 @@ def test_errors_are_the_ordinary_ones_after_a_replay(rng, emulated, fresh_cache)
             cubn.fused_batch_norm(x, g, g, g, g, side_input=x.astype(np.float64))
         with pytest.raises(ValueError, match="when is_training=False"):
             cubn.fused_batch_norm(x, g, g, None, g, is_training=False)
+
+
+def test_one_context_backward_from_threads_while_recording(rng, emulated, fresh_cache):
+    """Threads calling backward with one forward context, the first of them
+    recording: each gets the ordinary result (no thread runs on another's recording)."""
+    x, dy = _data(rng, (12, 5), offset=10.0), _data(rng, (12, 5))
+    bn = cubn.BatchNorm(scale=True, updates_collections=None)
+    with emulated():
+        _, ctx = bn.forward(x)
+        want = _uncached(lambda: bn.backward(dy, ctx))
+    start, errors = threading.Barrier(4), []
+
+    def work():
+        try:
+            start.wait()
+            with cubn.use_backend("emulated"):
+                for _ in range(3):
+                    np.testing.assert_array_equal(bn.backward(dy, ctx), want)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
