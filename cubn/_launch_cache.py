@@ -4,8 +4,9 @@ The host work of one call on a kernel backend -- the one-launch decision,
 grids, vector widths, variants, buffer shapes, the argument tuples with their
 scalars converted -- depends only on what a call's *signature* holds: shapes,
 dtypes, the 16-byte alignment of the tensors, the scalar arguments, the
-device and the scoped options. So the first call of a signature runs the
-ordinary code on a recording copy of the backend, and what it did becomes a
+device and the scoped options. So the second call of a signature (a shape
+called once never pays for a recording) runs the ordinary code on a
+recording copy of the backend, and what it did becomes a
 :class:`Program`: which buffers to allocate, and for each launch the kernel,
 grid, block, shared bytes and the argument tuple with slots for the inputs
 and the new buffers. A repeated call is a dict lookup, the allocations and
@@ -53,6 +54,7 @@ MAX_ENTRIES = 512  # programs per backend
 MAX_RECORDINGS_PER_GROUP = 64
 
 UNCACHEABLE = object()  # a signature whose calls always run the ordinary code
+SEEN = object()  # a signature called once: the next call records (one-off shapes never pay for it)
 
 _lock = threading.Lock()
 _enabled = True
@@ -82,17 +84,21 @@ def _programs(backend) -> _Programs:
 
 
 def lookup(backend, key):
-    """The program (or :data:`UNCACHEABLE`) of ``key`` on ``backend``, or None: record it."""
+    """The program of ``key`` on ``backend``; None: record this call; :data:`UNCACHEABLE`:
+    run the ordinary code (a signature that cannot be replayed, or seen for the first time)."""
     p = backend.__dict__.get("_launch_programs")
     if p is None:
-        return None
+        p = _programs(backend)
     entries = p.entries
     try:
         entry = entries[key]
     except KeyError:
-        return None
+        store(backend, key, SEEN)
+        return UNCACHEABLE
     except TypeError:  # an unhashable key part: never cached
         return UNCACHEABLE
+    if entry is SEEN:
+        return None
     try:
         entries.move_to_end(key)  # one C call: atomic under the GIL, like the lookup
     except KeyError:  # evicted meanwhile
@@ -209,8 +215,16 @@ class Program:
             lines.append(f"    _L{j}.launch(_k{j}, _g{j}, _b{j}, _sh{j}, ({', '.join(items)},))")
         lines.append("    return [" + ", ".join("None" if o is None else name(o) for o in outputs) + "]")
         self.source = "\n".join(lines) + "\n"
-        exec(compile(self.source, "<cubn launch program>", "exec"), env)  # noqa: S102 - our own text
+        code = _compiled.get(self.source)  # the text holds the structure only: shapes of one kind share it
+        if code is None:
+            code = compile(self.source, "<cubn launch program>", "exec")
+            if len(_compiled) < 4 * MAX_ENTRIES:
+                _compiled[self.source] = code
+        exec(code, env)  # noqa: S102 - our own text
         self.run = env["run"]
+
+
+_compiled: dict = {}  # program text -> code object
 
 
 # ---------------------------------------------------------------------------
@@ -327,13 +341,14 @@ class Recording:
         for a in self.alloc_order:
             if a.size and _memory.pointer(a) % _memory.VECTOR_BYTES:
                 raise _Impure("an allocation not aligned to 16 bytes")
-        geo = [None if a is None else _geometry(a) for a in inputs]
+        memo = {}  # every array here stays alive (the recording holds them) while the memo lives
+        geo = [None if a is None else _geometry(a, memo) for a in inputs]
         roots, views, view_index = [], [], {}
         root_index = {}
         written = set()  # (root, view) regions a launch has written; (root, None): the whole root
 
         def source(a, for_read, check=True):
-            g = _geometry(a)
+            g = _geometry(a, memo)
             matches = [i for i, gi in enumerate(geo) if gi == g and inputs[i] is not None]
             if matches:
                 if len(matches) > 1 and (frozenset(matches) not in aliases
@@ -350,7 +365,7 @@ class Recording:
                 root_index[idx] = len(roots)
                 roots.append((zeroed, tuple(root.shape), root.dtype))
             ri = root_index[idx]
-            v = (ri,) + _recipe(a, root)
+            v = (ri,) + _recipe(a, root, g[0] - _geometry(root, memo)[0])
             if v not in view_index:
                 view_index[v] = len(views)
                 views.append(v)
@@ -364,7 +379,7 @@ class Recording:
 
         probed_ok = {id(a) for a in self.alloc_order}
         for a in self.probed:
-            g = _geometry(a)
+            g = _geometry(a, memo)
             hit = [i for i, gi in enumerate(geo) if gi == g and inputs[i] is not None]
             if hit:
                 if not all(i in keyed for i in hit):
@@ -412,13 +427,18 @@ def _is_array(a) -> bool:
     return not isinstance(a, np.generic) and hasattr(a, "__cuda_array_interface__")
 
 
-def _geometry(a):
+def _geometry(a, _memo=None):
+    """(address, shape, strides, dtype) of ``a``; ``_memo``: id -> geometry of arrays alive meanwhile."""
+    if _memo is not None:
+        g = _memo.get(id(a))
+        if g is None:
+            g = _memo[id(a)] = (_memory.pointer(a), tuple(a.shape), tuple(a.strides), a.dtype)
+        return g
     return (_memory.pointer(a), tuple(a.shape), tuple(a.strides), a.dtype)
 
 
-def _recipe(a, root):
-    """How a replay makes the view ``a`` of ``root``: (kind, arg)."""
-    off = _memory.pointer(a) - _memory.pointer(root)
+def _recipe(a, root, off):
+    """How a replay makes the view ``a`` of ``root`` (``off`` bytes into it): (kind, arg)."""
     shape, strides = tuple(a.shape), tuple(a.strides)
     rshape, rstrides = tuple(root.shape), tuple(root.strides)
     if off == 0 and shape == rshape and strides == rstrides:

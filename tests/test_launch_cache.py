@@ -73,7 +73,8 @@ def test_fused_batch_norm_replay_matches(rng, emulated, fresh_cache, one_launch,
 
     with emulated(), cubn.use_one_launch(one_launch):
         for fn in (train, infer):
-            train(_data(rng, shape)), infer(_data(rng, shape))  # recorded
+            for _ in range(2):  # seen, then recorded
+                train(_data(rng, shape)), infer(_data(rng, shape))
             n = lc.size()
             for _ in range(2):
                 x = _data(rng, shape, offset=1e4)
@@ -111,7 +112,7 @@ def test_layer_forward_backward_replay_matches(rng, emulated, fresh_cache, one_l
     dys = [_data(rng, shape) for _ in range(3)]
     before = dict(lc.stats)
     with emulated(), cubn.use_one_launch(one_launch):
-        got = steps(xs, dys)  # the first step records, the later ones replay
+        got = steps(xs, dys)  # the first step is seen, the second records, the third replays
         # training and inference forward and backward: four programs, every one cacheable
         assert lc.stats["recorded"] - before["recorded"] == 4 == lc.size()
         assert lc.stats["uncacheable"] == before["uncacheable"]
@@ -167,6 +168,7 @@ def test_use_one_launch_and_alignment_change_the_program(fresh_cache):
             with cubn.use_one_launch(one):
                 for name, a in (("aligned", x), ("shifted", shifted)):
                     first = _uncached(lambda: call(a))
+                    call(a)  # seen
                     call(a)  # recorded
                     plans[one, name] = call(a)  # replayed
                     assert plans[one, name] == first
@@ -213,10 +215,13 @@ def test_a_scalar_that_changes_every_call_stops_recording(fresh_cache, monkeypat
     launcher = RecordingLauncher("h100")
     x = np.zeros((16, 8), np.float32)
     g = np.ones(8, np.float32)
+    b, m, v = (np.ones(8, np.float32) for _ in range(3))
+    before = lc.stats["recorded"]
     with _model(launcher):
         for t in range(1, 10):
-            cubn.fused_batch_norm(x, g, g, g, g, 1e-3, exponential_avg_factor=1.0 / (t + 1))
-        assert lc.size() == 3
+            for _ in range(3):  # seen, recorded (while the group may), replayed
+                cubn.fused_batch_norm(x, g, b, m, v, 1e-3, exponential_avg_factor=1.0 / (t + 1))
+    assert lc.stats["recorded"] - before == 3
 
 
 def test_threads_share_programs(rng, emulated, fresh_cache):
