@@ -206,6 +206,44 @@ def select(func: str, primary: str, x, **others):
     return get_backend(override or "numpy")
 
 
+def fast_select(x, others):
+    """The backend of a call whose arrays need none of :func:`select`'s and
+    ``readable``'s work, or None (then the ordinary checks run and explain).
+
+    That is: ``x`` a plain ``numpy.ndarray`` in native byte order with
+    aligned elements, every array of ``others`` None or a plain
+    ``numpy.ndarray`` too -- or all of them ``cupy.ndarray`` on ``x``'s
+    device -- and the backend for them already made. Checks only; the
+    callers still check shapes and dtypes.
+    """
+    t = type(x)
+    if t is np.ndarray:
+        for a in others:
+            if a is not None and type(a) is not t:
+                return None
+        if not (x.flags.aligned and x.dtype.isnative):
+            return None
+        override = _override.get()
+        if override is None:
+            override = "numpy"
+        elif override == "cupy":
+            return None
+        return _backends.get((override, None))
+    if not t.__module__.startswith("cupy"):
+        return None
+    cp = _import_cupy()
+    if cp is None or t is not cp.ndarray or _override.get() not in (None, "cupy"):
+        return None
+    size = x.dtype.itemsize
+    if x.size and (x.data.ptr % size or any(st % size for st in x.strides)):
+        return None  # readable() copies it
+    dev = x.device.id
+    for a in others:
+        if a is not None and (type(a) is not t or a.device.id != dev):
+            return None
+    return _backends.get(("cupy", dev))
+
+
 _backends: dict = {}
 _backends_lock = threading.Lock()  # threads meeting a backend for the first time create one, not two
 

@@ -105,7 +105,22 @@ def name_of(dtype) -> str:
     """
     if isinstance(dtype, str) and dtype in TABLE:
         return dtype
-    return np.dtype(dtype).name
+    try:
+        return _NAMES[dtype]
+    except (KeyError, TypeError):  # new, or unhashable
+        pass
+    name = np.dtype(dtype).name
+    if len(_NAMES) < 256:
+        try:
+            _NAMES[dtype] = name
+        except TypeError:
+            pass
+    return name
+
+
+# ``dtype.name`` costs microseconds and every launch asks it several times:
+# the names of the dtypes seen so far (dtypes that compare equal share a name).
+_NAMES: dict = {}
 
 
 def info(dtype) -> DType:

@@ -109,8 +109,24 @@ def _normalized(p: Plan) -> Plan:
     return p
 
 
+_REDUCTION_PLANS: dict = {}
+
+
 def plan_for_reduction(shape, axes, func: str) -> Plan:
-    """Plan for ``moments(x, axes)``: reduce ``axes``, keep the rest."""
+    """Plan for ``moments(x, axes)``: reduce ``axes``, keep the rest (memoized: plans are immutable)."""
+    key = plan = None
+    # only plain ints: 0.0 == 0 would otherwise find the plan of axes=[0] instead of an error
+    if type(axes) is int or (type(axes) in (list, tuple) and all(type(a) is int for a in axes)):
+        key = (tuple(shape), axes if type(axes) is int else tuple(axes))
+        plan = _REDUCTION_PLANS.get(key)
+    if plan is None:
+        plan = _plan_for_reduction(shape, axes, func)
+        if key is not None and len(_REDUCTION_PLANS) < 1024:
+            _REDUCTION_PLANS[key] = plan
+    return plan
+
+
+def _plan_for_reduction(shape, axes, func):
     ndim = len(shape)
     if isinstance(axes, int):
         axes = (axes,)

@@ -1,13 +1,30 @@
 """Device pointers and their alignment, for NumPy and CuPy arrays alike."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from .._dtypes import VECTOR_BYTES
 
+_probe = threading.local()  # .log: the arrays whose address was asked, while a call is being recorded
+
+
+def start_probe(log: list) -> None:
+    """Note in ``log`` every array whose address this thread asks, until :func:`stop_probe`
+    (the launch cache learns which alignments decided a call)."""
+    _probe.log = log
+
+
+def stop_probe() -> None:
+    _probe.log = None
+
 
 def pointer(a) -> int:
     """The address of ``a``'s first element (a numpy or cupy array)."""
+    log = getattr(_probe, "log", None)
+    if log is not None:
+        log.append(a)
     if isinstance(a, np.ndarray):
         return a.__array_interface__["data"][0]  # works for ml_dtypes' bfloat16 too
     return a.data.ptr
@@ -24,3 +41,11 @@ def alignment(*arrays) -> int:
     while a > 1 and not aligned(a, *arrays):
         a //= 2
     return a
+
+
+def alignment_of(a) -> int:
+    """:func:`alignment` of one array (None: 16), with one address read."""
+    if a is None:
+        return VECTOR_BYTES
+    p = pointer(a) % VECTOR_BYTES
+    return VECTOR_BYTES if p == 0 else p & -p

@@ -74,6 +74,7 @@ class CupyLauncher:
         self._lock = threading.Lock()
         self._options = compile_options()
         self._info = None
+        self._get_device = cupy.cuda.runtime.getDevice
 
     def device_info(self) -> DeviceInfo:
         if self._info is None:
@@ -106,9 +107,14 @@ class CupyLauncher:
         return k
 
     def launch(self, kernel, grid, block, shared_bytes, args) -> None:
-        # None is a NULL pointer for CuPy; numpy scalars pass by value.
-        with self.xp.cuda.Device(self.device_id):
+        # None is a NULL pointer for CuPy; numpy scalars pass by value. A kernel
+        # runs on the device current at its launch: switch only when another one
+        # is (a Device context around every launch costs more than the launch's Python).
+        if self._get_device() == self.device_id:
             kernel(tuple(grid), tuple(block), tuple(args), shared_mem=int(shared_bytes))
+        else:
+            with self.xp.cuda.Device(self.device_id):
+                kernel(tuple(grid), tuple(block), tuple(args), shared_mem=int(shared_bytes))
 
     def empty(self, shape, dtype):
         with self.xp.cuda.Device(self.device_id):

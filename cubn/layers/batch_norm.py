@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from .. import _dtypes, activations
-from .._backend import gpu_available, is_array, is_cupy_array, select, take_dlpack
+from .._backend import fast_select, gpu_available, is_array, is_cupy_array, select, take_dlpack
+from .._fast import plain_like
 from .._checks import arg_error, check_float_input, check_positive_epsilon, check_unit_interval, describe
 from .._memory import readable, readable_all
 from .._plan import plan_for_channels
@@ -388,13 +389,18 @@ class BatchNorm:
         backward (a shared layer, or an inference call in between).
         """
         f = "BatchNorm"
-        x, batch_weights, side_input = take_dlpack(f, x=x, batch_weights=batch_weights, side_input=side_input)
-        check_float_input(f, "x", x)
-        backend = select(f, "x", x, batch_weights=batch_weights, side_input=side_input)
-        x, batch_weights, side_input = readable_all(f, x=x, batch_weights=batch_weights, side_input=side_input)
-        plan = plan_for_channels(x.shape, self.data_format, f)
-        with self._threads.lock:
-            self._ensure_built(x, plan.channels, backend)
+        plan = self._fast_plan(x, batch_weights, side_input, mask)
+        if plan is not None:
+            backend = plan[0]
+            plan = plan[1]
+        else:
+            x, batch_weights, side_input = take_dlpack(f, x=x, batch_weights=batch_weights, side_input=side_input)
+            check_float_input(f, "x", x)
+            backend = select(f, "x", x, batch_weights=batch_weights, side_input=side_input)
+            x, batch_weights, side_input = readable_all(f, x=x, batch_weights=batch_weights, side_input=side_input)
+            plan = plan_for_channels(x.shape, self.data_format, f)
+            with self._threads.lock:
+                self._ensure_built(x, plan.channels, backend)
         training = bool(is_training)
         in_place = training and self.updates_collections is None
         # An in-place update reads and writes the moving statistics (and the
@@ -411,6 +417,24 @@ class BatchNorm:
         if training:
             local.pending = out
         return y, out
+
+    def _fast_plan(self, x, batch_weights, side_input, mask):
+        """``(backend, plan)`` of a call of a built layer whose arguments need no
+        conversion and no check beyond these; None: the ordinary checks run."""
+        if batch_weights is not None or mask is not None or self._channels is None:
+            return None
+        backend = fast_select(x, (side_input,))
+        if backend is None or not _dtypes.is_supported_float(x.dtype):
+            return None
+        plan = plan_for_channels(x.shape, self.data_format, "BatchNorm")  # raises as the ordinary path would
+        if plan.channels != self._channels or not plain_like(side_input, x):
+            return None
+        if type(x) is np.ndarray:
+            if self._device is not None:
+                return None
+        elif x.device.id != self._device:
+            return None
+        return backend, plan
 
     def _forward(self, f, backend, plan, x, training, batch_weights, side_input, mask):
         xp = backend.xp
@@ -453,9 +477,12 @@ class BatchNorm:
             bessel = self._bessel(x.ndim, weights is not None)
             if self.updates_collections is None:
                 update = self._moving_update(bessel, step=self._step + 1)
+            # the cumulative average (1/t) and the zero-debias factor change with every call
+            steady = self.decay is not None and not self.zero_debias_moving_mean
             y3, ctx = bn_forward(backend, plan, x3, acc, training=True, fold=fold, update=update,
                                  weights=weights, side3=side3, act=fused_act,
-                                 exchange=self._exchange(backend, plan, x, weights is not None))
+                                 exchange=self._exchange(backend, plan, x, weights is not None),
+                                 cacheable=steady or update is None)
             if update is not None:
                 self._step += 1
             else:
@@ -608,11 +635,12 @@ class BatchNorm:
         """
         f = "BatchNorm.backward"
         handle = self._context_for(f, ctx)
-        dy, = take_dlpack(f, dy=dy)
-        check_float_input(f, "dy", dy)
         ctx, had_side, z = handle.op, handle.side_input, handle.z
-        select(f, "dy", dy, forward_input=ctx.x3)
-        dy = readable(f, "dy", dy)
+        if fast_select(dy, (ctx.x3,)) is None or not _dtypes.is_supported_float(dy.dtype):
+            dy, = take_dlpack(f, dy=dy)
+            check_float_input(f, "dy", dy)
+            select(f, "dy", dy, forward_input=ctx.x3)
+            dy = readable(f, "dy", dy)
         if self._custom is not None:
             if not self._custom.has_backward:
                 raise TypeError(

@@ -4,7 +4,9 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _dtypes
-from .._backend import select, take_dlpack
+from .. import _launch_cache as _lc
+from .._backend import fast_select, select, take_dlpack
+from ..backends._memory import alignment_of
 from .._checks import arg_error, check_float_input, describe
 from .._memory import readable
 from .._plan import plan_for_reduction
@@ -12,12 +14,18 @@ from .._args import as_like, make_weights
 
 
 def _reduce(func, x, axes, keepdims, weights_arg=None, weights_name="weights"):
+    if weights_arg is None:
+        backend = fast_select(x, ())
+        if backend is not None and _dtypes.is_supported_float(x.dtype):
+            return _moments(backend, plan_for_reduction(x.shape, axes, func), x, keepdims)
     x, weights_arg = take_dlpack(func, x=x, **{weights_name: weights_arg})
     check_float_input(func, "x", x)
     backend = select(func, "x", x, **({weights_name: weights_arg} if weights_arg is not None else {}))
     x, weights_arg = readable(func, "x", x), readable(func, weights_name, weights_arg)
     xp = backend.xp
     plan = plan_for_reduction(x.shape, axes, func)
+    if weights_arg is None:
+        return _moments(backend, plan, x, keepdims)
     acc = _dtypes.acc_dtype(x.dtype)
     out_shape = plan.keepdims_shape if keepdims else plan.stat_shape
     if plan.channels == 0:
@@ -25,16 +33,44 @@ def _reduce(func, x, axes, keepdims, weights_arg=None, weights_name="weights"):
         return empty, empty.copy()
     weights = None
     x3 = plan.view3(x)
-    if weights_arg is not None and plan.per_channel > 0:
+    if plan.per_channel > 0:
         w = as_like(func, weights_name, weights_arg, x, xp)
         weights = make_weights(func, weights_name, w, x.shape, plan, xp, acc)
-    elif weights_arg is not None:  # nothing to weigh: div_no_nan(0, 0), as TF
+    else:  # nothing to weigh: div_no_nan(0, 0), as TF
         as_like(func, weights_name, weights_arg, x, xp)
         return xp.zeros(out_shape, dtype=x.dtype), xp.zeros(out_shape, dtype=x.dtype)
+    return _stats(backend, plan, x3, acc, weights, x.dtype, out_shape)
+
+
+def _moments(backend, plan, x, keepdims):
+    """Unweighted moments of a readable ``x``; a kernel backend replays the launch program of the signature."""
+    acc = _dtypes.acc_dtype(x.dtype)
+    out_shape = plan.keepdims_shape if keepdims else plan.stat_shape
+    if plan.channels == 0:
+        empty = backend.xp.empty(out_shape, dtype=x.dtype)
+        return empty, empty.copy()
+    x3 = plan.view3(x)
+    if backend.info is None or not _lc._enabled:
+        return _stats(backend, plan, x3, acc, None, x.dtype, out_shape)
+    key = ("moments", x3.shape, x3.strides, x3.dtype, alignment_of(x3), out_shape)
+    prog = _lc.lookup(backend, key)
+    if prog is not None and prog is not _lc.UNCACHEABLE:
+        mean, var = prog.run((x3,))
+        return mean, var
+    if prog is None and _lc.may_record(backend, ("moments", x3.shape)):
+        rec = _lc.Recording(backend)
+        with rec:
+            mean, var = _stats(rec.backend, plan, x3, acc, None, x.dtype, out_shape)
+        _lc.store(backend, key, rec.program([x3], [mean, var], keyed_alignment=(0,)))
+        return mean, var
+    return _stats(backend, plan, x3, acc, None, x.dtype, out_shape)
+
+
+def _stats(backend, plan, x3, acc, weights, dtype, out_shape):
     partials = backend.welford_partials(plan, x3, acc, weights)
     stats = backend.finalize(partials, acc, fold=None)
-    mean = stats.mean.astype(x.dtype, copy=False).reshape(out_shape)
-    var = stats.var.astype(x.dtype, copy=False).reshape(out_shape)
+    mean = stats.mean.astype(dtype, copy=False).reshape(out_shape)
+    var = stats.var.astype(dtype, copy=False).reshape(out_shape)
     return mean, var
 
 

@@ -2,21 +2,24 @@
 training forward/backward pair the layers are built on."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .. import _dtypes, activations
-from .._backend import is_array, select, take_dlpack
+from .._backend import fast_select, is_array, select, take_dlpack
 from .._checks import arg_error, check_float_input, check_positive_epsilon, describe
 from .._memory import readable, readable_all
 from .._options import one_launch_enabled
 from .._plan import channel_axis, plan_for_channels, plan_for_kept_axes
 from ..backends import one_launch
-from ..backends._memory import alignment
-from ..backends.base import Affine, Fold, MovingUpdate, RawAffine
+from .. import _launch_cache as _lc
+from ..backends._memory import alignment_of
+from ..backends.base import Affine, Fold, MovingUpdate, RawAffine, Stats
 from .._args import channel_param
+from .._fast import plain_like, plain_vector
 
 
 # ---------------------------------------------------------------------------
@@ -43,7 +46,7 @@ class ForwardContext:
 
 
 def bn_forward(backend, plan, x3, acc, *, training, fold, update=None, given=None,
-               weights=None, side3=None, act=None, exchange=None):
+               weights=None, side3=None, act=None, exchange=None, cacheable=True):
     """``y3 = act(normalize(x3) + side3)``; returns ``(y3, ForwardContext)``.
 
     Training: statistics of ``x3`` (weighted by ``weights``), optional moving
@@ -56,14 +59,89 @@ def bn_forward(backend, plan, x3, acc, *, training, fold, update=None, given=Non
     ``exchange`` (SyncBatchNorm) sits between the statistics and finalize:
     ``exchange.partials(backend, partials, acc)`` returns the partials of the
     whole distributed batch, and the context keeps it for the backward sums.
+
+    On a kernel backend a repeated signature replays its launch program
+    (``cubn._launch_cache``); ``cacheable=False`` says the scalars change
+    from call to call (a cumulative average's 1/t), so a program would not
+    be reused.
     """
+    if backend.info is not None and cacheable and exchange is None and weights is None and _lc._enabled:
+        key = _forward_key(backend, x3, acc, training, fold, update, given, side3, act)
+        if key is not None:
+            prog = _lc.lookup(backend, key)
+            if prog is None or prog is not _lc.UNCACHEABLE:
+                inputs = _forward_inputs(x3, side3, fold, update, given)
+                ctx = ForwardContext(backend, plan, acc, x3, side3, act, training, fold, weights=None,
+                                     x_dtype=x3.dtype, side_dtype=None if side3 is None else side3.dtype)
+                if prog is not None:
+                    outs = prog.run(inputs)
+                    if training:
+                        ctx.stats = Stats(*outs[1:])
+                    else:
+                        ctx.given = given
+                    return outs[0], ctx
+                return _record_forward(key, backend, plan, x3, acc, training, fold, update, given, side3, act, inputs)
+    return _bn_forward(backend, plan, x3, acc, training, fold, update, given, weights, side3, act, exchange)
+
+
+_STATS_FIELDS = ("count", "mean", "var", "invstd", "scale", "shift", "gcoef", "hcoef", "r", "d")
+
+
+def _act_key(act):
+    return None if act is None else (act.kernel_id, act.alpha)
+
+
+def _forward_key(backend, x3, acc, training, fold, update, given, side3, act):
+    """What a training or inference forward's launches depend on (None: not cached)."""
+    if fold.adj_scale is not None or fold.adj_bias is not None or fold.renorm is not None:
+        return None
+    if update is not None:
+        u = update
+        if u.renorm_mean is not None or u.moving_stddev is not None or u.renorm_stddev is not None:
+            return None
+        ukey = (u.a, u.bessel, u.zd_factor, u.eps, u.mean_in is None, u.var_in is None, u.zd_biased is None,
+                u.mean_in is u.mean_out, u.var_in is u.var_out, u.mean_out is None, u.var_out is None)
+    else:
+        ukey = None
+    side = None if side3 is None else (side3.shape, side3.strides, side3.dtype, alignment_of(side3))
+    return ("forward", one_launch_enabled(), training, x3.shape, x3.strides, x3.dtype, alignment_of(x3),
+            acc, _act_key(act), side, fold.eps, fold.gamma is None, fold.beta is None, ukey,
+            None if given is None else (given[0] is None, given[1] is None))
+
+
+def _forward_inputs(x3, side3, fold, update, given):
+    u = update
+    return [x3, side3, fold.gamma, fold.beta,
+            None if u is None else u.mean_in, None if u is None else u.mean_out,
+            None if u is None else u.var_in, None if u is None else u.var_out,
+            None if u is None else u.zd_biased,
+            None if given is None else given[0], None if given is None else given[1]]
+
+
+def _record_forward(key, backend, plan, x3, acc, training, fold, update, given, side3, act, inputs):
+    if not _lc.may_record(backend, ("forward", x3.shape)):
+        return _bn_forward(backend, plan, x3, acc, training, fold, update, given, None, side3, act, None)
+    rec = _lc.Recording(backend)
+    with rec:
+        y3, ctx = _bn_forward(rec.backend, plan, x3, acc, training, fold, update, given, None, side3, act, None)
+    ctx.backend = backend
+    outs = [y3] + ([getattr(ctx.stats, f) for f in _STATS_FIELDS] if training else [])
+    _lc.store(backend, key, rec.program(inputs, outs, keyed_alignment=(0, 1), aliases=((4, 5), (6, 7))))
+    return y3, ctx
+
+
+def _bn_forward(backend, plan, x3, acc, training, fold, update, given, weights, side3, act, exchange):
     ctx = ForwardContext(backend, plan, acc, x3, side3, act, training, fold, weights=weights,
                          x_dtype=x3.dtype, side_dtype=None if side3 is None else side3.dtype,
                          exchange=exchange if training else None)
+    info = backend.info
     if training:
-        launch = one_launch.decide(one_launch.FORWARD, plan, x3.dtype, acc, backend.info, alignment(x3, side3),
-                                   enabled=one_launch_enabled(), weighted=weights is not None,
-                                   distributed=exchange is not None)
+        launch = None
+        if info is not None:  # the NumPy backend has no one-launch path: no addresses to ask
+            launch = one_launch.decide(one_launch.FORWARD, plan, x3.dtype, acc, info,
+                                       min(alignment_of(x3), alignment_of(side3)),
+                                       enabled=one_launch_enabled(), weighted=weights is not None,
+                                       distributed=exchange is not None)
         if launch is not None:
             y3, ctx.stats = backend.train_forward_one_launch(launch, plan, x3, acc, fold, update, side3, act)
             return y3, ctx
@@ -87,18 +165,73 @@ def bn_backward(ctx: ForwardContext, dy3, want_dside: bool):
     inference, not distributed: the one-launch path, as in :func:`bn_forward`).
 
     dgamma/dbeta are the gradients of gamma (the scale) and beta (the offset)
-    as the forward used them; r, d and the adjustment are constants.
+    as the forward used them; r, d and the adjustment are constants. A
+    repeated signature on a kernel backend replays its launch program.
     """
-    b, acc = ctx.backend, ctx.acc
+    b = ctx.backend
+    if b.info is not None and ctx.exchange is None and (ctx.weights is None or not ctx.training) and _lc._enabled:
+        key = _backward_key(ctx, dy3, want_dside)
+        if key is not None:
+            prog = _lc.lookup(b, key)
+            if prog is None or prog is not _lc.UNCACHEABLE:
+                stats = ctx.stats
+                if stats is None:
+                    fold, given = ctx.fold, ctx.given
+                    inputs = [dy3, ctx.x3, ctx.side3, fold.gamma, fold.beta, given[0], given[1]]
+                else:
+                    inputs = [dy3, ctx.x3, ctx.side3, stats.count, stats.mean, stats.var, stats.invstd,
+                              stats.scale, stats.shift, stats.gcoef, stats.hcoef, stats.r, stats.d]
+                if prog is not None:
+                    outs = prog.run(inputs)
+                    if stats is None:
+                        ctx.stats = Stats(*outs[4:])
+                    return outs[0], outs[1], outs[2], outs[3]
+                if _lc.may_record(b, ("backward", dy3.shape)):
+                    had_stats = stats is not None
+                    rec = _lc.Recording(b)
+                    with rec:  # (the context itself keeps its backend: other threads may use it meanwhile)
+                        out = _bn_backward(ctx, dy3, want_dside, rec.backend)
+                    outs = list(out) + ([] if had_stats else [getattr(ctx.stats, f) for f in _STATS_FIELDS])
+                    _lc.store(b, key, rec.program(inputs, outs, keyed_alignment=(0, 1, 2)))
+                    return out
+    return _bn_backward(ctx, dy3, want_dside)
+
+
+def _backward_key(ctx, dy3, want_dside):
+    stats = ctx.stats
+    if stats is None:
+        fold = ctx.fold
+        if fold.adj_scale is not None or fold.adj_bias is not None or fold.renorm is not None:
+            return None
+        skey = (None, fold.eps, fold.gamma is None, fold.beta is None)
+    else:
+        s = stats
+        skey = (s.count is None, s.mean is None, s.var is None, s.invstd is None, s.scale is None, s.shift is None,
+                s.gcoef is None, s.hcoef is None, s.r is None, s.d is None)
+    side3 = ctx.side3
+    side = None if side3 is None else (side3.shape, side3.strides, side3.dtype, alignment_of(side3))
+    x3 = ctx.x3
+    return ("backward", one_launch_enabled(), ctx.training, want_dside, dy3.shape, dy3.strides,
+            dy3.dtype, alignment_of(dy3), x3.shape, x3.strides, x3.dtype, alignment_of(x3), ctx.acc,
+            _act_key(ctx.act), side, ctx.x_dtype, ctx.side_dtype, skey)
+
+
+def _bn_backward(ctx, dy3, want_dside, b=None):
+    if b is None:
+        b = ctx.backend
+    acc = ctx.acc
     stats = ctx.stats
     if stats is None:  # inference forward: fold the given statistics now
         stats = ctx.stats = b.finalize(None, acc, ctx.fold, given=ctx.given)
     side = ctx.side3 if ctx.act is not None else None  # the side input matters only under an activation
-    same = np.dtype(ctx.x_dtype) == ctx.x3.dtype and (
-        not want_dside or np.dtype(ctx.side_dtype or ctx.x_dtype) == ctx.x3.dtype)
-    launch = one_launch.decide(one_launch.BACKWARD, ctx.plan, ctx.x3.dtype, acc, b.info, alignment(dy3, ctx.x3, side),
-                               enabled=one_launch_enabled(), weighted=ctx.weights is not None and ctx.training,
-                               distributed=ctx.exchange is not None, same_dtypes=same)
+    launch = None
+    if b.info is not None:
+        same = np.dtype(ctx.x_dtype) == ctx.x3.dtype and (
+            not want_dside or np.dtype(ctx.side_dtype or ctx.x_dtype) == ctx.x3.dtype)
+        launch = one_launch.decide(one_launch.BACKWARD, ctx.plan, ctx.x3.dtype, acc, b.info,
+                                   min(alignment_of(dy3), alignment_of(ctx.x3), alignment_of(side)),
+                                   enabled=one_launch_enabled(), weighted=ctx.weights is not None and ctx.training,
+                                   distributed=ctx.exchange is not None, same_dtypes=same)
     if launch is not None:
         return b.backward_one_launch(launch, ctx.plan, dy3, ctx.x3, ctx.side3, stats, ctx.act, acc, ctx.training,
                                      want_dside)
@@ -287,6 +420,12 @@ def fused_batch_norm(x, scale=None, offset=None, mean=None, variance=None, epsil
         ``(y, batch_mean, batch_var)``.
     """
     func = "fused_batch_norm"
+    backend = fast_select(x, (scale, offset, mean, variance, side_input))
+    if backend is not None:
+        out = _fused_fast(func, backend, x, scale, offset, mean, variance, epsilon, data_format, is_training,
+                          exponential_avg_factor, activation, side_input)
+        if out is not None:
+            return out
     x, scale, offset, mean, variance, side_input = take_dlpack(
         func, x=x, scale=scale, offset=offset, mean=mean, variance=variance, side_input=side_input)
     check_float_input(func, "x", x)
@@ -306,25 +445,93 @@ def fused_batch_norm(x, scale=None, offset=None, mean=None, variance=None, epsil
     given_mean = channel_param(func, "mean", mean, plan, xp, acc)
     given_var = channel_param(func, "variance", variance, plan, xp, acc)
     check_side_input(func, side_input, x)
-    fold = Fold(eps, gamma, beta)
-    x3 = plan.view3(x)
-    side3 = None if side_input is None else plan.view3(side_input)
     if is_training:
         check_training_batch(func, plan, x)
         if f != 1.0 and (given_mean is None or given_var is None):
             missing = "mean" if given_mean is None else "variance"
             raise arg_error(ValueError, func, missing, "the running statistics when exponential_avg_factor != 1", "None")
+    else:
+        for k, v in (("mean", given_mean), ("variance", given_var)):
+            if v is None:
+                raise arg_error(ValueError, func, k, "an array of shape (C,) when is_training=False", "None")
+    return _fused(backend, plan, x, acc, gamma, beta, given_mean, given_var, side_input, eps, f, act, is_training)
+
+
+def _fused_fast(func, backend, x, scale, offset, mean, variance, epsilon, data_format, is_training, f, activation,
+                side_input):
+    """fused_batch_norm for arguments that need no conversion (None: take the ordinary path).
+
+    Runs only checks that cannot fail differently from the ordinary path's
+    (those come first there too), so a call gives the same result or error either way.
+    """
+    if not _dtypes.is_supported_float(x.dtype):
+        return None
+    if type(epsilon) is not float or not 0.0 <= epsilon < math.inf:
+        return None
+    if type(f) is not float or not 0.0 <= f <= 1.0:
+        return None
+    if activation is not None and not isinstance(activation, activations.Activation):
+        return None
+    plan = plan_for_channels(x.shape, data_format, func)
+    acc = _dtypes.acc_dtype(x.dtype)
+    c = plan.channels
+    if not (plain_vector(scale, c, acc) and plain_vector(offset, c, acc) and plain_vector(mean, c, acc)
+            and plain_vector(variance, c, acc) and plain_like(side_input, x)):
+        return None
+    if is_training:
+        if plan.per_channel == 0 or (f != 1.0 and (mean is None or variance is None)):
+            return None
+    elif mean is None or variance is None:
+        return None
+    return _fused(backend, plan, x, acc, scale, offset, mean, variance, side_input, epsilon, f, activation,
+                  is_training)
+
+
+def _fused(backend, plan, x, acc, gamma, beta, given_mean, given_var, side_input, eps, f, act, is_training):
+    """fused_batch_norm on checked arguments: per-channel (C,) vectors in ``acc``.
+
+    On a kernel backend the whole call -- its two statistics outputs
+    included -- replays the launch program of its signature.
+    """
+    x3 = plan.view3(x)
+    side3 = None if side_input is None else plan.view3(side_input)
+    if backend.info is None or not _lc._enabled or (not is_training and x.size == 0):
+        y3, m, v = _fused_run(backend, plan, x3, acc, gamma, beta, given_mean, given_var, side3, eps, f, act,
+                              is_training)
+        return plan.unview3(y3), m, v
+    key = ("fused", one_launch_enabled(), is_training, x3.shape, x3.strides, x3.dtype, alignment_of(x3),
+           acc, None if act is None else (act.kernel_id, act.alpha),
+           None if side3 is None else (side3.strides, alignment_of(side3)), eps, f,
+           gamma is None, beta is None, given_mean is None, given_var is None)
+    inputs = [x3, side3, gamma, beta, given_mean, given_var]
+    prog = _lc.lookup(backend, key)
+    if prog is not None and prog is not _lc.UNCACHEABLE:
+        y3, m, v = prog.run(inputs)
+        return y3.reshape(plan.shape) if plan.perm is None else plan.unview3(y3), m, v
+    if prog is None and _lc.may_record(backend, ("fused", x3.shape)):
+        rec = _lc.Recording(backend)
+        with rec:
+            y3, m, v = _fused_run(rec.backend, plan, x3, acc, gamma, beta, given_mean, given_var, side3, eps, f,
+                                  act, is_training)
+        _lc.store(backend, key, rec.program(inputs, [y3, m, v], keyed_alignment=(0, 1)))
+    else:
+        y3, m, v = _fused_run(backend, plan, x3, acc, gamma, beta, given_mean, given_var, side3, eps, f, act,
+                              is_training)
+    return plan.unview3(y3), m, v
+
+
+def _fused_run(backend, plan, x3, acc, gamma, beta, given_mean, given_var, side3, eps, f, act, is_training):
+    """``(y3, mean, var)`` of fused_batch_norm (no launch program)."""
+    xp = backend.xp
+    fold = Fold(eps, gamma, beta)
+    if is_training:
         new_mean = xp.empty(plan.channels, acc)
         new_var = xp.empty(plan.channels, acc)
         upd = MovingUpdate(a=f, bessel=True, mean_in=given_mean if f != 1.0 else None, mean_out=new_mean,
                            var_in=given_var if f != 1.0 else None, var_out=new_var)
-        y3, _ = bn_forward(backend, plan, x3, acc, training=True, fold=fold, update=upd, side3=side3, act=act)
-        return plan.unview3(y3), new_mean, new_var
-    for k, v in (("mean", given_mean), ("variance", given_var)):
-        if v is None:
-            raise arg_error(ValueError, func, k, "an array of shape (C,) when is_training=False", "None")
-    if x.size == 0:
-        return xp.empty_like(x), given_mean, given_var
-    y3, _ = bn_forward(backend, plan, x3, acc, training=False, fold=fold, given=(given_mean, given_var),
-                       side3=side3, act=act)
-    return plan.unview3(y3), given_mean, given_var
+        y3, _ = _bn_forward(backend, plan, x3, acc, True, fold, upd, None, None, side3, act, None)
+        return y3, new_mean, new_var
+    if x3.size == 0:
+        return xp.empty_like(x3), given_mean, given_var
+    y3, _ = _bn_forward(backend, plan, x3, acc, False, fold, None, (given_mean, given_var), None, side3, act, None)
+    return y3, given_mean, given_var
