@@ -107,8 +107,7 @@ class KernelBackend(KernelPreprocessing):
         gx = -(-cv // bx)
         gy_needed = -(-rows // (by * MIN_VECTORS_PER_THREAD))
         gy = max(1, min(-(-self._target_blocks(REDUCE_WAVES) // gx), gy_needed, 65535))
-        if merged:
-            gy = max(1, min(gy, MAX_PARTIALS // (gx if fold > 1 else 1)))
+        gy = max(1, min(gy, MAX_PARTIALS // (gx if merged and fold > 1 else fold)))
         return _ClConfig(fold, cols, rows, vec, bx, by, gx, gy)
 
     def _cf_config(self, plan, dtype, arrays):
