@@ -230,39 +230,45 @@ cubn_moments_cl(const T* __restrict__ x, i64 rows, int cols, int C,
 // The channel's data, flattened as j = o * inner + i, is cut into nsplit
 // chunks of `chunk` elements (a multiple of VEC; inner % VEC == 0 when VEC > 1).
 // BAD as in cl_walk.
+// Unweighted, each thread keeps VEC Welford accumulators, one per position
+// in the vector, sharing one count (kn, kmean, km2): one reciprocal per
+// vector, as in the channels-last loop; they are merged after the walk.
 template <int BAD, int WMODE, int VEC, typename T, typename A>
 __device__ __forceinline__ void cf_walk(const T* __restrict__ x, int C, int c, i64 inner, i64 j, i64 end,
-                                        const A* __restrict__ w, i64 wdiv, A piv, A& n, A& mean, A& m2, A& bad) {
-  // Walk j, j + blockDim.x*VEC, ..., keeping (o, i).
+                                        const A* __restrict__ w, i64 wdiv, A piv, A& n, A& mean, A& m2, A& bad,
+                                        A& kn, A* kmean, A* km2) {
+  // Walk j, j + blockDim.x*VEC, ..., keeping (o, i) and the element offset
+  // off = (o*C + c)*inner + i, advanced by additions only.
   const i64 stride = (i64)blockDim.x * VEC;
   const i64 so = stride / inner, si = stride - so * inner;
+  const i64 dstep = so * C * inner + si, wrap = (i64)(C - 1) * inner;
   i64 o = j / inner, i = j - o * inner;
-  while (j < end) {
+  i64 off = (o * C + c) * inner + i;
+  int left = j < end ? int((end - j + stride - 1) / stride) : 0;  // vectors of this thread
+  while (left > 0) {
     Vec<T, VEC> q[CUBN_UNROLL];
-    i64 row[CUBN_UNROLL];
+    i64 row[CUBN_UNROLL], at[CUBN_UNROLL];
     int m = 0;
 #pragma unroll
     for (int u = 0; u < CUBN_UNROLL; ++u) {
-      if (j < end) {
-        row[u] = o;
-        q[u] = load_vec<T, VEC>(x + (o * C + c) * inner + i);
+      if (u < left) {
+        if (WMODE == 1) row[u] = o;
+        if (WMODE == 2) at[u] = off;
+        q[u] = load_vec<T, VEC>(x + off);
         m = u + 1;
-        j += stride; o += so; i += si;
-        if (i >= inner) { i -= inner; ++o; }
+        off += dstep; i += si;
+        if (WMODE == 1) o += so;
+        if (i >= inner) { i -= inner; off += wrap; if (WMODE == 1) ++o; }
       }
     }
+    left -= m;
 #pragma unroll
     for (int u = 0; u < CUBN_UNROLL; ++u) {
       if (u >= m) break;
       A v[VEC];
 #pragma unroll
       for (int k = 0; k < VEC; ++k) v[k] = to_acc(q[u].v[k]) - piv;
-      const A* wp = nullptr;
-      if (WMODE == 2) {  // element weights: recover the element offset of this vector
-        const i64 jj = j - (i64)(m - u) * stride;
-        const i64 oo = jj / inner, ii = jj - oo * inner;
-        wp = w + (oo * C + c) * inner + ii;
-      }
+      const A* wp = WMODE == 2 ? w + at[u] : nullptr;  // element weights: x's layout
       if (BAD) {
         const A wrow = WMODE == 1 ? w[row[u] / wdiv] : A(1);
 #pragma unroll
@@ -271,10 +277,14 @@ __device__ __forceinline__ void cf_walk(const T* __restrict__ x, int C, int c, i
           if (wt != A(0) && !is_finite(v[k])) bad += v[k];
         }
       } else if (WMODE == 0) {
-        // mean and M2 of the vector, then one Chan merge
-        A lm, lm2;
-        vec_moments<A, VEC>(v, lm, lm2);
-        chan_merge_live(n, mean, m2, A(VEC), lm, lm2);
+        kn += A(1);
+        const A inv = A(1) / kn;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const A d = v[k] - kmean[k];
+          kmean[k] += d * inv;
+          km2[k] += d * (v[k] - kmean[k]);
+        }
       } else if (WMODE == 1) {
         const A wt = w[row[u] / wdiv];  // the vector lies in one outer row: one weight
         if (wt == A(0)) continue;
@@ -310,10 +320,17 @@ cubn_moments_cf(const T* __restrict__ x, i64 outer, int C, i64 inner, int nsplit
   const A piv = L > 0 ? pivot_of<A>(x + (i64)c * inner) : A(0);
   if (s == 0 && threadIdx.x == 0) p_pivot[c] = piv;
   const i64 j = begin + (i64)threadIdx.x * VEC;
-  A bad = A(0);
-  cf_walk<0, WMODE, VEC>(x, C, c, inner, j, end, w, wdiv, piv, n, mean, m2, bad);
+  A bad = A(0), kn = A(0), kmean[VEC], km2[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) { kmean[k] = A(0); km2[k] = A(0); }
+  cf_walk<0, WMODE, VEC>(x, C, c, inner, j, end, w, wdiv, piv, n, mean, m2, bad, kn, kmean, km2);
+  if (WMODE == 0 && kn > A(0)) {  // the VEC accumulators, merged in a fixed order
+    n = kn; mean = kmean[0]; m2 = km2[0];
+#pragma unroll
+    for (int k = 1; k < VEC; ++k) chan_merge_live(n, mean, m2, kn, kmean[k], km2[k]);
+  }
   if (!(is_finite(mean) && is_finite(m2))) {
-    cf_walk<1, WMODE, VEC>(x, C, c, inner, j, end, w, wdiv, piv, n, mean, m2, bad);
+    cf_walk<1, WMODE, VEC>(x, C, c, inner, j, end, w, wdiv, piv, n, mean, m2, bad, kn, kmean, km2);
     if (bad != A(0)) { mean = bad; m2 = bad - bad; }
   }
   __shared__ A sh[96];
