@@ -134,7 +134,7 @@ cubn_moments_cl(const T* __restrict__ x, i64 rows, int cols, int C,
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       piv[k] = pivot_of<A>(x + c);  // row 0 of the data: x[c] is channel c's first element
-      if (blockIdx.y == 0 && j0 + k < C) p_pivot[j0 + k] = piv[k];
+      if (blockIdx.y == 0 && ty == 0 && j0 + k < C) p_pivot[j0 + k] = piv[k];
       if (++c == C) c = 0;
     }
     const i64 step = (i64)gridDim.y * by;
@@ -152,7 +152,7 @@ cubn_moments_cl(const T* __restrict__ x, i64 rows, int cols, int C,
       for (int k = 0; k < VEC; ++k)
         if (bad[k] != A(0)) { mean[k] = bad[k]; m2[k] = bad[k] - bad[k]; }
     }
-  } else if (rows == 0 && blockIdx.y == 0) {
+  } else if (rows == 0 && blockIdx.y == 0 && ty == 0) {
 #pragma unroll
     for (int k = 0; k < VEC; ++k)
       if (j0 + k < C) p_pivot[j0 + k] = A(0);
