@@ -334,15 +334,15 @@ def test_single_rank_equals_batch_norm_and_exchanges_what_the_docs_say(request, 
         for k in b.variables:
             np.testing.assert_array_equal(s.variables[k], b.variables[k])
         s(x, is_training=False)  # inference: nothing exchanged
-    # per training step: header + (count, mean, M2) forward, header + (S1, S2) backward
-    assert comm.calls == [("allgather", "int64", (HEADER_WORDS,)), ("allgather", dtype, (3 * c,)),
+    # per training step: header + (count, mean - pivot, M2, pivot) forward, header + (S1, S2) backward
+    assert comm.calls == [("allgather", "int64", (HEADER_WORDS,)), ("allgather", dtype, (4 * c,)),
                           ("allgather", "int64", (HEADER_WORDS,)), ("allreduce", dtype, (2 * c,))]
     quiet = _Recorder()
     with cubn.use_backend(backend_name):
         q = SyncBatchNorm(comm=quiet, verify=False, updates_collections=None)
         q(x)
         q.backward(dy)
-    assert quiet.calls == [("allgather", dtype, (3 * c,)), ("allreduce", dtype, (2 * c,))]
+    assert quiet.calls == [("allgather", dtype, (4 * c,)), ("allreduce", dtype, (2 * c,))]
 
 
 def test_empty_local_batch_is_fine_but_an_empty_global_batch_is_not():

@@ -41,16 +41,17 @@ class Partials(NamedTuple):
 
     Column j belongs to channel j % C; ``fold > 1`` when a channels-last
     kernel folded several outer rows into one row to fill its warps.
-    ``weighted`` says the counts are sums of frequency weights: a channel
-    whose weights sum to 0 then finalizes to mean 0 and variance 0 (as
-    ``tf.nn.weighted_moments``), where a channel with no data at all
-    finalizes to NaN.
+    ``pivot`` (C,): the means are relative to it (the kernels shift each
+    channel by its first element so offsets cost no digits); None: the means
+    are the means. ``weighted``: from a weighted reduction (a channel whose
+    weights sum to 0 has mean 0 and variance 0, not NaN).
     """
 
     count: Any
     mean: Any
     m2: Any
     fold: int = 1
+    pivot: Any = None
     weighted: bool = False
 
 

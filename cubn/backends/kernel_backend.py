@@ -19,11 +19,15 @@ from ._memory import aligned as _aligned
 from .kernel_preprocessing import KernelPreprocessing
 from .base import BackwardCoeffs, Partials, RawAffine, Stats, Sums
 
-CHANNELS_PER_FINALIZE_BLOCK = FINALIZE_THREADS // 32
+FINALIZE_ROW_BYTES = 32  # a finalize block reads this much of each partial row: one sector
 BLOCKS_PER_SM = 2048 // REDUCE_THREADS  # resident 256-thread blocks per SM at full occupancy
 REDUCE_WAVES = 2
 ELEMENTWISE_WAVES = 4
 MIN_VECTORS_PER_THREAD = 4  # below this a reduction thread's setup dominates
+# Partials per channel the statistics kernels leave (PyTorch caps its split at
+# 128): finalize merges them with a block of walkers, so its serial chain is
+# MAX_PARTIALS / walkers, while ~1 wave of reduction blocks still fills the GPU.
+MAX_PARTIALS = 1024
 
 
 def _pow2_at_least(n: int) -> int:
@@ -38,6 +42,9 @@ class _ClConfig:
         self.block = (bx, by, 1)
         self.grid = (gx, gy, 1)
         self.nsplit = gy
+        # moments.cu merges a block's folded columns per channel: its partials
+        # are (gy, gx * C) with fold gx; unfolded, (gy, cols) with fold 1
+        self.partial_fold = gx if fold > 1 else 1
 
 
 class _CfConfig:
@@ -73,7 +80,9 @@ class KernelBackend(KernelPreprocessing):
                 return v
         return 1
 
-    def _cl_config(self, plan, dtype, arrays, allow_fold=True):
+    def _cl_config(self, plan, dtype, arrays, allow_fold=True, merged=False):
+        """``merged``: the kernel merges a block's folded columns (moments.cu), so a channel has
+        gy * gx partials, not gy * fold; the split count is capped to keep them <= MAX_PARTIALS."""
         C, outer = plan.channels, plan.outer
         vmax = _dtypes.vector_widths(dtype)[-1]
         fold = 1
@@ -98,13 +107,14 @@ class KernelBackend(KernelPreprocessing):
         gx = -(-cv // bx)
         gy_needed = -(-rows // (by * MIN_VECTORS_PER_THREAD))
         gy = max(1, min(-(-self._target_blocks(REDUCE_WAVES) // gx), gy_needed, 65535))
+        gy = max(1, min(gy, MAX_PARTIALS // (gx if merged and fold > 1 else fold)))
         return _ClConfig(fold, cols, rows, vec, bx, by, gx, gy)
 
     def _cf_config(self, plan, dtype, arrays):
         C, L = plan.channels, plan.outer * plan.inner
         vec = self._vec(dtype, plan.inner, arrays)
         per_block_min = REDUCE_THREADS * vec * MIN_VECTORS_PER_THREAD
-        nsplit = max(1, min(-(-self._target_blocks(REDUCE_WAVES) // C), -(-L // per_block_min)))
+        nsplit = max(1, min(-(-self._target_blocks(REDUCE_WAVES) // C), -(-L // per_block_min), MAX_PARTIALS))
         chunk = -(-L // nsplit)
         chunk = -(-chunk // vec) * vec
         nsplit = max(1, -(-L // chunk)) if L else 1
@@ -116,9 +126,11 @@ class KernelBackend(KernelPreprocessing):
         return (blocks, 1, 1), (ELEMENTWISE_THREADS, 1, 1)
 
     @staticmethod
-    def _per_channel_grid(C):
-        """Finalize-style launches: one warp per channel."""
-        return (-(-C // CHANNELS_PER_FINALIZE_BLOCK), 1, 1), (FINALIZE_THREADS, 1, 1)
+    def _per_channel_grid(C, itemsize=4):
+        """Finalize-style launches: blocks of bx consecutive channels (one sector of each
+        partial row) by FINALIZE_THREADS / bx walkers over the partials."""
+        bx = min(max(1, FINALIZE_ROW_BYTES // itemsize), _pow2_at_least(C))
+        return (-(-C // bx), 1, 1), (bx, FINALIZE_THREADS // bx, 1)
 
     # -- statistics -------------------------------------------------------
     def welford_partials(self, plan, x3, acc, weights=None) -> Partials:
@@ -137,21 +149,25 @@ class KernelBackend(KernelPreprocessing):
             wmode = 1 if weights.kind == "outer" else 2
             wvals, wdiv = weights.values, weights.divisor
         dt = x3.dtype
+        C = plan.channels
         if plan.channels_last:
-            cfg = self._cl_config(plan, dt, (x3,), allow_fold=weights is None)
-            shape = (cfg.nsplit, cfg.cols)
-            pc, pm, p2 = xp.empty(shape, acc), xp.empty(shape, acc), xp.empty(shape, acc)
+            cfg = self._cl_config(plan, dt, (x3,), allow_fold=weights is None, merged=True)
+            pfold = cfg.partial_fold
+        else:
+            cfg = self._cf_config(plan, dt, (x3,))
+            pfold = 1
+        buf = xp.empty((3, cfg.nsplit, C * pfold), acc)  # one allocation: count, mean, M2
+        pc, pm, p2 = buf[0], buf[1], buf[2]
+        pivot = xp.empty(C, acc)
+        out = dict(w=wvals, wdiv=wdiv, p_count=pc, p_mean=pm, p_m2=p2, p_pivot=pivot)
+        if plan.channels_last:
             shared = 3 * cfg.block[0] * cfg.block[1] * cfg.vec * acc.itemsize
             self._launch(cl_kernel.variant(T=T, WMODE=wmode, VEC=cfg.vec), cfg.grid, cfg.block, shared,
-                         x=x3, rows=cfg.rows, cols=cfg.cols, w=wvals, wdiv=wdiv, p_count=pc, p_mean=pm, p_m2=p2)
-            return Partials(pc, pm, p2, cfg.fold, weights is not None)
-        cfg = self._cf_config(plan, dt, (x3,))
-        shape = (cfg.nsplit, plan.channels)
-        pc, pm, p2 = xp.empty(shape, acc), xp.empty(shape, acc), xp.empty(shape, acc)
-        self._launch(cf_kernel.variant(T=T, WMODE=wmode, VEC=cfg.vec), cfg.grid, cfg.block, 0,
-                     x=x3, outer=plan.outer, C=plan.channels, inner=plan.inner, nsplit=cfg.nsplit, chunk=cfg.chunk,
-                     w=wvals, wdiv=wdiv, p_count=pc, p_mean=pm, p_m2=p2)
-        return Partials(pc, pm, p2, 1, weights is not None)
+                         x=x3, rows=cfg.rows, cols=cfg.cols, C=C, **out)
+        else:
+            self._launch(cf_kernel.variant(T=T, WMODE=wmode, VEC=cfg.vec), cfg.grid, cfg.block, 0,
+                         x=x3, outer=plan.outer, C=C, inner=plan.inner, nsplit=cfg.nsplit, chunk=cfg.chunk, **out)
+        return Partials(pc, pm, p2, pfold, pivot, weights is not None)
 
     def finalize(self, partials, acc, fold, update=None, given=None) -> Stats:
         xp = self.xp
@@ -161,11 +177,12 @@ class KernelBackend(KernelPreprocessing):
             C = given[0].shape[0]
         o = self._stats_buffers(xp, C, acc, fold)
         if partials is not None:
-            inputs = dict(nparts=partials.count.shape[0], fold=partials.fold,
-                          p_count=partials.count, p_mean=partials.mean, p_m2=partials.m2)
+            inputs = dict(nparts=partials.count.shape[0], fold=partials.fold, p_count=partials.count,
+                          p_mean=partials.mean, p_m2=partials.m2, pivot=partials.pivot,
+                          weighted=int(bool(partials.weighted)))
         else:
             inputs = dict(given_mean=given[0], given_var=given[1])
-        grid, block = self._per_channel_grid(C)
+        grid, block = self._per_channel_grid(C, acc.itemsize)
         self._launch(R.BN_FINALIZE.variant(A=element(acc)), grid, block, 0, C=C, **inputs,
                      **self._finalize_args(fold, update, o, with_stats=partials is not None))
         if partials is None:
@@ -175,19 +192,21 @@ class KernelBackend(KernelPreprocessing):
         return Stats(count, mean, var, o["invstd"], o["scale"], o["shift"], o["g"], o["h"], o["r"], o["d"])
 
     def merge_partials(self, partials, acc) -> Partials:
-        """One (count, mean, M2) per channel: Partials of shape (1, C)."""
+        """One (count, mean - pivot, M2) per channel: Partials of shape (1, C), with the pivot
+        (zeros when ``partials`` had none) in the fourth row of the same (4, C) buffer."""
         C = partials.count.shape[1] // partials.fold
-        buf = self.xp.empty((3, C), acc)
-        grid, block = self._per_channel_grid(C)
+        buf = self.xp.empty((4, C), acc)
+        grid, block = self._per_channel_grid(C, acc.itemsize)
         self._launch(R.MERGE_PARTIALS.variant(A=element(acc)), grid, block, 0,
                      C=C, nparts=partials.count.shape[0], fold=partials.fold, p_count=partials.count,
-                     p_mean=partials.mean, p_m2=partials.m2, o_count=buf[0], o_mean=buf[1], o_m2=buf[2])
-        return Partials(buf[0:1], buf[1:2], buf[2:3], 1, partials.weighted)
+                     p_mean=partials.mean, p_m2=partials.m2, pivot=partials.pivot, o_count=buf[0], o_mean=buf[1],
+                     o_m2=buf[2], o_pivot=buf[3])
+        return Partials(buf[0:1], buf[1:2], buf[2:3], 1, buf[3], partials.weighted)
 
     def merge_sums(self, sums, acc) -> Sums:
         C = sums.s1.shape[1] // sums.fold
         buf = self.xp.empty((2, C), acc)
-        grid, block = self._per_channel_grid(C)
+        grid, block = self._per_channel_grid(C, acc.itemsize)
         self._launch(R.MERGE_SUMS.variant(A=element(acc)), grid, block, 0,
                      C=C, nparts=sums.s1.shape[0], fold=sums.fold, s1p=sums.s1, s2p=sums.s2, o1=buf[0], o2=buf[1])
         return Sums(buf[0:1], buf[1:2], 1)

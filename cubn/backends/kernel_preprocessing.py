@@ -42,10 +42,11 @@ class KernelPreprocessing:
         C = partials.count.shape[1] // partials.fold
         if C == 0:
             return
-        grid, block = self._per_channel_grid(C)
+        grid, block = self._per_channel_grid(C, acc.itemsize)
         self._launch(R.RM_MERGE.variant(A=element(acc)), grid, block, 0,
                      C=C, nparts=partials.count.shape[0], fold=partials.fold, p_count=partials.count,
-                     p_mean=partials.mean, p_m2=partials.m2, s_count=state[0], s_mean=state[1], s_m2=state[2])
+                     p_mean=partials.mean, p_m2=partials.m2, pivot=partials.pivot, s_count=state[0],
+                     s_mean=state[1], s_m2=state[2])
 
     def affine_map(self, x3, a, d, out_dtype, inverse):
         """``y = (x - a[c]) / d[c]`` (or ``x * d[c] + a[c]``) over a contiguous (outer, C, inner)

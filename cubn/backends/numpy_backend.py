@@ -337,7 +337,7 @@ class NumpyBackend(NumpyPreprocessing):
     @_quiet
     def merge_partials(self, partials, acc) -> Partials:
         count, mean, m2 = _merge(partials, acc)
-        return Partials(count[None, :], mean[None, :], m2[None, :], 1, partials.weighted)
+        return Partials(count[None, :], mean[None, :], m2[None, :], 1, weighted=partials.weighted)
 
     def merge_sums(self, sums, acc) -> Sums:
         return Sums(np.asarray(sums.s1, acc).sum(axis=0)[None, :], np.asarray(sums.s2, acc).sum(axis=0)[None, :], 1)

@@ -87,9 +87,37 @@ __device__ __forceinline__ void store_or_tail(T* p, const Vec<T, N>& v, i64 e0, 
 // Welford triples and Chan's merge: never E[x^2] - E[x]^2.
 // ---------------------------------------------------------------------------
 template <typename A>
+__device__ __forceinline__ bool is_finite(A v) { return v - v == A(0); }  // false for Inf and NaN
+
+// Merge of two arbitrary triples. A side of count 0 holds nothing, whatever
+// its mean says: it is skipped, never averaged in. A non-finite mean marks
+// data with Inf/NaN: the merged mean is the sum of the non-finite means (as a
+// plain sum of the data: Inf + Inf = Inf, Inf - Inf = NaN) and M2 is NaN.
+template <typename A>
 __device__ __forceinline__ void chan_merge(A& n, A& mean, A& m2, A nb, A mb, A m2b) {
+  if (nb == A(0)) return;
+  if (n == A(0)) { n = nb; mean = mb; m2 = m2b; return; }
+  const A nn = n + nb;
+  if (!(is_finite(mean) && is_finite(mb))) {
+    const A bad = (is_finite(mean) ? A(0) : mean) + (is_finite(mb) ? A(0) : mb);
+    m2 = bad - bad;  // NaN
+    mean = bad;
+    n = nn;
+    return;
+  }
+  A delta = mb - mean;
+  A fb = nb / nn;
+  mean += delta * fb;
+  m2 += m2b + delta * delta * n * fb;
+  n = nn;
+}
+
+// The merge inside a thread's own accumulation: nb > 0, and (0, 0, 0) as the
+// empty start is exact (mean + (mb - 0) * 1 == mb). Non-finite data are
+// handled after the loop (see moments.cu).
+template <typename A>
+__device__ __forceinline__ void chan_merge_live(A& n, A& mean, A& m2, A nb, A mb, A m2b) {
   A nn = n + nb;
-  if (nn == A(0)) return;  // both empty (or cancelling zero weights): keep zeros
   A delta = mb - mean;
   A fb = nb / nn;
   mean += delta * fb;

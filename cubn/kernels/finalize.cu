@@ -1,72 +1,79 @@
-// Per-channel finalize steps, one warp per channel (4 channels per block):
+// Per-channel finalize steps. Blocks are (bx, by): bx consecutive channels
+// (32 bytes of each partial row, one sector) by `by` walkers, so a warp
+// reads whole sectors of several partial rows; each walker merges every
+// by-th partial of its channel, then the walkers merge in a fixed tree:
 //   cubn_bn_finalize  merges the Welford partials of a channel (Chan, fixed
-//                     order), then writes mean, biased variance, 1/std, the
-//                     folded normalization coefficients and, when asked, the
-//                     moving-statistics update -- all in one launch, so no
-//                     statistic goes back to the host.
+//                     order), adds the pivot back, then writes mean, biased
+//                     variance, 1/std, the folded normalization coefficients
+//                     and, when asked, the moving-statistics update -- all in
+//                     one launch, so no statistic goes back to the host.
 //   cubn_bn_update    the same moving-statistics update, later, from saved
 //                     batch statistics (deferred UPDATE_OPS).
 //   cubn_bwd_finalize merges the backward partial sums and turns them into
 //                     d gamma, d beta and the two dx coefficients.
 // Partial p of channel c lives at row p / fold, column c + (p % fold) * C of
-// a (rows, C * fold) array (fold > 1: the channels-last kernels folded
-// several outer rows into one matrix row).
+// a (rows, C * fold) array. The order of every merge depends only on the
+// shapes: results are bitwise reproducible.
 #include "finalize.cuh"
 
-template <typename A>  // A unused: keeps one instantiation per accumulation type
-__device__ __forceinline__ i64 partial_index(int p, int C, int fold, int c) {
-  const int row = p / fold, m = p - row * fold;
-  return (i64)row * C * fold + (i64)m * C + c;
-}
-
-// Chan-merge the partials of channel c across a warp (lane-strided, then a
-// shuffle tree): a fixed order, so the result is reproducible. Valid in lane 0.
-template <typename A>
-__device__ __forceinline__ void merge_channel(int c, int C, int nparts, int fold, const A* p_count,
-                                              const A* p_mean, const A* p_m2, A& n, A& mean, A& m2) {
-  n = A(0); mean = A(0); m2 = A(0);
-  const int total = nparts * fold;
-  for (int p = (threadIdx.x & 31); p < total; p += 32) {
-    const i64 k = partial_index<A>(p, C, fold, c);
-    chan_merge(n, mean, m2, p_count[k], p_mean[k], p_m2[k]);
-  }
-  warp_chan_merge(n, mean, m2);
-}
-
-// Sum the backward partial sums of channel c across a warp. Valid in lane 0.
+// Sum the backward partial sums of channel c the same way; valid in ty == 0.
 template <typename A>
 __device__ __forceinline__ void sum_channel(int c, int C, int nparts, int fold, const A* s1p, const A* s2p,
                                             A& s1, A& s2) {
+  __shared__ A sh[2 * CUBN_FINALIZE_THREADS];
+  const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
   s1 = A(0); s2 = A(0);
   const int total = nparts * fold;
-  for (int p = (threadIdx.x & 31); p < total; p += 32) {
-    const i64 k = partial_index<A>(p, C, fold, c);
-    s1 += s1p[k];
-    s2 += s2p[k];
+  if (c < C) {
+    for (int p = ty; p < total; p += by) {
+      const i64 k = partial_index(p, C, fold, c);
+      s1 += s1p[k];
+      s2 += s2p[k];
+    }
   }
-  s1 = warp_sum(s1);
-  s2 = warp_sum(s2);
+  const int nt = bx * by, idx = ty * bx + tx;
+  sh[idx] = s1; sh[nt + idx] = s2;
+  __syncthreads();
+  for (int s = by >> 1; s > 0; s >>= 1) {
+    if (ty < s) {
+      s1 += sh[idx + s * bx];
+      s2 += sh[nt + idx + s * bx];
+      sh[idx] = s1; sh[nt + idx] = s2;
+    }
+    __syncthreads();
+  }
+}
+
+// Statistics from merged (count, mean - pivot, M2). No data: NaN (0/0); a
+// weighted reduction whose weights sum to 0: mean 0 and variance 0, as
+// tf.nn.weighted_moments' div_no_nan. Inf/NaN in M2 stay (no clamp drops them).
+template <typename A>
+__device__ __forceinline__ void channel_stats(int c, A n, A& mean, A m2, A& var, const A* pivot, int weighted) {
+  if (n > A(0)) {
+    var = m2 / n;
+    if (var < A(0)) var = A(0);  // M2 >= 0 in exact arithmetic; NaN passes
+    if (pivot != nullptr) mean += pivot[c];
+  } else if (weighted) {
+    mean = A(0);
+    var = A(0);
+  } else {
+    mean = m_sqrt(A(-1));
+    var = mean;
+  }
 }
 
 template <typename A>
 __global__ void __launch_bounds__(CUBN_FINALIZE_THREADS)
 cubn_bn_finalize(int C, int nparts, int fold,
-                 const A* p_count, const A* p_mean, const A* p_m2,
+                 const A* p_count, const A* p_mean, const A* p_m2, const A* pivot, int weighted,
                  const A* given_mean, const A* given_var, CUBN_FINALIZE_PARAMS(A)) {
-  const int lane = threadIdx.x & 31;
-  const int c = blockIdx.x * (CUBN_FINALIZE_THREADS / 32) + (threadIdx.x >> 5);
-  if (c >= C) return;  // a whole warp leaves together
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
   A n = A(0), mean = A(0), m2 = A(0);
   if (p_count != nullptr) merge_channel(c, C, nparts, fold, p_count, p_mean, p_m2, n, mean, m2);
-  if (lane != 0) return;
+  if (threadIdx.y != 0 || c >= C) return;
   A var;
   if (p_count != nullptr) {
-    if (n > A(0)) {
-      var = m_max(m2 / n, A(0));
-    } else {  // no data: undefined statistics, as 0/0
-      mean = m_sqrt(A(-1));
-      var = mean;
-    }
+    channel_stats(c, n, mean, m2, var, pivot, weighted);
   } else {
     mean = given_mean[c];
     var = given_var[c];
@@ -94,40 +101,37 @@ __global__ void __launch_bounds__(CUBN_FINALIZE_THREADS)
 cubn_bwd_finalize(int C, int nparts, int fold, const A* s1p, const A* s2p,
                   const A* count, const A* invstd, const A* scale, const A* g, const A* h, int training,
                   A* dgamma, A* dbeta, A* k1, A* k2) {
-  const int lane = threadIdx.x & 31;
-  const int c = blockIdx.x * (CUBN_FINALIZE_THREADS / 32) + (threadIdx.x >> 5);
-  if (c >= C) return;
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
   A s1, s2;
   sum_channel(c, C, nparts, fold, s1p, s2p, s1, s2);
-  if (lane != 0) return;
+  if (threadIdx.y != 0 || c >= C) return;
   A a1, a2;
   bwd_channel<A>(c, s1, s2, count, invstd, scale, g, h, training, dgamma, dbeta, a1, a2);
   k1[c] = a1;
   k2[c] = a2;
 }
 
-// Merge the partials of each channel into one (count, mean, M2) triple --
-// what ranks exchange in SyncBatchNorm (empty channels stay (0, 0, 0)).
+// Merge the partials of each channel into one (count, mean - pivot, M2)
+// triple -- what ranks exchange in SyncBatchNorm (empty channels stay
+// (0, 0, 0)); o_pivot receives the pivot (0 without one).
 template <typename A>
 __global__ void __launch_bounds__(CUBN_FINALIZE_THREADS)
 cubn_merge_partials(int C, int nparts, int fold, const A* p_count, const A* p_mean, const A* p_m2,
-                    A* o_count, A* o_mean, A* o_m2) {
-  const int lane = threadIdx.x & 31;
-  const int c = blockIdx.x * (CUBN_FINALIZE_THREADS / 32) + (threadIdx.x >> 5);
-  if (c >= C) return;
+                    const A* pivot, A* o_count, A* o_mean, A* o_m2, A* o_pivot) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
   A n, mean, m2;
   merge_channel(c, C, nparts, fold, p_count, p_mean, p_m2, n, mean, m2);
-  if (lane == 0) { o_count[c] = n; o_mean[c] = mean; o_m2[c] = m2; }
+  if (threadIdx.y != 0 || c >= C) return;
+  o_count[c] = n; o_mean[c] = mean; o_m2[c] = m2;
+  o_pivot[c] = pivot != nullptr ? pivot[c] : A(0);
 }
 
 // Sum the backward partial sums of each channel (S1, S2).
 template <typename A>
 __global__ void __launch_bounds__(CUBN_FINALIZE_THREADS)
 cubn_merge_sums(int C, int nparts, int fold, const A* s1p, const A* s2p, A* o1, A* o2) {
-  const int lane = threadIdx.x & 31;
-  const int c = blockIdx.x * (CUBN_FINALIZE_THREADS / 32) + (threadIdx.x >> 5);
-  if (c >= C) return;
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
   A s1, s2;
   sum_channel(c, C, nparts, fold, s1p, s2p, s1, s2);
-  if (lane == 0) { o1[c] = s1; o2[c] = s2; }
+  if (threadIdx.y == 0 && c < C) { o1[c] = s1; o2[c] = s2; }
 }

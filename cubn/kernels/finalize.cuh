@@ -7,6 +7,49 @@
 
 #include "common.cuh"
 
+// max / min that keep a NaN first argument (fmax/fmin drop it): a channel
+// with Inf/NaN data keeps NaN statistics, as NumPy's maximum and clip do.
+template <typename A>
+__device__ __forceinline__ A nan_max(A v, A lo) { return v < lo ? lo : v; }
+template <typename A>
+__device__ __forceinline__ A nan_min(A v, A hi) { return v > hi ? hi : v; }
+
+// Partial p of channel c in a (rows, C * fold) partial array: row p / fold,
+// column c + (p % fold) * C. Finalize blocks are (bx, by): bx consecutive
+// channels (32 bytes of each partial row) by `by` walkers.
+__device__ __forceinline__ i64 partial_index(int p, int C, int fold, int c) {
+  const int row = p / fold, m = p - row * fold;
+  return (i64)row * C * fold + (i64)m * C + c;
+}
+
+// Chan-merge (in A) the partials (of type P) of channel c = blockIdx.x * bx + tx over the block's
+// walkers; valid in threadIdx.y == 0. Every thread of the block must call it.
+template <typename A, typename P>
+__device__ __forceinline__ void merge_channel(int c, int C, int nparts, int fold, const P* p_count,
+                                              const P* p_mean, const P* p_m2, A& n, A& mean, A& m2) {
+  __shared__ A sh[3 * CUBN_FINALIZE_THREADS];
+  const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
+  n = A(0); mean = A(0); m2 = A(0);
+  const int total = nparts * fold;
+  if (c < C) {
+    for (int p = ty; p < total; p += by) {
+      const i64 k = partial_index(p, C, fold, c);
+      chan_merge(n, mean, m2, A(p_count[k]), A(p_mean[k]), A(p_m2[k]));
+    }
+  }
+  const int nt = bx * by, idx = ty * bx + tx;
+  sh[idx] = n; sh[nt + idx] = mean; sh[2 * nt + idx] = m2;
+  __syncthreads();
+  for (int s = by >> 1; s > 0; s >>= 1) {
+    if (ty < s) {
+      const int b = idx + s * bx;
+      chan_merge(n, mean, m2, sh[b], sh[nt + b], sh[2 * nt + b]);
+      sh[idx] = n; sh[nt + idx] = mean; sh[2 * nt + idx] = m2;
+    }
+    __syncthreads();
+  }
+}
+
 // Moving statistics (see backends/base.py MovingUpdate for the formulas).
 // Pointers may alias their "_in" counterparts: each channel is read then
 // written by one thread.
@@ -36,7 +79,7 @@ __device__ __forceinline__ void moving_update(
     if (moving_std != nullptr) {
       const A s = moving_std[c] - (moving_std[c] - sd) * a;
       moving_std[c] = s;
-      mv_out[c] = m_max(s * s - eps, A(0));
+      mv_out[c] = nan_max(s * s - eps, A(0));
     } else if (mv_in != nullptr) {
       mv_out[c] = mv_in[c] - (mv_in[c] - v) * a;
     } else {
@@ -77,9 +120,9 @@ __device__ __forceinline__ void finalize_channel(int c, A n, A mean, A var, A& s
   if (renorm_mean != nullptr) {
     // Batch renormalization: r and d from the pre-update renorm statistics.
     const A sd = m_sqrt(var + eps);
-    const A rs = m_max(renorm_std[c], m_sqrt(eps));
-    const A r = m_min(m_max(sd / rs, rmin), rmax);
-    const A d = m_min(m_max((mean - renorm_mean[c]) / rs, -dmax), dmax);
+    const A rs = nan_max(renorm_std[c], m_sqrt(eps));
+    const A r = nan_min(nan_max(sd / rs, rmin), rmax);
+    const A d = nan_min(nan_max((mean - renorm_mean[c]) / rs, -dmax), dmax);
     if (o_r != nullptr) { o_r[c] = r; o_d[c] = d; }
     g = as * r * invstd;
     h = as * d + ab;

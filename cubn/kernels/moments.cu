@@ -5,10 +5,23 @@
 //   channels last  (inner == 1): x is a (rows, cols) matrix, column j holds
 //                  channel j % C (cols = k*C: k consecutive outer rows are
 //                  folded into one matrix row so that small C still fills
-//                  whole warps); threads run along columns.
+//                  whole warps); threads run along columns. A block merges
+//                  the folded columns of each channel itself, so it writes
+//                  one partial per channel (cols == C: one per column).
 //   channels first (inner > 1):  the data of channel c are `outer` runs of
 //                  `inner` contiguous elements; a block reduces one
 //                  contiguous chunk of them.
+// Every element is taken relative to its channel's pivot, the channel's first
+// element (0 when that is not finite), read by every block: differences of
+// nearby floats are exact, so the accumulators hold small values and keep
+// the digits a large offset would cost (float32 data at offset 1e6, std 1e-2
+// keeps ~1e-6 relative variance error instead of ~0.4). The partial means
+// are relative to the pivot; finalize adds it back. p_pivot receives it.
+// A thread whose accumulation ends non-finite (Inf/NaN in its data) walks its
+// data again to sum the non-finite values alone: its partial mean becomes
+// that sum (+-Inf, or NaN for NaN or Inf - Inf) and its M2 NaN, which
+// chan_merge carries on -- the NumPy backend's pattern, and finite data pay
+// one check per thread.
 // WMODE: 0 unweighted; 1 one weight per outer index group (w[o / wdiv]);
 // 2 one weight per element (w has x's layout). Zero weights are skipped.
 #include "common.cuh"
@@ -25,13 +38,84 @@ __device__ __forceinline__ void vec_moments(const A* v, A& mean, A& m2) {
   for (int k = 0; k < VEC; ++k) { const A d = v[k] - mean; m2 += d * d; }
 }
 
+template <typename A, typename T>
+__device__ __forceinline__ A pivot_of(const T* p) {
+  const A v = to_acc(*p);
+  return is_finite(v) ? v : A(0);
+}
+
+// The rows r, r + step, ... of columns j0 .. j0+VEC of a thread. BAD == 0:
+// Welford on the shifted values into (n, mean, m2); BAD == 1: only the sum
+// of the non-finite shifted values (weight != 0) into bad.
+template <int BAD, int WMODE, int VEC, typename T, typename A>
+__device__ __forceinline__ void cl_walk(const T* __restrict__ x, i64 rows, int cols, int j0, i64 r, i64 step,
+                                        const A* __restrict__ w, i64 wdiv, const A* piv, A* n, A* mean, A* m2,
+                                        A* bad) {
+  for (; r < rows; r += step * CUBN_UNROLL) {
+    Vec<T, VEC> q[CUBN_UNROLL];
+#pragma unroll
+    for (int u = 0; u < CUBN_UNROLL; ++u)
+      if (r + u * step < rows) q[u] = load_vec<T, VEC>(x + (r + u * step) * cols + j0);
+#pragma unroll
+    for (int u = 0; u < CUBN_UNROLL; ++u) {
+      const i64 ru = r + u * step;
+      if (ru >= rows) break;
+      if (BAD) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const A wt = WMODE == 0 ? A(1) : WMODE == 1 ? w[ru / wdiv] : w[ru * cols + j0 + k];
+          const A v = to_acc(q[u].v[k]) - piv[k];
+          if (wt != A(0) && !is_finite(v)) bad[k] += v;
+        }
+      } else if (WMODE == 0) {
+        n[0] += A(1);
+        const A inv = A(1) / n[0];
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const A v = to_acc(q[u].v[k]) - piv[k];
+          const A d = v - mean[k];
+          mean[k] += d * inv;
+          m2[k] += d * (v - mean[k]);
+        }
+      } else if (WMODE == 1) {
+        const A wt = w[ru / wdiv];
+        if (wt == A(0)) continue;
+        n[0] += wt;
+        const A f = wt / n[0];
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const A v = to_acc(q[u].v[k]) - piv[k];
+          const A d = v - mean[k];
+          mean[k] += d * f;
+          m2[k] += wt * d * (v - mean[k]);
+        }
+      } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const A wt = w[ru * cols + j0 + k];
+          if (wt == A(0)) continue;
+          n[k] += wt;
+          const A v = to_acc(q[u].v[k]) - piv[k];
+          const A d = v - mean[k];
+          mean[k] += d * (wt / n[k]);
+          m2[k] += wt * d * (v - mean[k]);
+        }
+      }
+    }
+  }
+}
+
+// Partials: cols == C: (gridDim.y, cols), one per column; cols > C (folded):
+// (gridDim.y, gridDim.x * C), block x's partial of channel c at column
+// blockIdx.x * C + c (empty (0, 0, 0) where the block has no column of c).
 template <typename T, int WMODE, int VEC>
 __global__ void __launch_bounds__(CUBN_REDUCE_THREADS)
-cubn_moments_cl(const T* __restrict__ x, i64 rows, int cols,
+cubn_moments_cl(const T* __restrict__ x, i64 rows, int cols, int C,
                 const typename AccOf<T>::type* __restrict__ w, i64 wdiv,
                 typename AccOf<T>::type* __restrict__ p_count,
                 typename AccOf<T>::type* __restrict__ p_mean,
-                typename AccOf<T>::type* __restrict__ p_m2) {
+                typename AccOf<T>::type* __restrict__ p_m2,
+                typename AccOf<T>::type* __restrict__ p_pivot) {
   typedef typename AccOf<T>::type A;
   const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
   const int j0 = (blockIdx.x * bx + tx) * VEC;  // first column of this thread
@@ -39,60 +123,39 @@ cubn_moments_cl(const T* __restrict__ x, i64 rows, int cols,
 
   // WMODE 2 needs a count per column; otherwise every column of the thread
   // sees the same rows (and row weights), so one count serves all VEC.
-  A n[WMODE == 2 ? VEC : 1], mean[VEC], m2[VEC];
+  A n[WMODE == 2 ? VEC : 1], mean[VEC], m2[VEC], piv[VEC];
 #pragma unroll
-  for (int k = 0; k < VEC; ++k) { mean[k] = A(0); m2[k] = A(0); }
+  for (int k = 0; k < VEC; ++k) { mean[k] = A(0); m2[k] = A(0); piv[k] = A(0); }
 #pragma unroll
   for (int k = 0; k < (WMODE == 2 ? VEC : 1); ++k) n[k] = A(0);
 
-  if (active) {
-    const i64 step = (i64)gridDim.y * by;
-    i64 r = (i64)blockIdx.y * by + ty;
-    for (; r < rows; r += step * CUBN_UNROLL) {
-      Vec<T, VEC> q[CUBN_UNROLL];
+  if (active && rows > 0) {
+    int c = j0 % C;
 #pragma unroll
-      for (int u = 0; u < CUBN_UNROLL; ++u)
-        if (r + u * step < rows) q[u] = load_vec<T, VEC>(x + (r + u * step) * cols + j0);
-#pragma unroll
-      for (int u = 0; u < CUBN_UNROLL; ++u) {
-        const i64 ru = r + u * step;
-        if (ru >= rows) break;
-        if (WMODE == 0) {
-          n[0] += A(1);
-          const A inv = A(1) / n[0];
-#pragma unroll
-          for (int k = 0; k < VEC; ++k) {
-            const A v = to_acc(q[u].v[k]);
-            const A d = v - mean[k];
-            mean[k] += d * inv;
-            m2[k] += d * (v - mean[k]);
-          }
-        } else if (WMODE == 1) {
-          const A wt = w[ru / wdiv];
-          if (wt == A(0)) continue;
-          n[0] += wt;
-          const A f = wt / n[0];
-#pragma unroll
-          for (int k = 0; k < VEC; ++k) {
-            const A v = to_acc(q[u].v[k]);
-            const A d = v - mean[k];
-            mean[k] += d * f;
-            m2[k] += wt * d * (v - mean[k]);
-          }
-        } else {
-#pragma unroll
-          for (int k = 0; k < VEC; ++k) {
-            const A wt = w[ru * cols + j0 + k];
-            if (wt == A(0)) continue;
-            n[k] += wt;
-            const A v = to_acc(q[u].v[k]);
-            const A d = v - mean[k];
-            mean[k] += d * (wt / n[k]);
-            m2[k] += wt * d * (v - mean[k]);
-          }
-        }
-      }
+    for (int k = 0; k < VEC; ++k) {
+      piv[k] = pivot_of<A>(x + c);  // row 0 of the data: x[c] is channel c's first element
+      if (blockIdx.y == 0 && ty == 0 && j0 + k < C) p_pivot[j0 + k] = piv[k];
+      if (++c == C) c = 0;
     }
+    const i64 step = (i64)gridDim.y * by;
+    const i64 r0 = (i64)blockIdx.y * by + ty;
+    cl_walk<0, WMODE, VEC>(x, rows, cols, j0, r0, step, w, wdiv, piv, n, mean, m2, (A*)nullptr);
+    bool finite = true;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) finite = finite && is_finite(mean[k]) && is_finite(m2[k]);
+    if (!finite) {
+      A bad[VEC];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) bad[k] = A(0);
+      cl_walk<1, WMODE, VEC>(x, rows, cols, j0, r0, step, w, wdiv, piv, n, mean, m2, bad);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k)
+        if (bad[k] != A(0)) { mean[k] = bad[k]; m2[k] = bad[k] - bad[k]; }
+    }
+  } else if (rows == 0 && blockIdx.y == 0 && ty == 0) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k)
+      if (j0 + k < C) p_pivot[j0 + k] = A(0);
   }
 
   // Merge the by rows of the block through shared memory, in a fixed tree.
@@ -121,83 +184,154 @@ cubn_moments_cl(const T* __restrict__ x, i64 rows, int cols,
     }
     __syncthreads();
   }
-  if (ty == 0 && active) {
-    const i64 base = (i64)blockIdx.y * cols + j0;
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      p_count[base + k] = sh_n[tx * VEC + k];
-      p_mean[base + k] = sh_mean[tx * VEC + k];
-      p_m2[base + k] = sh_m2[tx * VEC + k];
+  // Row 0 of sh holds the block's columns jb .. jb + wl. Written by linear
+  // thread index, so consecutive threads write consecutive partials.
+  const int tid = ty * bx + tx, nthreads = bx * by;
+  const int jb = blockIdx.x * width;
+  const int wl = cols - jb < width ? cols - jb : width;
+  if (cols == C) {
+    const i64 base = (i64)blockIdx.y * cols + jb;
+    for (int l = tid; l < wl; l += nthreads) {
+      p_count[base + l] = sh_n[l];
+      p_mean[base + l] = sh_mean[l];
+      p_m2[base + l] = sh_m2[l];
     }
+    return;
+  }
+  // Folded: channel c's columns here are l = l0(c) + m*C, m < M(c); merge
+  // them in a fixed tree over m (pairs m, m + s for m % 2s == 0).
+  const int off = jb % C;
+  const int mmax = (wl + C - 1) / C;
+  for (int s = 1; s < mmax; s <<= 1) {
+    for (int t = tid; t < C * mmax; t += nthreads) {
+      const int c = t % C, m = t / C;
+      const int l0 = (c - off + C) % C;
+      const int M = l0 < wl ? (wl - l0 + C - 1) / C : 0;
+      if (m % (2 * s) == 0 && m + s < M) {
+        const int a = l0 + m * C, b = a + s * C;
+        A na = sh_n[a], ma = sh_mean[a], m2a = sh_m2[a];
+        chan_merge(na, ma, m2a, sh_n[b], sh_mean[b], sh_m2[b]);
+        sh_n[a] = na; sh_mean[a] = ma; sh_m2[a] = m2a;
+      }
+    }
+    __syncthreads();
+  }
+  const i64 base = (i64)blockIdx.y * gridDim.x * C + (i64)blockIdx.x * C;
+  for (int c = tid; c < C; c += nthreads) {
+    const int l0 = (c - off + C) % C;
+    const bool has = l0 < wl;
+    p_count[base + c] = has ? sh_n[l0] : A(0);
+    p_mean[base + c] = has ? sh_mean[l0] : A(0);
+    p_m2[base + c] = has ? sh_m2[l0] : A(0);
   }
 }
 
 // Channels first: block b reduces chunk (b % nsplit) of channel (b / nsplit).
 // The channel's data, flattened as j = o * inner + i, is cut into nsplit
 // chunks of `chunk` elements (a multiple of VEC; inner % VEC == 0 when VEC > 1).
+// BAD as in cl_walk.
+// Unweighted, each thread keeps VEC Welford accumulators, one per position
+// in the vector, sharing one count (kn, kmean, km2): one reciprocal per
+// vector, as in the channels-last loop; they are merged after the walk.
+template <int BAD, int WMODE, int VEC, typename T, typename A>
+__device__ __forceinline__ void cf_walk(const T* __restrict__ x, int C, int c, i64 inner, i64 j, i64 end,
+                                        const A* __restrict__ w, i64 wdiv, A piv, A& n, A& mean, A& m2, A& bad,
+                                        A& kn, A* kmean, A* km2) {
+  // Walk j, j + blockDim.x*VEC, ..., keeping (o, i) and the element offset
+  // off = (o*C + c)*inner + i, advanced by additions only.
+  const i64 stride = (i64)blockDim.x * VEC;
+  const i64 so = stride / inner, si = stride - so * inner;
+  const i64 dstep = so * C * inner + si, wrap = (i64)(C - 1) * inner;
+  i64 o = j / inner, i = j - o * inner;
+  i64 off = (o * C + c) * inner + i;
+  int left = j < end ? int((end - j + stride - 1) / stride) : 0;  // vectors of this thread
+  while (left > 0) {
+    Vec<T, VEC> q[CUBN_UNROLL];
+    i64 row[CUBN_UNROLL], at[CUBN_UNROLL];
+    int m = 0;
+#pragma unroll
+    for (int u = 0; u < CUBN_UNROLL; ++u) {
+      if (u < left) {
+        if (WMODE == 1) row[u] = o;
+        if (WMODE == 2) at[u] = off;
+        q[u] = load_vec<T, VEC>(x + off);
+        m = u + 1;
+        off += dstep; i += si;
+        if (WMODE == 1) o += so;
+        if (i >= inner) { i -= inner; off += wrap; if (WMODE == 1) ++o; }
+      }
+    }
+    left -= m;
+#pragma unroll
+    for (int u = 0; u < CUBN_UNROLL; ++u) {
+      if (u >= m) break;
+      A v[VEC];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) v[k] = to_acc(q[u].v[k]) - piv;
+      const A* wp = WMODE == 2 ? w + at[u] : nullptr;  // element weights: x's layout
+      if (BAD) {
+        const A wrow = WMODE == 1 ? w[row[u] / wdiv] : A(1);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const A wt = WMODE == 2 ? wp[k] : wrow;
+          if (wt != A(0) && !is_finite(v[k])) bad += v[k];
+        }
+      } else if (WMODE == 0) {
+        kn += A(1);
+        const A inv = A(1) / kn;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const A d = v[k] - kmean[k];
+          kmean[k] += d * inv;
+          km2[k] += d * (v[k] - kmean[k]);
+        }
+      } else if (WMODE == 1) {
+        const A wt = w[row[u] / wdiv];  // the vector lies in one outer row: one weight
+        if (wt == A(0)) continue;
+        A lm, lm2;
+        vec_moments<A, VEC>(v, lm, lm2);
+        chan_merge_live(n, mean, m2, wt * A(VEC), lm, wt * lm2);
+      } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const A wt = wp[k];
+          if (wt == A(0)) continue;
+          chan_merge_live(n, mean, m2, wt, v[k], A(0));
+        }
+      }
+    }
+  }
+}
+
 template <typename T, int WMODE, int VEC>
 __global__ void __launch_bounds__(CUBN_REDUCE_THREADS)
 cubn_moments_cf(const T* __restrict__ x, i64 outer, int C, i64 inner, int nsplit, i64 chunk,
                 const typename AccOf<T>::type* __restrict__ w, i64 wdiv,
                 typename AccOf<T>::type* __restrict__ p_count,
                 typename AccOf<T>::type* __restrict__ p_mean,
-                typename AccOf<T>::type* __restrict__ p_m2) {
+                typename AccOf<T>::type* __restrict__ p_m2,
+                typename AccOf<T>::type* __restrict__ p_pivot) {
   typedef typename AccOf<T>::type A;
   const int c = blockIdx.x / nsplit, s = blockIdx.x % nsplit;
   const i64 L = outer * inner;
   const i64 begin = (i64)s * chunk;
   const i64 end = begin + chunk < L ? begin + chunk : L;
   A n = A(0), mean = A(0), m2 = A(0);
-
-  // Walk j = begin + threadIdx.x*VEC, then + blockDim.x*VEC, keeping (o, i).
-  const i64 stride = (i64)blockDim.x * VEC;
-  const i64 so = stride / inner, si = stride - so * inner;
-  i64 j = begin + (i64)threadIdx.x * VEC;
-  i64 o = j / inner, i = j - o * inner;
-  while (j < end) {
-    Vec<T, VEC> q[CUBN_UNROLL];
-    i64 row[CUBN_UNROLL];
-    int m = 0;
+  const A piv = L > 0 ? pivot_of<A>(x + (i64)c * inner) : A(0);
+  if (s == 0 && threadIdx.x == 0) p_pivot[c] = piv;
+  const i64 j = begin + (i64)threadIdx.x * VEC;
+  A bad = A(0), kn = A(0), kmean[VEC], km2[VEC];
 #pragma unroll
-    for (int u = 0; u < CUBN_UNROLL; ++u) {
-      if (j < end) {
-        row[u] = o;
-        q[u] = load_vec<T, VEC>(x + (o * C + c) * inner + i);
-        m = u + 1;
-        j += stride; o += so; i += si;
-        if (i >= inner) { i -= inner; ++o; }
-      }
-    }
+  for (int k = 0; k < VEC; ++k) { kmean[k] = A(0); km2[k] = A(0); }
+  cf_walk<0, WMODE, VEC>(x, C, c, inner, j, end, w, wdiv, piv, n, mean, m2, bad, kn, kmean, km2);
+  if (WMODE == 0 && kn > A(0)) {  // the VEC accumulators, merged in a fixed order
+    n = kn; mean = kmean[0]; m2 = km2[0];
 #pragma unroll
-    for (int u = 0; u < CUBN_UNROLL; ++u) {
-      if (u >= m) break;
-      A v[VEC];
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) v[k] = to_acc(q[u].v[k]);
-      if (WMODE == 0) {
-        // mean and M2 of the vector, then one Chan merge
-        A lm, lm2;
-        vec_moments<A, VEC>(v, lm, lm2);
-        chan_merge(n, mean, m2, A(VEC), lm, lm2);
-      } else if (WMODE == 1) {
-        const A wt = w[row[u] / wdiv];  // the vector lies in one outer row: one weight
-        if (wt == A(0)) continue;
-        A lm, lm2;
-        vec_moments<A, VEC>(v, lm, lm2);
-        chan_merge(n, mean, m2, wt * A(VEC), lm, wt * lm2);
-      } else {
-        // element weights: recover the element offset of this vector
-        const i64 jj = j - (i64)(m - u) * stride;
-        const i64 oo = jj / inner, ii = jj - oo * inner;
-        const A* wp = w + (oo * C + c) * inner + ii;
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          const A wt = wp[k];
-          if (wt == A(0)) continue;
-          chan_merge(n, mean, m2, wt, v[k], A(0));
-        }
-      }
-    }
+    for (int k = 1; k < VEC; ++k) chan_merge_live(n, mean, m2, kn, kmean[k], km2[k]);
+  }
+  if (!(is_finite(mean) && is_finite(m2))) {
+    cf_walk<1, WMODE, VEC>(x, C, c, inner, j, end, w, wdiv, piv, n, mean, m2, bad, kn, kmean, km2);
+    if (bad != A(0)) { mean = bad; m2 = bad - bad; }
   }
   __shared__ A sh[96];
   block_chan_merge(n, mean, m2, sh);

@@ -33,38 +33,31 @@ template <> struct AccOf<cubn_f32_wide> { typedef double type; };
 __device__ __forceinline__ double to_acc(cubn_f32_wide x) { return double(x.v); }
 
 #include "moments.cu"
+#include "finalize.cuh"
 
 // ---------------------------------------------------------------------------
 // RunningMoments: merge one batch's partials into the state.
 // ---------------------------------------------------------------------------
-// One warp per channel. Partial p of channel c is at row p / fold, column
-// c + (p % fold) * C of the (nparts, C * fold) partial arrays (as in
-// finalize.cu). Lanes merge their partials in a fixed order, the warp merges
-// the lanes in a fixed tree, and lane 0 merges the batch into the state:
-// bitwise reproducible, no atomics. The state is float64 whatever A is, so a
-// count stays exact to 2^53 and long streams do not drift.
+// Blocks as finalize.cu's (bx channels by `by` walkers, the partial layout of
+// finalize.cuh): the walkers merge their partials in a fixed order, then a
+// fixed tree, and thread (c, 0) adds the pivot back and merges the batch
+// into the state: bitwise reproducible, no atomics. The state is float64
+// whatever A is, so a count stays exact to 2^53 and long streams do not drift.
 template <typename A>
 __global__ void __launch_bounds__(CUBN_FINALIZE_THREADS)
 cubn_rm_merge(int C, int nparts, int fold, const A* __restrict__ p_count, const A* __restrict__ p_mean,
-              const A* __restrict__ p_m2, double* s_count, double* s_mean, double* s_m2) {
-  const int lane = threadIdx.x & 31;
-  const int c = blockIdx.x * (CUBN_FINALIZE_THREADS / 32) + (threadIdx.x >> 5);
-  if (c >= C) return;  // a whole warp leaves together
-  double n = 0.0, mean = 0.0, m2 = 0.0;
-  const int total = nparts * fold;
-  for (int p = lane; p < total; p += 32) {
-    const int row = p / fold, m = p - row * fold;
-    const i64 k = (i64)row * C * fold + (i64)m * C + c;
-    chan_merge(n, mean, m2, double(p_count[k]), double(p_mean[k]), double(p_m2[k]));
-  }
-  warp_chan_merge(n, mean, m2);
-  if (lane == 0) {
-    double sn = s_count[c], sm = s_mean[c], s2 = s_m2[c];
-    chan_merge(sn, sm, s2, n, mean, m2);
-    s_count[c] = sn;
-    s_mean[c] = sm;
-    s_m2[c] = s2;
-  }
+              const A* __restrict__ p_m2, const A* __restrict__ pivot, double* s_count, double* s_mean,
+              double* s_m2) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  double n, mean, m2;
+  merge_channel(c, C, nparts, fold, p_count, p_mean, p_m2, n, mean, m2);
+  if (threadIdx.y != 0 || c >= C) return;
+  if (pivot != nullptr && n > 0.0) mean += double(pivot[c]);
+  double sn = s_count[c], sm = s_mean[c], s2 = s_m2[c];
+  chan_merge(sn, sm, s2, n, mean, m2);
+  s_count[c] = sn;
+  s_mean[c] = sm;
+  s_m2[c] = s2;
 }
 
 // ---------------------------------------------------------------------------

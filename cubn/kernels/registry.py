@@ -35,7 +35,7 @@ CUPY_ADDED_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
 # ---------------------------------------------------------------------------
 REDUCE_THREADS = 256       # statistics and backward-sum blocks (moments.cu, backward.cu)
 ELEMENTWISE_THREADS = 256  # normalize, backward apply, the preprocessing affine map
-FINALIZE_THREADS = 128     # one warp per channel: finalize.cu, and cubn_rm_merge
+FINALIZE_THREADS = 256     # per-channel merges: finalize.cu, and cubn_rm_merge
 ONE_LAUNCH_THREADS = 512   # the most threads of a one-launch block (one_launch.cu)
 TRANSPOSE_THREADS = 256    # the preprocessing layout change (preprocess.cu)
 UNROLL = 4                 # loads in flight per thread in the reduction loops
@@ -117,16 +117,16 @@ def _scalar_or_widest(T, **_):
 _MOMENTS_DOMAINS = dict(T=FLOATS, WMODE=(0, 1, 2), VEC=_all_widths)
 MOMENTS_CL = Kernel(
     "cubn_moments_cl", "moments.cu", "typename T, int WMODE, int VEC",
-    "const T* x, i64 rows, int cols, const A* w?, i64 wdiv=1, A* p_count, A* p_mean, A* p_m2",
+    "const T* x, i64 rows, int cols, int C, const A* w?, i64 wdiv=1, A* p_count, A* p_mean, A* p_m2, A* p_pivot",
     _MOMENTS_DOMAINS)
 MOMENTS_CF = Kernel(
     "cubn_moments_cf", "moments.cu", "typename T, int WMODE, int VEC",
     "const T* x, i64 outer, int C, i64 inner, int nsplit, i64 chunk, const A* w?, i64 wdiv=1, "
-    "A* p_count, A* p_mean, A* p_m2",
+    "A* p_count, A* p_mean, A* p_m2, A* p_pivot",
     _MOMENTS_DOMAINS)
 
 # ---------------------------------------------------------------------------
-# Finalize steps (finalize.cu), one warp per channel
+# Finalize steps (finalize.cu): blocks of FINALIZE_THREADS, finalize_block() channels each
 # ---------------------------------------------------------------------------
 # After the statistics: the fold (gamma, beta, adjustment, renorm), the outputs,
 # the moving update (finalize.cuh's CUBN_FINALIZE_PARAMS). Every pointer is
@@ -142,8 +142,8 @@ _PER_ACC = dict(A=ACCS)
 
 BN_FINALIZE = Kernel(
     "cubn_bn_finalize", "finalize.cu", "typename A",
-    "int C, int nparts=0, int fold=1, const A* p_count?, const A* p_mean?, const A* p_m2?, "
-    "const A* given_mean?, const A* given_var?, " + FINALIZE_ARGS,
+    "int C, int nparts=0, int fold=1, const A* p_count?, const A* p_mean?, const A* p_m2?, const A* pivot?, "
+    "int weighted=0, const A* given_mean?, const A* given_var?, " + FINALIZE_ARGS,
     _PER_ACC, acc="A")
 BN_UPDATE = Kernel(
     "cubn_bn_update", "finalize.cu", "typename A",
@@ -156,7 +156,8 @@ BWD_FINALIZE = Kernel(
     _PER_ACC, acc="A")
 MERGE_PARTIALS = Kernel(
     "cubn_merge_partials", "finalize.cu", "typename A",
-    "int C, int nparts, int fold, const A* p_count, const A* p_mean, const A* p_m2, A* o_count, A* o_mean, A* o_m2",
+    "int C, int nparts, int fold, const A* p_count, const A* p_mean, const A* p_m2, const A* pivot?, "
+    "A* o_count, A* o_mean, A* o_m2, A* o_pivot",
     _PER_ACC, acc="A")
 MERGE_SUMS = Kernel(
     "cubn_merge_sums", "finalize.cu", "typename A",
@@ -212,7 +213,7 @@ PP_MOMENTS_CL = MOMENTS_CL.instantiated_in("preprocess.cu", T=PP_STATS)
 PP_MOMENTS_CF = MOMENTS_CF.instantiated_in("preprocess.cu", T=PP_STATS)
 RM_MERGE = Kernel(
     "cubn_rm_merge", "preprocess.cu", "typename A",
-    "int C, int nparts, int fold, const A* p_count, const A* p_mean, const A* p_m2, "
+    "int C, int nparts, int fold, const A* p_count, const A* p_mean, const A* p_m2, const A* pivot?, "
     "double* s_count, double* s_mean, double* s_m2",
     _PER_ACC, acc="A")
 
