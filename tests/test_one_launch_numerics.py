@@ -138,15 +138,6 @@ NONFINITE_CASES = [("nan", "first", None), ("inf", "inside", "tanh"), ("-inf", "
                    ("inf_and_-inf", "inside", "tanh"), ("nan_and_inf", "inside", None), ("inf", "first", "tanh")]
 
 
-def _three_launch_clamps(backend, request):
-    from cubn._options import one_launch_enabled
-
-    if backend.name != "numpy" and not one_launch_enabled():
-        request.applymarker(pytest.mark.xfail(
-            strict=False, reason="the three-launch finalize (finalize.cu) clamps a NaN variance to 0; "
-                                 "fixed with the statistics kernels, not here"))
-
-
 @pytest.mark.parametrize("kind,where,act", NONFINITE_CASES, ids=["-".join(map(str, c)) for c in NONFINITE_CASES])
 @pytest.mark.parametrize("fmt,shape", SHAPES, ids=IDS)
 def test_nonfinite_values_stay_in_their_channel(train_backend, emulated_launches, request, rng, fmt, shape, act,
@@ -154,7 +145,6 @@ def test_nonfinite_values_stay_in_their_channel(train_backend, emulated_launches
     """NaN, +Inf, -Inf in one channel: that channel's outputs, statistics,
     moving statistics and gradients are what the float64 formulas give (NaN,
     or a mean of +-Inf), the other channels are untouched."""
-    _three_launch_clamps(train_backend, request)
     x = (rng.standard_normal(shape) * 2 + 3).astype(np.float32)
     dy = rng.standard_normal(shape).astype(np.float32)
     c = x.shape[-1] if fmt == "NHWC" else x.shape[1]
@@ -226,12 +216,6 @@ def test_large_offsets_are_as_accurate_as_a_float32_two_pass(train_backend, emul
     """float32 data at an offset: the error of the mean, the variance and y
     against the float64 truth of the float32 input is no worse than NumPy's
     float32 two-pass (within one rounding of the float32 result)."""
-    from cubn._options import one_launch_enabled
-
-    if train_backend.name != "numpy" and not one_launch_enabled():
-        request.applymarker(pytest.mark.xfail(
-            strict=False, reason="the three-launch statistics (moments.cu, Welford partials) lose digits at "
-                                 "offsets; fixed with the statistics kernels, not here"))
     x = (offset + std * rng.standard_normal(shape)).astype(np.float32)
     c = x.shape[-1] if fmt == "NHWC" else x.shape[1]
     g, b = _params(c, rng)
