@@ -382,6 +382,20 @@ def summary(records) -> dict:
                            ("lowest_copy_fraction", nt.roofline, min)):
             if v is not None:
                 s[k] = v if s[k] is None else pick(s[k], v)
+        for k, v in (("vs_torch_1t", row["vs_torch_1t"]), ("vs_torch_Nt", row["vs_torch_Nt"]),
+                     ("vs_numpy", vn), ("copy_fraction", nt.roofline), ("peak_memory", nt.peak_memory)):
+            if v is not None:
+                s.setdefault("_" + k, []).append(v)
+    for s in out.values():  # medians over the shapes
+        for k in ("vs_torch_1t", "vs_torch_Nt", "vs_numpy", "copy_fraction", "peak_memory"):
+            vals = s.pop("_" + k, [])
+            s["median_" + k] = statistics.median(vals) if vals else None
+        s["worst_peak_memory"] = None
+    for (op, lay, shp, dt), row in ratios(records).items():
+        nt = row["peers"].get("cubn-Nt")
+        if nt is not None and nt.peak_memory is not None:
+            s = out[f"{op}/{dt}"]
+            s["worst_peak_memory"] = nt.peak_memory if s["worst_peak_memory"] is None else max(s["worst_peak_memory"], nt.peak_memory)
     return out
 
 
@@ -426,6 +440,17 @@ def readme(env, data, table_text, notes=""):
         lines.append(f"| {k} | {v['torch_1t_met']}/{v['cases']} | {v['torch_Nt_met']}/{v['cases']} | "
                      f"{v['numpy_met']}/{v['cases']} | {v['copy50_met']}/{v['cases']} | {f(v['worst_vs_torch'])} | "
                      f"{f(v['worst_vs_numpy'])} | {f(v['lowest_copy_fraction'], True)} |")
+    lines += ["", "## Median over the shapes, per op and dtype", "",
+              "cubn-1t over torch-1t, cubn-Nt over torch-Nt (the same number of threads), cubn-Nt over naive NumPy "
+              "(< 1: cubn faster); cubn-Nt's fraction of the copy bandwidth; its peak memory beyond the outputs "
+              "(median and worst).", "",
+              "| op/dtype | cubn/torch-1t | cubn/torch-Nt | cubn/numpy | copy fraction | peak memory (median, worst) |",
+              "|---|---|---|---|---|---|"]
+    for k, v in s.items():
+        f = lambda x, pct=False: "-" if x is None else (f"{100 * x:.0f}%" if pct else f"{x:.2f}")  # noqa: E731
+        lines.append(f"| {k} | {f(v.get('median_vs_torch_1t'))} | {f(v.get('median_vs_torch_Nt'))} | "
+                     f"{f(v.get('median_vs_numpy'))} | {f(v.get('median_copy_fraction'), True)} | "
+                     f"{f(v.get('median_peak_memory'))}, {f(v.get('worst_peak_memory'))} |")
     lines += ["", "## Table", "", "```", table_text.rstrip(), "```", ""]
     return "\n".join(lines)
 
