@@ -149,7 +149,8 @@ def main():
 def cpu_section(runs):
     """The CPU runs of bench/run_cpu_peers.py: their README (machine, load, targets, table)."""
     out = ["\n## CPU: the NumPy backend beside PyTorch and naive NumPy\n",
-           "Measured by `bench/run_cpu_peers.py` (`cubn/cpu_benchmarks.py`): cubn's NumPy backend on 1 and N "
+           "Measured by `cubn bench` on a machine without a GPU (or `--cpu`; also `bench/run_cpu_peers.py`; the "
+           "code is `cubn/cpu_benchmarks.py`): cubn's NumPy backend on 1 and N "
            "threads, PyTorch's CPU kernels on 1 and N threads, and the naive NumPy formula, timed in interleaved "
            "rounds on the same arrays, with a large `np.copyto` timed in the same rounds. How the backend runs: "
            "[The NumPy backend](cpu.md).\n"]

@@ -97,6 +97,22 @@ def _drain(counter, n_tasks, task, bufsize) -> None:
         np.setbufsize(old)
 
 
+def _serial(n_tasks, task, bufsize) -> None:
+    """All tasks in the calling thread. The callers (the NumPy backend's
+    primitives) already ignore floating-point errors, and the buffer size is
+    changed only where it differs: on small arrays these calls cost as much
+    as the arithmetic."""
+    old = np.getbufsize()
+    if old != bufsize:
+        np.setbufsize(bufsize)
+    try:
+        for i in range(n_tasks):
+            task(i)
+    finally:
+        if old != bufsize:
+            np.setbufsize(old)
+
+
 def run(n_tasks: int, task, bufsize: int = UFUNC_BUFSIZE) -> None:
     """Call ``task(i)`` for every ``i`` in ``range(n_tasks)``, on up to ``get_num_threads()`` threads.
 
@@ -107,10 +123,10 @@ def run(n_tasks: int, task, bufsize: int = UFUNC_BUFSIZE) -> None:
     exception raised by a task is raised here once all threads have stopped.
     """
     threads = min(get_num_threads(), n_tasks)
-    counter = itertools.count()
     if threads <= 1:
-        _drain(counter, n_tasks, task, bufsize)
+        _serial(n_tasks, task, bufsize)
         return
+    counter = itertools.count()
     pool = _executor(threads - 1)
     futures = [pool.submit(_drain, counter, n_tasks, task, bufsize) for _ in range(threads - 1)]
     try:

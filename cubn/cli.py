@@ -53,9 +53,33 @@ def _demo(args) -> int:
     return 0 if res["test_accuracy"] >= args.min_accuracy else 1
 
 
+def _parse_bench_shape(text):
+    """``LAYOUT:D1,D2,...`` -> (layout, shape)."""
+    lay, _, dims = text.partition(":")
+    lay = lay.upper()
+    try:
+        shape = tuple(int(d) for d in dims.split(","))
+    except ValueError:
+        raise SystemExit(f"cubn bench --shape {text!r}: expected LAYOUT:D1,D2,..., e.g. NHWC:32,56,56,64") from None
+    if lay not in ("NCHW", "NHWC", "NC") or any(d <= 0 for d in shape) or len(shape) < 2 \
+            or (lay == "NC") != (len(shape) == 2):
+        raise SystemExit(f"cubn bench --shape {text!r}: NC takes 2 positive dimensions, NCHW/NHWC 3 or more")
+    return lay, shape
+
+
 def _bench(args) -> int:
+    import cubn
+
+    args.shapes = [_parse_bench_shape(s) for s in args.shape] if args.shape else None
+    if args.cpu or not cubn.gpu_available():
+        # No GPU: the NumPy backend beside PyTorch's CPU kernels and naive NumPy
+        from cubn.cpu_benchmarks import main as cpu_main
+
+        return cpu_main(args)
     from cubn.benchmarking import main as bench_main
 
+    if args.dtypes is None:
+        args.dtypes = "float32,float16,bfloat16"
     return bench_main(args)
 
 
@@ -100,13 +124,23 @@ def main(argv=None) -> int:
                    help="exit with status 1 when the final test accuracy is below this")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_demo)
-    p = sub.add_parser("bench", help="benchmark the kernels against PyTorch and naive CuPy (see docs)")
+    p = sub.add_parser("bench", help="benchmark the kernels against PyTorch and naive CuPy; without a GPU, the "
+                       "NumPy backend against PyTorch CPU and naive NumPy (see docs)")
     p.add_argument("--out", default="bench-results", help="folder for the JSON, PNG and table")
     p.add_argument("--quick", action="store_true", help="a few shapes only")
-    p.add_argument("--dtypes", default="float32,float16,bfloat16")
+    p.add_argument("--shape", action="append", metavar="LAYOUT:D1,D2,...",
+                   help="a shape to run instead of the suite's (repeatable), e.g. NC:1024,64")
+    p.add_argument("--dtypes", default=None,
+                   help="comma-separated (default: float32,float16,bfloat16 on a GPU, float32,float64 on the CPU)")
     p.add_argument("--ops", default=None, help="comma-separated subset of ops")
-    p.add_argument("--peers", default=None, help="comma-separated subset of peers (default: every registered one)")
-    p.add_argument("--repeat", type=int, default=None)
+    p.add_argument("--peers", default=None, help="comma-separated subset of peers (default: every registered one; "
+                   "on the CPU: cubn-1t,cubn-Nt,torch-1t,torch-Nt,numpy)")
+    p.add_argument("--repeat", type=int, default=None, help="GPU: timed repetitions; CPU: the least rounds per case")
+    p.add_argument("--cpu", action="store_true", help="the CPU benchmark even where a GPU is present")
+    p.add_argument("--budget", type=float, default=None,
+                   help="CPU: seconds of interleaved rounds per case, after the least rounds (default 2)")
+    p.add_argument("--copy-mib", type=int, default=None,
+                   help="CPU: MiB of the np.copyto whose bandwidth each case is compared with (default 256)")
     p.set_defaults(func=_bench)
     p = sub.add_parser("model", help="predicted GPU time of the benchmark's ops: a traced traffic and "
                        "instruction model, no GPU needed (see docs/performance.md)")

@@ -231,6 +231,7 @@ def run_case(layout, shape, dtype, op, peers=PEERS, budget_s=2.0, min_rounds=5, 
     times = {p: [] for p in live + ["copy"]}
     start = time.perf_counter()
     r = 0
+    max_rounds = max(max_rounds, min_rounds)
     while r < max_rounds and (r < min_rounds or time.perf_counter() - start < budget_s):
         order = live[r % max(1, len(live)):] + live[: r % max(1, len(live))] if live else []
         for p in order:
@@ -267,29 +268,31 @@ def run_case(layout, shape, dtype, op, peers=PEERS, budget_s=2.0, min_rounds=5, 
 
 
 def run(shapes=None, dtypes=("float32", "float64"), ops=OPS, peers=PEERS, budget_s=2.0, log=None, memory=True,
-        each=None):
+        each=None, min_rounds=5, max_rounds=25, copy_bytes=COPY_BYTES):
     """Every (shape, dtype, op): interleaved peers. Returns (environment, records).
 
     ``each(env, records)`` is called after every shape (to save partial results).
+    ``copy_bytes``: the size of the copy whose bandwidth every case is compared with.
     """
     import cubn
 
     shapes = shapes or SUITE
     env = environment()
-    env["copy_gbps_start"] = copy_bandwidth()
-    copy = Copy()
+    env["copy_bytes"] = copy_bytes
+    env["copy_gbps_start"] = copy_bandwidth(copy_bytes)
+    copy = Copy(copy_bytes)
     records = []
     try:
         for layout, shape in shapes:
             for dt in dtypes:
                 for op in ops:
                     records += run_case(layout, shape, dt, op, peers, budget_s=budget_s, copy=copy, log=log,
-                                        memory=memory)
+                                        memory=memory, min_rounds=min_rounds, max_rounds=max_rounds)
             if each is not None:
                 each(env, records)
     finally:
         cubn.set_num_threads(None)
-    env["copy_gbps_end"] = copy_bandwidth()
+    env["copy_gbps_end"] = copy_bandwidth(copy_bytes)
     try:
         env["loadavg_end"] = os.getloadavg()
     except OSError:
@@ -379,6 +382,20 @@ def summary(records) -> dict:
                            ("lowest_copy_fraction", nt.roofline, min)):
             if v is not None:
                 s[k] = v if s[k] is None else pick(s[k], v)
+        for k, v in (("vs_torch_1t", row["vs_torch_1t"]), ("vs_torch_Nt", row["vs_torch_Nt"]),
+                     ("vs_numpy", vn), ("copy_fraction", nt.roofline), ("peak_memory", nt.peak_memory)):
+            if v is not None:
+                s.setdefault("_" + k, []).append(v)
+    for s in out.values():  # medians over the shapes
+        for k in ("vs_torch_1t", "vs_torch_Nt", "vs_numpy", "copy_fraction", "peak_memory"):
+            vals = s.pop("_" + k, [])
+            s["median_" + k] = statistics.median(vals) if vals else None
+        s["worst_peak_memory"] = None
+    for (op, lay, shp, dt), row in ratios(records).items():
+        nt = row["peers"].get("cubn-Nt")
+        if nt is not None and nt.peak_memory is not None:
+            s = out[f"{op}/{dt}"]
+            s["worst_peak_memory"] = nt.peak_memory if s["worst_peak_memory"] is None else max(s["worst_peak_memory"], nt.peak_memory)
     return out
 
 
@@ -401,7 +418,7 @@ def readme(env, data, table_text, notes=""):
         f"(of {env['cpu_count']}); 'Nt' columns ran on {env['cpus_available']} threads.",
         f"- Load average (1 minute) over the cases: {_load_range(data['records'])}; "
         f"{env['cpus_available']} means the CPUs were busy with this run alone, more means other work shared them.",
-        f"- Copy bandwidth (np.copyto, 256 MiB, read + write): {env['copy_gbps_start']:.1f} GB/s at the start"
+        f"- Copy bandwidth (np.copyto, {env.get('copy_bytes', COPY_BYTES) >> 20} MiB, read + write): {env['copy_gbps_start']:.1f} GB/s at the start"
         + (f", {env['copy_gbps_end']:.1f} GB/s at the end" if "copy_gbps_end" in env else " (run still going)")
         + "; each case's roofline uses the copy timed in its own rounds.",
         "",
@@ -423,6 +440,17 @@ def readme(env, data, table_text, notes=""):
         lines.append(f"| {k} | {v['torch_1t_met']}/{v['cases']} | {v['torch_Nt_met']}/{v['cases']} | "
                      f"{v['numpy_met']}/{v['cases']} | {v['copy50_met']}/{v['cases']} | {f(v['worst_vs_torch'])} | "
                      f"{f(v['worst_vs_numpy'])} | {f(v['lowest_copy_fraction'], True)} |")
+    lines += ["", "## Median over the shapes, per op and dtype", "",
+              "cubn-1t over torch-1t, cubn-Nt over torch-Nt (the same number of threads), cubn-Nt over naive NumPy "
+              "(< 1: cubn faster); cubn-Nt's fraction of the copy bandwidth; its peak memory beyond the outputs "
+              "(median and worst).", "",
+              "| op/dtype | cubn/torch-1t | cubn/torch-Nt | cubn/numpy | copy fraction | peak memory (median, worst) |",
+              "|---|---|---|---|---|---|"]
+    for k, v in s.items():
+        f = lambda x, pct=False: "-" if x is None else (f"{100 * x:.0f}%" if pct else f"{x:.2f}")  # noqa: E731
+        lines.append(f"| {k} | {f(v.get('median_vs_torch_1t'))} | {f(v.get('median_vs_torch_Nt'))} | "
+                     f"{f(v.get('median_vs_numpy'))} | {f(v.get('median_copy_fraction'), True)} | "
+                     f"{f(v.get('median_peak_memory'))}, {f(v.get('worst_peak_memory'))} |")
     lines += ["", "## Table", "", "```", table_text.rstrip(), "```", ""]
     return "\n".join(lines)
 
@@ -441,3 +469,52 @@ def write(folder, env, records, notes=""):
     (folder / "table.txt").write_text(text + "\n")
     (folder / "README.md").write_text(readme(env, data, text, notes))
     return data
+
+
+# ---------------------------------------------------------------------------
+# ``cubn bench`` without a GPU (or with --cpu)
+# ---------------------------------------------------------------------------
+DEFAULT_DTYPES = ("float32", "float64")
+
+
+def main(args) -> int:
+    """``cubn bench`` on the CPU: every case timed for each peer side by side, a results folder, the table.
+
+    ``args``: ``out``, ``quick``, ``shapes`` (a list of (layout, shape) or None), ``dtypes``
+    (comma-separated or None), ``ops``, ``peers`` (comma-separated or None), ``repeat``
+    (the least rounds per case), ``budget`` (seconds of rounds per case), ``copy_mib``.
+    """
+    import json
+    import math
+
+    from .benchmarking import QUICK
+
+    shapes = list(getattr(args, "shapes", None) or (QUICK if args.quick else SUITE))
+    shapes.sort(key=lambda ls: math.prod(ls[1]))  # smallest first: partial results come early
+    dtypes = tuple(d for d in (args.dtypes or ",".join(DEFAULT_DTYPES)).split(",") if d)
+    bad = [d for d in dtypes if d not in ("float32", "float64", "float16")]
+    if bad:
+        raise SystemExit(f"cubn bench --dtypes (CPU): unknown {', '.join(bad)} (known: float32, float64, float16)")
+    ops = tuple(args.ops.split(",")) if args.ops else OPS
+    bad = [o for o in ops if o not in OPS]
+    if bad:
+        raise SystemExit(f"cubn bench --ops: unknown {', '.join(bad)} (known: {', '.join(OPS)})")
+    peers = tuple(args.peers.split(",")) if getattr(args, "peers", None) else PEERS
+    bad = [p for p in peers if p not in PEERS]
+    if bad:
+        raise SystemExit(f"cubn bench --peers (CPU): unknown {', '.join(bad)} (known: {', '.join(PEERS)})")
+    min_rounds = args.repeat if args.repeat else 5
+    budget = 2.0 if getattr(args, "budget", None) is None else args.budget
+    copy_bytes = int(getattr(args, "copy_mib", None) or (COPY_BYTES >> 20)) << 20
+    print(f"CPU benchmark: {len(shapes)} shapes x {len(dtypes)} dtypes x {len(ops)} ops; peers {', '.join(peers)} "
+          f"({all_threads()} threads for the -Nt columns), timed side by side", flush=True)
+    env, records = run(shapes, dtypes, ops, peers, budget_s=budget, log=lambda s: print(s, flush=True),
+                       each=lambda e, r: write(args.out, e, r), min_rounds=min_rounds,
+                       max_rounds=max(25, min_rounds), copy_bytes=copy_bytes)
+    data = write(args.out, env, records)
+    print(table(records, peers))
+    print(f"\ncopy bandwidth (np.copyto, read + write): {env['copy_gbps_start']:.1f} GB/s at the start, "
+          f"{env['copy_gbps_end']:.1f} GB/s at the end")
+    print(json.dumps(data["summary"], indent=1))
+    print(f"results in {args.out}/ (results.json, table.txt, README.md)")
+    return 0

@@ -68,3 +68,74 @@ def test_peers_are_pluggable(monkeypatch):
     assert [(r.peer, r.dtype) for r in ok] == [("plain_numpy", "float32")] and ok[0].bytes == 64 * 8 * 4
     assert [r.error for r in recs if r.median_ms is None] == ["skipped: float32 only"]
     assert "plain" in B.table(recs).splitlines()[0]
+
+
+def test_cli_bench_without_a_gpu_runs_the_cpu_peers_side_by_side(tmp_path, monkeypatch, capsys):
+    """``cubn bench`` on a CPU-only machine: the NumPy backend beside torch CPU (1 and N threads) and naive
+    NumPy, each its own column, with the copy bandwidth of the same run and peak memory; tiny shapes, no timing
+    asserted."""
+    import json
+
+    import cubn
+    from cubn import cli
+    from cubn import cpu_benchmarks as C
+
+    monkeypatch.setattr(cubn, "gpu_available", lambda: False)
+    out = tmp_path / "bench"
+    shapes = ["NC:64,8", "NCHW:2,3,5,5"]
+    rc = cli.main(["bench", "--out", str(out), *sum((["--shape", s] for s in shapes), []), "--dtypes",
+                   "float32,float64", "--ops", "moments,bn_infer,bn_add_relu,backward", "--repeat", "2",
+                   "--budget", "0", "--copy-mib", "4"])
+    assert rc == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["kind"] == "cpu-peers"
+    env = data["environment"]
+    assert env["copy_gbps_start"] > 0 and env["copy_gbps_end"] > 0 and env["copy_bytes"] == 4 << 20
+    recs = data["records"]
+    keys = {(r["layout"], tuple(r["shape"]), r["dtype"], r["op"], r["peer"]) for r in recs}
+    want = {(lay, shp, dt, op, p) for lay, shp in (("NC", (64, 8)), ("NCHW", (2, 3, 5, 5)))
+            for dt in ("float32", "float64") for op in ("moments", "bn_infer", "bn_add_relu", "backward")
+            for p in C.PEERS}
+    assert keys == want and len(recs) == len(want)
+    try:
+        import torch  # noqa: F401
+        have_torch = True
+    except ImportError:
+        have_torch = False
+    for r in recs:
+        assert r["threads"] == (1 if r["peer"].endswith("-1t") else C.all_threads())
+        if r["peer"].startswith("torch") and not have_torch:
+            assert r["median_ms"] is None and "torch" in r["error"]
+            continue
+        assert r["error"] is None and r["median_ms"] > 0 and r["rounds"] >= 2
+        assert r["copy_gbps"] > 0 and r["roofline"] == pytest.approx(r["gbps"] / r["copy_gbps"])
+        assert r["bytes"] == B.TENSOR_PASSES[r["op"]] * math.prod(r["shape"]) * np.dtype(r["dtype"]).itemsize
+        if r["peer"].startswith("cubn") or r["peer"] == "numpy":
+            assert r["peak_memory"] is not None
+    head = (out / "table.txt").read_text().splitlines()[0].split()
+    for col in ("cubn-1t", "cubn-Nt", "torch-1t", "torch-Nt", "numpy", "1t/torch", "Nt/torch", "1t/numpy", "copy%"):
+        assert col in head
+    assert "Copy bandwidth" in (out / "README.md").read_text()
+    printed = capsys.readouterr().out
+    assert "results in" in printed and "torch-1t ms" in printed
+
+
+def test_cli_bench_picks_the_cpu_benchmark_only_without_a_gpu_or_with_cpu(tmp_path, monkeypatch):
+    import cubn
+    from cubn import cli
+    from cubn import cpu_benchmarks as C
+    from cubn.benchmarking import command
+
+    called = []
+    monkeypatch.setattr(C, "main", lambda args: called.append(("cpu", args.dtypes, args.shapes)) or 0)
+    monkeypatch.setattr(command, "main", lambda args: called.append(("gpu", args.dtypes, args.shapes)) or 0)
+    monkeypatch.setattr(B, "main", command.main)
+    monkeypatch.setattr(cubn, "gpu_available", lambda: True)
+    assert cli.main(["bench", "--out", str(tmp_path)]) == 0
+    assert cli.main(["bench", "--out", str(tmp_path), "--cpu", "--shape", "nhwc:2,3,3,4"]) == 0
+    monkeypatch.setattr(cubn, "gpu_available", lambda: False)
+    assert cli.main(["bench", "--out", str(tmp_path)]) == 0
+    assert called == [("gpu", "float32,float16,bfloat16", None), ("cpu", None, [("NHWC", (2, 3, 3, 4))]),
+                      ("cpu", None, None)]
+    with pytest.raises(SystemExit, match="--shape"):
+        cli.main(["bench", "--out", str(tmp_path), "--shape", "NC:4,x"])

@@ -249,6 +249,41 @@ def test_results_do_not_depend_on_the_thread_count(rng, threads, name, fmt, shap
             assert a.tobytes() == b.tobytes(), f"output {k} differs with {n} threads"
 
 
+SMALL_CASES = [("NHWC", (8, 16)), ("NHWC", (SMALL // 16, 16)), ("NCHW", (4, 3, 5, 5)), ("NCHW", (2, 7, 1, 300))]
+
+
+@pytest.mark.parametrize("fmt,shape", SMALL_CASES, ids=[f"{f}-{'x'.join(map(str, s))}" for f, s in SMALL_CASES])
+def test_the_small_path_agrees_with_the_chunked_path(rng, threads, monkeypatch, fmt, shape):
+    """Small arrays run as one chunk in the calling thread; forced through the chunked path (rows or runs,
+    on the pool), every op gives the same results up to the order of the sums, and the small path's
+    results are bitwise the same for any thread count."""
+    x = (1e4 + rng.standard_normal(shape)).astype(np.float32)
+    assert _plan_kind(fmt, shape) == "whole"
+    run = _all_ops(x, fmt, rng)
+    threads(1)
+    small = run()
+    for n in (2, 5):
+        threads(n)
+        for k, (a, b) in enumerate(zip(small, run())):
+            assert (a is None and b is None) or a.tobytes() == b.tobytes(), f"output {k} differs with {n} threads"
+    monkeypatch.setattr(tiles, "SMALL_ELEMENTS", 0)
+    tiles.layout.cache_clear()
+    try:
+        assert _plan_kind(fmt, shape) != "whole"
+        threads(2)
+        chunked = run()
+    finally:
+        monkeypatch.undo()
+        tiles.layout.cache_clear()
+    for k, (a, b) in enumerate(zip(small, chunked)):
+        if a is None:
+            assert b is None
+            continue
+        assert a.dtype == b.dtype and a.shape == b.shape
+        scale = np.max(np.abs(np.asarray(b, np.float64))) if a.size else 1.0
+        assert_close(a, b, "float32", scale=scale, what=f"output {k}, small vs chunked path")
+
+
 def test_set_num_threads_checks_its_argument(threads):
     threads(3)
     assert cubn.get_num_threads() == 3
@@ -291,6 +326,8 @@ ACCURACY_CASES = [
     ("NCHW", (32, 64, 7, 7)),     # rows, column blocks
     ("NCHW", (8, 4, 64, 64)),     # runs
     ("NCHW", (2, 2, 3 * CHUNK // 2)),  # runs, pieces
+    ("NHWC", (8, 16)),            # one small chunk, the calling thread
+    ("NCHW", (4, 3, 5, 5)),       # one small chunk, feature maps
 ]
 
 

@@ -271,7 +271,10 @@ class NumpyBackend(NumpyPreprocessing):
                 live = n != 0
                 dev = np.where(live, s / np.where(live, n, 1), 0)
             m2 = q - s * dev
-            if again or not np.any(live & (q > PIVOT_RATIO * m2)):
+            far = q > PIVOT_RATIO * m2
+            if weights is not None:
+                far &= live
+            if again or not far.any():  # the method: np.any costs more than the comparison here
                 break
             # A pivot far from its channel's mean: again, about the mean found.
             centre = (pivot + dev).astype(acc)

@@ -15,7 +15,7 @@ def main(args) -> int:
     except ImportError as e:
         raise SystemExit("cubn bench needs tqdm for its progress bar: pip install 'cubn[bench]'") from e
 
-    shapes = QUICK if args.quick else SUITE
+    shapes = getattr(args, "shapes", None) or (QUICK if args.quick else SUITE)
     dtypes = tuple(d for d in args.dtypes.split(",") if d)
     ops = tuple(args.ops.split(",")) if args.ops else OPS
     peers = tuple(args.peers.split(",")) if getattr(args, "peers", None) else tuple(PEERS)
