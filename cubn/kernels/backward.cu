@@ -18,9 +18,18 @@ __device__ __forceinline__ void bwd_accumulate(A dy, A xv, A sidev, A m, A s, A 
   s2 += g * xm;
 }
 
+// Resident blocks per SM asked of ptxas for cubn_bwd_reduce_cl, i.e. its
+// register cap (64K / (256 * n); 0: none), where the cap costs no spills on
+// sm_80 and sm_90 (ptxas -v, NVRTC 12): float without an activation gets 64
+// registers and 4 blocks per SM instead of 80 and 3. bfloat16 and the
+// channels-first kernel spill under any cap that would raise their occupancy.
+template <typename T, int ACT> struct ReduceClBlocks { enum { n = 0 }; };
+template <int ACT> struct ReduceClBlocks<float, ACT> { enum { n = ACT == ACT_NONE ? 4 : 2 }; };
+template <int ACT> struct ReduceClBlocks<__half, ACT> { enum { n = ACT == ACT_NONE ? 3 : ACT == ACT_GELU ? 0 : 2 }; };
+
 // Channels last: a (rows, cols) matrix, column j is channel j % C.
 template <typename T, int ACT, int VEC>
-__global__ void __launch_bounds__(CUBN_REDUCE_THREADS)
+__global__ void __launch_bounds__(CUBN_REDUCE_THREADS, ReduceClBlocks<T, ACT>::n)
 cubn_bwd_reduce_cl(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ side,
                    i64 rows, int cols, int C,
                    const typename AccOf<T>::type* __restrict__ mean,
