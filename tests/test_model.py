@@ -214,9 +214,9 @@ def _budget_cases():
         # one channel per vector, or channels-last patterns), no residual
         cases = []
         for pos in (registry.POS_CHANNEL, registry.POS_PATTERN):
-            cases += [(registry.NORMALIZE.variant(T=T, ACT=0, VEC=vec, RAW=0, POS=pos, SIDE=0, IDX32=1), NORMALIZE_BUDGET),
-                      (registry.NORMALIZE.variant(T=T, ACT=0, VEC=vec, RAW=1, POS=pos, SIDE=0, IDX32=1), NORMALIZE_BUDGET),
-                      (registry.BWD_APPLY.variant(T=T, ACT=0, VEC=vec, POS=pos, IDX32=1), NORMALIZE_BUDGET)]
+            cases += [(registry.NORMALIZE.variant(T=T, ACT=0, VEC=vec, RAW=raw, POS=pos, SIDE=0, IDX32=1),
+                       NORMALIZE_BUDGET) for raw in (0, 1)]
+            cases.append((registry.BWD_APPLY.variant(T=T, ACT=0, VEC=vec, POS=pos, IDX32=1), NORMALIZE_BUDGET))
         cases += [(registry.MOMENTS_CL.variant(T=T, WMODE=0, VEC=vec), STATISTICS_BUDGET),
                   (registry.MOMENTS_CF.variant(T=T, WMODE=0, VEC=vec), STATISTICS_BUDGET)]
         for v, budget in cases:
@@ -248,7 +248,8 @@ def test_sass_statistics_read_the_machine_code():
     kernels four (their loop is unrolled four times), the finalize loop reads
     scalars; registers are within the hardware's range."""
     f32 = element("float32")
-    vs = [registry.NORMALIZE.variant(T=f32, ACT=0, VEC=4, RAW=0, POS=1, SIDE=0, IDX32=1), registry.MOMENTS_CL.variant(T=f32, WMODE=0, VEC=4),
+    vs = [registry.NORMALIZE.variant(T=f32, ACT=0, VEC=4, RAW=0, POS=1, SIDE=0, IDX32=1),
+          registry.MOMENTS_CL.variant(T=f32, WMODE=0, VEC=4),
           registry.BN_FINALIZE.variant(A=f32)]
     st = sass.stats_for([(v, None) for v in vs], "sm_90")
     norm, mom, fin = (st[(v.name_expression, sass.default_streamed(v))] for v in vs)

@@ -302,8 +302,9 @@ class KernelBackend(KernelPreprocessing):
             p = dict(p1=affine.var, p2=affine.gamma, p3=affine.beta, eps=affine.eps)
         else:
             p = dict(p1=affine.scale, p2=affine.shift)
-        variant, grid, block = self._elementwise_variant(R.NORMALIZE, plan, n, vec, dt, ACT=act.kernel_id if act else 0,
-                                                         RAW=int(raw), SIDE=int(side3 is not None))
+        variant, grid, block = self._elementwise_variant(R.NORMALIZE, plan, n, vec, dt,
+                                                         ACT=act.kernel_id if act else 0, RAW=int(raw),
+                                                         SIDE=int(side3 is not None))
         self._launch(variant, grid, block, 0, x=x3, side=side3, y=y3, n=n, C=plan.channels, inner=plan.inner,
                      mean=affine.mean, **p, alpha=act.alpha if act else 0.0)
         return y3
@@ -396,7 +397,8 @@ class KernelBackend(KernelPreprocessing):
             wvals, wdiv = weights.values, weights.divisor
         variant, grid, block = self._elementwise_variant(R.BWD_APPLY, plan, n, vec, dt, weighted=wmode != 0,
                                                          ACT=act.kernel_id if act else 0)
-        self._launch(variant, grid, block, 0, dy=dy3, x=x3, side=side, dx=dx3, dside=dside3, n=n, C=plan.channels, inner=plan.inner,
+        self._launch(variant, grid, block, 0, dy=dy3, x=x3, side=side, dx=dx3, dside=dside3, n=n, C=plan.channels,
+                     inner=plan.inner,
                      mean=affine.mean, scale=affine.scale, shift=affine.shift, k1=coeffs.k1, k2=coeffs.k2,
                      w=wvals, wmode=wmode, wdiv=wdiv, alpha=act.alpha if act else 0.0)
         return dx3, dside3
