@@ -164,11 +164,15 @@ class KernelBackend(KernelPreprocessing):
         else:
             pos = R.POS_PATTERN
         T = element(dtype)
-        # registers barely depend on the index width: size the grid with the 64-bit variant's
+        period = None if weighted else plan.channels * plan.inner
+        if not weighted and n < _INT32_LIMIT:
+            # 32-bit indices when nothing the loop forms (up to n + its stride) can overflow
+            narrow = spec.variant(T=T, VEC=vec, POS=pos, IDX32=1, **targs)
+            grid, block = self._elementwise_grid(n, vec, narrow, period)
+            if n + grid[0] * block[0] * vec + vec < _INT32_LIMIT:
+                return narrow, grid, block
         wide = spec.variant(T=T, VEC=vec, POS=pos, IDX32=0, **targs)
-        grid, block = self._elementwise_grid(n, vec, wide, None if weighted else plan.channels * plan.inner)
-        idx32 = int(not weighted and n + grid[0] * block[0] * vec + vec < _INT32_LIMIT)
-        return (spec.variant(T=T, VEC=vec, POS=pos, IDX32=idx32, **targs) if idx32 else wide), grid, block
+        return (wide, *self._elementwise_grid(n, vec, wide, period))
 
     @staticmethod
     def _per_channel_grid(C):
