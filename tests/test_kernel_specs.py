@@ -191,7 +191,7 @@ def test_one_launch_items_are_a_template_argument():
 # Arguments by name
 # ---------------------------------------------------------------------------
 def _normalize_variant(dtype="float32"):
-    return registry.NORMALIZE.variant(T=spec.element(dtype), ACT=1, VEC=1, RAW=0)
+    return registry.NORMALIZE.variant(T=spec.element(dtype), ACT=1, VEC=1, RAW=0, POS=1, SIDE=0, IDX32=0)
 
 
 def test_arguments_are_ordered_and_converted_by_the_spec():
@@ -240,7 +240,7 @@ def test_every_variant_is_found_by_its_template_arguments(kernel):
 
 def test_unregistered_variants_are_refused():
     f32 = spec.element("float32")
-    normalize = _chosen(registry.NORMALIZE.variant(T=f32, ACT=0, VEC=1, RAW=0))
+    normalize = _chosen(registry.NORMALIZE.variant(T=f32, ACT=0, VEC=1, RAW=0, POS=1, SIDE=0, IDX32=0))
     with pytest.raises(KeyError, match="not registered"):
         registry.NORMALIZE.variant(**{**normalize, "ACT": len(registry.ACTIVATIONS)})
     moments = _chosen(next(v for v in registry.MOMENTS_CL.variants() if v.params["T"] == f32))

@@ -78,7 +78,7 @@ def test_registry_is_complete_and_unique():
 
 def test_backend_cannot_launch_unregistered_variants():
     with pytest.raises(KeyError, match="not registered"):
-        registry.NORMALIZE.variant(T=registry.element("float32"), ACT=42, VEC=4, RAW=0)
+        registry.NORMALIZE.variant(T=registry.element("float32"), ACT=42, VEC=4, RAW=0, POS=1, SIDE=0, IDX32=0)
 
 
 def test_spill_report_is_read():

@@ -34,6 +34,7 @@ class DeviceInfo:
     max_threads_per_block: int
     max_shared_memory_per_block: int
     warp_size: int = 32
+    compute_capability: int | None = None  # major * 10 + minor; None: no GPU (occupancy as sm_90)
 
 
 class Partials(NamedTuple):

@@ -88,6 +88,7 @@ class CupyLauncher:
                 multiprocessor_count=int(attrs["MultiProcessorCount"]),
                 max_threads_per_block=int(attrs["MaxThreadsPerBlock"]),
                 max_shared_memory_per_block=int(attrs["MaxSharedMemoryPerBlock"]),
+                compute_capability=int(dev.compute_capability),
             )
         return self._info
 

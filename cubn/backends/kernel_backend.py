@@ -9,20 +9,24 @@ the host: every statistic stays on the device between launches.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 from .. import _dtypes
 from ..kernels import registry as R
 from ..kernels.registry import ELEMENTWISE_THREADS, FINALIZE_THREADS, REDUCE_THREADS
 from ..kernels.spec import element
+from . import occupancy as _occupancy
 from ._memory import aligned as _aligned
 from .kernel_preprocessing import KernelPreprocessing
 from .base import BackwardCoeffs, Partials, RawAffine, Stats, Sums
 
 FINALIZE_ROW_BYTES = 32  # a finalize block reads this much of each partial row: one sector
-BLOCKS_PER_SM = 2048 // REDUCE_THREADS  # resident 256-thread blocks per SM at full occupancy
+BLOCKS_PER_SM = 2048 // REDUCE_THREADS  # resident 256-thread blocks per SM at full occupancy (registers unknown)
 REDUCE_WAVES = 2
 ELEMENTWISE_WAVES = 4
+WHOLE_WAVE_FILL = 0.95  # an elementwise grid's last wave is at least this full when the period allows
+_INT32_LIMIT = 2**31
 MIN_VECTORS_PER_THREAD = 4  # below this a reduction thread's setup dominates
 # Partials per channel the statistics kernels leave (PyTorch caps its split at
 # 128): finalize merges them with a block of walkers, so its serial chain is
@@ -60,14 +64,35 @@ class KernelBackend(KernelPreprocessing):
         self.xp = launcher.xp
         self.name = launcher.name
         self.info = launcher.device_info()
+        self._limits = _occupancy.limits_for(getattr(self.info, "compute_capability", None))
+        self._per_sm: dict = {}
 
     # ------------------------------------------------------------------
     def _launch(self, variant, grid, block, shared, **args):
         """Launch ``variant`` with its arguments by name (the spec orders and converts them)."""
         self.launcher.launch(self.launcher.get(variant), grid, block, shared, variant.args(**args))
 
-    def _target_blocks(self, waves):
-        return self.info.multiprocessor_count * BLOCKS_PER_SM * waves
+    def _blocks_per_sm(self, variant, threads, shared=0):
+        """Resident blocks per SM of ``variant`` launched with ``threads`` per block
+        and ``shared`` bytes of dynamic shared memory (cubn/backends/occupancy.py);
+        the old assumption of full thread occupancy when ``variant`` is None."""
+        if variant is None:
+            return BLOCKS_PER_SM * REDUCE_THREADS // threads
+        key = (variant, threads, shared)
+        n = self._per_sm.get(key)
+        if n is None:
+            get = getattr(self.launcher, "get", None)
+            kernel = get(variant) if get is not None and self.launcher.name == "cupy" else None
+            regs, static = _occupancy.variant_resources(variant, getattr(self.info, "compute_capability", None),
+                                                        kernel)
+            n = self._per_sm[key] = max(1, self._limits.blocks_per_sm(threads, regs, static + shared))
+        return n
+
+    def _target_blocks(self, waves, variant=None, threads=REDUCE_THREADS, shared=0):
+        """Blocks in ``waves`` whole waves of ``variant`` (its real occupancy at
+        ``threads`` per block and ``shared`` dynamic bytes; without a variant,
+        8 resident 256-thread blocks per SM)."""
+        return self.info.multiprocessor_count * self._blocks_per_sm(variant, threads, shared) * waves
 
     @staticmethod
     def _vec(dtype, divisible_by, arrays, widths=None):
@@ -120,10 +145,44 @@ class KernelBackend(KernelPreprocessing):
         nsplit = max(1, -(-L // chunk)) if L else 1
         return _CfConfig(vec, nsplit, chunk, C)
 
-    def _elementwise_grid(self, n, vec):
+    def _elementwise_grid(self, n, vec, variant=None, period=None):
+        """Grid and block of a grid-stride elementwise launch over ``n`` elements
+        in vectors of ``vec``, ``ELEMENTWISE_WAVES`` waves at the variant's
+        occupancy. ``period`` (elements; C * inner): the kernel keeps each
+        thread's channels from its first vector (elementwise.cuh), so the grid's
+        stride in elements is a multiple of it, or the grid has a thread for
+        every vector."""
         nvec = -(-n // vec)
-        blocks = max(1, min(-(-nvec // ELEMENTWISE_THREADS), self._target_blocks(ELEMENTWISE_WAVES)))
+        cover = max(1, -(-nvec // ELEMENTWISE_THREADS))
+        wave = self.info.multiprocessor_count * self._blocks_per_sm(variant, ELEMENTWISE_THREADS)
+        target = wave * ELEMENTWISE_WAVES
+        if cover <= target:
+            blocks = cover
+        elif period is None:
+            blocks = target
+        else:
+            blocks = _periodic_blocks(period // math.gcd(period, ELEMENTWISE_THREADS * vec), wave, cover)
         return (blocks, 1, 1), (ELEMENTWISE_THREADS, 1, 1)
+
+    def _elementwise_variant(self, spec, plan, n, vec, dtype, weighted=False, **targs):
+        """The position mode and index width of an elementwise variant
+        (elementwise.cuh) with its grid: ``(variant, grid, block)``."""
+        if weighted:
+            pos = R.POS_ELEMENT
+        elif vec == 1 or plan.inner % vec == 0:
+            pos = R.POS_CHANNEL  # every vector inside one channel
+        else:
+            pos = R.POS_PATTERN
+        T = element(dtype)
+        period = None if weighted else plan.channels * plan.inner
+        if not weighted and n < _INT32_LIMIT:
+            # 32-bit indices when nothing the loop forms (up to n + its stride) can overflow
+            narrow = spec.variant(T=T, VEC=vec, POS=pos, IDX32=1, **targs)
+            grid, block = self._elementwise_grid(n, vec, narrow, period)
+            if n + grid[0] * block[0] * vec + vec < _INT32_LIMIT:
+                return narrow, grid, block
+        wide = spec.variant(T=T, VEC=vec, POS=pos, IDX32=0, **targs)
+        return (wide, *self._elementwise_grid(n, vec, wide, period))
 
     @staticmethod
     def _per_channel_grid(C, itemsize=4):
@@ -266,9 +325,10 @@ class KernelBackend(KernelPreprocessing):
             p = dict(p1=affine.var, p2=affine.gamma, p3=affine.beta, eps=affine.eps)
         else:
             p = dict(p1=affine.scale, p2=affine.shift)
-        grid, block = self._elementwise_grid(n, vec)
-        self._launch(R.NORMALIZE.variant(T=element(dt), ACT=act.kernel_id if act else 0, VEC=vec, RAW=int(raw)),
-                     grid, block, 0, x=x3, side=side3, y=y3, n=n, C=plan.channels, inner=plan.inner,
+        variant, grid, block = self._elementwise_variant(R.NORMALIZE, plan, n, vec, dt,
+                                                         ACT=act.kernel_id if act else 0, RAW=int(raw),
+                                                         SIDE=int(side3 is not None))
+        self._launch(variant, grid, block, 0, x=x3, side=side3, y=y3, n=n, C=plan.channels, inner=plan.inner,
                      mean=affine.mean, **p, alpha=act.alpha if act else 0.0)
         return y3
 
@@ -358,9 +418,28 @@ class KernelBackend(KernelPreprocessing):
         if weights is not None:
             wmode = 1 if weights.kind == "outer" else 2
             wvals, wdiv = weights.values, weights.divisor
-        grid, block = self._elementwise_grid(n, vec)
-        self._launch(R.BWD_APPLY.variant(T=element(dt), ACT=act.kernel_id if act else 0, VEC=vec), grid, block, 0,
-                     dy=dy3, x=x3, side=side, dx=dx3, dside=dside3, n=n, C=plan.channels, inner=plan.inner,
+        variant, grid, block = self._elementwise_variant(R.BWD_APPLY, plan, n, vec, dt, weighted=wmode != 0,
+                                                         ACT=act.kernel_id if act else 0)
+        self._launch(variant, grid, block, 0, dy=dy3, x=x3, side=side, dx=dx3, dside=dside3, n=n, C=plan.channels,
+                     inner=plan.inner,
                      mean=affine.mean, scale=affine.scale, shift=affine.shift, k1=coeffs.k1, k2=coeffs.k2,
                      w=wvals, wmode=wmode, wdiv=wdiv, alpha=act.alpha if act else 0.0)
         return dx3, dside3
+
+
+def _periodic_blocks(q, wave, cover):
+    """Blocks of an elementwise grid: a multiple of ``q``, or ``cover`` (a
+    thread for every vector) when that is fewer."""
+    return min(cover, _periodic_multiple(q, wave))
+
+
+@functools.lru_cache(maxsize=4096)
+def _periodic_multiple(q, wave):
+    """The multiple of ``q`` that fills whole waves of ``wave`` blocks to
+    ``WHOLE_WAVE_FILL``, trying ``ELEMENTWISE_WAVES`` waves first, then the
+    counts nearest it; else the multiple nearest ``ELEMENTWISE_WAVES`` waves."""
+    for w in sorted(range(1, 2 * ELEMENTWISE_WAVES + 1), key=lambda w: (abs(w - ELEMENTWISE_WAVES), -w)):
+        b = (w * wave // q) * q
+        if b and b >= WHOLE_WAVE_FILL * w * wave:
+            return b
+    return max(1, round(ELEMENTWISE_WAVES * wave / q)) * q

@@ -7,7 +7,7 @@
 //   2. cubn_bwd_apply: dx = scale * dy' - w * (k1 + k2 * (x - mean)), and
 //      d side = dy' when asked (w: batch weights, 1 when unweighted).
 // Sums are deterministic: fixed trees, no atomics.
-#include "common.cuh"
+#include "elementwise.cuh"
 
 template <int ACT, typename A>
 __device__ __forceinline__ void bwd_accumulate(A dy, A xv, A sidev, A m, A s, A t, A alpha, A& s1, A& s2) {
@@ -18,9 +18,18 @@ __device__ __forceinline__ void bwd_accumulate(A dy, A xv, A sidev, A m, A s, A 
   s2 += g * xm;
 }
 
+// Resident blocks per SM asked of ptxas for cubn_bwd_reduce_cl, i.e. its
+// register cap (64K / (256 * n); 0: none), where the cap costs no spills on
+// sm_80 and sm_90 (ptxas -v, NVRTC 12): float without an activation gets 64
+// registers and 4 blocks per SM instead of 80 and 3. bfloat16 and the
+// channels-first kernel spill under any cap that would raise their occupancy.
+template <typename T, int ACT> struct ReduceClBlocks { enum { n = 0 }; };
+template <int ACT> struct ReduceClBlocks<float, ACT> { enum { n = ACT == ACT_NONE ? 4 : 2 }; };
+template <int ACT> struct ReduceClBlocks<__half, ACT> { enum { n = ACT == ACT_NONE ? 3 : ACT == ACT_GELU ? 0 : 2 }; };
+
 // Channels last: a (rows, cols) matrix, column j is channel j % C.
 template <typename T, int ACT, int VEC>
-__global__ void __launch_bounds__(CUBN_REDUCE_THREADS)
+__global__ void __launch_bounds__(CUBN_REDUCE_THREADS, ReduceClBlocks<T, ACT>::n)
 cubn_bwd_reduce_cl(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ side,
                    i64 rows, int cols, int C,
                    const typename AccOf<T>::type* __restrict__ mean,
@@ -140,19 +149,19 @@ cubn_bwd_reduce_cf(const T* __restrict__ dy, const T* __restrict__ x, const T* _
   }
 }
 
-// dx (and d side) elementwise over the flat tensor; channel tracking as in
-// cubn_normalize. wmode: 0 unweighted, 1 w[(outer index) / wdiv], 2 w[e].
+// The general walk (the weighted backward): every element's channel and
+// weight index followed along the flat index.
 template <typename T, int ACT, int VEC>
-__global__ void __launch_bounds__(CUBN_ELEMENTWISE_THREADS)
-cubn_bwd_apply(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ side,
-               T* __restrict__ dx, T* __restrict__ dside, i64 n, int C, i64 inner,
-               const typename AccOf<T>::type* __restrict__ mean,
-               const typename AccOf<T>::type* __restrict__ scale,
-               const typename AccOf<T>::type* __restrict__ shift,
-               const typename AccOf<T>::type* __restrict__ k1,
-               const typename AccOf<T>::type* __restrict__ k2,
-               const typename AccOf<T>::type* __restrict__ w, int wmode, i64 wdiv,
-               typename AccOf<T>::type alpha) {
+__device__ __forceinline__ void bwd_apply_walk(const T* __restrict__ dy, const T* __restrict__ x,
+                                               const T* __restrict__ side, T* __restrict__ dx,
+                                               T* __restrict__ dside, i64 n, int C, i64 inner,
+                                               const typename AccOf<T>::type* __restrict__ mean,
+                                               const typename AccOf<T>::type* __restrict__ scale,
+                                               const typename AccOf<T>::type* __restrict__ shift,
+                                               const typename AccOf<T>::type* __restrict__ k1,
+                                               const typename AccOf<T>::type* __restrict__ k2,
+                                               const typename AccOf<T>::type* __restrict__ w, int wmode, i64 wdiv,
+                                               typename AccOf<T>::type alpha) {
   typedef typename AccOf<T>::type A;
   const bool has_side = ACT != ACT_NONE && side != nullptr;
   const bool want_dside = dside != nullptr;
@@ -188,5 +197,105 @@ cubn_bwd_apply(const T* __restrict__ dy, const T* __restrict__ x, const T* __res
     }
     store_or_tail(dx, ov, e0, n, full);
     if (want_dside) store_or_tail(dside, dsv, e0, n, full);
+  }
+}
+
+// dx (and d side) elementwise over the flat tensor. wmode: 0 unweighted,
+// 1 w[(outer index) / wdiv], 2 w[e]. POS (elementwise.cuh) is POS_ELEMENT
+// for the weighted backward, whose weight index runs with the outer index:
+// every element's channel and weight followed along; otherwise the
+// coefficients are loaded once per thread and the loop does no index
+// arithmetic, as in cubn_normalize (the host never passes weights then).
+template <typename T, int ACT, int VEC, int POS, int IDX32>
+__global__ void __launch_bounds__(CUBN_ELEMENTWISE_THREADS)
+cubn_bwd_apply(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ side,
+               T* __restrict__ dx, T* __restrict__ dside, i64 n, int C, i64 inner,
+               const typename AccOf<T>::type* __restrict__ mean,
+               const typename AccOf<T>::type* __restrict__ scale,
+               const typename AccOf<T>::type* __restrict__ shift,
+               const typename AccOf<T>::type* __restrict__ k1,
+               const typename AccOf<T>::type* __restrict__ k2,
+               const typename AccOf<T>::type* __restrict__ w, int wmode, i64 wdiv,
+               typename AccOf<T>::type alpha) {
+  typedef typename AccOf<T>::type A;
+  const bool has_side = ACT != ACT_NONE && side != nullptr;
+  const bool want_dside = dside != nullptr;
+  if (POS == POS_ELEMENT) {
+    bwd_apply_walk<T, ACT, VEC>(dy, x, side, dx, dside, n, C, inner, mean, scale, shift, k1, k2, w, wmode, wdiv,
+                                alpha);
+    return;
+  }
+  typedef typename IndexOf<IDX32>::type I;
+  enum { NC = CoefSets<POS, VEC>::n };
+  const I ne = I(n);
+  const I nvec = (ne + VEC - 1) / VEC;
+  const I stride = I(gridDim.x) * I(blockDim.x);
+  I v = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x);
+  if (v >= nvec) return;
+  int ch[NC];
+  channels_from<I, NC>(v * VEC, I(inner), C, ch);
+  A m[NC], s[NC], t[NC], a1[NC], a2[NC];
+#pragma unroll
+  for (int j = 0; j < NC; ++j) {
+    const int c = ch[j];
+    m[j] = mean[c]; s[j] = scale[c]; a1[j] = k1[c]; a2[j] = k2[c];
+    t[j] = ACT != ACT_NONE ? shift[c] : A(0);
+  }
+  auto one = [&](const Vec<T, VEC>& dv, const Vec<T, VEC>& xv, const Vec<T, VEC>& sv, Vec<T, VEC>& ov,
+                 Vec<T, VEC>& dsv) {
+    A da[VEC], xa[VEC], sa[VEC];
+    to_acc_vec(dv, da);
+    to_acc_vec(xv, xa);
+    if (has_side) to_acc_vec(sv, sa);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const int j = NC == 1 ? 0 : k;
+      const A xm = xa[k] - m[j];
+      A g = da[k];
+      if (ACT != ACT_NONE) g *= act_grad<ACT>(xm * s[j] + t[j] + (has_side ? sa[k] : A(0)), alpha);
+      ov.v[k] = Out<T>::cast(s[j] * g - (a1[j] + a2[j] * xm));
+      dsv.v[k] = Out<T>::cast(g);
+    }
+  };
+  const I nfull = ne / VEC;
+  Vec<T, VEC> dv, xv, sv, ov, dsv;
+  // the loop as in cubn_normalize: full vectors, not unrolled; the partial
+  // last vector after it
+  if (IDX32) {
+#pragma unroll 1
+    for (; v < nfull; v += stride) {
+      const I e0 = v * VEC;
+      dv = load_vec<T, VEC>(dy + e0);
+      xv = load_vec<T, VEC>(x + e0);
+      if (has_side) sv = load_vec<T, VEC>(side + e0);
+      one(dv, xv, sv, ov, dsv);
+      store_vec<T, VEC>(dx + e0, ov);
+      if (want_dside) store_vec<T, VEC>(dside + e0, dsv);
+    }
+  } else if (v < nfull) {
+    const int iters = int((nfull - 1 - v) / stride) + 1;
+    const i64 step = i64(stride) * VEC, e = i64(v) * VEC;
+    const T *dp = dy + e, *xp = x + e, *sp = side + e;
+    T *op = dx + e, *dsp = dside + e;
+#pragma unroll 1
+    for (int it = 0; it < iters; ++it) {
+      dv = load_vec<T, VEC>(dp);
+      xv = load_vec<T, VEC>(xp);
+      if (has_side) sv = load_vec<T, VEC>(sp);
+      one(dv, xv, sv, ov, dsv);
+      store_vec<T, VEC>(op, ov);
+      if (want_dside) store_vec<T, VEC>(dsp, dsv);
+      dp += step; xp += step; sp += step; op += step; dsp += step;
+    }
+    v += I(iters) * stride;
+  }
+  if (v == nfull && nfull < nvec) {
+    const I e0 = v * VEC;
+    load_tail(dv, dy, e0, ne);
+    load_tail(xv, x, e0, ne);
+    if (has_side) load_tail(sv, side, e0, ne);
+    one(dv, xv, sv, ov, dsv);
+    store_tail(dx, ov, e0, ne);
+    if (want_dside) store_tail(dside, dsv, e0, ne);
   }
 }

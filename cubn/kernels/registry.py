@@ -167,11 +167,21 @@ MERGE_SUMS = Kernel(
 # ---------------------------------------------------------------------------
 # Elementwise (normalize.cu) and backward (backward.cu)
 # ---------------------------------------------------------------------------
+# Position modes (elementwise.cuh): POS_ELEMENT 0, POS_CHANNEL 1, POS_PATTERN 2.
+POS_ELEMENT, POS_CHANNEL, POS_PATTERN = 0, 1, 2
+
+
+def _fixed_positions(VEC, **_):
+    # scalar access: each vector is one element, always in one channel
+    return (POS_CHANNEL,) if VEC == 1 else (POS_CHANNEL, POS_PATTERN)
+
+
 NORMALIZE = Kernel(
-    "cubn_normalize", "normalize.cu", "typename T, int ACT, int VEC, int RAW",
+    "cubn_normalize", "normalize.cu", "typename T, int ACT, int VEC, int RAW, int POS, int SIDE, int IDX32",
     "const T* x, const T* side?, T* y, i64 n, int C, i64 inner, const A* mean, const A* p1, const A* p2?, "
     "const A* p3?, A eps=0, A alpha=0",
-    dict(T=FLOATS, ACT=ACT_IDS, VEC=_scalar_or_widest, RAW=(0, 1)))
+    dict(T=FLOATS, ACT=ACT_IDS, VEC=_scalar_or_widest, RAW=(0, 1), POS=_fixed_positions, SIDE=(0, 1),
+         IDX32=(0, 1)))
 
 _BWD_REDUCE_DOMAINS = dict(T=FLOATS, ACT=ACT_IDS, VEC=_all_widths)
 BWD_REDUCE_CL = Kernel(
@@ -184,11 +194,21 @@ BWD_REDUCE_CF = Kernel(
     "const T* dy, const T* x, const T* side?, i64 outer, int C, i64 inner, int nsplit, i64 chunk, "
     "const A* mean, const A* scale, const A* shift, A alpha=0, A* p_s1, A* p_s2",
     _BWD_REDUCE_DOMAINS)
+def _apply_positions(VEC, **_):
+    # POS_ELEMENT: the weighted backward
+    return (POS_ELEMENT,) + _fixed_positions(VEC)
+
+
+def _index_widths(POS, **_):
+    # the general walk has 64-bit indices only
+    return (0,) if POS == POS_ELEMENT else (0, 1)
+
+
 BWD_APPLY = Kernel(
-    "cubn_bwd_apply", "backward.cu", "typename T, int ACT, int VEC",
+    "cubn_bwd_apply", "backward.cu", "typename T, int ACT, int VEC, int POS, int IDX32",
     "const T* dy, const T* x, const T* side?, T* dx, T* dside?, i64 n, int C, i64 inner, const A* mean, "
     "const A* scale, const A* shift, const A* k1, const A* k2, const A* w?, int wmode=0, i64 wdiv=1, A alpha=0",
-    dict(T=FLOATS, ACT=ACT_IDS, VEC=_scalar_or_widest))
+    dict(T=FLOATS, ACT=ACT_IDS, VEC=_scalar_or_widest, POS=_apply_positions, IDX32=_index_widths))
 
 # ---------------------------------------------------------------------------
 # The one-launch path (one_launch.cu): every channel in one block's registers

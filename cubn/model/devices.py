@@ -39,7 +39,10 @@ class Device:
     def device_info(self):
         from ._adapter import device_info
 
-        return device_info(self.name, self.sms, self.max_threads_per_block, self.max_shared_per_block)
+        import dataclasses
+
+        info = device_info(self.name, self.sms, self.max_threads_per_block, self.max_shared_per_block)
+        return dataclasses.replace(info, compute_capability=int(self.arch.split("_")[1]))
 
     def occupancy(self, threads_per_block: int, registers: int, shared_bytes: int) -> int:
         """Resident blocks per SM for a kernel with these resources (0: cannot launch)."""
