@@ -65,7 +65,7 @@ def refuse_negative(func, name, w):
 
 
 def make_weights(func, name, w, x_shape, plan, xp, acc) -> Weights:
-    """Frequency weights broadcastable to x -> the cheapest :class:`Weights` form.
+    """Frequency weights broadcastable to x -> the cheapest [`Weights`][Weights] form.
 
     A 1-D vector whose length is ``x.shape[0]`` (and x of rank >= 2) means one
     weight per batch item, like ``batch_weights`` in tf.contrib; any other

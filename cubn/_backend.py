@@ -207,7 +207,7 @@ def select(func: str, primary: str, x, **others):
 
 
 def fast_select(x, others):
-    """The backend of a call whose arrays need none of :func:`select`'s and
+    """The backend of a call whose arrays need none of [`select`][select]'s and
     ``readable``'s work, or None (then the ordinary checks run and explain).
 
     That is: ``x`` a plain ``numpy.ndarray`` in native byte order with

@@ -10,7 +10,7 @@ SyncBatchNorm's consistency header.
 Statistics and accumulation are float32 for 16-bit inputs and the input's
 own precision otherwise (``docs/conventions.md``). bfloat16 exists where the
 array library has it: NumPy through ``ml_dtypes``, CuPy when its build knows
-the type. Nothing here needs ``ml_dtypes`` except :attr:`DType.numpy` of
+the type. Nothing here needs ``ml_dtypes`` except [`DType.numpy`][DType.numpy] of
 bfloat16: item sizes, C types and vector widths come from the table, so
 enumerating and launching the kernels of other dtypes works without it.
 """

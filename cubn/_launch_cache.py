@@ -7,7 +7,7 @@ dtypes, the 16-byte alignment of the tensors, the scalar arguments, the
 device and the scoped options. So the second call of a signature (a shape
 called once never pays for a recording) runs the ordinary code on a
 recording copy of the backend, and what it did becomes a
-:class:`Program`: which buffers to allocate, and for each launch the kernel,
+[`Program`][Program]: which buffers to allocate, and for each launch the kernel,
 grid, block, shared bytes and the argument tuple with slots for the inputs
 and the new buffers. A repeated call is a dict lookup, the allocations and
 the launches.
@@ -84,7 +84,7 @@ def _programs(backend) -> _Programs:
 
 
 def lookup(backend, key):
-    """The program of ``key`` on ``backend``; None: record this call; :data:`UNCACHEABLE`:
+    """The program of ``key`` on ``backend``; None: record this call; [`UNCACHEABLE`][UNCACHEABLE]:
     run the ordinary code (a signature that cannot be replayed, or seen for the first time)."""
     p = backend.__dict__.get("_launch_programs")
     if p is None:
@@ -318,7 +318,7 @@ class Recording:
 
     # -- analysis -------------------------------------------------------------
     def program(self, inputs, outputs, keyed_alignment=(), aliases=()):
-        """The :class:`Program` of this recording, or :data:`UNCACHEABLE`.
+        """The [`Program`][Program] of this recording, or [`UNCACHEABLE`][UNCACHEABLE].
 
         ``inputs``: the call's input arrays (None allowed) in the order a
         replay passes them; ``outputs``: the arrays (or None) the call

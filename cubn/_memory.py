@@ -6,7 +6,7 @@ and it cannot load a float from an address that is not a multiple of its size
 byte-swapped array). NumPy makes such arrays easily -- ``np.frombuffer`` at an
 odd offset, a field of a packed record array, data read from a big-endian
 file -- so every public entry point passes each array argument through
-:func:`readable` before anything else looks at it. The other layout questions
+[`readable`][readable] before anything else looks at it. The other layout questions
 (non-contiguous, negative or zero strides, read-only memory) are answered
 where the (outer, C, inner) views are made: a view the kernels cannot walk is
 copied once into a contiguous array (``cubn._plan.Plan.view3``), and no kernel
@@ -56,5 +56,5 @@ def readable(func: str, name: str, a):
 
 
 def readable_all(func: str, **arrays):
-    """:func:`readable` of each keyword argument (named by its keyword), as a tuple in order."""
+    """[`readable`][readable] of each keyword argument (named by its keyword), as a tuple in order."""
     return tuple(readable(func, name, a) for name, a in arrays.items())

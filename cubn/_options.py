@@ -36,5 +36,5 @@ def use_one_launch(enabled: bool = True):
 
 
 def one_launch_enabled() -> bool:
-    """Whether the one-launch path may run here (see :func:`use_one_launch`)."""
+    """Whether the one-launch path may run here (see [`use_one_launch`][use_one_launch])."""
     return _one_launch.get()

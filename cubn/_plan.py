@@ -63,7 +63,7 @@ class Plan:
         return x.reshape(self.outer, self.channels, self.inner)
 
     def unview3(self, y3):
-        """Inverse of :meth:`view3` for an output of the same shape."""
+        """Inverse of [`view3`][view3] for an output of the same shape."""
         y = y3.reshape(self.shape)
         if self.perm is not None:
             inv = [0] * len(self.perm)

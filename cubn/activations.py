@@ -154,7 +154,7 @@ def names() -> tuple:
 
 
 def get(activation, func: str = "activation", arg: str = "activation") -> Activation | None:
-    """Resolve a name, an :class:`Activation` or None; anything else is an error."""
+    """Resolve a name, an [`Activation`][Activation] or None; anything else is an error."""
     if activation is None:
         return None
     if isinstance(activation, Activation):

@@ -49,7 +49,7 @@ def add_arg_scope(func):
 
 
 def has_arg_scope(func) -> bool:
-    """True when ``func`` was decorated with :func:`add_arg_scope`."""
+    """True when ``func`` was decorated with [`add_arg_scope`][add_arg_scope]."""
     return bool(getattr(func, "_arg_scope_decorated", False))
 
 
@@ -66,7 +66,7 @@ def arg_scope(list_ops_or_scope, **kwargs):
 
     Args:
         list_ops_or_scope: a list or tuple of functions decorated with
-            :func:`add_arg_scope`, or a scope dict yielded by an earlier
+            [`add_arg_scope`][add_arg_scope], or a scope dict yielded by an earlier
             ``arg_scope`` (re-entered as it was; no keywords then).
         **kwargs: the defaults.
 

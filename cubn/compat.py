@@ -18,7 +18,7 @@ order. A call from the very same place (the same Python call stack) as an
 earlier call of the same block is a new training step, not a new layer: it
 finds the layer that place created. Identical code run from another place
 (a re-run notebook cell) creates new layers, as TF would, and warns
-(:class:`LayerCreatedAgainWarning`). See docs/migrating.md.
+([`LayerCreatedAgainWarning`][LayerCreatedAgainWarning]). See docs/migrating.md.
 """
 from __future__ import annotations
 
@@ -272,7 +272,7 @@ def variable_scope(name_or_scope, default_name=None, values=None, reuse=None, **
     """``tf.compat.v1.variable_scope``: prefix the names of the compat layers inside.
 
     ``name_or_scope`` is a name (nested under the current scope), a
-    :class:`VariableScope` yielded earlier (entered by its full name), or
+    `VariableScope` yielded earlier (entered by its full name), or
     None with ``default_name`` (named ``default_name``, ``default_name_1``, ...
     as TF does). ``reuse``: None (inherit; existing layers are reused),
     True (every layer must exist), False (none may), or ``AUTO_REUSE``.
@@ -371,8 +371,8 @@ def batch_norm(inputs, decay=0.999, center=True, scale=False, epsilon=0.001, act
     ``cubn.UPDATE_OPS``): run them with ``cubn.run_updates()`` after each
     training step, or pass ``updates_collections=None`` to update in place.
     ``param_regularizers`` losses go to ``GraphKeys.REGULARIZATION_LOSSES``
-    when the layer is created (see :func:`get_regularization_losses`).
-    Decorated with :func:`add_arg_scope`.
+    when the layer is created (see [`get_regularization_losses`][get_regularization_losses]).
+    Decorated with [`add_arg_scope`][add_arg_scope].
     """
     f = "batch_norm"
     check_unit_interval(f, "decay", decay)
@@ -492,14 +492,14 @@ def fully_connected(inputs, num_outputs, activation_fn="relu", normalizer_fn=Non
     """``slim.fully_connected``: ``activation_fn(normalizer_fn(inputs @ weights, **normalizer_params))``.
 
     Without a normalizer the biases are added instead (slim's rule). The
-    layer is ``get_layer(scope_name)`` (a :class:`~cubn.layers.dense.FullyConnected`);
+    layer is ``get_layer(scope_name)`` (a [`FullyConnected`][cubn.layers.dense.FullyConnected]);
     ``get_layer(name).backward(dy)`` differentiates the whole call --
     activation, the batch norm given as ``normalizer_fn`` (its own
     ``backward``) and the matmul -- and fills ``.gradients``. The matmul is
     NumPy's or CuPy's. ``weights_initializer`` defaults to Glorot uniform
     (slim's ``xavier_initializer()``), ``activation_fn`` to ``"relu"``
     (``tf.nn.relu``); regularizer losses go to ``GraphKeys.REGULARIZATION_LOSSES``.
-    Decorated with :func:`add_arg_scope`.
+    Decorated with [`add_arg_scope`][add_arg_scope].
     """
     f = "fully_connected"
     if normalizer_params is not None and not isinstance(normalizer_params, dict):

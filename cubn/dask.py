@@ -4,15 +4,15 @@ A reduction is dask's own ``dask.array.reduction``: every chunk (NumPy or
 CuPy) is reduced by cubn to per-feature Welford triples ``(count, mean, M2)``
 (float64; on a GPU chunk, cubn's kernels), and dask's tree of ``combine`` /
 ``aggregate`` tasks merges them with Chan's formula -- the same code that
-merges :class:`cubn.RunningMoments` on the host, written once for any array
+merges [`cubn.RunningMoments`][cubn.preprocessing.running_moments.RunningMoments] on the host, written once for any array
 module. Nothing is ever summed as ``E[x²] − E[x]²``, so large offsets keep
 their digits, and the result equals the in-memory one up to rounding
 whatever the chunking. The scheduler is whatever dask uses (threads,
 processes, a ``distributed`` cluster).
 
-* :func:`moments` -- lazy mean and population variance, like ``cubn.moments``.
-* :func:`welford_triple` -- the lazy float64 triples themselves.
-* :func:`fit_running_moments` -- a :class:`cubn.RunningMoments` of a dask
+* [`moments`][moments] -- lazy mean and population variance, like ``cubn.moments``.
+* [`welford_triple`][welford_triple] -- the lazy float64 triples themselves.
+* [`fit_running_moments`][fit_running_moments] -- a [`cubn.RunningMoments`][cubn.preprocessing.running_moments.RunningMoments] of a dask
   array (computed now); ``RunningMoments.update`` and ``Standardizer.fit`` /
   ``partial_fit`` accept dask arrays directly and go through the same path,
   and ``Standardizer.transform`` of a dask array is a lazy ``map_blocks``.
@@ -66,7 +66,7 @@ def welford_triple(x, axis=None, *, weights=None, keepdims=False, split_every=No
 
 
 def moments(x, axes, *, weights=None, keepdims=False, split_every=None):
-    """Lazy mean and population variance of a dask array, like :func:`cubn.moments`.
+    """Lazy mean and population variance of a dask array, like [`cubn.moments`][cubn.ops.moments.moments].
 
     One tree reduction of Welford triples computes both (``dask.compute(mean,
     var)`` runs it once). Results have ``x``'s dtype for float inputs and
@@ -96,7 +96,7 @@ def moments(x, axes, *, weights=None, keepdims=False, split_every=None):
 
 
 def fit_running_moments(x, axis=0, *, weights=None, dtype=None):
-    """A :class:`cubn.RunningMoments` holding the statistics of dask array ``x`` (computed now).
+    """A [`cubn.RunningMoments`][cubn.preprocessing.running_moments.RunningMoments] holding the statistics of dask array ``x`` (computed now).
 
     Equivalent to ``RunningMoments(axis, dtype=dtype).update(x, weights)``; the
     state lives where the chunks live (NumPy or CuPy), and the accumulator can

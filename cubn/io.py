@@ -3,7 +3,7 @@
 ``cubn.save(path, layers)`` writes one ``.npz`` (arrays plus each layer's
 config as JSON text; never pickle), ``cubn.load(path)`` reads it back with
 ``allow_pickle=False``. ``from_torch`` / ``from_keras`` build a
-:class:`~cubn.BatchNorm` from a PyTorch ``BatchNorm*d`` or a Keras/TF
+[`BatchNorm`][cubn.layers.batch_norm.BatchNorm] from a PyTorch ``BatchNorm*d`` or a Keras/TF
 ``BatchNormalization`` (names and variance conventions converted; see
 docs/migrating.md).
 """
@@ -120,7 +120,7 @@ class _Unreadable(ValueError):
 
 
 def load(path, device: str = "cpu", *, allow_invalid: bool = False):
-    """Load what :func:`save` wrote; layers come back on ``device``.
+    """Load what [`save`][save] wrote; layers come back on ``device``.
 
     A file that is not a readable cubn file -- not an ``.npz``, truncated,
     damaged, missing an entry, or holding an entry of the wrong shape or
@@ -209,7 +209,7 @@ def _layers_from(entries, where, device, allow_invalid):
 # PyTorch
 # ---------------------------------------------------------------------------
 def from_torch(module_or_state_dict, *, eps=None, momentum=None, data_format="NCHW", affine=None):
-    """A :class:`BatchNorm` equal to a PyTorch ``BatchNorm1d/2d/3d``.
+    """A [`BatchNorm`][BatchNorm] equal to a PyTorch ``BatchNorm1d/2d/3d``.
 
     Pass the module (its eps/momentum/affine are read) or its ``state_dict``
     (give ``eps``/``momentum`` if not PyTorch's defaults 1e-5 / 0.1; pass
@@ -291,7 +291,7 @@ _KERAS_ORDER = ("gamma", "beta", "moving_mean", "moving_variance", "moving_stdde
 
 
 def from_keras(layer_or_config, weights=None, *, input_shape=None, keras=None):
-    """A :class:`BatchNorm` equal to a Keras ``BatchNormalization`` (tf-keras / Keras 2, or Keras 3).
+    """A [`BatchNorm`][BatchNorm] equal to a Keras ``BatchNormalization`` (tf-keras / Keras 2, or Keras 3).
 
     Pass the built Keras layer itself, or its ``get_config()`` dict (or the
     serialized ``{"class_name": ..., "config": ..., "build_config": ...}``

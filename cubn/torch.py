@@ -315,7 +315,7 @@ class BatchNorm1d(_BatchNorm):
 class BatchNorm2d(_BatchNorm):
     """``torch.nn.BatchNorm2d`` on cubn: input ``(N, C, H, W)``, contiguous or channels_last.
 
-    Args: as :class:`BatchNorm1d`.
+    Args: as [`BatchNorm1d`][BatchNorm1d].
     """
 
     _dims = (4,)
@@ -324,7 +324,7 @@ class BatchNorm2d(_BatchNorm):
 class BatchNorm3d(_BatchNorm):
     """``torch.nn.BatchNorm3d`` on cubn: input ``(N, C, D, H, W)``, contiguous or channels_last_3d.
 
-    Args: as :class:`BatchNorm1d`.
+    Args: as [`BatchNorm1d`][BatchNorm1d].
     """
 
     _dims = (5,)

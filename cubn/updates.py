@@ -11,8 +11,8 @@ the forward call instead.
 
 Collections are named by strings, as in TensorFlow: ``"update_ops"`` (the
 value of ``tf.GraphKeys.UPDATE_OPS``) *is* ``cubn.UPDATE_OPS``, and any other
-name gets its own :class:`UpdateCollection` on first use
-(:func:`get_collection`).
+name gets its own [`UpdateCollection`][UpdateCollection] on first use
+(`get_collection`).
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ class UpdateCollection(list):
     """A list of pending update callables (what ``tf.get_collection(UPDATE_OPS)`` returned).
 
     Appending the ``warn_after + 1``-th pending update warns
-    (:class:`PendingUpdatesWarning`): a training loop that never calls
+    ([`PendingUpdatesWarning`][PendingUpdatesWarning]): a training loop that never calls
     ``cubn.run_updates()`` grows it by one update per layer per step.
     ``warn_after = None`` turns the warning off.
     """

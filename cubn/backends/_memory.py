@@ -11,7 +11,7 @@ _probe = threading.local()  # .log: the arrays whose address was asked, while a 
 
 
 def start_probe(log: list) -> None:
-    """Note in ``log`` every array whose address this thread asks, until :func:`stop_probe`
+    """Note in ``log`` every array whose address this thread asks, until [`stop_probe`][stop_probe]
     (the launch cache learns which alignments decided a call)."""
     _probe.log = log
 
@@ -44,7 +44,7 @@ def alignment(*arrays) -> int:
 
 
 def alignment_of(a) -> int:
-    """:func:`alignment` of one array (None: 16), with one address read."""
+    """[`alignment`][alignment] of one array (None: 16), with one address read."""
     if a is None:
         return VECTOR_BYTES
     p = pointer(a) % VECTOR_BYTES

@@ -12,8 +12,8 @@ run is decided once, by ``one_launch.decide`` (the ops call it with the
 backend's ``info``: None on the NumPy backend, which has no such path).
 The preprocessing API is a second client of the same backends, through four
 primitives of its own (``input_partials``, ``merge_into_state``,
-``affine_map``, ``affine_transpose``). :class:`Backend` and
-:class:`OneLaunchBackend` list the interface.
+``affine_map``, ``affine_transpose``). [`Backend`][Backend] and
+[`OneLaunchBackend`][OneLaunchBackend] list the interface.
 
 Normalization is always written ``y = act((x - mean) * scale + shift + side)``:
 subtracting the mean first keeps every digit when |mean| >> std, which the

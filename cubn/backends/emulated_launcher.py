@@ -85,7 +85,7 @@ _LAUNCH_PROTOTYPE = ctypes.CFUNCTYPE(
 
 
 class NullPointer:
-    """A ``nullptr`` kernel argument (use the singleton :data:`NULL`; ``None`` works too, as with CuPy)."""
+    """A ``nullptr`` kernel argument (use the singleton [`NULL`][NULL]; ``None`` works too, as with CuPy)."""
 
     _instance: NullPointer | None = None
 
@@ -126,7 +126,7 @@ class EmulatedLauncher:
         """``sanitize``: None, "address" or "thread"; None reads ``CUBN_EMULATOR_SANITIZE``.
 
         A sanitized launcher only works in a process started with the
-        sanitizer's runtime preloaded: see :func:`sanitizer_env`.
+        sanitizer's runtime preloaded: see [`sanitizer_env`][sanitizer_env].
         """
         if sanitize is None:
             sanitize = os.environ.get("CUBN_EMULATOR_SANITIZE") or None
@@ -182,7 +182,7 @@ class EmulatedLauncher:
     def launch(self, kernel: EmulatedKernel, grid: tuple, block: tuple, shared_bytes: int, args: tuple) -> None:
         """Runs ``kernel`` on a ``grid`` of ``block``s; returns when it has finished.
 
-        ``args``: numpy arrays (their data pointer is passed), :data:`NULL` or
+        ``args``: numpy arrays (their data pointer is passed), [`NULL`][NULL] or
         None (a null pointer), or numpy scalars of exactly the parameter's type.
         """
         if not isinstance(kernel, EmulatedKernel):

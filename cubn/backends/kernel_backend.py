@@ -300,7 +300,7 @@ class KernelBackend(KernelPreprocessing):
 
     @staticmethod
     def _update_args(u):
-        """The named moving-update arguments of a :class:`MovingUpdate`."""
+        """The named moving-update arguments of a [`MovingUpdate`][MovingUpdate]."""
         return dict(upd_a=u.a, bessel=1 if u.bessel else 0, mm_in=u.mean_in, mm_out=u.mean_out, mv_in=u.var_in,
                     mv_out=u.var_out, zd_biased=u.zd_biased, zd_factor=u.zd_factor, renorm_a=u.renorm_a,
                     rn_mean_io=u.renorm_mean, rn_std_io=u.renorm_stddev, moving_std_io=u.moving_stddev)

@@ -64,7 +64,7 @@ class KernelPreprocessing:
         return y3
 
     def affine_transpose(self, x3, channel_last, a, d, out_dtype, inverse):
-        """:meth:`affine_map` of a contiguous (B, P, Q) view written as (B, Q, P), through shared
+        """[`affine_map`][affine_map] of a contiguous (B, P, Q) view written as (B, Q, P), through shared
         memory tiles (coalesced reads and writes): one launch."""
         B, P, Q = x3.shape
         y3 = self.xp.empty((B, Q, P), out_dtype)

@@ -347,7 +347,7 @@ class NumpyBackend(NumpyPreprocessing):
 
     @_quiet
     def moving_update(self, stats, acc, u) -> None:
-        """Apply a :class:`MovingUpdate` from saved batch statistics (in place)."""
+        """Apply a [`MovingUpdate`][MovingUpdate] from saved batch statistics (in place)."""
         a = acc.type(u.a)
         bm = stats.mean
         if u.bessel:

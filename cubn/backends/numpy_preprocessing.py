@@ -38,7 +38,7 @@ class NumpyPreprocessing:
         return _affine(x3, a[None, :, None], d[None, :, None], out_dtype, inverse)
 
     def affine_transpose(self, x3, channel_last, a, d, out_dtype, inverse):
-        """:meth:`affine_map` of a (B, P, Q) view, written as (B, Q, P): NHWC <-> NCHW.
+        """[`affine_map`][affine_map] of a (B, P, Q) view, written as (B, Q, P): NHWC <-> NCHW.
 
         The channel is q (``channel_last``: P = H*W, Q = C) or p (P = C, Q = H*W).
         """

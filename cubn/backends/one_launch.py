@@ -1,6 +1,6 @@
 """The one decision point of the one-launch path.
 
-:func:`decide` is a pure function: from the plan, the data and
+[`decide`][decide] is a pure function: from the plan, the data and
 accumulation dtypes, the device's limits, the alignment of the arrays and
 what the caller allows, it returns the launch of the one-launch kernel
 (one_launch.cu) or None -- then the three-launch path runs (statistics,

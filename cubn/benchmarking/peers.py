@@ -1,11 +1,11 @@
 """The peers measured side by side with cubn, pluggable.
 
-A :class:`Peer` builds, for one op and one :class:`~cubn.benchmarking.cases.Inputs`,
+A [`Peer`][Peer] builds, for one op and one [`Inputs`][cubn.benchmarking.cases.Inputs],
 a callable ``run(i)`` over input rotation ``i``. It runs on the GPU (CuPy
 inputs, CUDA-event timing) or on the CPU (NumPy inputs, the wall clock), may
 cover only some ops or cases (``skip``), and is built and timed inside its
 ``options()`` (scoped options such as ``cubn.use_one_launch(False)``).
-:func:`register` adds one; ``cubn bench`` runs every registered peer.
+[`register`][register] adds one; ``cubn bench`` runs every registered peer.
 
 Built in: ``cubn`` (our kernels), ``cubn_three_launch`` (the same with the
 one-launch path switched off), ``torch`` (``torch.nn.functional.batch_norm``

@@ -1,4 +1,4 @@
-"""The benchmark suite: every (shape, dtype, peer, op) case, timed, as :class:`Record` rows."""
+"""The benchmark suite: every (shape, dtype, peer, op) case, timed, as [`Record`][Record] rows."""
 from __future__ import annotations
 
 import dataclasses

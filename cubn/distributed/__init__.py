@@ -1,7 +1,7 @@
 """Scale-out: the communicators SyncBatchNorm exchanges its statistics through.
 
-cubn has no transport of its own: :class:`MPIComm` wraps ``mpi4py`` and
-:class:`NCCLComm` wraps CuPy's NCCL; both offer the two collectives the layer
+cubn has no transport of its own: [`MPIComm`][MPIComm] wraps ``mpi4py`` and
+[`NCCLComm`][NCCLComm] wraps CuPy's NCCL; both offer the two collectives the layer
 needs (see ``docs/distributed.md``). Importing this package imports neither
 engine.
 """

@@ -3,12 +3,12 @@
 Two collectives and nothing else -- ``allgather`` and ``allreduce`` (sum) of a
 1-D contiguous array -- with two implementations:
 
-- :class:`MPIComm` wraps an ``mpi4py`` communicator. Any array: NumPy arrays
+- [`MPIComm`][MPIComm] wraps an ``mpi4py`` communicator. Any array: NumPy arrays
   go straight to MPI's buffer interface; CuPy arrays are staged through the
   host (``.get()``, then ``cupy.asarray``) unless the MPI is CUDA-aware
   (``cuda_aware=True``), in which case MPI reads device memory after the
   current stream has been synchronized (MPI knows nothing of CUDA streams).
-- :class:`NCCLComm` wraps ``cupy.cuda.nccl.NcclCommunicator`` (or a
+- [`NCCLComm`][NCCLComm] wraps ``cupy.cuda.nccl.NcclCommunicator`` (or a
   ``cupyx.distributed.NCCLBackend``, which holds one). CuPy arrays on the
   communicator's device; the collectives are enqueued on CuPy's current
   stream, so nothing waits on the host. A NumPy array given to it (only
@@ -19,7 +19,7 @@ Both return the same kind of array they were given. cubn has no transport of
 its own: these classes only translate arrays into the engines' calls.
 
 Both collectives take ``timeout`` (seconds, None: wait forever). A rank that
-waits longer for the others raises :class:`ExchangeTimeout` instead of
+waits longer for the others raises [`ExchangeTimeout`][ExchangeTimeout] instead of
 hanging; the collective it started cannot be cancelled (neither MPI nor NCCL
 can take a collective back), so the communicator is unusable afterwards and
 says so. With MPI the wait is a non-blocking collective polled against the
@@ -56,7 +56,7 @@ class Communicator:
 
     A subclass implements ``allgather(a, timeout=None)`` and
     ``allreduce(a, timeout=None)``; on a timeout it raises
-    :class:`ExchangeTimeout` (and refuses every later collective: the
+    [`ExchangeTimeout`][ExchangeTimeout] (and refuses every later collective: the
     abandoned one is still pending).
     """
 
@@ -247,12 +247,12 @@ def _empty_like(a, shape):
 
 
 def as_communicator(comm, func: str = "SyncBatchNorm") -> Communicator:
-    """The :class:`Communicator` for what the user passed.
+    """The [`Communicator`][Communicator] for what the user passed.
 
     None: ``mpi4py``'s ``MPI.COMM_WORLD``. An ``mpi4py`` communicator:
-    :class:`MPIComm` (host staging for CuPy arrays). A
+    [`MPIComm`][MPIComm] (host staging for CuPy arrays). A
     ``cupy.cuda.nccl.NcclCommunicator`` or ``cupyx.distributed.NCCLBackend``:
-    :class:`NCCLComm`. A :class:`Communicator` is used as it is.
+    [`NCCLComm`][NCCLComm]. A [`Communicator`][Communicator] is used as it is.
     """
     if isinstance(comm, Communicator):
         for method in ("allgather", "allreduce"):

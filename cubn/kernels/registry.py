@@ -4,12 +4,12 @@ The specs (``cubn.kernels.spec.Kernel``) list each kernel's source file,
 template parameters with their domains and named arguments. The kernel
 backend obtains variants only through ``SPEC.variant(...)``, which refuses
 anything not in a domain; the NVRTC test compiles exactly
-:func:`all_variants`, and the emulated launcher builds them per source file,
+[`all_variants`][all_variants], and the emulated launcher builds them per source file,
 so no launchable variant escapes either.
 
 The launch constants below are the only statement of each: the host's
 launch configuration reads them here, and the kernels receive them as
-``-D`` defines (:data:`DEFINES`), the same for NVRTC (CuPy, the NVRTC test)
+``-D`` defines ([`DEFINES`][DEFINES]), the same for NVRTC (CuPy, the NVRTC test)
 and g++ (the emulator). A source compiled without them stops with an
 ``#error`` (common.cuh).
 """
@@ -86,7 +86,7 @@ DEFINES = (
 
 
 def define_options() -> tuple:
-    """:data:`DEFINES` as compiler options, ``-DNAME=VALUE``."""
+    """[`DEFINES`][DEFINES] as compiler options, ``-DNAME=VALUE``."""
     return tuple(f"-D{k}={v}" for k, v in DEFINES)
 
 

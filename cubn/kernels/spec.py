@@ -1,6 +1,6 @@
 """Kernel specs: what the host knows about one CUDA kernel, stated once.
 
-A :class:`Kernel` names a ``__global__`` function template of a ``.cu``
+A [`Kernel`][Kernel] names a ``__global__`` function template of a ``.cu``
 file, its template parameters with their domains (the variants cubn may
 launch), and its arguments by name, each with its kind: a pointer to the
 data type ``T`` (or ``Tin``/``Tout``), to the accumulation type ``A`` or to
@@ -10,10 +10,10 @@ the C signature is (``"const T* x, const T* side?, i64 n, A eps"``; ``?``
 marks a nullable pointer, ``=v`` a default), and tests/test_kernel_specs.py
 parses every ``.cu`` signature and compares it with its spec.
 
-From the spec come the variant list (:meth:`Kernel.variants`: what the NVRTC
+From the spec come the variant list ([`Kernel.variants`][Kernel.variants]: what the NVRTC
 test compiles and the emulator builds), the checked lookup of one variant
-(:meth:`Kernel.variant`) and the argument tuple of a launch, built by name
-(:meth:`Variant.args`). The argument builder is generated once per
+([`Kernel.variant`][Kernel.variant]) and the argument tuple of a launch, built by name
+([`Variant.args`][Variant.args]). The argument builder is generated once per
 (kernel, accumulation type), so that a launch pays for nothing but its own
 conversions: scalars become the NumPy scalar of their C type (which is how
 CuPy and the emulator pass them by value), and None is refused for a

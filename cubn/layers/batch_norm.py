@@ -375,7 +375,7 @@ class BatchNorm:
 
     # ------------------------------------------------------------------
     def __call__(self, x, is_training=True, batch_weights=None, side_input=None, mask=None):
-        """``y = bn(x, ...)``: :meth:`forward` without the context (``bn.backward(dy)``
+        """``y = bn(x, ...)``: [`forward`][forward] without the context (``bn.backward(dy)``
         finds it: the calling thread's last call)."""
         return self.forward(x, is_training=is_training, batch_weights=batch_weights, side_input=side_input,
                             mask=mask)[0]
@@ -680,7 +680,7 @@ class BatchNorm:
         return dx
 
     def _context_for(self, f, ctx) -> BatchNormContext:
-        """The forward context a backward call belongs to (see :meth:`backward`)."""
+        """The forward context a backward call belongs to (see [`backward`][backward])."""
         if ctx is None:
             local = self._thread()
             ctx = local.last
@@ -964,7 +964,7 @@ class _DeferredUpdate:
     as they are when the update runs (or raises), ``done()`` records that it
     ran, ``describe()`` names the layer; ``lock`` serializes the updates of
     one layer (reentrant: ``make_update`` may take it too); ``owner`` is a
-    weak reference to the layer, for :meth:`belongs_to` only.
+    weak reference to the layer, for [`belongs_to`][belongs_to] only.
     """
 
     def __init__(self, backend, stats, acc, make_update, done, describe, lock, owner=None):

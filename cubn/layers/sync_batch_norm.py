@@ -81,7 +81,7 @@ class SyncBatchNorm(BatchNorm):
     too. A rank that never calls again -- it raised outside the layer, or
     exited -- leaves the others waiting in the exchange for at most
     ``timeout`` seconds; then each of them raises
-    :class:`cubn.distributed.ExchangeTimeout` saying where it waited, and
+    [`cubn.distributed.ExchangeTimeout`][cubn.distributed.comm.ExchangeTimeout] saying where it waited, and
     the communicator cannot be used again (a collective cannot be
     cancelled). Launch with ``mpiexec -n K python -m mpi4py script.py``:
     then the first uncaught exception on any rank aborts every rank at once.
@@ -105,7 +105,7 @@ class SyncBatchNorm(BatchNorm):
             the bound applies to the consistency header (``verify=True``):
             the statistics themselves are only enqueued on the GPU, so a rank
             that disappears is noticed at the next header exchange.
-        **kwargs: the arguments of :class:`cubn.BatchNorm`.
+        **kwargs: the arguments of [`cubn.BatchNorm`][cubn.layers.batch_norm.BatchNorm].
     """
 
     def __init__(self, comm=None, *, verify=True, timeout=600.0, **kwargs):
@@ -118,7 +118,7 @@ class SyncBatchNorm(BatchNorm):
 
     @property
     def comm(self):
-        """The :class:`cubn.distributed.Communicator` (None: MPI.COMM_WORLD, resolved now)."""
+        """The [`cubn.distributed.Communicator`][cubn.distributed.comm.Communicator] (None: MPI.COMM_WORLD, resolved now)."""
         if self._comm is None:
             self._comm = as_communicator(None)
         return self._comm

@@ -19,7 +19,7 @@ Addresses are taken relative to the start of the array's allocation, as if
 each allocation started on a 256-byte boundary (CuPy's allocations do), so
 sector counts do not depend on where NumPy happened to put the buffers.
 
-Sampled launches are extrapolated per block role (:mod:`cubn.model.sampling`):
+Sampled launches are extrapolated per block role ([`cubn.model.sampling`][cubn.model.sampling]):
 each total is the sum over sampled blocks of (value × blocks the sample stands
 for); ``spread`` is the largest relative difference between samples of one
 role for the stream's bytes and sectors (0.0: the extrapolation is exact).

@@ -2,7 +2,7 @@
 
 The model runs exactly the calls the benchmark times (the same case
 builder), on a ``KernelBackend`` whose launcher is one of the model's
-(:mod:`cubn.model.tracing`), with inputs of the full size that stay
+([`cubn.model.tracing`][cubn.model.tracing]), with inputs of the full size that stay
 unallocated (``numpy.zeros``) except for what a traced launch touches.
 """
 from __future__ import annotations

@@ -26,7 +26,7 @@ For each launch (docs/performance.md, "The model", writes the same down):
 A launch takes ``overhead + max(DRAM, issue, chain)``; an op is the sum of
 its launches. ``roofline_us`` is the op's minimal tensor traffic (the
 benchmark's count of tensor-sized passes) over the copy bandwidth. All of it
-is a model with leads for its constants (:mod:`cubn.model.devices`) until a
+is a model with leads for its constants ([`cubn.model.devices`][cubn.model.devices]) until a
 GPU run calibrates them.
 """
 from __future__ import annotations

@@ -18,7 +18,7 @@ the loop trip counts of the block's first and last thread:
   the number of rows the block's first and last row of threads visit.
 
 Every role is sampled at its first and last member (and ``extra`` random
-ones); :func:`spread` later says whether the samples of a role agreed
+ones); [`spread`][spread] later says whether the samples of a role agreed
 exactly, which is what makes the extrapolation exact.
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@
 
 ``variants`` lists the kernel variants the benchmark will launch on the
 shapes (both training paths: the ``cubn`` and ``cubn_three_launch`` peers), found by running
-the benchmark's calls on a :class:`~cubn.model.tracing.RecordingLauncher` for
+the benchmark's calls on a [`RecordingLauncher`][cubn.model.tracing.RecordingLauncher] for
 the device: nothing is guessed, and nothing runs. ``precompile`` compiles
 exactly those into CuPy's disk cache in parallel processes, so the timed run
 compiles nothing; ``--nvrtc-only`` compiles them with NVRTC alone (no GPU

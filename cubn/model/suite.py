@@ -1,7 +1,7 @@
 """``cubn model``: the model's records for the benchmark's ops and shapes.
 
 Each op runs exactly the call the benchmark times (the same builder), on a
-``KernelBackend`` whose launcher is a :class:`~cubn.model.tracing.TracingLauncher`
+``KernelBackend`` whose launcher is a [`TracingLauncher`][cubn.model.tracing.TracingLauncher]
 for the chosen device, with inputs of the full size that stay unallocated
 (``numpy.zeros``) except for the sampled blocks' share. Records follow the
 schema in docs/performance.md ("The model"); a ``details`` list beside them

@@ -3,17 +3,17 @@ machine does not have.
 
 Both implement the launcher interface ``KernelBackend`` drives (``name``,
 ``xp``, ``get``, ``launch``, ``device_info``, ``empty``) and report the
-device of a :class:`~cubn.model.devices.Device` preset (an H100's 132 SMs,
+device of a [`Device`][cubn.model.devices.Device] preset (an H100's 132 SMs,
 ...), so the launch plans are the ones that GPU would get:
 
-* :class:`RecordingLauncher` records each launch (kernel, grid, block,
+* [`RecordingLauncher`][RecordingLauncher] records each launch (kernel, grid, block,
   shared memory, named arguments) and runs nothing: launch-plan checks at
-  full size cost no kernel time; :class:`NullLauncher` keeps even less, for
+  full size cost no kernel time; [`NullLauncher`][NullLauncher] keeps even less, for
   timing the host side of a call.
-* :class:`TracingLauncher` also runs a sample of each grid's blocks through
+* [`TracingLauncher`][TracingLauncher] also runs a sample of each grid's blocks through
   the traced emulator build (every global-memory access recorded; see
-  ``trace_runtime.cpp``) and keeps a :class:`LaunchTrace` per launch, which
-  :mod:`cubn.model.access` turns into traffic and coalescing numbers.
+  ``trace_runtime.cpp``) and keeps a [`LaunchTrace`][LaunchTrace] per launch, which
+  [`cubn.model.access`][cubn.model.access] turns into traffic and coalescing numbers.
 
 Inputs to the model can be ``numpy.zeros`` of the full size: untouched pages
 cost no memory, and a sampled launch touches only its blocks' share.

@@ -51,7 +51,7 @@ def batch_norm_backward(dy, x, scale, mean, variance, epsilon=1e-3, *, offset=No
     with renorm's r in the scale).
 
     Returns:
-        :class:`BatchNormGrads` ``(dx, dscale, doffset, dside_input, dmean, dvariance)``;
+        [`BatchNormGrads`][BatchNormGrads] ``(dx, dscale, doffset, dside_input, dmean, dvariance)``;
         ``dscale``/``doffset`` (and ``dmean``/``dvariance``) in the accumulation dtype, ``dside_input``
         None when there is no side input.
     """

@@ -37,7 +37,7 @@ def batch_normalization_backward(dy, x, mean, variance, offset, scale, variance_
                                  data_format=None):
     """Gradients of ``y = act(scale·(x − mean)/sqrt(variance + eps) + offset)``.
 
-    The arguments broadcast as in :func:`cubn.batch_normalization`; each
+    The arguments broadcast as in [`cubn.batch_normalization`][cubn.ops.normalization.batch_normalization]; each
     gradient is summed over the axes its argument was broadcast along and has
     that argument's shape, as TensorFlow's gradient of
     ``tf.nn.batch_normalization`` does. With ``invstd = 1/sqrt(variance+eps)``:
@@ -47,7 +47,7 @@ def batch_normalization_backward(dy, x, mean, variance, offset, scale, variance_
     activation's derivative).
 
     Returns:
-        :class:`BatchNormalizationGrads` ``(dx, dmean, dvariance, doffset, dscale)``.
+        [`BatchNormalizationGrads`][BatchNormalizationGrads] ``(dx, dmean, dvariance, doffset, dscale)``.
     """
     func = "batch_normalization_backward"
     check_float_input(func, "dy", dy)

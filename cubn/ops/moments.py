@@ -140,7 +140,7 @@ def sufficient_statistics(x, axes, shift=None, keepdims=False, name=None, keep_d
     Σ x²). TensorFlow sums the raw values; cubn derives both sums from its
     Welford moments, ``n·(mean − shift)`` and ``M2 + n·(mean − shift)²``, so
     the squares keep their digits when |mean| ≫ std. ``shift`` (subtracted
-    first, as TF does) is returned as given, for :func:`normalize_moments`.
+    first, as TF does) is returned as given, for [`normalize_moments`][normalize_moments].
 
     Args:
         x: float array (numpy or cupy).

@@ -158,11 +158,11 @@ def _bn_forward(backend, plan, x3, acc, training, fold, update, given, weights, 
 
 
 def bn_backward(ctx: ForwardContext, dy3, want_dside: bool):
-    """Gradients of :func:`bn_forward`: ``(dx3, dgamma, dbeta, dside3)``.
+    """Gradients of [`bn_forward`][bn_forward]: ``(dx3, dgamma, dbeta, dside3)``.
 
     Sums, finalize, apply: 3 launches; 1 on the kernel backends when every
     channel's x and dy' fit in one block's registers (unweighted or
-    inference, not distributed: the one-launch path, as in :func:`bn_forward`).
+    inference, not distributed: the one-launch path, as in [`bn_forward`][bn_forward]).
 
     dgamma/dbeta are the gradients of gamma (the scale) and beta (the offset)
     as the forward used them; r, d and the adjustment are constants. A

@@ -1,10 +1,10 @@
 """Preprocessing for GPU-resident pipelines.
 
-* :class:`RunningMoments` -- streaming, mergeable per-feature mean/variance.
-* :class:`Standardizer` -- scikit-learn's ``StandardScaler`` (interface and
+* [`RunningMoments`][RunningMoments] -- streaming, mergeable per-feature mean/variance.
+* [`Standardizer`][Standardizer] -- scikit-learn's ``StandardScaler`` (interface and
   numbers) on cubn's kernels, taking uint8/uint16/16-bit inputs and writing
   any float dtype and layout in one pass.
-* :func:`normalize_images` -- convert, normalize per channel and change
+* [`normalize_images`][normalize_images] -- convert, normalize per channel and change
   layout (NHWC -> NCHW) in one kernel launch.
 
 Integer inputs (uint8, uint16) are accepted here and only here; they are

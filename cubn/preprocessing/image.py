@@ -178,7 +178,7 @@ def per_channel(func, name, value, c, xp, x=None):
 def affine_map(backend, x, lay: Layout, a, d, out_dtype, inverse: bool):
     """``y = (x - a[c]) / d[c]`` (or ``x * d[c] + a[c]``) in ``lay``'s output layout.
 
-    ``a`` and ``d`` are (C,) arrays (converted to :func:`compute_dtype`).
+    ``a`` and ``d`` are (C,) arrays (converted to [`compute_dtype`][compute_dtype]).
     One kernel launch on a kernel backend: the backend's ``affine_map``
     primitive in place, or ``affine_transpose`` when the layout changes.
     """

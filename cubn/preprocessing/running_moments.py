@@ -1,4 +1,4 @@
-"""Streaming, mergeable per-feature statistics: :class:`RunningMoments`.
+"""Streaming, mergeable per-feature statistics: [`RunningMoments`][RunningMoments].
 
 The state is one Welford triple per kept element, ``(count, mean, M2)``, kept
 in float64 whatever the data's dtype (so counts stay exact to 2**53 and a long
@@ -56,7 +56,7 @@ class RunningMoments:
             always float64.
 
     Batches may be uint8, uint16, float16, bfloat16, float32 or float64 arrays
-    (numpy or cupy), or dask arrays (reduced by :mod:`cubn.dask`). NaN is not
+    (numpy or cupy), or dask arrays (reduced by [`cubn.dask`][cubn.dask]). NaN is not
     treated as missing: it propagates to its feature's statistics.
     """
 
@@ -199,13 +199,13 @@ class RunningMoments:
 
     @property
     def std(self):
-        """Square root of :attr:`var`; None before the first batch."""
+        """Square root of [`var`][var]; None before the first batch."""
         if self._state is None:
             return None
         return self._out(array_module(self._state).sqrt(self._var64()))
 
     def triple(self):
-        """The float64 state ``(count, mean, M2)`` (copies), each of shape :attr:`shape`."""
+        """The float64 state ``(count, mean, M2)`` (copies), each of shape [`shape`][shape]."""
         if self._state is None:
             return None
         return tuple(self._state[i].copy().reshape(self._stat_shape) for i in range(3))

@@ -125,7 +125,7 @@ class Standardizer(*_BASES):
     """Standardize features: ``z = (x - mean_) / scale_``, as scikit-learn's ``StandardScaler``.
 
     ``fit``/``partial_fit`` accumulate per-feature statistics with
-    :class:`RunningMoments` (Welford per batch, Chan merges between batches;
+    [`RunningMoments`][RunningMoments] (Welford per batch, Chan merges between batches;
     float64 state); ``transform`` is one fused pass that converts the input,
     standardizes it and writes ``out_dtype`` in ``out_format``.
 
@@ -159,7 +159,7 @@ class Standardizer(*_BASES):
 
     Inputs: uint8, uint16, float16, bfloat16, float32, float64 arrays (numpy
     or cupy), dask arrays (``fit``/``partial_fit`` reduce them with
-    :mod:`cubn.dask`; ``transform`` returns a lazy dask array), and -- for
+    [`cubn.dask`][cubn.dask]; ``transform`` returns a lazy dask array), and -- for
     ``(n_samples, n_features)`` data -- anything scikit-learn takes: lists,
     DataFrames (``feature_names_in_``), other integer dtypes (converted to
     float64 as ``StandardScaler`` does) and ``scipy.sparse`` matrices
@@ -508,7 +508,7 @@ class Standardizer(*_BASES):
         return self._apply("transform", X, inverse=False)
 
     def inverse_transform(self, X, copy=None):
-        """Undo :meth:`transform`: ``X * scale_ + mean_``, back to ``data_format``; keeps ``X``'s float dtype."""
+        """Undo [`transform`][transform]: ``X * scale_ + mean_``, back to ``data_format``; keeps ``X``'s float dtype."""
         return self._apply("inverse_transform", X, inverse=True)
 
     def _apply(self, func, X, inverse):
