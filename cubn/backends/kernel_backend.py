@@ -160,7 +160,7 @@ class KernelBackend(KernelPreprocessing):
         pc, pm, p2, pivot = buf[0], buf[1], buf[2], buf[3]
         out = dict(w=wvals, wdiv=wdiv, p_count=pc, p_mean=pm, p_m2=p2, p_pivot=pivot)
         if plan.channels_last:
-            shared = (3 * cfg.block[1] + 1) * cfg.block[0] * cfg.vec * acc.itemsize  # + the block's pivots
+            shared = 3 * cfg.block[0] * cfg.block[1] * cfg.vec * acc.itemsize
             self._launch(cl_kernel.variant(T=T, WMODE=wmode, VEC=cfg.vec), cfg.grid, cfg.block, shared,
                          x=x3, rows=cfg.rows, cols=cfg.cols, C=C, **out)
         else:

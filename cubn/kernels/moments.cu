@@ -160,18 +160,22 @@ cubn_moments_cl(const T* __restrict__ x, i64 rows, int cols, int C,
   A* sh_n = sh;
   A* sh_mean = sh + by * width;
   A* sh_m2 = sh + 2 * by * width;
-  A* sh_p = sh + 3 * by * width;
+  A* sh_p = sh_n + width;  // row 1 of sh_n (by >= 8): free before the rows are stored and after the tree
+  A P[VEC];
   if (ty == 0) {
 #pragma unroll
     for (int k = 0; k < VEC; ++k) sh_p[tx * VEC + k] = piv[k];
   }
   __syncthreads();
 #pragma unroll
+  for (int k = 0; k < VEC; ++k) P[k] = sh_p[tx * VEC + k];
+  __syncthreads();
+#pragma unroll
   for (int k = 0; k < VEC; ++k) {
     const int idx = ty * width + tx * VEC + k;
     const A nk = n[WMODE == 2 ? k : 0];
     sh_n[idx] = nk;
-    sh_mean[idx] = nk != A(0) ? mean[k] + (piv[k] - sh_p[tx * VEC + k]) : A(0);
+    sh_mean[idx] = nk != A(0) ? mean[k] + (piv[k] - P[k]) : A(0);
     sh_m2[idx] = m2[k];
   }
   __syncthreads();
@@ -187,6 +191,11 @@ cubn_moments_cl(const T* __restrict__ x, i64 rows, int cols, int C,
     }
     __syncthreads();
   }
+  if (ty == 0) {  // the pivots back, beside row 0
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) sh_p[tx * VEC + k] = P[k];
+  }
+  __syncthreads();
   // Row 0 of sh holds the block's columns jb .. jb + wl. Written by linear
   // thread index, so consecutive threads write consecutive partials.
   const int tid = ty * bx + tx, nthreads = bx * by;
