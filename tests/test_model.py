@@ -199,7 +199,7 @@ _OVER = {
     "cubn_normalize<__nv_bfloat16, 0, 8, 0>": 294, "cubn_normalize<float, 0, 4, 1>": 170,
     "cubn_normalize<__half, 0, 8, 1>": 244, "cubn_normalize<__nv_bfloat16, 0, 8, 1>": 244,
     "cubn_bwd_apply<float, 0, 4>": 251, "cubn_bwd_apply<__half, 0, 8>": 372, "cubn_bwd_apply<__nv_bfloat16, 0, 8>": 372,
-    "cubn_moments_cf<float, 0, 4>": 31, "cubn_moments_cf<__half, 0, 8>": 37, "cubn_moments_cf<__nv_bfloat16, 0, 8>": 38,
+    "cubn_moments_cf<float, 0, 4>": 32, "cubn_moments_cf<__half, 0, 8>": 39, "cubn_moments_cf<__nv_bfloat16, 0, 8>": 40,
 }
 
 
