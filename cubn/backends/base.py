@@ -42,8 +42,9 @@ class Partials(NamedTuple):
 
     Column j belongs to channel j % C; ``fold > 1`` when a channels-last
     kernel folded several outer rows into one row to fill its warps.
-    ``pivot`` (C,): the means are relative to it (the kernels shift each
-    channel by its first element so offsets cost no digits); None: the means
+    ``pivot`` (the same shape): each mean is relative to its pivot (the
+    kernels shift by a nearby element of the data so that offsets cost no
+    digits; merges re-express means about a common pivot); None: the means
     are the means. ``weighted``: from a weighted reduction (a channel whose
     weights sum to 0 has mean 0 and variance 0, not NaN).
     """

@@ -215,9 +215,8 @@ class KernelBackend(KernelPreprocessing):
         else:
             cfg = self._cf_config(plan, dt, (x3,))
             pfold = 1
-        buf = xp.empty((3, cfg.nsplit, C * pfold), acc)  # one allocation: count, mean, M2
-        pc, pm, p2 = buf[0], buf[1], buf[2]
-        pivot = xp.empty(C, acc)
+        buf = xp.empty((4, cfg.nsplit, C * pfold), acc)  # one allocation: count, mean, M2, pivot
+        pc, pm, p2, pivot = buf[0], buf[1], buf[2], buf[3]
         out = dict(w=wvals, wdiv=wdiv, p_count=pc, p_mean=pm, p_m2=p2, p_pivot=pivot)
         if plan.channels_last:
             shared = 3 * cfg.block[0] * cfg.block[1] * cfg.vec * acc.itemsize
@@ -251,8 +250,8 @@ class KernelBackend(KernelPreprocessing):
         return Stats(count, mean, var, o["invstd"], o["scale"], o["shift"], o["g"], o["h"], o["r"], o["d"])
 
     def merge_partials(self, partials, acc) -> Partials:
-        """One (count, mean - pivot, M2) per channel: Partials of shape (1, C), with the pivot
-        (zeros when ``partials`` had none) in the fourth row of the same (4, C) buffer."""
+        """One (count, mean - pivot, M2, pivot) per channel: Partials of shape (1, C), rows of one
+        (4, C) buffer (what SyncBatchNorm exchanges)."""
         C = partials.count.shape[1] // partials.fold
         buf = self.xp.empty((4, C), acc)
         grid, block = self._per_channel_grid(C, acc.itemsize)
@@ -260,7 +259,7 @@ class KernelBackend(KernelPreprocessing):
                      C=C, nparts=partials.count.shape[0], fold=partials.fold, p_count=partials.count,
                      p_mean=partials.mean, p_m2=partials.m2, pivot=partials.pivot, o_count=buf[0], o_mean=buf[1],
                      o_m2=buf[2], o_pivot=buf[3])
-        return Partials(buf[0:1], buf[1:2], buf[2:3], 1, buf[3], partials.weighted)
+        return Partials(buf[0:1], buf[1:2], buf[2:3], 1, buf[3:4], partials.weighted)
 
     def merge_sums(self, sums, acc) -> Sums:
         C = sums.s1.shape[1] // sums.fold

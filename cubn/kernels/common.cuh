@@ -112,6 +112,16 @@ __device__ __forceinline__ void chan_merge(A& n, A& mean, A& m2, A nb, A mb, A m
   n = nn;
 }
 
+// The same for triples whose means are relative to pivots p and pb (the
+// first element each accumulation saw): b is re-expressed about p, exactly
+// for nearby pivots; an empty a takes b's pivot with its data.
+template <typename A>
+__device__ __forceinline__ void chan_merge_pivot(A& n, A& mean, A& m2, A& p, A nb, A mb, A m2b, A pb) {
+  if (nb == A(0)) return;
+  if (n == A(0)) { n = nb; mean = mb; m2 = m2b; p = pb; return; }
+  chan_merge(n, mean, m2, nb, mb + (pb - p), m2b);
+}
+
 // The merge inside a thread's own accumulation: nb > 0, and (0, 0, 0) as the
 // empty start is exact (mean + (mb - 0) * 1 == mb). Non-finite data are
 // handled after the loop (see moments.cu).

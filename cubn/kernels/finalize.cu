@@ -12,7 +12,8 @@
 //   cubn_bwd_finalize merges the backward partial sums and turns them into
 //                     d gamma, d beta and the two dx coefficients.
 // Partial p of channel c lives at row p / fold, column c + (p % fold) * C of
-// a (rows, C * fold) array. The order of every merge depends only on the
+// a (rows, C * fold) array; its mean is relative to its pivot (the same
+// layout), and merges re-express it about a common one. The order of every merge depends only on the
 // shapes: results are bitwise reproducible.
 #include "finalize.cuh"
 
@@ -44,15 +45,15 @@ __device__ __forceinline__ void sum_channel(int c, int C, int nparts, int fold, 
   }
 }
 
-// Statistics from merged (count, mean - pivot, M2). No data: NaN (0/0); a
+// Statistics from merged (count, mean - piv, M2). No data: NaN (0/0); a
 // weighted reduction whose weights sum to 0: mean 0 and variance 0, as
 // tf.nn.weighted_moments' div_no_nan. Inf/NaN in M2 stay (no clamp drops them).
 template <typename A>
-__device__ __forceinline__ void channel_stats(int c, A n, A& mean, A m2, A& var, const A* pivot, int weighted) {
+__device__ __forceinline__ void channel_stats(A n, A& mean, A m2, A& var, A piv, int weighted) {
   if (n > A(0)) {
     var = m2 / n;
     if (var < A(0)) var = A(0);  // M2 >= 0 in exact arithmetic; NaN passes
-    if (pivot != nullptr) mean += pivot[c];
+    mean = piv + mean;
   } else if (weighted) {
     mean = A(0);
     var = A(0);
@@ -68,12 +69,12 @@ cubn_bn_finalize(int C, int nparts, int fold,
                  const A* p_count, const A* p_mean, const A* p_m2, const A* pivot, int weighted,
                  const A* given_mean, const A* given_var, CUBN_FINALIZE_PARAMS(A)) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  A n = A(0), mean = A(0), m2 = A(0);
-  if (p_count != nullptr) merge_channel(c, C, nparts, fold, p_count, p_mean, p_m2, n, mean, m2);
+  A n = A(0), mean = A(0), m2 = A(0), piv = A(0);
+  if (p_count != nullptr) merge_channel(c, C, nparts, fold, p_count, p_mean, p_m2, pivot, n, mean, m2, piv);
   if (threadIdx.y != 0 || c >= C) return;
   A var;
   if (p_count != nullptr) {
-    channel_stats(c, n, mean, m2, var, pivot, weighted);
+    channel_stats(n, mean, m2, var, piv, weighted);
   } else {
     mean = given_mean[c];
     var = given_var[c];
@@ -119,11 +120,10 @@ __global__ void __launch_bounds__(CUBN_FINALIZE_THREADS)
 cubn_merge_partials(int C, int nparts, int fold, const A* p_count, const A* p_mean, const A* p_m2,
                     const A* pivot, A* o_count, A* o_mean, A* o_m2, A* o_pivot) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  A n, mean, m2;
-  merge_channel(c, C, nparts, fold, p_count, p_mean, p_m2, n, mean, m2);
+  A n, mean, m2, piv;
+  merge_channel(c, C, nparts, fold, p_count, p_mean, p_m2, pivot, n, mean, m2, piv);
   if (threadIdx.y != 0 || c >= C) return;
-  o_count[c] = n; o_mean[c] = mean; o_m2[c] = m2;
-  o_pivot[c] = pivot != nullptr ? pivot[c] : A(0);
+  o_count[c] = n; o_mean[c] = mean; o_m2[c] = m2; o_pivot[c] = piv;
 }
 
 // Sum the backward partial sums of each channel (S1, S2).

@@ -22,29 +22,33 @@ __device__ __forceinline__ i64 partial_index(int p, int C, int fold, int c) {
   return (i64)row * C * fold + (i64)m * C + c;
 }
 
-// Chan-merge (in A) the partials (of type P) of channel c = blockIdx.x * bx + tx over the block's
-// walkers; valid in threadIdx.y == 0. Every thread of the block must call it.
+// Chan-merge (in A) the partials (of type P) of channel c = blockIdx.x * bx +
+// tx over the block's walkers, each partial's mean relative to its pivot
+// (p_pivot NULL: 0); the result's mean is relative to the returned pivot
+// `piv`. Valid in threadIdx.y == 0. Every thread of the block must call it.
 template <typename A, typename P>
 __device__ __forceinline__ void merge_channel(int c, int C, int nparts, int fold, const P* p_count,
-                                              const P* p_mean, const P* p_m2, A& n, A& mean, A& m2) {
-  __shared__ A sh[3 * CUBN_FINALIZE_THREADS];
+                                              const P* p_mean, const P* p_m2, const P* p_pivot, A& n, A& mean,
+                                              A& m2, A& piv) {
+  __shared__ A sh[4 * CUBN_FINALIZE_THREADS];
   const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
-  n = A(0); mean = A(0); m2 = A(0);
+  n = A(0); mean = A(0); m2 = A(0); piv = A(0);
   const int total = nparts * fold;
   if (c < C) {
     for (int p = ty; p < total; p += by) {
       const i64 k = partial_index(p, C, fold, c);
-      chan_merge(n, mean, m2, A(p_count[k]), A(p_mean[k]), A(p_m2[k]));
+      chan_merge_pivot(n, mean, m2, piv, A(p_count[k]), A(p_mean[k]), A(p_m2[k]),
+                       p_pivot != nullptr ? A(p_pivot[k]) : A(0));
     }
   }
   const int nt = bx * by, idx = ty * bx + tx;
-  sh[idx] = n; sh[nt + idx] = mean; sh[2 * nt + idx] = m2;
+  sh[idx] = n; sh[nt + idx] = mean; sh[2 * nt + idx] = m2; sh[3 * nt + idx] = piv;
   __syncthreads();
   for (int s = by >> 1; s > 0; s >>= 1) {
     if (ty < s) {
       const int b = idx + s * bx;
-      chan_merge(n, mean, m2, sh[b], sh[nt + b], sh[2 * nt + b]);
-      sh[idx] = n; sh[nt + idx] = mean; sh[2 * nt + idx] = m2;
+      chan_merge_pivot(n, mean, m2, piv, sh[b], sh[nt + b], sh[2 * nt + b], sh[3 * nt + b]);
+      sh[idx] = n; sh[nt + idx] = mean; sh[2 * nt + idx] = m2; sh[3 * nt + idx] = piv;
     }
     __syncthreads();
   }

@@ -11,12 +11,14 @@
 //   channels first (inner > 1):  the data of channel c are `outer` runs of
 //                  `inner` contiguous elements; a block reduces one
 //                  contiguous chunk of them.
-// Every element is taken relative to its channel's pivot, the channel's first
-// element (0 when that is not finite), read by every block: differences of
-// nearby floats are exact, so the accumulators hold small values and keep
-// the digits a large offset would cost (float32 data at offset 1e6, std 1e-2
-// keeps ~1e-6 relative variance error instead of ~0.4). The partial means
-// are relative to the pivot; finalize adds it back. p_pivot receives it.
+// Every element is taken relative to a pivot: the first element each thread
+// loads (0 when not finite), so no extra read. Differences of nearby floats
+// are exact, so the accumulators hold small values and keep the digits a
+// large offset would cost (float32 data at offset 1e6, std 1e-2 keeps ~1e-7
+// relative variance error instead of ~0.4). A block re-expresses its
+// threads' means about one pivot (exact for nearby pivots) and writes it
+// beside its partial (p_pivot, the partials' layout); finalize merges
+// partials about common pivots and adds the last one back.
 // A thread whose accumulation ends non-finite (Inf/NaN in its data) walks its
 // data again to sum the non-finite values alone: its partial mean becomes
 // that sum (+-Inf, or NaN for NaN or Inf - Inf) and its M2 NaN, which
@@ -38,24 +40,27 @@ __device__ __forceinline__ void vec_moments(const A* v, A& mean, A& m2) {
   for (int k = 0; k < VEC; ++k) { const A d = v[k] - mean; m2 += d * d; }
 }
 
-template <typename A, typename T>
-__device__ __forceinline__ A pivot_of(const T* p) {
-  const A v = to_acc(*p);
-  return is_finite(v) ? v : A(0);
-}
+template <typename A>
+__device__ __forceinline__ A finite_or_zero(A v) { return is_finite(v) ? v : A(0); }
 
 // The rows r, r + step, ... of columns j0 .. j0+VEC of a thread. BAD == 0:
 // Welford on the shifted values into (n, mean, m2); BAD == 1: only the sum
 // of the non-finite shifted values (weight != 0) into bad.
 template <int BAD, int WMODE, int VEC, typename T, typename A>
 __device__ __forceinline__ void cl_walk(const T* __restrict__ x, i64 rows, int cols, int j0, i64 r, i64 step,
-                                        const A* __restrict__ w, i64 wdiv, const A* piv, A* n, A* mean, A* m2,
+                                        const A* __restrict__ w, i64 wdiv, A* piv, A* n, A* mean, A* m2,
                                         A* bad) {
+  bool first = !BAD;
   for (; r < rows; r += step * CUBN_UNROLL) {
     Vec<T, VEC> q[CUBN_UNROLL];
 #pragma unroll
     for (int u = 0; u < CUBN_UNROLL; ++u)
       if (r + u * step < rows) q[u] = load_vec<T, VEC>(x + (r + u * step) * cols + j0);
+    if (first) {  // the pivots: this thread's first row, already loaded
+      first = false;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) piv[k] = finite_or_zero(to_acc(q[0].v[k]));
+    }
 #pragma unroll
     for (int u = 0; u < CUBN_UNROLL; ++u) {
       const i64 ru = r + u * step;
@@ -129,14 +134,7 @@ cubn_moments_cl(const T* __restrict__ x, i64 rows, int cols, int C,
 #pragma unroll
   for (int k = 0; k < (WMODE == 2 ? VEC : 1); ++k) n[k] = A(0);
 
-  if (active && rows > 0) {
-    int c = j0 % C;
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      piv[k] = pivot_of<A>(x + c);  // row 0 of the data: x[c] is channel c's first element
-      if (blockIdx.y == 0 && ty == 0 && j0 + k < C) p_pivot[j0 + k] = piv[k];
-      if (++c == C) c = 0;
-    }
+  if (active) {
     const i64 step = (i64)gridDim.y * by;
     const i64 r0 = (i64)blockIdx.y * by + ty;
     cl_walk<0, WMODE, VEC>(x, rows, cols, j0, r0, step, w, wdiv, piv, n, mean, m2, (A*)nullptr);
@@ -152,23 +150,32 @@ cubn_moments_cl(const T* __restrict__ x, i64 rows, int cols, int C,
       for (int k = 0; k < VEC; ++k)
         if (bad[k] != A(0)) { mean[k] = bad[k]; m2[k] = bad[k] - bad[k]; }
     }
-  } else if (rows == 0 && blockIdx.y == 0 && ty == 0) {
-#pragma unroll
-    for (int k = 0; k < VEC; ++k)
-      if (j0 + k < C) p_pivot[j0 + k] = A(0);
   }
 
-  // Merge the by rows of the block through shared memory, in a fixed tree.
+  // The block's pivots are row ty == 0's (it has data whenever any row of the
+  // block has); every thread re-expresses its means about them, then the by
+  // rows merge through shared memory in a fixed tree.
   CUBN_DYNAMIC_SHARED(A, sh);
   const int width = bx * VEC;
   A* sh_n = sh;
   A* sh_mean = sh + by * width;
   A* sh_m2 = sh + 2 * by * width;
+  A* sh_p = sh_n + width;  // row 1 of sh_n (by >= 8): free before the rows are stored and after the tree
+  A P[VEC];
+  if (ty == 0) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) sh_p[tx * VEC + k] = piv[k];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) P[k] = sh_p[tx * VEC + k];
+  __syncthreads();
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
     const int idx = ty * width + tx * VEC + k;
-    sh_n[idx] = n[WMODE == 2 ? k : 0];
-    sh_mean[idx] = mean[k];
+    const A nk = n[WMODE == 2 ? k : 0];
+    sh_n[idx] = nk;
+    sh_mean[idx] = nk != A(0) ? mean[k] + (piv[k] - P[k]) : A(0);
     sh_m2[idx] = m2[k];
   }
   __syncthreads();
@@ -184,6 +191,11 @@ cubn_moments_cl(const T* __restrict__ x, i64 rows, int cols, int C,
     }
     __syncthreads();
   }
+  if (ty == 0) {  // the pivots back, beside row 0
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) sh_p[tx * VEC + k] = P[k];
+  }
+  __syncthreads();
   // Row 0 of sh holds the block's columns jb .. jb + wl. Written by linear
   // thread index, so consecutive threads write consecutive partials.
   const int tid = ty * bx + tx, nthreads = bx * by;
@@ -195,6 +207,7 @@ cubn_moments_cl(const T* __restrict__ x, i64 rows, int cols, int C,
       p_count[base + l] = sh_n[l];
       p_mean[base + l] = sh_mean[l];
       p_m2[base + l] = sh_m2[l];
+      p_pivot[base + l] = sh_p[l];
     }
     return;
   }
@@ -209,9 +222,9 @@ cubn_moments_cl(const T* __restrict__ x, i64 rows, int cols, int C,
       const int M = l0 < wl ? (wl - l0 + C - 1) / C : 0;
       if (m % (2 * s) == 0 && m + s < M) {
         const int a = l0 + m * C, b = a + s * C;
-        A na = sh_n[a], ma = sh_mean[a], m2a = sh_m2[a];
-        chan_merge(na, ma, m2a, sh_n[b], sh_mean[b], sh_m2[b]);
-        sh_n[a] = na; sh_mean[a] = ma; sh_m2[a] = m2a;
+        A na = sh_n[a], ma = sh_mean[a], m2a = sh_m2[a], pa = sh_p[a];
+        chan_merge_pivot(na, ma, m2a, pa, sh_n[b], sh_mean[b], sh_m2[b], sh_p[b]);
+        sh_n[a] = na; sh_mean[a] = ma; sh_m2[a] = m2a; sh_p[a] = pa;
       }
     }
     __syncthreads();
@@ -223,6 +236,7 @@ cubn_moments_cl(const T* __restrict__ x, i64 rows, int cols, int C,
     p_count[base + c] = has ? sh_n[l0] : A(0);
     p_mean[base + c] = has ? sh_mean[l0] : A(0);
     p_m2[base + c] = has ? sh_m2[l0] : A(0);
+    p_pivot[base + c] = has ? sh_p[l0] : A(0);
   }
 }
 
@@ -235,8 +249,9 @@ cubn_moments_cl(const T* __restrict__ x, i64 rows, int cols, int C,
 // vector, as in the channels-last loop; they are merged after the walk.
 template <int BAD, int WMODE, int VEC, typename T, typename A>
 __device__ __forceinline__ void cf_walk(const T* __restrict__ x, int C, int c, i64 inner, i64 j, i64 end,
-                                        const A* __restrict__ w, i64 wdiv, A piv, A& n, A& mean, A& m2, A& bad,
+                                        const A* __restrict__ w, i64 wdiv, A& piv, A& n, A& mean, A& m2, A& bad,
                                         A& kn, A* kmean, A* km2) {
+  bool first = !BAD;
   // Walk j, j + blockDim.x*VEC, ..., keeping (o, i) and the element offset
   // off = (o*C + c)*inner + i, advanced by additions only.
   const i64 stride = (i64)blockDim.x * VEC;
@@ -262,6 +277,10 @@ __device__ __forceinline__ void cf_walk(const T* __restrict__ x, int C, int c, i
       }
     }
     left -= m;
+    if (first) {  // the pivot: this thread's first element, already loaded
+      first = false;
+      piv = finite_or_zero(to_acc(q[0].v[0]));
+    }
 #pragma unroll
     for (int u = 0; u < CUBN_UNROLL; ++u) {
       if (u >= m) break;
@@ -317,8 +336,7 @@ cubn_moments_cf(const T* __restrict__ x, i64 outer, int C, i64 inner, int nsplit
   const i64 begin = (i64)s * chunk;
   const i64 end = begin + chunk < L ? begin + chunk : L;
   A n = A(0), mean = A(0), m2 = A(0);
-  const A piv = L > 0 ? pivot_of<A>(x + (i64)c * inner) : A(0);
-  if (s == 0 && threadIdx.x == 0) p_pivot[c] = piv;
+  A piv = A(0);
   const i64 j = begin + (i64)threadIdx.x * VEC;
   A bad = A(0), kn = A(0), kmean[VEC], km2[VEC];
 #pragma unroll
@@ -333,12 +351,20 @@ cubn_moments_cf(const T* __restrict__ x, i64 outer, int C, i64 inner, int nsplit
     cf_walk<1, WMODE, VEC>(x, C, c, inner, j, end, w, wdiv, piv, n, mean, m2, bad, kn, kmean, km2);
     if (bad != A(0)) { mean = bad; m2 = bad - bad; }
   }
+  // Thread 0's pivot is the block's (it has data whenever any thread has):
+  // every thread re-expresses its mean about it, then the block merges.
   __shared__ A sh[96];
+  __shared__ A sh_p;
+  if (threadIdx.x == 0) sh_p = piv;
+  __syncthreads();
+  const A P = sh_p;
+  if (n != A(0)) mean = mean + (piv - P);
   block_chan_merge(n, mean, m2, sh);
   if (threadIdx.x == 0) {
     const i64 idx = (i64)s * C + c;
     p_count[idx] = n;
     p_mean[idx] = mean;
     p_m2[idx] = m2;
+    p_pivot[idx] = P;
   }
 }

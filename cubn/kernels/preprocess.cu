@@ -40,7 +40,7 @@ __device__ __forceinline__ double to_acc(cubn_f32_wide x) { return double(x.v); 
 // ---------------------------------------------------------------------------
 // Blocks as finalize.cu's (bx channels by `by` walkers, the partial layout of
 // finalize.cuh): the walkers merge their partials in a fixed order, then a
-// fixed tree, and thread (c, 0) adds the pivot back and merges the batch
+// fixed tree (about common pivots), and thread (c, 0) adds the pivot back and merges the batch
 // into the state: bitwise reproducible, no atomics. The state is float64
 // whatever A is, so a count stays exact to 2^53 and long streams do not drift.
 template <typename A>
@@ -49,10 +49,10 @@ cubn_rm_merge(int C, int nparts, int fold, const A* __restrict__ p_count, const 
               const A* __restrict__ p_m2, const A* __restrict__ pivot, double* s_count, double* s_mean,
               double* s_m2) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  double n, mean, m2;
-  merge_channel(c, C, nparts, fold, p_count, p_mean, p_m2, n, mean, m2);
+  double n, mean, m2, piv;
+  merge_channel(c, C, nparts, fold, p_count, p_mean, p_m2, pivot, n, mean, m2, piv);
   if (threadIdx.y != 0 || c >= C) return;
-  if (pivot != nullptr && n > 0.0) mean += double(pivot[c]);
+  if (n > 0.0) mean = piv + mean;
   double sn = s_count[c], sm = s_mean[c], s2 = s_m2[c];
   chan_merge(sn, sm, s2, n, mean, m2);
   s_count[c] = sn;

@@ -3,8 +3,8 @@
 Each rank computes the (count, mean, M2) Welford triple of every channel of
 its own slice with the usual kernels (the mean relative to a pivot of the
 channel, which travels with it), the ranks all-gather the triples, and
-the finalize step merges them, relative to one common pivot, with Chan's
-formula in rank order -- the same
+the finalize step merges them (about common pivots) with Chan's formula in
+rank order -- the same
 numbers, bit for bit, on every rank. Backward all-reduces the two per-channel
 sums it needs. The result is ``BatchNorm`` on the concatenated batch
 (outputs, moving statistics, gradients) up to rounding. The communication is
@@ -235,24 +235,18 @@ class _Exchange:
         if merged.pivot is None:  # means are the means (the NumPy backend)
             rows = list(merged[:3]) + [xp.zeros_like(merged.count)]
         else:
-            rows = list(merged[:3]) + [merged.pivot.reshape(1, -1)]
+            rows = list(merged[:3]) + [merged.pivot]
         mine = _stack_rows(xp, rows)  # (4, C): count, mean - pivot, M2, pivot
         c, p = mine.shape[1], self.comm.size
         got = _collective(self.comm, "allgather", mine.reshape(-1), self.timeout,
                           f"the statistics exchange of training call {self.call}").reshape(p, 4, c)
         # finalize wants each field as a contiguous (ranks, C) block; it merges
-        # the ranks with Chan's formula in a fixed order, so all ranks agree.
+        # the ranks with Chan's formula in a fixed order, each rank's mean
+        # re-expressed about a common pivot (exact for nearby pivots), so all
+        # ranks agree and no rank's offset costs digits.
         fields = xp.ascontiguousarray(got.transpose(1, 0, 2))
-        count, dev, m2, pivots = fields[0], fields[1], fields[2], fields[3]
-        if merged.pivot is None:
-            return Partials(count, dev, m2, 1, None, merged.weighted)
-        # Every rank's means relative to one common pivot (the first rank with
-        # data's): pivots of nearby values differ exactly, so the merge works
-        # on small numbers and no rank's offset costs digits.
-        first = xp.argmax(count > 0, axis=0)
-        common = xp.take_along_axis(pivots, first[None, :], axis=0)[0]
-        dev = ((pivots - common[None, :]) + dev).astype(acc, copy=False)
-        return Partials(count, xp.ascontiguousarray(dev), m2, 1, xp.ascontiguousarray(common), merged.weighted)
+        pivot = None if merged.pivot is None else fields[3]
+        return Partials(fields[0], fields[1], fields[2], 1, pivot, merged.weighted)
 
     def sums(self, backend, sums, acc):
         """Local backward sums -> their sum over ranks, (1, C)."""
