@@ -296,9 +296,6 @@ $__internal_0_$__cuda_sm20_div_s64:
 
 # -- occupancy and waves ------------------------------------------------------------
 @needs_sass
-@pytest.mark.xfail(strict=True, reason="the statistics grids (_cl_config, _cf_config) still assume 8 resident "
-                   "256-thread blocks per SM; ptxas gives the moments kernels 48 registers (5 blocks per SM): 3.2 "
-                   "waves, the last leaving 80% of the GPU idle (normalize sizes its grid from its real occupancy)")
 @pytest.mark.parametrize("layout,shape", [("NCHW", (256, 64, 56, 56)), ("NHWC", (256, 56, 56, 64))])
 def test_grids_fill_whole_waves_at_real_occupancy(layout, shape):
     device = devices.H100

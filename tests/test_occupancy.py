@@ -43,7 +43,7 @@ def test_the_table_knows_every_sized_variant():
             missing = [v.name_expression for v in registry.variants_for_source(src)
                        if v.name_expression not in TABLE[arch]]
             assert not missing, f"{arch}: {len(missing)} variants of {src} missing, e.g. {missing[:3]} " \
-                                "(python -m cubn.backends.occupancy --write)"
+                                "(python -m cubn.model.register_table --write)"
 
 
 @pytest.mark.nvrtc

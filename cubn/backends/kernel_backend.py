@@ -105,9 +105,11 @@ class KernelBackend(KernelPreprocessing):
                 return v
         return 1
 
-    def _cl_config(self, plan, dtype, arrays, allow_fold=True, merged=False):
+    def _cl_config(self, plan, dtype, arrays, allow_fold=True, merged=False, variant_of=None, shared_of=None):
         """``merged``: the kernel merges a block's folded columns (moments.cu), so a channel has
-        gy * gx partials, not gy * fold; the split count is capped to keep them <= MAX_PARTIALS."""
+        gy * gx partials, not gy * fold; the split count is capped to keep them <= MAX_PARTIALS.
+        ``variant_of(vec)`` / ``shared_of(vec, block_threads)``: the variant launched and its
+        dynamic shared bytes, so the split fills whole waves at its real occupancy."""
         C, outer = plan.channels, plan.outer
         vmax = _dtypes.vector_widths(dtype)[-1]
         fold = 1
@@ -131,15 +133,20 @@ class KernelBackend(KernelPreprocessing):
         by = REDUCE_THREADS // bx
         gx = -(-cv // bx)
         gy_needed = -(-rows // (by * MIN_VECTORS_PER_THREAD))
-        gy = max(1, min(-(-self._target_blocks(REDUCE_WAVES) // gx), gy_needed, 65535))
+        variant = variant_of(vec) if variant_of is not None else None
+        shared = shared_of(vec, bx * by) if shared_of is not None else 0
+        target = self._target_blocks(REDUCE_WAVES, variant, REDUCE_THREADS, shared)
+        gy = max(1, min(-(-target // gx), gy_needed, 65535))
         gy = max(1, min(gy, MAX_PARTIALS // (gx if merged and fold > 1 else fold)))
         return _ClConfig(fold, cols, rows, vec, bx, by, gx, gy)
 
-    def _cf_config(self, plan, dtype, arrays):
+    def _cf_config(self, plan, dtype, arrays, variant_of=None):
         C, L = plan.channels, plan.outer * plan.inner
         vec = self._vec(dtype, plan.inner, arrays)
         per_block_min = REDUCE_THREADS * vec * MIN_VECTORS_PER_THREAD
-        nsplit = max(1, min(-(-self._target_blocks(REDUCE_WAVES) // C), -(-L // per_block_min), MAX_PARTIALS))
+        target = self._target_blocks(REDUCE_WAVES, variant_of(vec) if variant_of is not None else None)
+        # at most ``target`` blocks (rounding up would start a nearly empty extra wave)
+        nsplit = max(1, min(target // C, -(-L // per_block_min), MAX_PARTIALS))
         chunk = -(-L // nsplit)
         chunk = -(-chunk // vec) * vec
         nsplit = max(1, -(-L // chunk)) if L else 1
@@ -210,10 +217,12 @@ class KernelBackend(KernelPreprocessing):
         dt = x3.dtype
         C = plan.channels
         if plan.channels_last:
-            cfg = self._cl_config(plan, dt, (x3,), allow_fold=weights is None, merged=True)
+            cfg = self._cl_config(plan, dt, (x3,), allow_fold=weights is None, merged=True,
+                                  variant_of=lambda vec: cl_kernel.variant(T=T, WMODE=wmode, VEC=vec),
+                                  shared_of=lambda vec, threads: 3 * threads * vec * acc.itemsize)
             pfold = cfg.partial_fold
         else:
-            cfg = self._cf_config(plan, dt, (x3,))
+            cfg = self._cf_config(plan, dt, (x3,), variant_of=lambda vec: cf_kernel.variant(T=T, WMODE=wmode, VEC=vec))
             pfold = 1
         buf = xp.empty((4, cfg.nsplit, C * pfold), acc)  # one allocation: count, mean, M2, pivot
         pc, pm, p2, pivot = buf[0], buf[1], buf[2], buf[3]
