@@ -3,8 +3,12 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import math
+
 from .. import _dtypes, activations
-from .._backend import select, take_dlpack
+from .._backend import fast_select, select, take_dlpack
+from .._fast import plain_like, plain_vector
+from ..backends import numpy_small as _small
 from .._checks import arg_error, check_float_input, check_positive_epsilon
 from .._memory import readable_all
 from .._plan import plan_for_channels
@@ -56,6 +60,11 @@ def batch_norm_backward(dy, x, scale, mean, variance, epsilon=1e-3, *, offset=No
         None when there is no side input.
     """
     func = "batch_norm_backward"
+    if batch_weights is None and renorm_r is None and renorm_d is None:
+        out = _backward_fast(dy, x, scale, mean, variance, epsilon, offset, data_format, is_training, activation,
+                             side_input)
+        if out is not None:
+            return out
     dy, x, scale, mean, variance, offset, side_input, batch_weights, renorm_r, renorm_d = take_dlpack(
         func, dy=dy, x=x, scale=scale, mean=mean, variance=variance, offset=offset, side_input=side_input,
         batch_weights=batch_weights, renorm_r=renorm_r, renorm_d=renorm_d)
@@ -90,8 +99,42 @@ def batch_norm_backward(dy, x, scale, mean, variance, epsilon=1e-3, *, offset=No
         if w.ndim != 1 or w.shape[0] != x.shape[0]:
             raise arg_error(ValueError, func, "batch_weights", f"shape ({x.shape[0]},)", f"shape {tuple(w.shape)}")
         weights = make_weights(func, "batch_weights", w, x.shape, plan, xp, acc)
+    return _backward(backend, plan, dy, x, gamma, beta, m, v, r, d, weights, eps, act, side_input, is_training, xp,
+                     acc)
+
+
+def _backward_fast(dy, x, scale, mean, variance, epsilon, offset, data_format, is_training, activation, side_input):
+    """batch_norm_backward for arguments that need no conversion (None: take the ordinary path).
+
+    Only checks that the ordinary path makes in the same order, so a call
+    gives the same result or error either way.
+    """
+    backend = fast_select(x, (dy, scale, mean, variance, offset, side_input))
+    if backend is None or not _dtypes.is_supported_float(x.dtype) or dy.dtype != x.dtype or dy.shape != x.shape:
+        return None
+    if type(epsilon) is not float or not 0.0 <= epsilon < math.inf:
+        return None
+    if activation is not None and not isinstance(activation, activations.Activation):
+        return None
+    plan = plan_for_channels(x.shape, data_format, "batch_norm_backward")
+    acc = _dtypes.acc_dtype(x.dtype)
+    c = plan.channels
+    if mean is None or variance is None or (is_training and plan.per_channel == 0):
+        return None
+    if not (plain_vector(scale, c, acc) and plain_vector(offset, c, acc) and plain_vector(mean, c, acc)
+            and plain_vector(variance, c, acc) and plain_like(side_input, x)):
+        return None
+    return _backward(backend, plan, dy, x, scale, offset, mean, variance, None, None, None, epsilon, activation,
+                     side_input, is_training, backend.xp, acc)
+
+
+def _backward(backend, plan, dy, x, gamma, beta, m, v, r, d, weights, eps, act, side_input, is_training, xp, acc):
+    """batch_norm_backward on checked arguments (per-channel (C,) vectors in ``acc``)."""
     fold = Fold(eps, gamma, beta)
-    stats = backend.finalize(None, acc, fold, given=(m, v))
+    if backend.info is None and r is None and 0 < x.size <= _small.LIMIT:
+        stats = _small.given_stats(m, v, eps, gamma, beta, acc)
+    else:
+        stats = backend.finalize(None, acc, fold, given=(m, v))
     if r is not None:
         # y = ((x - mean)·invstd·r + d)·gamma + beta, with r and d constants
         g1 = 1 if gamma is None else gamma
