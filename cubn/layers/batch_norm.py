@@ -27,6 +27,7 @@ from .._fast import plain_like
 from .._checks import arg_error, check_float_input, check_positive_epsilon, check_unit_interval, describe
 from .._memory import readable, readable_all
 from .._plan import plan_for_channels
+from ..backends import numpy_small as _small
 from ..backends._memory import alignment_of
 from ..backends.base import Fold, MovingUpdate, Renorm, Stats
 from .._args import as_like, channel_param, make_weights
@@ -479,27 +480,35 @@ class BatchNorm:
             return None
         if p is None or p[0] != _lc._generation or p[1] is not self._vars:
             return None
-        _, v, backend, plan, prog, shape3, acc, fold, bessel, mode = p
+        _, v, backend, plan, prog, shape3, acc, fold, bessel, mode, update = p
         x3 = x.reshape(shape3)
         side3 = None if side_input is None else side_input.reshape(shape3)
         act = self._act
         sdt = None if side3 is None else side3.dtype
-        if mode == 1:  # training, moving statistics updated in place by the program
+        # prog None: the NumPy backend's small path (numpy_small), which the ordinary code takes too
+        if mode == 1:  # training, moving statistics updated in place
             mm, mv = v["moving_mean"], v["moving_variance"]
             lock = self._threads.lock
             lock.acquire()
             try:
                 epoch = self._epoch
-                outs = prog.run([x3, side3, fold.gamma, fold.beta, mm, mm, mv, mv, None, None, None])
+                if prog is None:
+                    y3, stats = _small.train(x3, acc, fold.eps, fold.gamma, fold.beta, side3, act, x3.dtype, update)
+                else:
+                    outs = prog.run([x3, side3, fold.gamma, fold.beta, mm, mm, mv, mv, None, None, None])
+                    y3, stats = outs[0], Stats(*outs[1:])
                 self._step += 1
             finally:
                 lock.release()
-            ctx = ForwardContext(backend, plan, acc, x3, side3, act, True, fold, Stats(*outs[1:]), None, None, None,
-                                 x3.dtype, sdt)
+            ctx = ForwardContext(backend, plan, acc, x3, side3, act, True, fold, stats, None, None, None, x3.dtype,
+                                 sdt)
         elif mode == 2:  # training, update deferred to the collections
             epoch = self._epoch
-            outs = prog.run([x3, side3, fold.gamma, fold.beta, None, None, None, None, None, None, None])
-            stats = Stats(*outs[1:])
+            if prog is None:
+                y3, stats = _small.train(x3, acc, fold.eps, fold.gamma, fold.beta, side3, act, x3.dtype, None)
+            else:
+                outs = prog.run([x3, side3, fold.gamma, fold.beta, None, None, None, None, None, None, None])
+                y3, stats = outs[0], Stats(*outs[1:])
             ctx = ForwardContext(backend, plan, acc, x3, side3, act, True, fold, stats, None, None, None, x3.dtype,
                                  sdt)
             self._defer(self._deferred(backend, stats, bessel))
@@ -507,10 +516,13 @@ class BatchNorm:
             warn_if_pending(self, self.updates_collections)
             epoch = self._epoch
             given = (v["moving_mean"], v["moving_variance"])
-            outs = prog.run([x3, side3, fold.gamma, fold.beta, None, None, None, None, None, given[0], given[1]])
+            if prog is None:
+                y3 = _small.infer(x3, acc, fold.eps, fold.gamma, fold.beta, given[0], given[1], side3, act)
+            else:
+                y3 = prog.run([x3, side3, fold.gamma, fold.beta, None, None, None, None, None, given[0], given[1]])[0]
             ctx = ForwardContext(backend, plan, acc, x3, side3, act, False, fold, None, None, given, None, x3.dtype,
                                  sdt)
-        y = outs[0].reshape(x.shape)
+        y = y3.reshape(x.shape)
         training = mode != 3
         out = BatchNormContext(ctx, training, side3 is not None, None, weakref.ref(self), epoch)
         if self._custom is not None:
@@ -524,7 +536,13 @@ class BatchNorm:
 
     def _learn(self, backend, plan, x, training, side_input, ctx, fold, update, given, bessel):
         """Keep the plan of an ordinary call that a replay can stand for (see ``_steady``)."""
-        if backend.info is None or not _lc._enabled or plan.perm is not None or not x.flags.c_contiguous:
+        if plan.perm is not None or not x.flags.c_contiguous:
+            return
+        if backend.info is None:  # the NumPy backend: its small path, when the ordinary code took it
+            if not (_small.fits(ctx.x3) and _small.plain_update(update) and fold.adj_scale is None
+                    and fold.adj_bias is None and fold.renorm is None):
+                return
+        elif not _lc._enabled:
             return
         if side_input is not None and not side_input.flags.c_contiguous:
             return
@@ -536,15 +554,18 @@ class BatchNorm:
             return
         if key is None:
             return
-        pkey = _forward_key(backend, ctx.x3, ctx.acc, training, fold, update, given, ctx.side3, ctx.act)
-        prog = None if pkey is None else _lc.program_of(backend, pkey)
-        if prog is None:
-            return
+        prog = None
+        if backend.info is not None:
+            pkey = _forward_key(backend, ctx.x3, ctx.acc, training, fold, update, given, ctx.side3, ctx.act)
+            prog = None if pkey is None else _lc.program_of(backend, pkey)
+            if prog is None:
+                return
         mode = 3 if not training else (1 if update is not None else 2)
         plans = self.__dict__.get("_plans")
         if plans is None or len(plans) >= 64:
             plans = self.__dict__["_plans"] = {}
-        plans[key] = (_lc._generation, self._vars, backend, plan, prog, ctx.x3.shape, ctx.acc, fold, bessel, mode)
+        plans[key] = (_lc._generation, self._vars, backend, plan, prog, ctx.x3.shape, ctx.acc, fold, bessel, mode,
+                      update)
 
     def _fast_plan(self, x, batch_weights, side_input, mask):
         """``(backend, plan)`` of a call of a built layer whose arguments need no

@@ -5,7 +5,12 @@ from typing import Any, NamedTuple
 
 import math
 
+import numpy as np
+
 from .. import _dtypes, activations
+from .. import _launch_cache as _lc
+from .._options import one_launch_enabled
+from ..backends._memory import alignment_of
 from .._backend import fast_select, select, take_dlpack
 from .._fast import plain_like, plain_vector
 from ..backends import numpy_small as _small
@@ -14,7 +19,7 @@ from .._memory import readable_all
 from .._plan import plan_for_channels
 from ..backends.base import Fold
 from .._args import as_like, channel_param, make_weights
-from .normalization import ForwardContext, bn_backward, check_side_input, check_training_batch
+from .normalization import ForwardContext, _bn_backward, bn_backward, check_side_input, check_training_batch
 
 
 class BatchNormGrads(NamedTuple):
@@ -130,6 +135,10 @@ def _backward_fast(dy, x, scale, mean, variance, epsilon, offset, data_format, i
 
 def _backward(backend, plan, dy, x, gamma, beta, m, v, r, d, weights, eps, act, side_input, is_training, xp, acc):
     """batch_norm_backward on checked arguments (per-channel (C,) vectors in ``acc``)."""
+    if backend.info is not None and r is None and weights is None and _lc._enabled:
+        out = _replayed(backend, plan, dy, x, gamma, beta, m, v, eps, act, side_input, bool(is_training), acc)
+        if out is not None:
+            return out
     fold = Fold(eps, gamma, beta)
     if backend.info is None and r is None and 0 < x.size <= _small.LIMIT:
         stats = _small.given_stats(m, v, eps, gamma, beta, acc)
@@ -157,6 +166,62 @@ def _backward(backend, plan, dy, x, gamma, beta, m, v, r, d, weights, eps, act, 
         dvar = -0.5 * g1 * stats.invstd * stats.invstd * (dgamma - stats.hcoef * dbeta)
     return BatchNormGrads(plan.unview3(dx3), dgamma, dbeta, None if dside3 is None else plan.unview3(dside3),
                           dmean, dvar)
+
+
+def _replayed(backend, plan, dy, x, gamma, beta, m, v, eps, act, side_input, training, acc):
+    """The call on a kernel backend as one launch program (folding the given statistics and the
+    backward), recorded on its signature's second call; None: run the ordinary code."""
+    x3, dy3 = plan.view3(x), plan.view3(dy)
+    side3 = None if side_input is None else plan.view3(side_input)
+    key = ("batch_norm_backward", one_launch_enabled(), training, x3.shape, x3.strides, dy3.strides, x3.dtype, acc,
+           alignment_of(x3), alignment_of(dy3), None if side3 is None else (side3.strides, alignment_of(side3)),
+           eps, None if act is None else (act.kernel_id, act.alpha), gamma is None, beta is None)
+    prog = _lc.lookup(backend, key)
+    if prog is _lc.UNCACHEABLE:
+        return None
+    count = _count_vector(backend, plan, acc)
+    inputs = [dy3, x3, side3, gamma, beta, m, v, count]
+    if prog is not None:
+        dx3, dgamma, dbeta, dside3, scale, invstd, hcoef = prog.run(inputs)
+    else:
+        if not _lc.may_record(backend, ("batch_norm_backward", x3.shape)):
+            return None
+        rec = _lc.Recording(backend)
+        with rec:
+            fold = Fold(eps, gamma, beta)
+            stats = rec.backend.finalize(None, acc, fold, given=(m, v))
+            stats.count = count
+            ctx = ForwardContext(rec.backend, plan, acc, x3, side3, act, training, fold, stats, None, None, None,
+                                 x.dtype, None if side3 is None else side3.dtype)
+            dx3, dgamma, dbeta, dside3 = _bn_backward(ctx, dy3, side3 is not None, rec.backend)
+        scale, invstd, hcoef = stats.scale, stats.invstd, stats.hcoef
+        _lc.store(backend, key, rec.program(inputs, [dx3, dgamma, dbeta, dside3, scale, invstd, hcoef],
+                                            keyed_alignment=(0, 1, 2)))
+    dmean = dvar = None
+    if not training:
+        g1 = 1 if gamma is None else gamma
+        dmean = -scale * dbeta
+        dvar = -0.5 * g1 * invstd * invstd * (dgamma - hcoef * dbeta)
+    return BatchNormGrads(plan.unview3(dx3), dgamma, dbeta, None if dside3 is None else plan.unview3(dside3),
+                          dmean, dvar)
+
+
+def _count_vector(backend, plan, acc):
+    """The unweighted per-channel count, one constant array per (C, n, dtype) and backend (read only:
+    a launch program takes it as an input)."""
+    cache = backend.__dict__.get("_count_vectors")
+    if cache is None:
+        cache = backend.__dict__["_count_vectors"] = {}
+    k = (plan.channels, plan.per_channel, acc)
+    c = cache.get(k)
+    if c is None:
+        c = backend.xp.full(plan.channels, plan.per_channel, dtype=acc)
+        if isinstance(c, np.ndarray):
+            c.flags.writeable = False
+        if len(cache) >= 64:
+            cache.clear()
+        cache[k] = c
+    return c
 
 
 def _counts(plan, weights, xp, acc):
