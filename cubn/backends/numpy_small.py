@@ -74,14 +74,14 @@ def _moments(xv, x3, axis, col, acc, n):
         p = p.astype(acc)
     if not math.isfinite(np.add.reduce(p)):  # (also when a sum of finite pivots overflows: then it changes nothing)
         p = np.where(np.isfinite(p), p, acc.type(0))
-    d = np.subtract(xv, _col(p, col), dtype=acc)
+    d = np.subtract(xv, _col(p, col)) if xv.dtype == acc else np.subtract(xv, _col(p, col), dtype=acc)
     dev = np.add.reduce(d, axis=axis)
-    np.divide(dev, acc.type(n), out=dev)
+    np.divide(dev, n, out=dev)  # Python numbers take the arrays' dtype (NEP 50): the float32 arithmetic of acc.type(n)
     np.subtract(d, _col(dev, col), out=d)
     np.multiply(d, d, out=d)
     m2 = np.add.reduce(d, axis=axis)
     # a sum of squares: never below 0, so finalize's clamp changes nothing here
-    return np.add(p, dev), np.divide(m2, acc.type(n), out=m2)
+    return np.add(p, dev), np.divide(m2, n, out=m2)
 
 
 def moments(x3, acc):
@@ -95,18 +95,19 @@ def moments(x3, acc):
 
 
 def _fold(var, eps, gamma, beta, acc):
-    """invstd, scale and shift of ``finalize`` (no adjustment, no renorm; hcoef is 0)."""
-    invstd = np.add(var, acc.type(eps), dtype=acc)
+    """invstd, scale and shift of ``finalize`` (no adjustment, no renorm; hcoef is 0); every
+    vector in ``acc``."""
+    invstd = np.add(var, float(eps))
     np.sqrt(invstd, out=invstd)
     np.divide(1, invstd, out=invstd)
     if gamma is None:
         scale = invstd
-        shift = np.zeros_like(invstd) if beta is None else np.add(beta, acc.type(0), dtype=acc)
+        shift = np.zeros(invstd.shape, acc) if beta is None else np.add(beta, 0.0)
     else:
-        scale = np.multiply(gamma, invstd, dtype=acc)
-        shift = np.multiply(gamma, acc.type(0), dtype=acc)  # gamma * hcoef, hcoef = 0 (NaN where gamma is)
+        scale = np.multiply(gamma, invstd)
+        shift = np.multiply(gamma, 0.0)  # gamma * hcoef, hcoef = 0 (NaN where gamma is)
         if beta is not None:
-            np.add(shift, beta, out=shift, dtype=acc)
+            np.add(shift, beta, out=shift)
     return invstd, scale, shift
 
 
@@ -144,8 +145,8 @@ def _blend(old, batch, a, out):
 
 def _moving(mean, var, n, acc, a, bessel, mean_in, mean_out, var_in, var_out):
     """``moving_update`` without renorm or zero-debias; ``*_out`` None: new arrays, returned."""
-    a = acc.type(a)
-    bv = np.multiply(var, acc.type(n) / acc.type(max(n - 1, 1))) if bessel else var
+    a = float(a)
+    bv = np.multiply(var, acc.type(n) / acc.type(max(n - 1, 1))) if bessel else var  # n / (n - 1) in acc
     if mean_in is None:
         if mean_out is None:
             new_mean = mean.copy()
@@ -218,11 +219,11 @@ def infer(x3, acc, eps, gamma, beta, mean, var, side3, act):
     xv, _, col = _view(x3)
     t = _quiet()
     try:
-        invstd = np.add(var, acc.type(eps), dtype=acc)
+        invstd = np.add(var, float(eps))
         np.sqrt(invstd, out=invstd)
         np.divide(1, invstd, out=invstd)
-        scale = invstd if gamma is None else np.multiply(gamma, invstd, dtype=acc)
-        shift = np.zeros_like(invstd) if beta is None else beta
+        scale = invstd if gamma is None else np.multiply(gamma, invstd)
+        shift = np.zeros(invstd.shape, acc) if beta is None else beta
         side = None if side3 is None else side3.reshape(xv.shape)
         y = _normalize(xv, mean, scale, shift, side, act, x3.dtype, acc, col)
     finally:
