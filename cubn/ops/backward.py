@@ -152,11 +152,11 @@ def _backward(backend, plan, dy, x, gamma, beta, m, v, r, d, weights, eps, act, 
         stats.hcoef = d
         stats.scale = stats.gcoef * g1
         stats.shift = d * g1 + (0 if beta is None else beta)
-    stats.count = _counts(plan, weights, xp, acc)
+    stats.count = _counts(plan, weights, xp, acc) if weights is not None else _count_vector(backend, plan, acc)
     x3, dy3 = plan.view3(x), plan.view3(dy)
     side3 = None if side_input is None else plan.view3(side_input)
-    ctx = ForwardContext(backend, plan, acc, x3, side3, act, bool(is_training), fold, stats=stats,
-                         weights=weights, x_dtype=x.dtype, side_dtype=None if side3 is None else side3.dtype)
+    ctx = ForwardContext(backend, plan, acc, x3, side3, act, bool(is_training), fold, stats, None, None, weights,
+                         x.dtype, None if side3 is None else side3.dtype)
     dx3, dgamma, dbeta, dside3 = bn_backward(ctx, dy3, side_input is not None)
     dmean = dvar = None
     if not is_training:
