@@ -166,14 +166,18 @@ def test_deferred_updates_and_inference_replays(rng, emulated, ordinary_calls):
         cubn.run_updates(coll)
 
 
-def test_two_threads_share_one_layer(rng, emulated):
+@pytest.mark.parametrize("backend", ["numpy", "emulated"])
+def test_two_threads_share_one_layer(rng, request, backend):
+    if backend == "emulated":
+        request.getfixturevalue("emulated")
     x = (rng.standard_normal((16, 8)) * 2 + 3).astype(np.float32)
     dy = rng.standard_normal((16, 8)).astype(np.float32)
     bn = BatchNorm(scale=True, decay=0.9, updates_collections=None)
     n_calls = 25
-    with emulated():
+    with cubn.use_backend(backend):
         for _ in range(3):
             bn(x)
+        assert bn._plans
     bn.load_state_dict({k: np.full(8, v, np.float32) for k, v in
                         (("gamma", 1.0), ("beta", 0.0), ("moving_mean", 0.0), ("moving_variance", 1.0))})
     step0 = bn.num_batches_tracked
@@ -184,7 +188,7 @@ def test_two_threads_share_one_layer(rng, emulated):
     def work():
         try:
             start.wait()
-            with cubn.use_backend("emulated"):
+            with cubn.use_backend(backend):
                 for _ in range(n_calls):
                     y, ctx = bn.forward(x)
                     np.testing.assert_allclose(y, want_y, rtol=2e-5, atol=2e-5)

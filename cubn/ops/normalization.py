@@ -69,7 +69,7 @@ def bn_forward(backend, plan, x3, acc, *, training, fold, update=None, given=Non
     if backend.info is None:
         if (weights is None and exchange is None and fold.adj_scale is None and fold.adj_bias is None
                 and fold.renorm is None and _small.plain_update(update) and _small.fits(x3)
-                and (training or (given[0].dtype == acc and given[1].dtype == acc))):
+                and (training or all(getattr(g, "dtype", None) == acc for g in given))):
             return _small_forward(backend, plan, x3, acc, training, fold, update, given, side3, act)
     elif cacheable and exchange is None and weights is None and _lc._enabled:
         key = _forward_key(backend, x3, acc, training, fold, update, given, side3, act)
