@@ -254,3 +254,23 @@ def _uncached(fn):
         return fn()
     finally:
         lc.set_enabled(True)
+
+
+def test_a_backend_slot_given_another_backend_is_obeyed(rng, emulated):
+    """A plan holds its backend: when the slot use_backend picks holds another
+    backend object (the model routes calls to its own launchers), the call goes there."""
+    from cubn.model import _adapter
+    from cubn.model.tracing import NullLauncher
+
+    x = (rng.standard_normal((8, 4)) + 1).astype(np.float32)
+    bn = BatchNorm(scale=True, decay=0.9, updates_collections=None).build(4)
+    with emulated():
+        for _ in range(3):
+            bn(x)
+        assert bn._plans
+    launcher = NullLauncher("h100")
+    with _adapter.routed_to(_adapter.kernel_backend(launcher)):
+        bn(x)
+    assert launcher.launches, "the call replayed the other backend's program"
+    with emulated():
+        _check_train(bn, x)

@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import _dtypes, activations
 from .. import _launch_cache as _lc
-from .._backend import _override, fast_select, gpu_available, is_array, is_cupy_array, select, take_dlpack
+from .._backend import _backends, _override, fast_select, gpu_available, is_array, is_cupy_array, select, take_dlpack
 from .._options import one_launch_enabled
 from .._fast import plain_like
 from .._checks import arg_error, check_float_input, check_positive_epsilon, check_unit_interval, describe
@@ -481,6 +481,9 @@ class BatchNorm:
         if p is None or p[0] != _lc._generation or p[1] is not self._vars:
             return None
         _, v, backend, plan, prog, shape3, acc, fold, bessel, mode, update = p
+        # the backend fast_select would pick now (a use_backend slot can be given another backend object)
+        if _backends.get((key[8] or ("numpy" if key[1] is None else "cupy"), key[1])) is not backend:
+            return None
         x3 = x.reshape(shape3)
         side3 = None if side_input is None else side_input.reshape(shape3)
         act = self._act
