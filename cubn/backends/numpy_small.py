@@ -9,7 +9,7 @@ function that computes the same formulas as those primitives' one-chunk
 (``Whole``) layout, in the same order, without the conversions that are
 no-ops for small arrays: results are the primitives' results, bit for bit.
 
-The callers (``cubn.ops``) use these only where :func:`fits` says so: an
+The callers (``cubn.ops``) use these only where [`fits`][cubn.backends.numpy_small.fits] says so: an
 ``(outer, C, inner)`` C-contiguous view with at most ``numpy_tiles.SMALL_ELEMENTS``
 elements and at least one element per channel, unweighted, not distributed.
 """
