@@ -13,6 +13,7 @@ an ImageNet-size batch-norm layer, so above that the host decides the speed.
 layers above the backend are a large share of the time.
 
 Ops: ``bn_train`` / ``bn_infer`` (``fused_batch_norm``), ``moments``,
+``bn_backward`` (``batch_norm_backward`` from given statistics),
 ``layer_train`` (``BatchNorm(x)``, moving statistics updated in place),
 ``layer_backward`` (``bn.backward(dy, ctx)`` of one training forward). A
 benchmark, not a timed test:
@@ -32,7 +33,7 @@ from cubn.model.tracing import NullLauncher
 
 TARGET_US = 10.0
 CASES = [("NC", (8, 16)), ("NCHW", (32, 64, 56, 56)), ("NHWC", (32, 56, 56, 64))]
-OPS = ["bn_train", "bn_infer", "moments", "layer_train", "layer_backward"]
+OPS = ["bn_train", "bn_infer", "moments", "bn_backward", "layer_train", "layer_backward"]
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,9 @@ def _call(op, layout, shape):
     if op == "moments":
         axes = [0, 2, 3] if layout == "NCHW" else list(range(len(shape) - 1))
         return lambda: cubn.moments(x, axes)
+    if op == "bn_backward":
+        dy = np.ones(shape, np.float32)
+        return lambda: cubn.batch_norm_backward(dy, x, g, rm, rv, 1e-3, offset=b, data_format=fmt)
     bn = cubn.BatchNorm(scale=True, data_format=fmt, updates_collections=None)
     if op == "layer_train":
         return lambda: bn(x)

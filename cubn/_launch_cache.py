@@ -58,6 +58,7 @@ SEEN = object()  # a signature called once: the next call records (one-off shape
 
 _lock = threading.Lock()
 _enabled = True
+_generation = 0  # bumped by clear(): a program a caller kept from before is not used again
 _all = weakref.WeakSet()  # every backend's programs, for clear()
 stats = {"recorded": 0, "uncacheable": 0, "last_reason": None}  # for diagnostics
 
@@ -128,9 +129,32 @@ def may_record(backend, group) -> bool:
         return True
 
 
+def program_of(backend, key):
+    """The [`Program`][Program] stored for ``key`` on ``backend``, or None; touches nothing.
+
+    For callers that keep a program next to a plan of their own (the layers):
+    they hold it with the [`generation`][generation] it came from and use it
+    only while that is current and the cache [`enabled`][enabled].
+    """
+    p = backend.__dict__.get("_launch_programs")
+    if p is None:
+        return None
+    try:
+        entry = p.entries.get(key)
+    except TypeError:
+        return None
+    return entry if isinstance(entry, Program) else None
+
+
+def generation() -> int:
+    return _generation
+
+
 def clear() -> None:
     """Forget every program (the next call of each signature records again)."""
+    global _generation
     with _lock:
+        _generation += 1
         for p in list(_all):
             p.entries.clear()
             p.recordings.clear()

@@ -20,14 +20,19 @@ from typing import Any
 import numpy as np
 
 from .. import _dtypes, activations
-from .._backend import fast_select, gpu_available, is_array, is_cupy_array, select, take_dlpack
+from .. import _launch_cache as _lc
+from .._backend import _backends, _override, fast_select, gpu_available, is_array, is_cupy_array, select, take_dlpack
+from .._options import one_launch_enabled
 from .._fast import plain_like
 from .._checks import arg_error, check_float_input, check_positive_epsilon, check_unit_interval, describe
 from .._memory import readable, readable_all
 from .._plan import plan_for_channels
+from ..backends import numpy_small as _small
+from ..backends._memory import alignment_of
 from ..backends.base import Fold, MovingUpdate, Renorm, Stats
 from .._args import as_like, channel_param, make_weights
-from ..ops.normalization import bn_backward, bn_forward, check_side_input, check_training_batch
+from ..ops.normalization import ForwardContext, _forward_key, bn_backward, bn_forward, check_side_input, \
+    check_training_batch
 from ..regularizers import L1L2
 from ..updates import UPDATE_OPS, is_collection_spec, resolve as resolve_collections, warn_if_pending
 from ._foreign import check_constructor_arguments
@@ -39,6 +44,8 @@ ZD_BIASED = "moving_mean/biased"
 ZD_STEP = "moving_mean/local_step"
 BATCHES_TRACKED = "num_batches_tracked"
 CONVENTIONS = ("tf", "tf_keras", "keras3", "torch")
+# Attributes a call itself sets: every other assignment drops the layer's steady-call plans
+_PER_CALL_STATE = frozenset({"_step", "_calls", "_pending", "_plans"})
 
 
 @dataclass(eq=False)
@@ -164,6 +171,14 @@ class BatchNorm:
     def __new__(cls, *args, **kwargs):
         check_constructor_arguments(cls, args, kwargs)  # Keras / PyTorch habits get cubn's spelling
         return super().__new__(cls)
+
+    def __setattr__(self, name, value):
+        # A steady-call plan (see _steady) holds what the layer's arguments and
+        # state decided; assigning any of them (decay, epsilon, the variables
+        # dict, the device, ...) forgets the plans, so none is ever stale.
+        if name not in _PER_CALL_STATE:
+            self.__dict__["_plans"] = {}
+        object.__setattr__(self, name, value)
 
     def __init__(self, decay=0.999, center=True, scale=False, epsilon=0.001, activation_fn=None,
                  param_initializers=None, param_regularizers=None, updates_collections=UPDATE_OPS,
@@ -388,6 +403,10 @@ class BatchNorm:
         Hold ``ctx`` when one layer is called more than once before its
         backward (a shared layer, or an inference call in between).
         """
+        if batch_weights is None and mask is None:
+            out = self._steady(x, is_training, side_input)
+            if out is not None:
+                return out
         f = "BatchNorm"
         plan = self._fast_plan(x, batch_weights, side_input, mask)
         if plan is not None:
@@ -405,9 +424,12 @@ class BatchNorm:
         in_place = training and self.updates_collections is None
         # An in-place update reads and writes the moving statistics (and the
         # step count): one such call of a layer at a time, so none is lost.
+        learn = [] if batch_weights is None and mask is None and self._steady_class() else None
         with self._threads.lock if in_place else _no_lock:
             epoch = self._epoch
-            y, ctx = self._forward(f, backend, plan, x, training, batch_weights, side_input, mask)
+            y, ctx = self._forward(f, backend, plan, x, training, batch_weights, side_input, mask, learn)
+        if learn:
+            self._learn(backend, plan, x, training, side_input, ctx, *learn)
         out = BatchNormContext(ctx, training, side_input is not None, None, weakref.ref(self), epoch)
         if self._custom is not None:
             out.z = y
@@ -417,6 +439,136 @@ class BatchNorm:
         if training:
             local.pending = out
         return y, out
+
+    # -- steady calls --------------------------------------------------------
+    # A call whose signature (x's type, shape, strides, dtype and alignment, the
+    # side input's, is_training, the backend override, cubn.use_one_launch)
+    # repeats on a kernel backend replays the launch program the ordinary code
+    # recorded for it, with none of that code: the plan below is learned from
+    # an ordinary call and holds what the layer's arguments and state decided
+    # then. Values are never part of it (the program reads the variables as
+    # they are at each launch); assigning a layer attribute drops every plan
+    # (__setattr__), and a plan is used only while the launch cache is on and
+    # has not been cleared since.
+    @classmethod
+    def _steady_class(cls) -> bool:
+        """Whether this class computes a call as BatchNorm does (SyncBatchNorm exchanges statistics)."""
+        return cls._exchange is BatchNorm._exchange and cls._check_training_batch is BatchNorm._check_training_batch
+
+    def _steady_key(self, x, is_training, side_input):
+        t = type(x)
+        if t is np.ndarray:
+            dev = None
+        elif t.__module__.startswith("cupy"):
+            dev = x.device.id
+        else:
+            return None
+        side = None if side_input is None else (type(side_input), side_input.shape, side_input.strides,
+                                                side_input.dtype, alignment_of(side_input))
+        return (t, dev, x.shape, x.strides, x.dtype, alignment_of(x), is_training is True, side, _override.get(),
+                one_launch_enabled())
+
+    def _steady(self, x, is_training, side_input):
+        """``(y, ctx)`` of a call with a plan, or None (the ordinary code runs)."""
+        plans = self.__dict__.get("_plans")
+        if not plans or not _lc._enabled or (is_training is not True and is_training is not False):
+            return None
+        try:
+            key = self._steady_key(x, is_training, side_input)
+            p = plans.get(key)
+        except (AttributeError, TypeError):  # not an array: the ordinary code explains
+            return None
+        if p is None or p[0] != _lc._generation or p[1] is not self._vars:
+            return None
+        _, v, backend, plan, prog, shape3, acc, fold, bessel, mode, update = p
+        # the backend fast_select would pick now (a use_backend slot can be given another backend object)
+        if _backends.get((key[8] or ("numpy" if key[1] is None else "cupy"), key[1])) is not backend:
+            return None
+        x3 = x.reshape(shape3)
+        side3 = None if side_input is None else side_input.reshape(shape3)
+        act = self._act
+        sdt = None if side3 is None else side3.dtype
+        # prog None: the NumPy backend's small path (numpy_small), which the ordinary code takes too
+        if mode == 1:  # training, moving statistics updated in place
+            mm, mv = v["moving_mean"], v["moving_variance"]
+            lock = self._threads.lock
+            lock.acquire()
+            try:
+                epoch = self._epoch
+                if prog is None:
+                    y3, stats = _small.train(x3, acc, fold.eps, fold.gamma, fold.beta, side3, act, x3.dtype, update)
+                else:
+                    outs = prog.run([x3, side3, fold.gamma, fold.beta, mm, mm, mv, mv, None, None, None])
+                    y3, stats = outs[0], Stats(*outs[1:])
+                self._step += 1
+            finally:
+                lock.release()
+            ctx = ForwardContext(backend, plan, acc, x3, side3, act, True, fold, stats, None, None, None, x3.dtype,
+                                 sdt)
+        elif mode == 2:  # training, update deferred to the collections
+            epoch = self._epoch
+            if prog is None:
+                y3, stats = _small.train(x3, acc, fold.eps, fold.gamma, fold.beta, side3, act, x3.dtype, None)
+            else:
+                outs = prog.run([x3, side3, fold.gamma, fold.beta, None, None, None, None, None, None, None])
+                y3, stats = outs[0], Stats(*outs[1:])
+            ctx = ForwardContext(backend, plan, acc, x3, side3, act, True, fold, stats, None, None, None, x3.dtype,
+                                 sdt)
+            self._defer(self._deferred(backend, stats, bessel))
+        else:  # inference
+            warn_if_pending(self, self.updates_collections)
+            epoch = self._epoch
+            given = (v["moving_mean"], v["moving_variance"])
+            if prog is None:
+                y3 = _small.infer(x3, acc, fold.eps, fold.gamma, fold.beta, given[0], given[1], side3, act)
+            else:
+                y3 = prog.run([x3, side3, fold.gamma, fold.beta, None, None, None, None, None, given[0], given[1]])[0]
+            ctx = ForwardContext(backend, plan, acc, x3, side3, act, False, fold, None, None, given, None, x3.dtype,
+                                 sdt)
+        y = y3.reshape(x.shape)
+        training = mode != 3
+        out = BatchNormContext(ctx, training, side3 is not None, None, weakref.ref(self), epoch)
+        if self._custom is not None:
+            out.z = y
+            y = self._custom.forward(y)
+        local = self._threads.local
+        local.last = out
+        if training:
+            local.pending = out
+        return y, out
+
+    def _learn(self, backend, plan, x, training, side_input, ctx, fold, update, given, bessel):
+        """Keep the plan of an ordinary call that a replay can stand for (see ``_steady``)."""
+        if plan.perm is not None or not x.flags.c_contiguous:
+            return
+        if backend.info is None:  # the NumPy backend: its small path, when the ordinary code took it
+            if not (_small.fits(ctx.x3) and _small.plain_update(update) and fold.adj_scale is None
+                    and fold.adj_bias is None and fold.renorm is None):
+                return
+        elif not _lc._enabled:
+            return
+        if side_input is not None and not side_input.flags.c_contiguous:
+            return
+        if fast_select(x, (side_input,)) is not backend or not plain_like(side_input, x):
+            return  # the call converted or copied an argument: a replay would not
+        try:
+            key = self._steady_key(x, training, side_input)
+        except (AttributeError, TypeError):
+            return
+        if key is None:
+            return
+        prog = None
+        if backend.info is not None:
+            pkey = _forward_key(backend, ctx.x3, ctx.acc, training, fold, update, given, ctx.side3, ctx.act)
+            prog = None if pkey is None else _lc.program_of(backend, pkey)
+            if prog is None:
+                return
+        mode = 3 if not training else (1 if update is not None else 2)
+        plans = self.__dict__.get("_plans")
+        if plans is None or len(plans) >= 64:
+            plans = self.__dict__["_plans"] = {}
+        plans[key] = (_lc._generation, self._vars, backend, plan, prog, ctx.x3.shape, ctx.acc, fold, bessel, mode,
+                      update)
 
     def _fast_plan(self, x, batch_weights, side_input, mask):
         """``(backend, plan)`` of a call of a built layer whose arguments need no
@@ -436,7 +588,9 @@ class BatchNorm:
             return None
         return backend, plan
 
-    def _forward(self, f, backend, plan, x, training, batch_weights, side_input, mask):
+    def _forward(self, f, backend, plan, x, training, batch_weights, side_input, mask, learn=None):
+        """The call's computation; ``learn`` (a list): receives ``(fold, update, given, bessel)``
+        of a call that a steady-call plan may stand for."""
         xp = backend.xp
         ch_axis = 1 if (x.ndim > 2 and self.data_format == "NCHW") else x.ndim - 1
         acc = self._acc
@@ -487,10 +641,16 @@ class BatchNorm:
                 self._step += 1
             else:
                 self._defer(self._deferred(backend, ctx.stats, bessel))
+            if (learn is not None and (steady or update is None) and weights is None and self.adjustment is None
+                    and not self.renorm):
+                learn.extend((fold, update, None, bessel))
         else:
             warn_if_pending(self, self.updates_collections)
+            given = (v["moving_mean"], v["moving_variance"])
             y3, ctx = bn_forward(backend, plan, x3, acc, training=False, fold=fold,
-                                 given=(v["moving_mean"], v["moving_variance"]), side3=side3, act=fused_act)
+                                 given=given, side3=side3, act=fused_act)
+            if learn is not None and element_mask is None:
+                learn.extend((fold, None, given, False))
         return plan.unview3(y3), ctx
 
     def _defer(self, update):
@@ -887,7 +1047,7 @@ class BatchNorm:
                 xp = np
             else:
                 import cupy as xp
-        return {"_xp": xp, "_threads": _LayerThreads()}
+        return {"_xp": xp, "_threads": _LayerThreads(), "_plans": {}}
 
     def __getstate__(self) -> dict:
         transient = self._transient()

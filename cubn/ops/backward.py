@@ -3,14 +3,23 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import math
+
+import numpy as np
+
 from .. import _dtypes, activations
-from .._backend import select, take_dlpack
+from .. import _launch_cache as _lc
+from .._options import one_launch_enabled
+from ..backends._memory import alignment_of
+from .._backend import fast_select, select, take_dlpack
+from .._fast import plain_like, plain_vector
+from ..backends import numpy_small as _small
 from .._checks import arg_error, check_float_input, check_positive_epsilon
 from .._memory import readable_all
 from .._plan import plan_for_channels
 from ..backends.base import Fold
 from .._args import as_like, channel_param, make_weights
-from .normalization import ForwardContext, bn_backward, check_side_input, check_training_batch
+from .normalization import ForwardContext, _bn_backward, bn_backward, check_side_input, check_training_batch
 
 
 class BatchNormGrads(NamedTuple):
@@ -56,6 +65,11 @@ def batch_norm_backward(dy, x, scale, mean, variance, epsilon=1e-3, *, offset=No
         None when there is no side input.
     """
     func = "batch_norm_backward"
+    if batch_weights is None and renorm_r is None and renorm_d is None:
+        out = _backward_fast(dy, x, scale, mean, variance, epsilon, offset, data_format, is_training, activation,
+                             side_input)
+        if out is not None:
+            return out
     dy, x, scale, mean, variance, offset, side_input, batch_weights, renorm_r, renorm_d = take_dlpack(
         func, dy=dy, x=x, scale=scale, mean=mean, variance=variance, offset=offset, side_input=side_input,
         batch_weights=batch_weights, renorm_r=renorm_r, renorm_d=renorm_d)
@@ -90,8 +104,46 @@ def batch_norm_backward(dy, x, scale, mean, variance, epsilon=1e-3, *, offset=No
         if w.ndim != 1 or w.shape[0] != x.shape[0]:
             raise arg_error(ValueError, func, "batch_weights", f"shape ({x.shape[0]},)", f"shape {tuple(w.shape)}")
         weights = make_weights(func, "batch_weights", w, x.shape, plan, xp, acc)
+    return _backward(backend, plan, dy, x, gamma, beta, m, v, r, d, weights, eps, act, side_input, is_training, xp,
+                     acc)
+
+
+def _backward_fast(dy, x, scale, mean, variance, epsilon, offset, data_format, is_training, activation, side_input):
+    """batch_norm_backward for arguments that need no conversion (None: take the ordinary path).
+
+    Only checks that the ordinary path makes in the same order, so a call
+    gives the same result or error either way.
+    """
+    backend = fast_select(x, (dy, scale, mean, variance, offset, side_input))
+    if backend is None or not _dtypes.is_supported_float(x.dtype) or dy.dtype != x.dtype or dy.shape != x.shape:
+        return None
+    if type(epsilon) is not float or not 0.0 <= epsilon < math.inf:
+        return None
+    if activation is not None and not isinstance(activation, activations.Activation):
+        return None
+    plan = plan_for_channels(x.shape, data_format, "batch_norm_backward")
+    acc = _dtypes.acc_dtype(x.dtype)
+    c = plan.channels
+    if mean is None or variance is None or (is_training and plan.per_channel == 0):
+        return None
+    if not (plain_vector(scale, c, acc) and plain_vector(offset, c, acc) and plain_vector(mean, c, acc)
+            and plain_vector(variance, c, acc) and plain_like(side_input, x)):
+        return None
+    return _backward(backend, plan, dy, x, scale, offset, mean, variance, None, None, None, epsilon, activation,
+                     side_input, is_training, backend.xp, acc)
+
+
+def _backward(backend, plan, dy, x, gamma, beta, m, v, r, d, weights, eps, act, side_input, is_training, xp, acc):
+    """batch_norm_backward on checked arguments (per-channel (C,) vectors in ``acc``)."""
+    if backend.info is not None and r is None and weights is None and _lc._enabled:
+        out = _replayed(backend, plan, dy, x, gamma, beta, m, v, eps, act, side_input, bool(is_training), acc)
+        if out is not None:
+            return out
     fold = Fold(eps, gamma, beta)
-    stats = backend.finalize(None, acc, fold, given=(m, v))
+    if backend.info is None and r is None and 0 < x.size <= _small.LIMIT:
+        stats = _small.given_stats(m, v, eps, gamma, beta, acc)
+    else:
+        stats = backend.finalize(None, acc, fold, given=(m, v))
     if r is not None:
         # y = ((x - mean)·invstd·r + d)·gamma + beta, with r and d constants
         g1 = 1 if gamma is None else gamma
@@ -100,11 +152,11 @@ def batch_norm_backward(dy, x, scale, mean, variance, epsilon=1e-3, *, offset=No
         stats.hcoef = d
         stats.scale = stats.gcoef * g1
         stats.shift = d * g1 + (0 if beta is None else beta)
-    stats.count = _counts(plan, weights, xp, acc)
+    stats.count = _counts(plan, weights, xp, acc) if weights is not None else _count_vector(backend, plan, acc)
     x3, dy3 = plan.view3(x), plan.view3(dy)
     side3 = None if side_input is None else plan.view3(side_input)
-    ctx = ForwardContext(backend, plan, acc, x3, side3, act, bool(is_training), fold, stats=stats,
-                         weights=weights, x_dtype=x.dtype, side_dtype=None if side3 is None else side3.dtype)
+    ctx = ForwardContext(backend, plan, acc, x3, side3, act, bool(is_training), fold, stats, None, None, weights,
+                         x.dtype, None if side3 is None else side3.dtype)
     dx3, dgamma, dbeta, dside3 = bn_backward(ctx, dy3, side_input is not None)
     dmean = dvar = None
     if not is_training:
@@ -114,6 +166,62 @@ def batch_norm_backward(dy, x, scale, mean, variance, epsilon=1e-3, *, offset=No
         dvar = -0.5 * g1 * stats.invstd * stats.invstd * (dgamma - stats.hcoef * dbeta)
     return BatchNormGrads(plan.unview3(dx3), dgamma, dbeta, None if dside3 is None else plan.unview3(dside3),
                           dmean, dvar)
+
+
+def _replayed(backend, plan, dy, x, gamma, beta, m, v, eps, act, side_input, training, acc):
+    """The call on a kernel backend as one launch program (folding the given statistics and the
+    backward), recorded on its signature's second call; None: run the ordinary code."""
+    x3, dy3 = plan.view3(x), plan.view3(dy)
+    side3 = None if side_input is None else plan.view3(side_input)
+    key = ("batch_norm_backward", one_launch_enabled(), training, x3.shape, x3.strides, dy3.strides, x3.dtype, acc,
+           alignment_of(x3), alignment_of(dy3), None if side3 is None else (side3.strides, alignment_of(side3)),
+           eps, None if act is None else (act.kernel_id, act.alpha), gamma is None, beta is None)
+    prog = _lc.lookup(backend, key)
+    if prog is _lc.UNCACHEABLE:
+        return None
+    count = _count_vector(backend, plan, acc)
+    inputs = [dy3, x3, side3, gamma, beta, m, v, count]
+    if prog is not None:
+        dx3, dgamma, dbeta, dside3, scale, invstd, hcoef = prog.run(inputs)
+    else:
+        if not _lc.may_record(backend, ("batch_norm_backward", x3.shape)):
+            return None
+        rec = _lc.Recording(backend)
+        with rec:
+            fold = Fold(eps, gamma, beta)
+            stats = rec.backend.finalize(None, acc, fold, given=(m, v))
+            stats.count = count
+            ctx = ForwardContext(rec.backend, plan, acc, x3, side3, act, training, fold, stats, None, None, None,
+                                 x.dtype, None if side3 is None else side3.dtype)
+            dx3, dgamma, dbeta, dside3 = _bn_backward(ctx, dy3, side3 is not None, rec.backend)
+        scale, invstd, hcoef = stats.scale, stats.invstd, stats.hcoef
+        _lc.store(backend, key, rec.program(inputs, [dx3, dgamma, dbeta, dside3, scale, invstd, hcoef],
+                                            keyed_alignment=(0, 1, 2)))
+    dmean = dvar = None
+    if not training:
+        g1 = 1 if gamma is None else gamma
+        dmean = -scale * dbeta
+        dvar = -0.5 * g1 * invstd * invstd * (dgamma - hcoef * dbeta)
+    return BatchNormGrads(plan.unview3(dx3), dgamma, dbeta, None if dside3 is None else plan.unview3(dside3),
+                          dmean, dvar)
+
+
+def _count_vector(backend, plan, acc):
+    """The unweighted per-channel count, one constant array per (C, n, dtype) and backend (read only:
+    a launch program takes it as an input)."""
+    cache = backend.__dict__.get("_count_vectors")
+    if cache is None:
+        cache = backend.__dict__["_count_vectors"] = {}
+    k = (plan.channels, plan.per_channel, acc)
+    c = cache.get(k)
+    if c is None:
+        c = backend.xp.full(plan.channels, plan.per_channel, dtype=acc)
+        if isinstance(c, np.ndarray):
+            c.flags.writeable = False
+        if len(cache) >= 64:
+            cache.clear()
+        cache[k] = c
+    return c
 
 
 def _counts(plan, weights, xp, acc):

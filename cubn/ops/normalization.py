@@ -14,6 +14,7 @@ from .._checks import arg_error, check_float_input, check_positive_epsilon, desc
 from .._memory import readable, readable_all
 from .._options import one_launch_enabled
 from .._plan import channel_axis, plan_for_channels, plan_for_kept_axes
+from ..backends import numpy_small as _small
 from ..backends import one_launch
 from .. import _launch_cache as _lc
 from ..backends._memory import alignment_of
@@ -65,7 +66,12 @@ def bn_forward(backend, plan, x3, acc, *, training, fold, update=None, given=Non
     from call to call (a cumulative average's 1/t), so a program would not
     be reused.
     """
-    if backend.info is not None and cacheable and exchange is None and weights is None and _lc._enabled:
+    if backend.info is None:
+        if (weights is None and exchange is None and fold.adj_scale is None and fold.adj_bias is None
+                and fold.renorm is None and _small.plain_update(update) and _small.fits(x3)
+                and (training or all(getattr(g, "dtype", None) == acc for g in given))):
+            return _small_forward(backend, plan, x3, acc, training, fold, update, given, side3, act)
+    elif cacheable and exchange is None and weights is None and _lc._enabled:
         key = _forward_key(backend, x3, acc, training, fold, update, given, side3, act)
         if key is not None:
             prog = _lc.lookup(backend, key)
@@ -82,6 +88,17 @@ def bn_forward(backend, plan, x3, acc, *, training, fold, update=None, given=Non
                     return outs[0], ctx
                 return _record_forward(key, backend, plan, x3, acc, training, fold, update, given, side3, act, inputs)
     return _bn_forward(backend, plan, x3, acc, training, fold, update, given, weights, side3, act, exchange)
+
+
+def _small_forward(backend, plan, x3, acc, training, fold, update, given, side3, act):
+    """bn_forward on the NumPy backend for a small x3 (``backends.numpy_small``: the same results)."""
+    sdt = None if side3 is None else side3.dtype
+    if training:
+        y3, stats = _small.train(x3, acc, fold.eps, fold.gamma, fold.beta, side3, act, x3.dtype, update)
+        return y3, ForwardContext(backend, plan, acc, x3, side3, act, True, fold, stats, None, None, None, x3.dtype,
+                                  sdt)
+    y3 = _small.infer(x3, acc, fold.eps, fold.gamma, fold.beta, given[0], given[1], side3, act)
+    return y3, ForwardContext(backend, plan, acc, x3, side3, act, False, fold, None, None, given, None, x3.dtype, sdt)
 
 
 _STATS_FIELDS = ("count", "mean", "var", "invstd", "scale", "shift", "gcoef", "hcoef", "r", "d")
@@ -169,7 +186,15 @@ def bn_backward(ctx: ForwardContext, dy3, want_dside: bool):
     repeated signature on a kernel backend replays its launch program.
     """
     b = ctx.backend
-    if b.info is not None and ctx.exchange is None and (ctx.weights is None or not ctx.training) and _lc._enabled:
+    if b.info is None:
+        if ctx.exchange is None and (ctx.weights is None or not ctx.training) and _small.fits(ctx.x3) \
+                and dy3.flags.c_contiguous:
+            stats = ctx.stats
+            if stats is None:  # inference forward: fold the given statistics now
+                stats = ctx.stats = b.finalize(None, ctx.acc, ctx.fold, given=ctx.given)
+            return _small.backward(dy3, ctx.x3, ctx.side3, stats, ctx.act, ctx.acc, ctx.training, want_dside,
+                                   ctx.x_dtype, ctx.side_dtype or ctx.x_dtype)
+    elif ctx.exchange is None and (ctx.weights is None or not ctx.training) and _lc._enabled:
         key = _backward_key(ctx, dy3, want_dside)
         if key is not None:
             prog = _lc.lookup(b, key)
@@ -495,6 +520,12 @@ def _fused(backend, plan, x, acc, gamma, beta, given_mean, given_var, side_input
     """
     x3 = plan.view3(x)
     side3 = None if side_input is None else plan.view3(side_input)
+    if backend.info is None and _small.fits(x3):
+        if is_training:
+            y3, m, v = _small.fused_train(x3, acc, eps, gamma, beta, side3, act, f, given_mean, given_var)
+        else:
+            y3, m, v = _small.infer(x3, acc, eps, gamma, beta, given_mean, given_var, side3, act), given_mean, given_var
+        return y3.reshape(plan.shape) if plan.perm is None else plan.unview3(y3), m, v
     if backend.info is None or not _lc._enabled or (not is_training and x.size == 0):
         y3, m, v = _fused_run(backend, plan, x3, acc, gamma, beta, given_mean, given_var, side3, eps, f, act,
                               is_training)
