@@ -159,6 +159,7 @@ def _act_inplace(act, z, zero):
 # the columns of its channels that do not fold (if any, and few) computed
 # again unfolded, so every channel's bits are those of its own form, whatever
 # chunk or thread it runs in.
+BACKWARD_SIGMAS = 1.0  # the correction k1 + k2 (x - mean) of dx folds within 1 sample std (a smaller part of dx)
 PATCH_FRACTION = 8  # a chunk whose unfolded columns exceed 1/8 of it runs unfolded throughout
 
 
@@ -173,13 +174,13 @@ def _spread(x3, acc):
     return np.sqrt(np.add.reduce(t, axis=0) / n).astype(np.float64)
 
 
-def _fold_offsets(mean, coef, const, acc, spread):
+def _fold_offsets(mean, coef, const, acc, spread, sigmas=2.0):
     """``(x - mean) * coef + const`` as ``(x - mean') * coef + const'``: per channel
     ``mean' = 0, const' = const - mean * coef`` where that is accurate (above), else unchanged."""
     m, k, c = (np.asarray(v, np.float64) for v in (mean, coef, const))
     with np.errstate(invalid="ignore", over="ignore"):
         folded = c - m * k
-        ok = (np.abs(m * k) <= 0.5 * np.abs(c) + 2 * np.abs(k) * spread) & np.isfinite(folded.astype(acc))
+        ok = (np.abs(m * k) <= 0.5 * np.abs(c) + sigmas * np.abs(k) * spread) & np.isfinite(folded.astype(acc))
     return (np.where(ok, 0, mean).astype(acc), np.where(ok, folded, const).astype(acc))
 
 
@@ -535,7 +536,7 @@ class NumpyBackend(NumpyPreprocessing):
         pre, spread = _affine_params(x3, affine, acc, lay)
         cm = m
         if spread is not None:
-            cm, k1 = _fold_offsets(m, k2, k1, acc, spread)
+            cm, k1 = _fold_offsets(m, k2, k1, acc, spread, BACKWARD_SIGMAS)
             cm = cm if cm.any() else None
         if act is None:  # dy' is dy: no pre-activation
             pre = (None, pre[1], None)

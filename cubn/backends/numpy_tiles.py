@@ -33,12 +33,13 @@ import numpy as np
 
 from .. import _threads
 
-# One chunk of the accumulation dtype: with the chunk of x it fits in a 2 MiB
+# One chunk of the accumulation dtype: with the chunk of x it fits in a 1 MiB
 # L2. Each chunk costs a few dozen NumPy calls whatever its size, so chunks as
-# large as the cache allows (on a 2-core AMD EPYC with 2 MiB of L2 a core,
-# 1 MiB took 5-15% less CPU time than 512 KiB for the training forward and
-# the backward on the CPU benchmark's 7x7 shapes; 2 MiB no less than 1 MiB).
-CHUNK_BYTES = 1 << 20
+# large as the cache allows (512 KiB ran faster than 256 KiB on most shapes
+# of the CPU benchmark; 1 MiB took 5-15% less CPU time again on the 7x7
+# shapes of a 2-core AMD EPYC with 2 MiB of L2 a core, but the threads' chunk
+# buffers, kept from call to call, then reach a quarter of an 8 MiB input).
+CHUNK_BYTES = 512 << 10
 SMALL_ELEMENTS = 8192     # up to this many elements: one chunk, no pool
 WIDE = 8192               # target width (elements) of a rows-layout row (wider rows: fewer, longer loops)
 WIDE_MAX = 16384          # rows up to this wide are kept whole
@@ -219,6 +220,9 @@ class Rows:
         self.tasks = tasks
         self.task_ranges = ranges
         self.n_tasks = len(tasks)
+        # without reductions there are no slots to keep few: a task per chunk balances the threads
+        self.chunk_tasks = [(i, r0, min(pn.rows, r0 + pn.chunk_rows)) for i, pn in enumerate(panels)
+                            for r0 in range(0, pn.rows, pn.chunk_rows)]
         # A task's slot: its column sums (wide and tail panels), or its
         # channels' sums (column blocks, folded at the end of the task: a
         # block may have few rows, and its column sums would be many).
@@ -271,10 +275,10 @@ class Rows:
     def run(self, kernel, arrays, params, n_red, acc, outer_weights=None, bufsize=None):
         if not n_red and self.seq_tasks is not None:
             n_rows = sum(v is not None for v in params)
-            if n_rows * self.period * 8 <= self.outer * self.period:  # rows <= 1/8 of the input's elements
+            if n_rows * self.period * np.dtype(acc).itemsize * 8 <= arrays[0].nbytes:  # rows <= 1/8 of the input
                 return self._run_in_order(kernel, arrays, params, acc, outer_weights, bufsize)
         views = [None if a is None else self.views(a) for a in arrays]
-        panels, tasks = self.panels, self.tasks
+        panels, tasks = self.panels, (self.tasks if n_red else self.chunk_tasks)
         # Wide and tail panels share one parameter row (the tail's is a prefix
         # of the wide one's); column blocks build theirs per task, so that no
         # row as wide as the whole matrix is ever held.
@@ -314,7 +318,7 @@ class Rows:
                 else:
                     slots[j, t, :w] = sums[j]
 
-        _threads.run(self.n_tasks, task, bufsize or _threads.UFUNC_BUFSIZE)
+        _threads.run(len(tasks), task, bufsize or _threads.UFUNC_BUFSIZE)
         if not n_red:
             return None
         return tuple(self._merge(slots))
