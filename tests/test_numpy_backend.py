@@ -493,3 +493,148 @@ def test_peak_memory_beyond_outputs(rng, dtype, fmt, shape):
     for name, f in ops.items():
         extra = _peak_beyond_outputs(f)
         assert extra <= 0.25 * x.nbytes, f"{name}: {extra / x.nbytes:.3f}x the input beyond the outputs"
+
+
+# ---------------------------------------------------------------------------
+# Folding a channel's mean into its shift: (x - m) * s + h as x * s + (h - m s)
+# where that is accurate, the mean subtracted first elsewhere
+# ---------------------------------------------------------------------------
+FOLD_CASES = [c for c in CASES if c[3] != "whole" and c[0] in ("wide+tail", "c3", "blocks", "blocks-7x7", "runs",
+                                                                 "piece+1", "one-channel")]
+FOLD_IDS = [c[0] for c in FOLD_CASES]
+# per channel: offsets that fold (within a few std of 0), near the bound, and large ones that do not
+FOLD_OFFSETS = [0.0, 0.5, -1.0, 2.0, 3.0, -4.0, 1e4, 1e5, -1e6, 1e7]
+
+
+def _mixed(rng, fmt, shape, dtype=np.float32):
+    ax = _axis(fmt, shape)
+    off = np.resize(np.asarray(FOLD_OFFSETS), shape[ax])
+    rng.shuffle(off)
+    return (ref.bcast(off, len(shape), ax) + rng.standard_normal(shape)).astype(dtype)
+
+
+@pytest.fixture(autouse=True)
+def _fold_small_inputs_too(request, monkeypatch):
+    """The folding tests' shapes are below the size where folding starts to pay: fold them anyway."""
+    if "fold" in request.node.name or "never_written" in request.node.name:
+        from cubn.backends import numpy_backend as nb
+
+        monkeypatch.setattr(nb, "FOLD_MIN_ELEMENTS", 0)
+
+
+@pytest.fixture
+def unfolded(monkeypatch):
+    """Run the NumPy backend with no channel folding (its former form), inside ``with unfolded():``."""
+    import contextlib
+
+    from cubn.backends import numpy_backend as nb
+
+    @contextlib.contextmanager
+    def ctx():
+        with monkeypatch.context() as m:
+            m.setattr(nb, "_fold_offsets", lambda mean, coef, const, acc, spread, sigmas=0: (mean, const))
+            yield
+
+    return ctx
+
+
+def _channel_errors(a, truth, ax):
+    """Largest absolute error per channel, float64."""
+    e = np.abs(np.asarray(a, np.float64) - truth)
+    return np.moveaxis(e, ax, 0).reshape(e.shape[ax], -1).max(axis=1)
+
+
+def _channel_spacing(truth, ax, dt):
+    m = np.moveaxis(np.abs(truth), ax, 0).reshape(truth.shape[ax], -1).max(axis=1)
+    return np.spacing(m.astype(dt)).astype(np.float64)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name,fmt,shape,kind", FOLD_CASES, ids=FOLD_IDS)
+def test_folded_channels_keep_the_accuracy_of_subtracting_the_mean_first(rng, unfolded, dtype, name, fmt, shape, kind):
+    """At offsets from 0 to 1e7 (channels folded, near the bound and not), inference, the training
+    forward (ReLU, residual) and the backward stay within twice the error of the unfolded form."""
+    dt = np.dtype(dtype)
+    ax = _axis(fmt, shape)
+    c = shape[ax]
+    x = _mixed(rng, fmt, shape, dt)
+    side = rng.standard_normal(shape).astype(dt)
+    dy = rng.standard_normal(shape).astype(dt)
+    g, b = rng.uniform(0.5, 1.5, c).astype(dt), (0.5 * rng.standard_normal(c)).astype(dt)
+    axes = ref.reduce_axes(len(shape), ax)
+    m64, v64 = ref.moments(x, axes)
+    mean, var = m64.astype(dt), v64.astype(dt)
+
+    def run():
+        yi = cubn.fused_batch_norm(x, g, b, mean, var, data_format=fmt, is_training=False)[0]
+        yt = cubn.fused_batch_norm(x, g, b, data_format=fmt, activation="relu", side_input=side)[0]
+        gr = cubn.batch_norm_backward(dy, x, g, mean, var, data_format=fmt, offset=b, activation="tanh", side_input=side)
+        return yi, yt, gr.dx
+
+    folded = run()
+    with unfolded():
+        bar = run()
+    truths = (ref.batch_norm(x, mean, var, b, g, 1e-3, ax),
+              ref.batch_norm(x, m64, v64, b, g, 1e-3, ax, "relu", side=side),
+              _ref_backward(dy.astype(np.float64), x.astype(np.float64), g, b, side, ax, "tanh")[0])
+    # units in the last place of each channel's largest output (before the ReLU, which may zero a channel)
+    units = (truths[0], ref.batch_norm(x, m64, v64, b, g, 1e-3, ax, side=side), truths[2])
+    for what, mine, theirs, truth, unit in zip(("inference", "training forward", "dx"), folded, bar, truths, units):
+        # in those units: the worst channel within twice the unfolded form's worst (plus 2), and no
+        # channel far beyond its own unfolded error
+        sp = _channel_spacing(unit, ax, dt)
+        err, bar_err = _channel_errors(mine, truth, ax) / sp, _channel_errors(theirs, truth, ax) / sp
+        assert err.max() <= 2 * bar_err.max() + 2, f"{what}: {err.max():.3g} ulp > 2 x {bar_err.max():.3g} + 2"
+        bad = err > 2 * bar_err + 16
+        assert not bad.any(), f"{what}: channel errors {err[bad]} ulp (unfolded: {bar_err[bad]})"
+
+
+def test_folding_runs_both_forms_in_one_chunk(rng):
+    """Mixed channels in one parameter row: folded ones take the short form, the others are patched,
+    and each channel's bits are those of its own form alone."""
+    from cubn.backends import numpy_backend as nb
+
+    fmt, shape = "NHWC", (4 * CHUNK // 16, 16)
+    x = _mixed(rng, fmt, shape)
+    g, b = np.ones(16, np.float32), np.zeros(16, np.float32)
+    mean, var = ref.moments(x, (0,))
+    mean, var = mean.astype(np.float32), var.astype(np.float32)
+    seen = []
+    real = nb._unfolded_columns
+
+    def spy(m, memo):
+        cols = real(m, memo)
+        seen.append(cols if cols is None or cols is True else len(cols))
+        return cols
+
+    nb._unfolded_columns = spy
+    try:
+        y = cubn.fused_batch_norm(x, g, b, mean, var, data_format=fmt, is_training=False)[0]
+    finally:
+        nb._unfolded_columns = real
+    assert any(isinstance(s, int) and 0 < s for s in seen), seen  # some columns patched, not the whole chunk
+    for k in range(16):  # channel k alone: the same bits
+        yk = cubn.fused_batch_norm(np.ascontiguousarray(np.repeat(x[:, k : k + 1], 16, axis=1)), g, b,
+                                   np.full(16, mean[k]), np.full(16, var[k]), data_format=fmt, is_training=False)[0]
+        assert y[:, k].tobytes() == yk[:, 0].tobytes(), f"channel {k}"
+
+
+@pytest.mark.parametrize("name,fmt,shape,kind", FOLD_CASES[::2], ids=FOLD_IDS[::2])
+def test_folded_results_do_not_depend_on_the_thread_count(rng, threads, name, fmt, shape, kind):
+    x = _mixed(rng, fmt, shape)
+    run = _all_ops(x, fmt, rng)
+    threads(1)
+    one = run()
+    for n in (2, 3):
+        threads(n)
+        for k, (a, b) in enumerate(zip(one, run())):
+            assert (a is None and b is None) or a.tobytes() == b.tobytes(), f"output {k} differs with {n} threads"
+
+
+@pytest.mark.parametrize("name,fmt,shape,kind", CASES, ids=IDS)
+def test_inputs_are_never_written(rng, name, fmt, shape, kind):
+    x = _mixed(rng, fmt, shape)
+    saved = x.copy()
+    run = _all_ops(x, fmt, rng)
+    run()
+    assert x.tobytes() == saved.tobytes()

@@ -31,6 +31,7 @@ from .numpy_preprocessing import NumpyPreprocessing
 # Q / M2 above this (about 4 bits lost) -> compute again about the mean
 PIVOT_RATIO = 16.0
 PIVOT_SAMPLE = 64  # elements per channel whose mean is the pivot
+SPREAD_SAMPLE = 16  # elements per channel whose std decides whether its mean folds into its shift
 _BOOL = np.dtype(bool)
 
 
@@ -62,11 +63,11 @@ def _contiguous(a):
     return a if a is None or a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
-def _pivot_sample(x3):
-    """The elements a channel's pivot is the mean of: about PIVOT_SAMPLE of them, the first of rows spread over the batch."""
+def _pivot_sample(x3, k=PIVOT_SAMPLE):
+    """The elements a channel's pivot is the mean of: about ``k`` of them, the first of rows spread over the batch."""
     outer, _, inner = x3.shape
-    ki = min(inner, PIVOT_SAMPLE)
-    ko = min(outer, max(1, PIVOT_SAMPLE // ki))
+    ki = min(inner, k)
+    ko = min(outer, max(1, k // ki))
     return x3[:: outer // ko, :, :ki][:ko]
 
 
@@ -144,20 +145,102 @@ def _act_inplace(act, z, zero):
         z[...] = act.forward(z)
 
 
-def _preact_into(z, x, mean, scale, shift, side):
+# Folding the mean into the shift saves a pass over a chunk, but x * scale is
+# rounded at the magnitude of x * scale, not of (x - mean) * scale: the folded
+# form's error is about u/2 (2 |mean * scale| + |y| + |d|), d = (x - mean) *
+# scale, against u/2 (|d| + |y|) unfolded. Over a channel the largest errors
+# are where |d| reaches about 4 |scale| sigma, so the folded form's largest
+# error stays within twice the unfolded one's while 2 |mean * scale| <=
+# |shift| + 8 |scale| sigma. A channel folds where |mean * scale| <= |shift| / 2
+# + 2 |scale| spread (spread: the std of a sample of its elements, half of sigma's
+# factor kept as margin for the sample); elsewhere, e.g. at large offsets,
+# its mean is subtracted first as ever. A folded channel keeps a mean of 0,
+# and (x - 0) * scale is x * scale exactly; a chunk is computed folded, then
+# the columns of its channels that do not fold (if any, and few) computed
+# again unfolded, so every channel's bits are those of its own form, whatever
+# chunk or thread it runs in.
+# Deciding costs some 50-100 us (a sample, a few (C,) arrays); the pass it saves
+# about 10 us per 128K elements: smaller arrays never fold.
+FOLD_MIN_ELEMENTS = 1 << 20
+BACKWARD_SIGMAS = 1.0  # the correction k1 + k2 (x - mean) of dx folds within 1 sample std (a smaller part of dx)
+PATCH_FRACTION = 8  # a chunk whose unfolded columns exceed 1/8 of it runs unfolded throughout
+
+
+def _spread(x3, acc):
+    """Per channel, the standard deviation of a sample of about SPREAD_SAMPLE of its elements."""
+    s = _pivot_sample(x3, SPREAD_SAMPLE)
+    # (sample, C), a copy (never a view of x: it is written), summed down axis 0
+    t = np.array(np.moveaxis(s, 1, 2), dtype=acc, order="C").reshape(-1, x3.shape[1])
+    n = acc.type(t.shape[0])
+    np.subtract(t, np.add.reduce(t, axis=0) / n, out=t)
+    np.multiply(t, t, out=t)
+    return np.sqrt(np.add.reduce(t, axis=0) / n).astype(np.float64)
+
+
+def _fold_offsets(mean, coef, const, acc, spread, sigmas=2.0):
+    """``(x - mean) * coef + const`` as ``(x - mean') * coef + const'``: per channel
+    ``mean' = 0, const' = const - mean * coef`` where that is accurate (above), else unchanged."""
+    m, k, c = (np.asarray(v, np.float64) for v in (mean, coef, const))
+    with np.errstate(invalid="ignore", over="ignore"):
+        folded = c - m * k
+        ok = (np.abs(m * k) <= 0.5 * np.abs(c) + sigmas * np.abs(k) * spread) & np.isfinite(folded.astype(acc))
+    return (np.where(ok, 0, mean).astype(acc), np.where(ok, folded, const).astype(acc))
+
+
+def _unfolded_columns(mean, memo):
+    """The columns of a parameter row whose channels do not fold: None (none), an index array,
+    or True (too many: the whole chunk unfolded). Memoized per row for one call."""
+    e = memo.get(id(mean))
+    if e is None or e[0] is not mean:
+        if mean.ndim != 1:  # a scalar (a chunk of one channel) or (C, 1) (one small chunk)
+            cols = True if mean.any() else None
+        else:
+            cols = np.flatnonzero(mean)
+            cols = None if not cols.size else (True if cols.size * PATCH_FRACTION > mean.size else cols)
+        e = memo[id(mean)] = (mean, cols)  # holds the row: its id stays its own
+    return e[1]
+
+
+def _affine_into(z, x, mean, coef, const, memo):
+    """z = (x - mean) * coef + const in ``z``; channels of mean 0 (folded) as x * coef + const."""
+    cols = None if mean is None else _unfolded_columns(mean, memo)
+    if cols is not None and cols is not True and not (x.flags.c_contiguous and z.flags.c_contiguous):
+        cols = True  # the unfolded columns are patched through flat indices
+    if cols is True:
+        np.subtract(x, mean, out=z)
+        np.multiply(z, coef, out=z)
+    else:
+        np.multiply(x, coef, out=z)
+    np.add(z, const, out=z)
+    if cols is not None and cols is not True:
+        key = (id(mean), id(coef), id(const), x.shape)
+        e = memo.get(key)
+        if e is None or e[0] is not mean or e[1] is not coef or e[2] is not const:
+            rows = 1 if x.ndim == 1 else x.shape[0]
+            flat = (np.arange(rows)[:, None] * x.shape[-1] + cols).reshape(-1)
+            e = memo[key] = (mean, coef, const, flat, *(np.tile(v[cols], rows) for v in (mean, coef, const)))
+        flat, m, k, c = e[3:]
+        t = x.reshape(-1).take(flat).astype(z.dtype, copy=False)
+        np.subtract(t, m, out=t)
+        np.multiply(t, k, out=t)
+        np.add(t, c, out=t)
+        z.reshape(-1).put(flat, t)
+
+
+def _preact_into(z, x, mean, scale, shift, side, memo):
     """z = (x - mean) * scale + shift (+ side), in place in ``z``."""
-    np.subtract(x, mean, out=z)
-    np.multiply(z, scale, out=z)
-    np.add(z, shift, out=z)
+    _affine_into(z, x, mean, scale, shift, memo)
     if side is not None:
         np.add(z, side, out=z)
 
 
 def _normalize_kernel(act, acc):
+    memo = {}
+
     def kernel(v, p, w, red, tmp, zero):
         x, side, y = v
         z = y if y.dtype == acc else tmp(0)
-        _preact_into(z, x, p[0], p[1], p[2], side)
+        _preact_into(z, x, p[0], p[1], p[2], side, memo)
         if act is not None:
             _act_inplace(act, z, zero)
         if z is not y:
@@ -166,8 +249,8 @@ def _normalize_kernel(act, acc):
     return kernel
 
 
-def _dy_prime(act, acc, dy, x, side, p, tmp):
-    """dy' = dy * act'(z) (the pre-activation z recomputed from x), or dy itself."""
+def _dy_prime(act, acc, dy, x, side, pre, tmp, memo):
+    """dy' = dy * act'(z) (the pre-activation z recomputed from x as the forward did), or dy itself."""
     if act is None:
         if dy.dtype == acc:
             return dy
@@ -175,7 +258,7 @@ def _dy_prime(act, acc, dy, x, side, p, tmp):
         np.copyto(t, dy)
         return t
     z = tmp(1)
-    _preact_into(z, x, p[0], p[1], p[2], side)
+    _preact_into(z, x, pre[0], pre[1], pre[2], side, memo)
     if act.name == "relu":
         mask = tmp(3, _BOOL)
         np.greater(z, 0, out=mask)
@@ -185,12 +268,15 @@ def _dy_prime(act, acc, dy, x, side, p, tmp):
     return z
 
 
+# Backward parameters: mean, then the pre-activation's mean, scale and shift as
+# _affine_params gives them, then k1, k2 and the correction's mean, folded as those.
 def _backward_sums_kernel(act, acc):
     """S1 = sum(dy'), S2 = sum(dy' (x - mean))."""
+    memo = {}
 
     def kernel(v, p, w, red, tmp, zero):
         dy, x, side = v
-        dyp = _dy_prime(act, acc, dy, x, side, p, tmp)
+        dyp = _dy_prime(act, acc, dy, x, side, p[1:4], tmp, memo)
         xm = tmp(0)
         np.subtract(x, p[0], out=xm)
         s1 = red(dyp)
@@ -202,19 +288,18 @@ def _backward_sums_kernel(act, acc):
 
 def _backward_apply_kernel(act, acc):
     """dx = dy' * scale - w * (k1 + k2 * (x - mean)); dside = dy'."""
+    memo = {}
 
     def kernel(v, p, w, red, tmp, zero):
         dy, x, side, dx, dside, wfull = v
-        dyp = _dy_prime(act, acc, dy, x, side, p, tmp)
+        dyp = _dy_prime(act, acc, dy, x, side, p[1:4], tmp, memo)
         corr = tmp(0)
-        np.subtract(x, p[0], out=corr)
-        np.multiply(corr, p[4], out=corr)
-        np.add(corr, p[3], out=corr)
+        _affine_into(corr, x, p[6], p[5], p[4], memo)
         wt = wfull if wfull is not None else w
         if wt is not None:
             np.multiply(corr, wt, out=corr)
         t = dx if dx.dtype == acc else tmp(2)
-        np.multiply(dyp, p[1], out=t)
+        np.multiply(dyp, p[2], out=t)
         np.subtract(t, corr, out=t)
         if t is not dx:
             np.copyto(dx, t, casting="unsafe")
@@ -222,6 +307,17 @@ def _backward_apply_kernel(act, acc):
             np.copyto(dside, dyp, casting="unsafe")
 
     return kernel
+
+
+def _affine_params(x3, affine, acc, lay):
+    """The pre-activation's (mean, scale, shift) as the chunks use them (``_fold_offsets``), and
+    the channels' spread (None where nothing folds: inputs below FOLD_MIN_ELEMENTS)."""
+    m, k, h = (np.asarray(v, acc) for v in affine)
+    if lay.kind == "whole" or x3.size < FOLD_MIN_ELEMENTS:
+        return (m, k, h), None
+    spread = _spread(x3, acc)
+    m, h = _fold_offsets(m, k, h, acc, spread)
+    return (m if m.any() else None, k, h), spread
 
 
 def _by_channel(p, fold):
@@ -388,9 +484,10 @@ class NumpyBackend(NumpyPreprocessing):
         x3, side3 = _contiguous(x3), _contiguous(side3)
         y3 = np.empty(x3.shape, out_dtype)
         if y3.size:
-            params = tuple(np.asarray(v, acc) for v in affine)
-            _layout(x3, acc).run(_normalize_kernel(act, acc), (x3, side3, y3), params, 0, acc,
-                                 bufsize=_bufsize(acc, x3, side3, y3))
+            lay = _layout(x3, acc)
+            params = _affine_params(x3, affine, acc, lay)[0]
+            lay.run(_normalize_kernel(act, acc), (x3, side3, y3), params, 0, acc,
+                    bufsize=_bufsize(acc, x3, side3, y3))
         return y3
 
     @_quiet
@@ -401,9 +498,12 @@ class NumpyBackend(NumpyPreprocessing):
         if x3.size == 0:
             z = np.zeros((1, c), acc)
             return Sums(z, z.copy())
+        lay = _layout(x3, acc)
         params = tuple(np.asarray(v, acc) for v in affine)
-        s1, s2 = _layout(x3, acc).run(_backward_sums_kernel(act, acc), (dy3, x3, side3), params, 2, acc,
-                                      bufsize=_bufsize(acc, dy3, x3, side3))
+        pre = _affine_params(x3, affine, acc, lay)[0] if act is not None else params
+        params = (params[0], *pre)
+        s1, s2 = lay.run(_backward_sums_kernel(act, acc), (dy3, x3, side3), params, 2, acc,
+                         bufsize=_bufsize(acc, dy3, x3, side3))
         return Sums(s1.astype(acc)[None, :], s2.astype(acc)[None, :])
 
     @_quiet
@@ -434,9 +534,17 @@ class NumpyBackend(NumpyPreprocessing):
             return dx3, dside3
         wo = _outer_weights(weights, x3.shape[0], acc)
         wfull = _contiguous(weights.values) if weights is not None and weights.kind == "full" else None
-        params = tuple(np.asarray(v, acc) for v in (affine.mean, affine.scale, affine.shift, coeffs.k1, coeffs.k2))
-        _layout(x3, acc).run(_backward_apply_kernel(act, acc), (dy3, x3, side3, dx3, write_dside, wfull), params, 0,
-                             acc, outer_weights=wo, bufsize=_bufsize(acc, dy3, x3, side3, dx3, write_dside, wfull))
+        lay = _layout(x3, acc)
+        m, k1, k2 = (np.asarray(v, acc) for v in (affine.mean, coeffs.k1, coeffs.k2))
+        pre, spread = _affine_params(x3, affine, acc, lay)
+        cm = m
+        if spread is not None:
+            cm, k1 = _fold_offsets(m, k2, k1, acc, spread, BACKWARD_SIGMAS)
+            cm = cm if cm.any() else None
+        if act is None:  # dy' is dy: no pre-activation
+            pre = (None, pre[1], None)
+        lay.run(_backward_apply_kernel(act, acc), (dy3, x3, side3, dx3, write_dside, wfull), (None, *pre, k1, k2, cm),
+                0, acc, outer_weights=wo, bufsize=_bufsize(acc, dy3, x3, side3, dx3, write_dside, wfull))
         return dx3, dside3
 
 

@@ -36,7 +36,9 @@ from .. import _threads
 # One chunk of the accumulation dtype: with the chunk of x it fits in a 1 MiB
 # L2. Each chunk costs a few dozen NumPy calls whatever its size, so chunks as
 # large as the cache allows (512 KiB ran faster than 256 KiB on most shapes
-# of the CPU benchmark).
+# of the CPU benchmark; 1 MiB took 5-15% less CPU time again on the 7x7
+# shapes of a 2-core AMD EPYC with 2 MiB of L2 a core, but the threads' chunk
+# buffers, kept from call to call, then reach a quarter of an 8 MiB input).
 CHUNK_BYTES = 512 << 10
 SMALL_ELEMENTS = 8192     # up to this many elements: one chunk, no pool
 WIDE = 8192               # target width (elements) of a rows-layout row (wider rows: fewer, longer loops)
@@ -218,10 +220,28 @@ class Rows:
         self.tasks = tasks
         self.task_ranges = ranges
         self.n_tasks = len(tasks)
+        # without reductions there are no slots to keep few: a task per chunk balances the threads
+        self.chunk_tasks = [(i, r0, min(pn.rows, r0 + pn.chunk_rows)) for i, pn in enumerate(panels)
+                            for r0 in range(0, pn.rows, pn.chunk_rows)]
         # A task's slot: its column sums (wide and tail panels), or its
         # channels' sums (column blocks, folded at the end of the task: a
         # block may have few rows, and its column sums would be many).
         self.slot_width = max(pn.width if pn.kind != "block" else pn.c1 - pn.c0 for pn in panels)
+        # Elementwise kernels (no reductions) on column blocks walk the matrix in
+        # memory order instead: a block's rows are short runs far apart, which
+        # stream from memory at about half the speed of one long run. A chunk is
+        # h whole rows, or a piece of one row; parameters are rows of the whole
+        # width (kept only while they are a small part of the input).
+        self.seq_tasks = None
+        if panels[0].kind == "block":
+            if p <= chunk:
+                h = chunk // p
+                pieces = [(r0, min(outer, r0 + h), 0, p) for r0 in range(0, outer, h)]
+            else:
+                cuts = [(c0, min(p, c0 + chunk)) for c0 in range(0, p, chunk)]
+                pieces = [(r, r + 1, c0, c1) for r in range(outer) for c0, c1 in cuts]
+            k = _task_size(len(pieces))
+            self.seq_tasks = [pieces[a : a + k] for a in range(0, len(pieces), k)]
 
     def views(self, a3):
         """The panels of ``a3`` (C-contiguous, shape (outer, C, inner)) as 2-D views."""
@@ -253,8 +273,12 @@ class Rows:
         return np.repeat(wo[r0 * g : r1 * g], self.period).reshape(r1 - r0, pn.width)
 
     def run(self, kernel, arrays, params, n_red, acc, outer_weights=None, bufsize=None):
+        if not n_red and self.seq_tasks is not None:
+            n_rows = sum(v is not None for v in params)
+            if n_rows * self.period * np.dtype(acc).itemsize * 8 <= arrays[0].nbytes:  # rows <= 1/8 of the input
+                return self._run_in_order(kernel, arrays, params, acc, outer_weights, bufsize)
         views = [None if a is None else self.views(a) for a in arrays]
-        panels, tasks = self.panels, self.tasks
+        panels, tasks = self.panels, (self.tasks if n_red else self.chunk_tasks)
         # Wide and tail panels share one parameter row (the tail's is a prefix
         # of the wide one's); column blocks build theirs per task, so that no
         # row as wide as the whole matrix is ever held.
@@ -294,10 +318,31 @@ class Rows:
                 else:
                     slots[j, t, :w] = sums[j]
 
-        _threads.run(self.n_tasks, task, bufsize or _threads.UFUNC_BUFSIZE)
+        _threads.run(len(tasks), task, bufsize or _threads.UFUNC_BUFSIZE)
         if not n_red:
             return None
         return tuple(self._merge(slots))
+
+    def _run_in_order(self, kernel, arrays, params, acc, outer_weights, bufsize):
+        """An elementwise kernel over the (outer, C*inner) matrix in memory order (see seq_tasks)."""
+        p = self.period
+        mats = [None if a is None else a.reshape(self.outer, p) for a in arrays]
+        whole = _Panel("wide", self.outer, p, 1, 0, self.channels, 0, 1)
+        rows = tuple(None if v is None else self._param_row(v, whole) for v in params)
+        tasks = self.seq_tasks
+        # one view of the parameter rows per column range, the same object for every chunk
+        cut = {c: tuple(None if r is None else r[c[0] : c[1]] for r in rows) for c in {t[2:] for ts in tasks for t in ts}}
+
+        def task(t):
+            for r0, r1, c0, c1 in tasks[t]:
+                shape, n = (r1 - r0, c1 - c0), (r1 - r0) * (c1 - c0)
+                cw = None if outer_weights is None else outer_weights[r0:r1, None]
+                kernel(tuple(None if m is None else m[r0:r1, c0:c1] for m in mats), cut[c0, c1], cw, _red_rows,
+                       lambda slot, dtype=acc: scratch(slot, n, dtype).reshape(shape),
+                       lambda: zeros(n, acc).reshape(shape))
+
+        _threads.run(len(tasks), task, bufsize or _threads.UFUNC_BUFSIZE)
+        return None
 
     def _merge(self, slots):
         """Task slots (n_red, tasks, width) -> per-channel float64 sums (n_red, C), in task order."""
