@@ -6,6 +6,7 @@ import numpy as np
 from .. import _dtypes
 from .. import _launch_cache as _lc
 from .._backend import fast_select, select, take_dlpack
+from ..backends import numpy_mid as _mid
 from ..backends import numpy_small as _small
 from ..backends._memory import alignment_of
 from .._checks import arg_error, check_float_input, describe
@@ -71,6 +72,11 @@ def _moments(backend, plan, x, keepdims):
 
 
 def _stats(backend, plan, x3, acc, weights, dtype, out_shape):
+    if weights is None and backend.info is None:
+        lp = _mid.plan(x3, acc)
+        if lp is not None:
+            mean, var = _mid.moments(backend, x3, acc, lp)
+            return mean.astype(dtype, copy=False).reshape(out_shape), var.astype(dtype, copy=False).reshape(out_shape)
     partials = backend.welford_partials(plan, x3, acc, weights)
     stats = backend.finalize(partials, acc, fold=None)
     mean = stats.mean.astype(dtype, copy=False).reshape(out_shape)

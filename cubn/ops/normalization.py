@@ -14,6 +14,7 @@ from .._checks import arg_error, check_float_input, check_positive_epsilon, desc
 from .._memory import readable, readable_all
 from .._options import one_launch_enabled
 from .._plan import channel_axis, plan_for_channels, plan_for_kept_axes
+from ..backends import numpy_mid as _mid
 from ..backends import numpy_small as _small
 from ..backends import one_launch
 from .. import _launch_cache as _lc
@@ -152,6 +153,15 @@ def _bn_forward(backend, plan, x3, acc, training, fold, update, given, weights, 
                          x_dtype=x3.dtype, side_dtype=None if side3 is None else side3.dtype,
                          exchange=exchange if training else None)
     info = backend.info
+    if info is None and weights is None and exchange is None:
+        lp = _mid.plan(x3, acc)
+        if lp is not None and _mid.fits(side3):
+            y3, stats = _mid.forward(backend, lp, x3, acc, training, fold, update, given, side3, act)
+            if training:
+                ctx.stats = stats
+            else:
+                ctx.given = given
+            return y3, ctx
     if training:
         launch = None
         if info is not None:  # the NumPy backend has no one-launch path: no addresses to ask
@@ -248,6 +258,11 @@ def _bn_backward(ctx, dy3, want_dside, b=None):
     stats = ctx.stats
     if stats is None:  # inference forward: fold the given statistics now
         stats = ctx.stats = b.finalize(None, acc, ctx.fold, given=ctx.given)
+    if b.info is None and ctx.exchange is None and (ctx.weights is None or not ctx.training):
+        lp = _mid.plan(ctx.x3, acc)
+        if lp is not None and _mid.fits(dy3, ctx.side3):
+            return _mid.backward(b, lp, dy3, ctx.x3, ctx.side3, stats, ctx.act, acc, ctx.training, want_dside,
+                                 ctx.x_dtype, ctx.side_dtype or ctx.x_dtype)
     side = ctx.side3 if ctx.act is not None else None  # the side input matters only under an activation
     launch = None
     if b.info is not None:

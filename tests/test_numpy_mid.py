@@ -1,0 +1,124 @@
+"""The NumPy backend's one-chunk path (``cubn.backends.numpy_mid``).
+
+Whole calls on arrays of one chunk give the chunked primitives' results bit
+for bit (the same NumPy calls on the same chunk, fewer around them), through
+the public ops, on adversarial inputs and for any thread count; and the path
+is taken where it should be.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import cubn
+from cubn.backends import numpy_mid as nm
+
+from conftest import BF16
+
+DTYPES = [np.float16, np.float32, np.float64] + ([BF16] if BF16 is not None else [])
+# (shape, data_format): NC, channels last (grouped rows), NCHW (rows of whole feature maps)
+CASES = [((1024, 64), "NHWC"), ((300, 40), "NHWC"), ((8, 14, 14, 64), "NHWC"), ((8, 64, 14, 14), "NCHW"),
+         ((3, 5, 40, 3), "NHWC"), ((2, 7, 33, 31), "NCHW")]
+
+
+def _same(a, b, what):
+    if a is None or b is None:
+        assert a is None and b is None, what
+        return
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape and a.dtype == b.dtype, (what, a.shape, b.shape, a.dtype, b.dtype)
+    assert np.array_equal(a.astype(np.float64), b.astype(np.float64), equal_nan=True), what
+
+
+def _data(rng, shape, dt, kind, ch):
+    x = rng.standard_normal(shape) * 3
+    if kind == "offset":
+        big = 1e6 if np.dtype(dt).itemsize > 2 else 1e4  # (16-bit floats end at 65504)
+        x += 1e4 + big * (np.arange(shape[ch]) % 3).reshape([-1 if a == ch else 1 for a in range(len(shape))])
+    elif kind == "nonfinite":
+        idx = [0] * len(shape)
+        x[tuple(idx)] = np.inf  # a channel's first element (in the pivot sample)
+        x.reshape(-1)[-1] = np.nan
+        sl = [slice(None)] * len(shape)
+        sl[ch] = 2
+        x[tuple(sl)] = 5.0  # all equal
+    elif kind == "farpivot":  # an outlier in every channel's pivot sample: the statistics are redone about the mean
+        sl = [0] * len(shape)
+        sl[ch] = slice(None)
+        x[tuple(sl)] += 3e3
+    return x.astype(dt)
+
+
+def _calls(x, dy, side, g, b, rm, rv, fmt, ax):
+    axes = tuple(a for a in range(x.ndim) if a != ax)
+    out = {"moments": cubn.moments(x, axes)}
+    for act in (None, "relu", "tanh"):
+        for gg, bb, sd in ((g, b, None), (None, None, side), (g, None, side)):
+            key = (act, gg is None, bb is None, sd is None)
+            out[("train",) + key] = cubn.fused_batch_norm(x, gg, bb, rm, rv, 1e-3, fmt, exponential_avg_factor=0.1,
+                                                          activation=act, side_input=sd)
+            out[("infer",) + key] = cubn.fused_batch_norm(x, gg, bb, rm, rv, 1e-3, fmt, is_training=False,
+                                                          activation=act, side_input=sd)
+            for training in (True, False):
+                out[("backward", training) + key] = tuple(cubn.batch_norm_backward(
+                    dy, x, gg, out[("train",) + key][1] if training else rm, rv, 1e-3, offset=bb, data_format=fmt,
+                    is_training=training, activation=act, side_input=sd))
+    layer = cubn.BatchNorm(data_format=fmt, scale=True)
+    y = layer(x, is_training=True)
+    dx = layer.backward(dy)
+    out["layer"] = (y, dx, *(np.array(v) for v in layer.gradients.values()))
+    return out
+
+
+@pytest.mark.parametrize("dt", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape,fmt", CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("kind", ["plain", "offset", "nonfinite", "farpivot"])
+def test_one_chunk_calls_are_the_primitives_bit_for_bit(rng, monkeypatch, dt, shape, fmt, kind):
+    ax = 1 if fmt == "NCHW" else len(shape) - 1
+    c = shape[ax]
+    acc = np.float64 if dt == np.float64 else np.float32
+    x = _data(rng, shape, dt, kind, ax)
+    dy = rng.standard_normal(shape).astype(dt)
+    side = rng.standard_normal(shape).astype(dt)
+    g, b = rng.uniform(0.5, 2, c).astype(acc), rng.standard_normal(c).astype(acc)
+    if kind == "nonfinite":
+        g[1] = np.nan
+    rm, rv = rng.standard_normal(c).astype(acc), rng.uniform(1, 2, c).astype(acc)
+    taken = {"n": 0}
+    real = nm.plan
+
+    def counting(x3, a):
+        p = real(x3, a)
+        taken["n"] += p is not None
+        return p
+
+    monkeypatch.setattr(nm, "plan", counting)
+    got = {}
+    for threads in (1, 2, 3):
+        cubn.set_num_threads(threads)
+        got[threads] = _calls(x, dy, side, g, b, rm.copy(), rv.copy(), fmt, ax)
+    monkeypatch.setattr(nm, "ENABLED", False)
+    try:
+        want = _calls(x, dy, side, g, b, rm.copy(), rv.copy(), fmt, ax)
+    finally:
+        cubn.set_num_threads(None)
+    lay = nm._panel(*(cubn._plan.plan_for_channels(shape, fmt, "t").view3(x).shape), np.dtype(acc).itemsize)
+    assert (taken["n"] > 0) == (lay is not None)
+    for threads, out in got.items():
+        for k, v in want.items():
+            vs = v if isinstance(v, tuple) else (v,)
+            gs = out[k] if isinstance(out[k], tuple) else (out[k],)
+            assert len(vs) == len(gs)
+            for i, (a, bb) in enumerate(zip(gs, vs)):
+                _same(a, bb, (threads, k, i))
+
+
+def test_which_shapes_take_the_one_chunk_path():
+    f32, f64 = 4, 8
+    assert nm._panel(1024, 64, 1, f32) is not None           # NC, 256 KiB
+    assert nm._panel(1024, 64, 1, f64) is not None           # 512 KiB: one chunk of float64
+    assert nm._panel(8 * 14 * 14, 64, 1, f32) is not None    # channels last
+    assert nm._panel(8, 64, 196, f32) is not None            # NCHW, whole feature maps per row
+    assert nm._panel(8, 64, 196, f64) is None                # two chunks
+    assert nm._panel(4096, 256, 1, f32) is None              # 4 MiB: chunked, on the threads
+    assert nm._panel(2, 64, 4096, f32) is None               # long runs: the runs layout
