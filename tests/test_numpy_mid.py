@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 import cubn
+from cubn._plan import plan_for_channels
 from cubn.backends import numpy_mid as nm
+from cubn.backends.numpy_backend import NumpyBackend, _pivot_sample
 
 from conftest import BF16
 
@@ -42,11 +44,14 @@ def _data(rng, shape, dt, kind, ch):
         sl = [slice(None)] * len(shape)
         sl[ch] = 2
         x[tuple(sl)] = 5.0  # all equal
-    elif kind == "farpivot":  # an outlier in every channel's pivot sample: the statistics are redone about the mean
-        sl = [0] * len(shape)
-        sl[ch] = slice(None)
-        x[tuple(sl)] += 3e3
-    return x.astype(dt)
+    x = x.astype(dt)
+    if kind == "farpivot":  # each channel's pivot sample far from the rest: the statistics are redone about the mean
+        _pivot_sample(_x3(x, ch))[...] = 100.0
+    return x
+
+
+def _x3(x, ch):
+    return plan_for_channels(x.shape, "NCHW" if ch == 1 and x.ndim > 2 else "NHWC", "t").view3(x)
 
 
 def _calls(x, dy, side, g, b, rm, rv, fmt, ax):
@@ -102,7 +107,7 @@ def test_one_chunk_calls_are_the_primitives_bit_for_bit(rng, monkeypatch, dt, sh
         want = _calls(x, dy, side, g, b, rm.copy(), rv.copy(), fmt, ax)
     finally:
         cubn.set_num_threads(None)
-    lay = nm._panel(*(cubn._plan.plan_for_channels(shape, fmt, "t").view3(x).shape), np.dtype(acc).itemsize)
+    lay = nm._panel(*_x3(x, ax).shape, np.dtype(acc).itemsize)
     assert (taken["n"] > 0) == (lay is not None)
     for threads, out in got.items():
         for k, v in want.items():
@@ -122,3 +127,15 @@ def test_which_shapes_take_the_one_chunk_path():
     assert nm._panel(8, 64, 196, f64) is None                # two chunks
     assert nm._panel(4096, 256, 1, f32) is None              # 4 MiB: chunked, on the threads
     assert nm._panel(2, 64, 4096, f32) is None               # long runs: the runs layout
+
+
+@pytest.mark.parametrize("shape,ch", [((8, 14, 14, 64), 3), ((8, 64, 14, 14), 1)])
+def test_far_pivot_takes_the_primitives_second_pass(rng, shape, ch):
+    x = _data(rng, shape, np.float32, "farpivot", ch)
+    x3 = _x3(x, ch)
+    lp = nm.plan(x3, np.dtype(np.float32))
+    assert lp is not None and nm._partials(*lp, x3, np.dtype(np.float32)) is None
+    mean, var = nm.moments(NumpyBackend(), x3, np.dtype(np.float32), lp)
+    x64 = x3.astype(np.float64)
+    np.testing.assert_allclose(mean, x64.mean(axis=(0, 2)), rtol=1e-6)
+    np.testing.assert_allclose(var, x64.var(axis=(0, 2)), rtol=1e-5)
