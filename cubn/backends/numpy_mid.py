@@ -26,6 +26,7 @@ from .. import _threads
 from . import numpy_tiles as tiles
 from .base import Affine, Partials, Stats, Sums
 from .numpy_backend import PIVOT_RATIO, NumpyBackend, _pivot, fold_raw
+from . import numpy_small as _small
 from .numpy_small import _loud, _quiet
 
 ENABLED = True  # False: the chunked primitives throughout (the same bits; for A/B timing)
@@ -135,6 +136,31 @@ def moments(backend, x3, acc, lp):
     return st.mean, st.var
 
 
+def _plain(fold, update, acc):
+    """Whether ``finalize`` is the small path's fold and moving update (no adjustment or renorm,
+    parameters in ``acc``): its arithmetic, in fewer calls."""
+    return (fold.adj_scale is None and fold.adj_bias is None and fold.renorm is None and _small.plain_update(update)
+            and (fold.gamma is None or getattr(fold.gamma, "dtype", None) == acc)
+            and (fold.beta is None or getattr(fold.beta, "dtype", None) == acc))
+
+
+def _finalize_plain(p, acc, fold, update):
+    """``finalize(p, acc, fold, update)`` of one-row, unweighted partials (every count n > 0)."""
+    count, mean, m2 = p.count[0], p.mean[0], p.m2[0]
+    n = int(count[0])
+    t = _quiet()
+    try:
+        var = np.divide(m2, count)
+        np.maximum(var, 0, out=var)
+        invstd, scale, shift = _small._fold(var, fold.eps, fold.gamma, fold.beta, acc)
+        if update is not None:
+            u = update
+            _small._moving(mean, var, n, acc, u.a, u.bessel, u.mean_in, u.mean_out, u.var_in, u.var_out)
+    finally:
+        _loud(t)
+    return Stats(count, mean, var, invstd, scale, shift, invstd, np.zeros(mean.shape, acc))
+
+
 def _normalize_into(y3, x3, side3, mrow, krow, hrow, act, acc, pn):
     """``act((x - m) * k + h + side)`` into ``y3`` (the normalize kernel on the one chunk)."""
     n = pn.rows * pn.width
@@ -170,7 +196,10 @@ def forward(backend, lp, x3, acc, training, fold, update, given, side3, act):
             p = _partials(lay, pn, x3, acc)
         if p is None:
             p = backend.welford_partials(None, x3, acc)
-        stats = backend.finalize(p, acc, fold, update)
+        if _plain(fold, update, acc):
+            stats = _finalize_plain(p, acc, fold, update)
+        else:
+            stats = backend.finalize(p, acc, fold, update)
         m, k, h = stats.mean, stats.scale, stats.shift
     else:
         from .base import RawAffine
