@@ -13,8 +13,10 @@ into the calling thread's chunk buffers (``numpy_tiles.scratch``: no
 tensor-sized temporary beyond them, as in the chunked path). Results are the
 primitives' results, bit for bit, whatever the thread count.
 
-The callers (``cubn.ops``) use these only where [`fits`][cubn.backends.numpy_mid.fits] says so:
-unweighted, not distributed, C-contiguous, no renorm or adjustment.
+The callers (``cubn.ops``) use these only where ``plan`` gives a layout and
+the other tensors are C-contiguous (``fits``), for unweighted (or inference),
+not distributed calls; ``finalize``'s renorm and adjustments go through the
+primitive itself.
 """
 from __future__ import annotations
 
