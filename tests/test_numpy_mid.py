@@ -20,7 +20,7 @@ from conftest import BF16
 DTYPES = [np.float16, np.float32, np.float64] + ([BF16] if BF16 is not None else [])
 # (shape, data_format): NC, channels last (grouped rows), NCHW (rows of whole feature maps)
 CASES = [((1024, 64), "NHWC"), ((300, 40), "NHWC"), ((8, 14, 14, 64), "NHWC"), ((8, 64, 14, 14), "NCHW"),
-         ((3, 5, 40, 3), "NHWC"), ((2, 7, 33, 31), "NCHW")]
+         ((3, 5, 40, 3), "NHWC"), ((2, 7, 33, 31), "NCHW"), ((256, 1024), "NHWC"), ((384, 1024), "NHWC")]
 
 
 def _same(a, b, what):
@@ -29,7 +29,10 @@ def _same(a, b, what):
         return
     a, b = np.asarray(a), np.asarray(b)
     assert a.shape == b.shape and a.dtype == b.dtype, (what, a.shape, b.shape, a.dtype, b.dtype)
-    assert np.array_equal(a.astype(np.float64), b.astype(np.float64), equal_nan=True), what
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    assert np.array_equal(a64, b64, equal_nan=True), what
+    num = ~np.isnan(a64)
+    assert np.array_equal(np.signbit(a64[num]), np.signbit(b64[num])), (what, "signs of zeros")
 
 
 def _data(rng, shape, dt, kind, ch):
@@ -108,7 +111,7 @@ def test_one_chunk_calls_are_the_primitives_bit_for_bit(rng, monkeypatch, dt, sh
     finally:
         cubn.set_num_threads(None)
     lay = nm._panel(*_x3(x, ax).shape, np.dtype(acc).itemsize)
-    assert (taken["n"] > 0) == (lay is not None)
+    assert (taken["n"] > 0) == (lay is not None)  # (on one thread at least)
     for threads, out in got.items():
         for k, v in want.items():
             vs = v if isinstance(v, tuple) else (v,)
@@ -124,8 +127,9 @@ def test_which_shapes_take_the_one_chunk_path():
     assert nm._panel(1024, 64, 1, f64) is not None           # 512 KiB: one chunk of float64
     assert nm._panel(8 * 14 * 14, 64, 1, f32) is not None    # channels last
     assert nm._panel(8, 64, 196, f32) is not None            # NCHW, whole feature maps per row
-    assert nm._panel(8, 64, 196, f64) is None                # two chunks
-    assert nm._panel(4096, 256, 1, f32) is None              # 4 MiB: chunked, on the threads
+    assert nm._panel(8, 64, 196, f64) is not None            # two chunks, one reduction task
+    assert nm._panel(1024, 512, 1, f32) is not None          # 2 MiB: 4 chunks, one task
+    assert nm._panel(4096, 256, 1, f32) is None              # 4 MiB: two tasks, chunked
     assert nm._panel(2, 64, 4096, f32) is None               # long runs: the runs layout
 
 
@@ -139,3 +143,48 @@ def test_far_pivot_takes_the_primitives_second_pass(rng, shape, ch):
     x64 = x3.astype(np.float64)
     np.testing.assert_allclose(mean, x64.mean(axis=(0, 2)), rtol=1e-6)
     np.testing.assert_allclose(var, x64.var(axis=(0, 2)), rtol=1e-5)
+
+
+# Below a few MiB the fixed buffers of a call (parameter rows and column sums as wide as a
+# row, float64 merges) are a larger part of the input than a quarter (the chunked path's
+# too); 16-bit inputs add NumPy's casting buffers, a fixed 64-100 KiB, and are not bounded here.
+# An NCHW input of 8 rows of whole feature maps: each row-wide buffer is an eighth of it.
+@pytest.mark.parametrize("dt", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape,fmt,bound", [((1024, 64), "NHWC", 0.375), ((256, 1024), "NHWC", 0.375),
+                                             ((8, 64, 14, 14), "NCHW", 1.25)], ids=str)
+def test_peak_memory_beyond_outputs(rng, dt, shape, fmt, bound):
+    from test_numpy_backend import _peak_beyond_outputs
+
+    ax = 1 if fmt == "NCHW" else len(shape) - 1
+    c = shape[ax]
+    axes = tuple(a for a in range(len(shape)) if a != ax)
+    x = rng.standard_normal(shape).astype(dt)
+    dy = rng.standard_normal(shape).astype(dt)
+    acc = np.float64 if dt == np.float64 else np.float32
+    g, b = np.ones(c, acc), np.zeros(c, acc)
+    mean, var = np.zeros(c, acc), np.ones(c, acc)
+    cubn.set_num_threads(1)  # (several chunks take the path on one thread)
+    try:
+        assert nm.plan(_x3(x, ax), np.dtype(acc)) is not None
+        ops = {
+            "moments": lambda: cubn.moments(x, axes),
+            "training": lambda: cubn.fused_batch_norm(x, g, b, mean, var, data_format=fmt, exponential_avg_factor=0.1),
+            "inference": lambda: cubn.fused_batch_norm(x, g, b, mean, var, data_format=fmt, is_training=False),
+            "BN+add+ReLU": lambda: cubn.fused_batch_norm(x, g, b, data_format=fmt, activation="relu", side_input=dy),
+            "backward": lambda: tuple(cubn.batch_norm_backward(dy, x, g, mean, var, data_format=fmt, activation="relu",
+                                                               side_input=x)),
+        }
+        for name, f in ops.items():
+            extra = _peak_beyond_outputs(f)
+            assert extra <= bound * x.nbytes, f"{name}: {extra / x.nbytes:.3f}x the input beyond the outputs"
+    finally:
+        cubn.set_num_threads(None)
+
+
+@pytest.mark.parametrize("k", range(1, 18))
+def test_running_pairwise_is_the_tree(rng, k):
+    parts = [rng.standard_normal(5).astype(np.float32) * 10.0 ** rng.integers(-3, 4) for _ in range(k)]
+    p = nm._Pairwise()
+    for v in parts:
+        p.add(v)
+    _same(p.total(), nm.tiles._pairwise(list(parts)), k)

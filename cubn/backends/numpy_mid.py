@@ -1,17 +1,20 @@
-"""Whole calls of the NumPy backend on arrays of one chunk, in the calling thread.
+"""Whole calls of the NumPy backend on arrays of one reduction task, in the calling thread.
 
-Above ``numpy_tiles.SMALL_ELEMENTS`` the primitives of ``numpy_backend`` cut
-their arrays into chunks and hand them to ``cubn._threads``. An array whose
-rows layout is a single panel of wide rows that fits in one chunk (an
-``(N, C)`` batch of a few hundred KiB, a small channels-last or NCHW feature
-map) is one chunk on one thread anyway; there the layouts, the task
-closures, the per-primitive ``np.errstate`` and buffer-size changes and the
-float64 merge machinery cost as much as the arithmetic. Here a whole op --
-statistics, finalize, normalization, or the backward's sums and apply -- is
-one function doing the same NumPy calls on the same chunk, in the same order,
-into the calling thread's chunk buffers (``numpy_tiles.scratch``: no
-tensor-sized temporary beyond them, as in the chunked path). Results are the
-primitives' results, bit for bit, whatever the thread count.
+Above ``numpy_tiles.SMALL_ELEMENTS`` the primitives cut their arrays into
+chunks and hand them to ``cubn._threads``. An array whose rows layout is a
+single panel of wide rows summed in one task (one slot: an ``(N, C)`` batch
+of up to a few MiB, a small channels-last or NCHW feature map) has its
+reductions on one thread anyway, and when it is one chunk, everything;
+there the layouts, the task closures, the per-primitive ``np.errstate`` and
+buffer-size changes and the merge machinery cost as much as the arithmetic.
+Here a whole op -- statistics, finalize, normalization, or the backward's
+sums and apply -- is one function doing the same NumPy calls on the same
+chunks, in the same order, into the calling thread's chunk buffers
+(``numpy_tiles.scratch``: no tensor-sized temporary beyond them, as in the
+chunked path). Results are the primitives' results, bit for bit, whatever
+the thread count. Arrays of several chunks take this path on one thread
+only (``cubn.set_num_threads(1)``); on more, the primitives share their
+elementwise passes between the threads.
 
 The callers (``cubn.ops``) use these only where ``plan`` gives a layout and
 the other tensors are C-contiguous (``fits``), for unweighted (or inference),
@@ -44,9 +47,73 @@ def _panel(outer, c, inner, itemsize):
     if lay.kind != "rows" or len(lay.panels) != 1:
         return None
     pn = lay.panels[0]
-    if pn.kind != "wide" or pn.chunk_rows < pn.rows:
+    if pn.kind != "wide" or len(lay.tasks) != 1:  # reductions in one task: one slot, no merge across tasks
         return None
     return lay, pn
+
+
+class _Pairwise:
+    """``numpy_tiles._pairwise`` of a sequence of arrays fed one by one, holding O(log n) of them:
+    adjacent pairs merged as they complete, the rest folded from the right at the end (the same tree)."""
+
+    __slots__ = ("stack",)
+
+    def __init__(self):
+        self.stack = []  # (array, number of parts in it): counts strictly decreasing, powers of two
+
+    def add(self, v):
+        st, k = self.stack, 1
+        while st and st[-1][1] == k:
+            v, k = st.pop()[0] + v, 2 * k
+        st.append((v, k))
+
+    def total(self):
+        st = self.stack
+        v = st[-1][0]
+        for u, _ in reversed(st[:-1]):
+            v = u + v
+        return v
+
+
+class _Sums:
+    """The chunks' column sums into a task's slots: one chunk's straight into them (no row-wide
+    temporaries: with few wide rows each is a good part of the input), several pairwise."""
+
+    __slots__ = ("slots", "w", "trees")
+
+    def __init__(self, slots, w, n_chunks):
+        self.slots, self.w = slots, w
+        self.trees = None if n_chunks == 1 else [_Pairwise() for _ in range(slots.shape[0])]
+
+    def reduce(self, j, t):
+        if self.trees is None:
+            np.add.reduce(t, axis=0, out=self.slots[j, 0, : self.w])
+        else:
+            self.trees[j].add(np.add.reduce(t, axis=0))
+
+    def close(self):
+        if self.trees is not None:
+            for j, tr in enumerate(self.trees):
+                self.slots[j, 0, : self.w] = tr.total()
+
+
+def _merge(lay, pn, slots):
+    """``Rows._merge`` of one task's slots; rows of whole feature maps (one group) one reduction
+    at a time, so that its float64 copy is one row, not all of them (``out += ``, as there: a sum
+    of -0.0 comes out 0.0)."""
+    if lay.inner == 1 or pn.groups != 1:
+        return lay._merge(slots)
+    c, inner, w = lay.channels, lay.inner, pn.width
+    out = np.zeros((slots.shape[0], c), np.float64)
+    for j in range(slots.shape[0]):
+        out[j] += np.add.reduce(slots[j, 0, :w].astype(np.float64).reshape(c, inner), axis=1)
+    return out
+
+
+def _chunks(pn):
+    """The panel's chunks as row ranges, those of the primitives' one task."""
+    h = pn.chunk_rows
+    return [(a, min(pn.rows, a + h)) for a in range(0, pn.rows, h)]
 
 
 def plan(x3, acc):
@@ -56,7 +123,10 @@ def plan(x3, acc):
     outer, c, inner = x3.shape
     if x3.size <= tiles.SMALL_ELEMENTS:
         return None
-    return _panel(outer, c, inner, np.dtype(acc).itemsize)
+    lp = _panel(outer, c, inner, np.dtype(acc).itemsize)
+    if lp is not None and lp[1].chunk_rows < lp[1].rows and _threads.get_num_threads() > 1:
+        return None  # chunks enough to share: the threads run the elementwise passes (the same bits)
+    return lp
 
 
 def fits(*arrays) -> bool:
@@ -95,29 +165,23 @@ class _Env:
         _loud(self.tok)
 
 
-def _sums(lay, pn, d_list, acc):
-    """Column sums of the chunk's reductions -> per-channel float64 sums (``Rows._merge``)."""
-    slots = np.empty((len(d_list), 1, lay.slot_width), acc)
-    for j, d in enumerate(d_list):
-        np.add.reduce(d, axis=0, out=slots[j, 0, : pn.width])
-    return lay._merge(slots)
-
-
 def _partials(lay, pn, x3, acc):
-    """``welford_partials`` (unweighted) of a one-chunk ``x3``; None: the pivot was far (the primitive redoes it)."""
+    """``welford_partials`` (unweighted) of ``x3``; None: the pivot was far (the primitive redoes it)."""
     outer, c, inner = x3.shape
-    n = pn.rows * pn.width
-    shape = (pn.rows, pn.width)
-    xw = x3.reshape(shape)
+    w = pn.width
+    xw = x3.reshape(pn.rows, w)
     pivot = _pivot(x3, acc)
-    d = tiles.scratch(0, n, acc).reshape(shape)
-    np.subtract(xw, lay._param_row(pivot, pn), out=d)
-    s_col = np.add.reduce(d, axis=0)
-    np.multiply(d, d, out=d)
+    prow = lay._param_row(pivot, pn)
     slots = np.empty((2, 1, lay.slot_width), acc)
-    slots[0, 0, : pn.width] = s_col
-    np.add.reduce(d, axis=0, out=slots[1, 0, : pn.width])
-    s, q = lay._merge(slots)
+    sums = _Sums(slots, w, len(_chunks(pn)))
+    for a, b in _chunks(pn):
+        d = tiles.scratch(0, (b - a) * w, acc).reshape(b - a, w)
+        np.subtract(xw[a:b], prow, out=d)
+        sums.reduce(0, d)
+        np.multiply(d, d, out=d)
+        sums.reduce(1, d)
+    sums.close()
+    s, q = _merge(lay, pn, slots)
     nn = float(outer * inner)
     dev = s / nn
     m2 = q - s * dev
@@ -164,23 +228,25 @@ def _finalize_plain(p, acc, fold, update):
 
 
 def _normalize_into(y3, x3, side3, mrow, krow, hrow, act, acc, pn):
-    """``act((x - m) * k + h + side)`` into ``y3`` (the normalize kernel on the one chunk)."""
-    n = pn.rows * pn.width
-    shape = (pn.rows, pn.width)
-    y, x = _mat(y3, pn), _mat(x3, pn)
-    z = y if y.dtype == acc else tiles.scratch(0, n, acc).reshape(shape)
-    np.subtract(x, mrow, out=z)
-    np.multiply(z, krow, out=z)
-    np.add(z, hrow, out=z)
-    if side3 is not None:
-        np.add(z, _mat(side3, pn), out=z)
-    if act is not None:
-        if act.name == "relu":
-            np.maximum(z, tiles.zeros(n, acc).reshape(shape), out=z)
-        else:
-            z[...] = act.forward(z)
-    if z is not y:
-        np.copyto(y, z, casting="unsafe")
+    """``act((x - m) * k + h + side)`` into ``y3`` (the normalize kernel, chunk by chunk)."""
+    w = pn.width
+    y, x, sd = _mat(y3, pn), _mat(x3, pn), _mat(side3, pn)
+    for a, b in _chunks(pn):
+        n, shape = (b - a) * w, (b - a, w)
+        ya = y[a:b]
+        z = ya if ya.dtype == acc else tiles.scratch(0, n, acc).reshape(shape)
+        np.subtract(x[a:b], mrow, out=z)
+        np.multiply(z, krow, out=z)
+        np.add(z, hrow, out=z)
+        if sd is not None:
+            np.add(z, sd[a:b], out=z)
+        if act is not None:
+            if act.name == "relu":
+                np.maximum(z, tiles.zeros(n, acc).reshape(shape), out=z)
+            else:
+                z[...] = act.forward(z)
+        if z is not ya:
+            np.copyto(ya, z, casting="unsafe")
 
 
 def _rows(lay, pn, acc, *vs):
@@ -240,10 +306,9 @@ def _dy_prime(dy, x, side, pre, act, acc, n, shape):
 
 def backward(backend, lp, dy3, x3, side3, stats, act, acc, training, want_dside, out_dtype, side_dtype):
     """``(dx3, dgamma, dbeta, dside3)`` of ``_bn_backward`` (unweighted or inference):
-    ``backward_partials``, ``backward_finalize`` and ``backward_apply`` on the one chunk."""
+    ``backward_partials``, ``backward_finalize`` and ``backward_apply``, chunk by chunk."""
     lay, pn = lp
-    n = pn.rows * pn.width
-    shape = (pn.rows, pn.width)
+    w = pn.width
     side = side3 if act is not None else None  # the side input matters only under an activation
     dx3 = np.empty(x3.shape, out_dtype)
     if act is None and want_dside and dy3.dtype == np.dtype(side_dtype):
@@ -253,30 +318,40 @@ def backward(backend, lp, dy3, x3, side3, stats, act, acc, training, want_dside,
     else:
         dside3 = write_dside = None
     dy, x, sd = _mat(dy3, pn), _mat(x3, pn), _mat(side, pn)
+    dxw, dsw = _mat(dx3, pn), _mat(write_dside, pn)
+    chunks = _chunks(pn)
     with _Env(_bufsize(acc, dy3, x3, side, dx3, write_dside)):
         mrow, krow, hrow = _rows(lay, pn, acc, stats.mean, stats.scale, stats.shift)
         pre = (mrow, krow, hrow)
-        dyp = _dy_prime(dy, x, sd, pre, act, acc, n, shape)
-        xm = tiles.scratch(0, n, acc).reshape(shape)
-        np.subtract(x, mrow, out=xm)
         slots = np.empty((2, 1, lay.slot_width), acc)
-        np.add.reduce(dyp, axis=0, out=slots[0, 0, : pn.width])
-        np.multiply(xm, dyp, out=xm)
-        np.add.reduce(xm, axis=0, out=slots[1, 0, : pn.width])
-        s1, s2 = lay._merge(slots)
+        sums = _Sums(slots, w, len(chunks))
+        for a, b in chunks:
+            n, shape = (b - a) * w, (b - a, w)
+            dyp = _dy_prime(dy[a:b], x[a:b], None if sd is None else sd[a:b], pre, act, acc, n, shape)
+            xm = tiles.scratch(0, n, acc).reshape(shape)
+            np.subtract(x[a:b], mrow, out=xm)
+            sums.reduce(0, dyp)
+            np.multiply(xm, dyp, out=xm)
+            sums.reduce(1, xm)
+        sums.close()
+        s1, s2 = _merge(lay, pn, slots)
         sums = Sums(s1.astype(acc)[None, :], s2.astype(acc)[None, :])
         coeffs = _backward_finalize(backend, sums, stats, acc, training)
         k1row, k2row = _rows(lay, pn, acc, coeffs.k1, coeffs.k2)
-        corr = tiles.scratch(0, n, acc).reshape(shape)
-        np.subtract(x, mrow, out=corr)
-        np.multiply(corr, k2row, out=corr)
-        np.add(corr, k1row, out=corr)
-        dxw = _mat(dx3, pn)
-        t = dxw if dxw.dtype == acc else tiles.scratch(2, n, acc).reshape(shape)
-        np.multiply(dyp, krow, out=t)
-        np.subtract(t, corr, out=t)
-        if t is not dxw:
-            np.copyto(dxw, t, casting="unsafe")
-        if write_dside is not None:
-            np.copyto(_mat(write_dside, pn), dyp, casting="unsafe")
+        for a, b in chunks:
+            n, shape = (b - a) * w, (b - a, w)
+            if len(chunks) > 1:  # (one chunk: its dy' is still in its buffer, or is dy itself)
+                dyp = _dy_prime(dy[a:b], x[a:b], None if sd is None else sd[a:b], pre, act, acc, n, shape)
+            corr = tiles.scratch(0, n, acc).reshape(shape)
+            np.subtract(x[a:b], mrow, out=corr)
+            np.multiply(corr, k2row, out=corr)
+            np.add(corr, k1row, out=corr)
+            da = dxw[a:b]
+            t = da if da.dtype == acc else tiles.scratch(2, n, acc).reshape(shape)
+            np.multiply(dyp, krow, out=t)
+            np.subtract(t, corr, out=t)
+            if t is not da:
+                np.copyto(da, t, casting="unsafe")
+            if dsw is not None:
+                np.copyto(dsw[a:b], dyp, casting="unsafe")
     return dx3, coeffs.dgamma, coeffs.dbeta, dside3
