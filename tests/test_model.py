@@ -142,10 +142,7 @@ def test_tensor_streams_are_coalesced(model, op, layout, shape):
 def _partial_buffer_cases():
     for op in ("moments", "bn_train", "backward"):
         for layout, shape in PARTIALS:
-            marks = [pytest.mark.xfail(strict=True, reason="the channels-last backward sums write their partials "
-                                       "with a per-thread stride of VEC elements (16 sectors per request, 4 ideal)")] \
-                if (op, layout) == ("backward", "NHWC") else []
-            yield pytest.param(op, layout, shape, marks=marks, id=f"{op}-{layout}")
+            yield pytest.param(op, layout, shape, id=f"{op}-{layout}")
 
 
 @pytest.mark.parametrize("op,layout,shape", list(_partial_buffer_cases()))

@@ -384,14 +384,17 @@ class KernelBackend(KernelPreprocessing):
         side = side3 if act is not None else None
         coeff = dict(mean=affine.mean, scale=affine.scale, shift=affine.shift)
         if plan.channels_last:
-            cfg = self._cl_config(plan, dt, (dy3, x3, side))
-            shape = (cfg.nsplit, cfg.cols)
-            s1, s2 = xp.empty(shape, acc), xp.empty(shape, acc)
+            cfg = self._cl_config(plan, dt, (dy3, x3, side), merged=True,
+                                  variant_of=lambda vec: R.BWD_REDUCE_CL.variant(T=T, ACT=act_id, VEC=vec),
+                                  shared_of=lambda vec, threads: 2 * threads * vec * acc.itemsize)
+            # backward.cu sums a block's folded columns per channel, as moments.cu merges them
+            buf = xp.empty((2, cfg.nsplit, plan.channels * cfg.partial_fold), acc)
+            s1, s2 = buf[0], buf[1]
             shared = 2 * cfg.block[0] * cfg.block[1] * cfg.vec * acc.itemsize
             self._launch(R.BWD_REDUCE_CL.variant(T=T, ACT=act_id, VEC=cfg.vec), cfg.grid, cfg.block, shared,
                          dy=dy3, x=x3, side=side, rows=cfg.rows, cols=cfg.cols, C=plan.channels, **coeff,
                          alpha=alpha, p_s1=s1, p_s2=s2)
-            return Sums(s1, s2, cfg.fold)
+            return Sums(s1, s2, cfg.partial_fold)
         cfg = self._cf_config(plan, dt, (dy3, x3, side))
         shape = (cfg.nsplit, plan.channels)
         s1, s2 = xp.empty(shape, acc), xp.empty(shape, acc)

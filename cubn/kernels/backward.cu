@@ -28,6 +28,9 @@ template <int ACT> struct ReduceClBlocks<float, ACT> { enum { n = ACT == ACT_NON
 template <int ACT> struct ReduceClBlocks<__half, ACT> { enum { n = ACT == ACT_NONE ? 3 : ACT == ACT_GELU ? 0 : 2 }; };
 
 // Channels last: a (rows, cols) matrix, column j is channel j % C.
+// Partials: cols == C: (gridDim.y, cols), one per column; cols > C (folded):
+// (gridDim.y, gridDim.x * C), block x's partial of channel c at column
+// blockIdx.x * C + c (0 where the block has no column of c).
 template <typename T, int ACT, int VEC>
 __global__ void __launch_bounds__(CUBN_REDUCE_THREADS, ReduceClBlocks<T, ACT>::n)
 cubn_bwd_reduce_cl(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ side,
@@ -81,13 +84,43 @@ cubn_bwd_reduce_cl(const T* __restrict__ dy, const T* __restrict__ x, const T* _
   A* sh1 = sh;
   A* sh2 = sh + by * width;
   column_sum2<A, VEC>(s1, s2, sh1, sh2, width);
-  if (ty == 0 && active) {
-    const i64 base = (i64)blockIdx.y * cols + j0;
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      p_s1[base + k] = sh1[tx * VEC + k];
-      p_s2[base + k] = sh2[tx * VEC + k];
+  // Row 0 of sh holds the block's columns jb .. jb + wl. Written by linear
+  // thread index, so consecutive threads write consecutive partials.
+  const int tid = ty * bx + tx, nthreads = bx * by;
+  const int jb = blockIdx.x * width;
+  const int wl = cols - jb < width ? cols - jb : width;
+  if (cols == C) {
+    const i64 base = (i64)blockIdx.y * cols + jb;
+    for (int l = tid; l < wl; l += nthreads) {
+      p_s1[base + l] = sh1[l];
+      p_s2[base + l] = sh2[l];
     }
+    return;
+  }
+  // Folded: channel c's columns here are l = l0(c) + m*C, m < M(c); summed
+  // in a fixed tree over m (pairs m, m + s for m % 2s == 0), as moments.cu
+  // merges them, so the block writes one partial per channel.
+  const int off = jb % C;
+  const int mmax = (wl + C - 1) / C;
+  for (int s = 1; s < mmax; s <<= 1) {
+    for (int t = tid; t < C * mmax; t += nthreads) {
+      const int c = t % C, m = t / C;
+      const int l0 = (c - off + C) % C;
+      const int M = l0 < wl ? (wl - l0 + C - 1) / C : 0;
+      if (m % (2 * s) == 0 && m + s < M) {
+        const int a = l0 + m * C, b = a + s * C;
+        sh1[a] += sh1[b];
+        sh2[a] += sh2[b];
+      }
+    }
+    __syncthreads();
+  }
+  const i64 base = (i64)blockIdx.y * gridDim.x * C + (i64)blockIdx.x * C;
+  for (int c = tid; c < C; c += nthreads) {
+    const int l0 = (c - off + C) % C;
+    const bool has = l0 < wl;
+    p_s1[base + c] = has ? sh1[l0] : A(0);
+    p_s2[base + c] = has ? sh2[l0] : A(0);
   }
 }
 
