@@ -21,11 +21,14 @@ __device__ __forceinline__ void bwd_accumulate(A dy, A xv, A sidev, A m, A s, A 
 // Resident blocks per SM asked of ptxas for cubn_bwd_reduce_cl, i.e. its
 // register cap (64K / (256 * n); 0: none), where the cap costs no spills on
 // sm_80 and sm_90 (ptxas -v, NVRTC 12): float without an activation gets 64
-// registers and 4 blocks per SM instead of 80 and 3. bfloat16 and the
-// channels-first kernel spill under any cap that would raise their occupancy.
+// registers and 4 blocks per SM instead of 80 and 3; the 16-bit types (their
+// vectors widened with to_acc_vec) get 80 and 3 (bfloat16 took 123 uncapped
+// with per-element conversions). The channels-first kernel spills under any
+// cap that would raise its occupancy.
 template <typename T, int ACT> struct ReduceClBlocks { enum { n = 0 }; };
 template <int ACT> struct ReduceClBlocks<float, ACT> { enum { n = ACT == ACT_NONE ? 4 : 2 }; };
 template <int ACT> struct ReduceClBlocks<__half, ACT> { enum { n = ACT == ACT_NONE ? 3 : ACT == ACT_GELU ? 0 : 2 }; };
+template <int ACT> struct ReduceClBlocks<__nv_bfloat16, ACT> : ReduceClBlocks<__half, ACT> {};
 
 // Channels last: a (rows, cols) matrix, column j is channel j % C.
 // Partials: cols == C: (gridDim.y, cols), one per column; cols > C (folded):
@@ -72,10 +75,13 @@ cubn_bwd_reduce_cl(const T* __restrict__ dy, const T* __restrict__ x, const T* _
 #pragma unroll
       for (int u = 0; u < CUBN_UNROLL; ++u) {
         if (r + u * step >= rows) break;
+        A da[VEC], xa[VEC], sa[VEC];
+        to_acc_vec(dv[u], da);
+        to_acc_vec(xv[u], xa);
+        if (has_side) to_acc_vec(sv[u], sa);
 #pragma unroll
         for (int k = 0; k < VEC; ++k)
-          bwd_accumulate<ACT, A>(to_acc(dv[u].v[k]), to_acc(xv[u].v[k]), has_side ? to_acc(sv[u].v[k]) : A(0),
-                                 m[k], s[k], t[k], alpha, s1[k], s2[k]);
+          bwd_accumulate<ACT, A>(da[k], xa[k], has_side ? sa[k] : A(0), m[k], s[k], t[k], alpha, s1[k], s2[k]);
       }
     }
   }
