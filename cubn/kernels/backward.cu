@@ -6,6 +6,9 @@
 //      moments kernels; cubn_bwd_finalize (finalize.cu) merges the partials.
 //   2. cubn_bwd_apply: dx = scale * dy' - w * (k1 + k2 * (x - mean)), and
 //      d side = dy' when asked (w: batch weights, 1 when unweighted).
+//      x - mean stays a float subtraction: in 16-bit (half2) arithmetic the
+//      mean would be rounded to the data's precision first, an error of up
+//      to half a unit of the offset, comparable to the spread of offset data.
 // Sums are deterministic: fixed trees, no atomics.
 #include "elementwise.cuh"
 
@@ -18,17 +21,25 @@ __device__ __forceinline__ void bwd_accumulate(A dy, A xv, A sidev, A m, A s, A 
   s2 += g * xm;
 }
 
-// Resident blocks per SM asked of ptxas for cubn_bwd_reduce_cl, i.e. its
-// register cap (64K / (256 * n); 0: none), where the cap costs no spills on
-// sm_80 and sm_90 (ptxas -v, NVRTC 12): float without an activation gets 64
-// registers and 4 blocks per SM instead of 80 and 3; the 16-bit types (their
-// vectors widened with to_acc_vec) get 80 and 3 (bfloat16 took 123 uncapped
-// with per-element conversions). The channels-first kernel spills under any
-// cap that would raise its occupancy.
+// Resident blocks per SM asked of ptxas (__launch_bounds__' second
+// argument: a register cap of 64K / (256 * n); 0: none), chosen where the
+// variant does not spill on sm_80 and sm_90 (ptxas -v, NVRTC 12).
+// cubn_bwd_reduce_cl: float without an activation gets 64 registers and 4
+// blocks per SM instead of 80 and 3; the 16-bit types (their vectors widened
+// with to_acc_vec) 80 and 3 without an activation, <= 128 with one.
+// cubn_bwd_reduce_cf: without a hint ptxas keeps the 16-bit variants with an
+// activation at 80 registers and spills in the loop (24-140 bytes on sm_80);
+// asking for 2 blocks (<= 128 registers, still 12 loads in flight per
+// thread) removes them but for 8-16 bytes with sigmoid, GELU or SiLU on
+// sm_90 (both kernels), where 1 block (up to 183 registers) would halve the
+// resident warps.
 template <typename T, int ACT> struct ReduceClBlocks { enum { n = 0 }; };
 template <int ACT> struct ReduceClBlocks<float, ACT> { enum { n = ACT == ACT_NONE ? 4 : 2 }; };
-template <int ACT> struct ReduceClBlocks<__half, ACT> { enum { n = ACT == ACT_NONE ? 3 : ACT == ACT_GELU ? 0 : 2 }; };
+template <int ACT> struct ReduceClBlocks<__half, ACT> { enum { n = ACT == ACT_NONE ? 3 : 2 }; };
 template <int ACT> struct ReduceClBlocks<__nv_bfloat16, ACT> : ReduceClBlocks<__half, ACT> {};
+template <typename T, int ACT> struct ReduceCfBlocks { enum { n = 0 }; };
+template <int ACT> struct ReduceCfBlocks<__half, ACT> { enum { n = ACT == ACT_NONE ? 0 : 2 }; };
+template <int ACT> struct ReduceCfBlocks<__nv_bfloat16, ACT> : ReduceCfBlocks<__half, ACT> {};
 
 // Channels last: a (rows, cols) matrix, column j is channel j % C.
 // Partials: cols == C: (gridDim.y, cols), one per column; cols > C (folded):
@@ -132,7 +143,7 @@ cubn_bwd_reduce_cl(const T* __restrict__ dy, const T* __restrict__ x, const T* _
 
 // Channels first: block b reduces chunk (b % nsplit) of channel (b / nsplit).
 template <typename T, int ACT, int VEC>
-__global__ void __launch_bounds__(CUBN_REDUCE_THREADS)
+__global__ void __launch_bounds__(CUBN_REDUCE_THREADS, ReduceCfBlocks<T, ACT>::n)
 cubn_bwd_reduce_cf(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ side,
                    i64 outer, int C, i64 inner, int nsplit, i64 chunk,
                    const typename AccOf<T>::type* __restrict__ mean,
@@ -231,7 +242,7 @@ __device__ __forceinline__ void bwd_apply_walk(const T* __restrict__ dy, const T
       if (wmode == 1) wt = w[pos.w];
       else if (wmode == 2 && e0 + k < n) wt = w[e0 + k];
       ov.v[k] = Out<T>::cast(s * g - wt * (a1 + a2 * xm));
-      dsv.v[k] = Out<T>::cast(g);
+      dsv.v[k] = ACT == ACT_NONE ? dv.v[k] : Out<T>::cast(g);  // dy' = dy: its own bits, no round trip
       pos.next(inner, C, wmode == 1 ? wdiv : 1);
     }
     store_or_tail(dx, ov, e0, n, full);
@@ -293,7 +304,7 @@ cubn_bwd_apply(const T* __restrict__ dy, const T* __restrict__ x, const T* __res
       A g = da[k];
       if (ACT != ACT_NONE) g *= act_grad<ACT>(xm * s[j] + t[j] + (has_side ? sa[k] : A(0)), alpha);
       ov.v[k] = Out<T>::cast(s[j] * g - (a1[j] + a2[j] * xm));
-      dsv.v[k] = Out<T>::cast(g);
+      dsv.v[k] = ACT == ACT_NONE ? dv.v[k] : Out<T>::cast(g);  // dy' = dy: its own bits, no round trip
     }
   };
   const I nfull = ne / VEC;
