@@ -396,7 +396,8 @@ class KernelBackend(KernelPreprocessing):
                          dy=dy3, x=x3, side=side, rows=cfg.rows, cols=cfg.cols, C=plan.channels, **coeff,
                          alpha=alpha, p_s1=s1, p_s2=s2)
             return Sums(s1, s2, cfg.partial_fold)
-        cfg = self._cf_config(plan, dt, (dy3, x3, side))
+        cfg = self._cf_config(plan, dt, (dy3, x3, side),
+                              variant_of=lambda vec: R.BWD_REDUCE_CF.variant(T=T, ACT=act_id, VEC=vec))
         shape = (cfg.nsplit, plan.channels)
         s1, s2 = xp.empty(shape, acc), xp.empty(shape, acc)
         self._launch(R.BWD_REDUCE_CF.variant(T=T, ACT=act_id, VEC=cfg.vec), cfg.grid, cfg.block, 0,
