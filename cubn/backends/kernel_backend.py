@@ -406,9 +406,10 @@ class KernelBackend(KernelPreprocessing):
         return Sums(s1, s2, 1)
 
     def _whole_waves(self, cfg, variant_of, shared_of):
-        """``cfg`` with its split count cut to whole waves when the partials' cap
-        left more than one wave with the last one part-filled (the idle SMs of
-        a last wave stretch an equal-work grid: ``ceil(waves) / waves``)."""
+        """``cfg`` with its split count cut to whole waves when its grid spans
+        more than one with the last part-filled (the partials' cap or the
+        rounding of ``gy`` leave one; the idle SMs of a last wave stretch an
+        equal-work grid by ``ceil(waves) / waves``)."""
         gx, gy = cfg.grid[0], cfg.grid[1]
         threads = cfg.block[0] * cfg.block[1]
         wave = self._target_blocks(1, variant_of(cfg.vec), threads, shared_of(cfg.vec, threads))
