@@ -142,10 +142,7 @@ def test_tensor_streams_are_coalesced(model, op, layout, shape):
 def _partial_buffer_cases():
     for op in ("moments", "bn_train", "backward"):
         for layout, shape in PARTIALS:
-            marks = [pytest.mark.xfail(strict=True, reason="the channels-last backward sums write their partials "
-                                       "with a per-thread stride of VEC elements (16 sectors per request, 4 ideal)")] \
-                if (op, layout) == ("backward", "NHWC") else []
-            yield pytest.param(op, layout, shape, marks=marks, id=f"{op}-{layout}")
+            yield pytest.param(op, layout, shape, id=f"{op}-{layout}")
 
 
 @pytest.mark.parametrize("op,layout,shape", list(_partial_buffer_cases()))
@@ -195,8 +192,8 @@ NORMALIZE_BUDGET = 40
 STATISTICS_BUDGET = 30
 # instructions per 16 bytes today (sm_90), when over budget
 _OVER = {
-    "cubn_bwd_apply<__half, 0, 8, 1, 1>": 64, "cubn_bwd_apply<__nv_bfloat16, 0, 8, 1, 1>": 64,
-    "cubn_bwd_apply<__half, 0, 8, 2, 1>": 64, "cubn_bwd_apply<__nv_bfloat16, 0, 8, 2, 1>": 64,
+    "cubn_bwd_apply<__half, 0, 8, 1, 1>": 60, "cubn_bwd_apply<__nv_bfloat16, 0, 8, 1, 1>": 61,
+    "cubn_bwd_apply<__half, 0, 8, 2, 1>": 60, "cubn_bwd_apply<__nv_bfloat16, 0, 8, 2, 1>": 60,
     "cubn_moments_cf<float, 0, 4>": 32, "cubn_moments_cf<__half, 0, 8>": 39, "cubn_moments_cf<__nv_bfloat16, 0, 8>": 40,
 }
 
@@ -204,7 +201,9 @@ _OVER = {
 # why a kernel is over its budget
 _WHY = {
     "cubn_bwd_apply": "the float arithmetic of a 16-bit vector alone (8 elements, two conversions, a subtraction and "
-                      "two FMAs each) is 40 instructions on sm_90, before the loads, the packing and the d side store",
+                      "two FMAs each) is 40 instructions on sm_90, before the packing, the loads, the stores and "
+                      "their addresses; x - mean stays in float (in half2 the mean would first be rounded to the "
+                      "data's precision)",
 }
 _WHY_DEFAULT = "a division per vector (moments)"
 

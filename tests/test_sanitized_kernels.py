@@ -29,6 +29,7 @@ SELECTION = (
     " or (test_low_precision_backward and relu and not three_launch)"
     ") or emulated and (test_gradients_match_finite_differences and relu"
     " and (renorm and not three_launch or weighted and three_launch))"
+    " or emulated and test_channels_last_backward_sums_against_float64 and three_launch and spread"
 )
 
 PREPROCESSING = (

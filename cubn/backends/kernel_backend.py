@@ -384,21 +384,41 @@ class KernelBackend(KernelPreprocessing):
         side = side3 if act is not None else None
         coeff = dict(mean=affine.mean, scale=affine.scale, shift=affine.shift)
         if plan.channels_last:
-            cfg = self._cl_config(plan, dt, (dy3, x3, side))
-            shape = (cfg.nsplit, cfg.cols)
-            s1, s2 = xp.empty(shape, acc), xp.empty(shape, acc)
+            variant_of = lambda vec: R.BWD_REDUCE_CL.variant(T=T, ACT=act_id, VEC=vec)  # noqa: E731
+            shared_of = lambda vec, threads: 2 * threads * vec * acc.itemsize  # noqa: E731
+            cfg = self._whole_waves(self._cl_config(plan, dt, (dy3, x3, side), merged=True, variant_of=variant_of,
+                                                    shared_of=shared_of), variant_of, shared_of)
+            # backward.cu sums a block's folded columns per channel, as moments.cu merges them
+            buf = xp.empty((2, cfg.nsplit, plan.channels * cfg.partial_fold), acc)
+            s1, s2 = buf[0], buf[1]
             shared = 2 * cfg.block[0] * cfg.block[1] * cfg.vec * acc.itemsize
             self._launch(R.BWD_REDUCE_CL.variant(T=T, ACT=act_id, VEC=cfg.vec), cfg.grid, cfg.block, shared,
                          dy=dy3, x=x3, side=side, rows=cfg.rows, cols=cfg.cols, C=plan.channels, **coeff,
                          alpha=alpha, p_s1=s1, p_s2=s2)
-            return Sums(s1, s2, cfg.fold)
-        cfg = self._cf_config(plan, dt, (dy3, x3, side))
+            return Sums(s1, s2, cfg.partial_fold)
+        cfg = self._cf_config(plan, dt, (dy3, x3, side),
+                              variant_of=lambda vec: R.BWD_REDUCE_CF.variant(T=T, ACT=act_id, VEC=vec))
         shape = (cfg.nsplit, plan.channels)
         s1, s2 = xp.empty(shape, acc), xp.empty(shape, acc)
         self._launch(R.BWD_REDUCE_CF.variant(T=T, ACT=act_id, VEC=cfg.vec), cfg.grid, cfg.block, 0,
                      dy=dy3, x=x3, side=side, outer=plan.outer, C=plan.channels, inner=plan.inner,
                      nsplit=cfg.nsplit, chunk=cfg.chunk, **coeff, alpha=alpha, p_s1=s1, p_s2=s2)
         return Sums(s1, s2, 1)
+
+    def _whole_waves(self, cfg, variant_of, shared_of):
+        """``cfg`` with its split count cut to whole waves when its grid spans
+        more than one with the last part-filled (the partials' cap or the
+        rounding of ``gy`` leave one; the idle SMs of a last wave stretch an
+        equal-work grid by ``ceil(waves) / waves``)."""
+        gx, gy = cfg.grid[0], cfg.grid[1]
+        threads = cfg.block[0] * cfg.block[1]
+        wave = self._target_blocks(1, variant_of(cfg.vec), threads, shared_of(cfg.vec, threads))
+        blocks = gx * gy
+        if blocks <= wave or blocks % wave == 0:
+            return cfg
+        whole = max(1, (blocks // wave) * wave // gx)
+        bx, by = cfg.block[0], cfg.block[1]
+        return _ClConfig(cfg.fold, cfg.cols, cfg.rows, cfg.vec, bx, by, gx, whole)
 
     def backward_finalize(self, sums, stats, acc, training):
         xp = self.xp
