@@ -53,6 +53,16 @@ MAX_ENTRIES = 512  # programs per backend
 # the ordinary code.
 MAX_RECORDINGS_PER_GROUP = 64
 
+_persistent: dict = {}  # id -> array: buffers a program may keep as they are (see persistent)
+
+
+def persistent(a) -> None:
+    """Mark ``a`` (a backend's long-lived buffer, e.g. the fused statistics'
+    counters, which every launch leaves as it found them) as one a program
+    may pass to its launches as it is: a replay uses this very buffer."""
+    _persistent[id(a)] = a
+
+
 UNCACHEABLE = object()  # a signature whose calls always run the ordinary code
 SEEN = object()  # a signature called once: the next call records (one-off shapes never pay for it)
 
@@ -379,6 +389,8 @@ class Recording:
 
         probed_ok = {id(a) for a in self.alloc_order}
         for a in self.probed:
+            if _persistent.get(id(a)) is a:
+                continue
             g = _geometry(a, memo)
             hit = [i for i, gi in enumerate(geo) if gi == g and inputs[i] is not None]
             if hit:
@@ -404,6 +416,8 @@ class Recording:
                 a = args[pos]
                 if not _is_array(a):
                     continue
+                if _persistent.get(id(a)) is a:
+                    continue  # kept in the template: the replay passes this buffer
                 fills.append((pos, source(a, for_read=spec_args[pos].const)))
                 template[pos] = None
             fills.sort()
