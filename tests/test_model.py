@@ -350,7 +350,8 @@ def test_model_record_schema_and_terms():
     nbytes = 16 * 8 * 32 * 32 * 4
     assert rec["roofline_us"] == pytest.approx(3 * nbytes / devices.H100.copy_bandwidth * 1e6)
     for d in det["launches"]:
-        assert d["total_us"] == pytest.approx(d["overhead_us"] + max(d["dram_us"], d["issue_us"], d["chain_us"]))
+        assert d["total_us"] == pytest.approx(d["overhead_us"] + max(d["dram_us"], d["issue_us"], d["chain_us"])
+                                              + d["tail_us"])
 
 
 def test_parse_shape_errors_name_the_problem():

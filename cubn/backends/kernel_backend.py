@@ -35,6 +35,7 @@ MAX_PARTIALS = 1024
 # The fused statistics' last block merges its group's partials alone, so a
 # channel has at most this many (blocks then loop over more rows).
 FUSED_MAX_PARTIALS = 128
+FUSED_GROUP_BYTES = 64  # the channels of one fused group's rows (channels last)
 
 
 def _pow2_at_least(n: int) -> int:
@@ -117,7 +118,10 @@ class KernelBackend(KernelPreprocessing):
         dynamic shared bytes, so the split fills whole waves at its real occupancy."""
         C, outer = plan.channels, plan.outer
         vmax = _dtypes.vector_widths(dtype)[-1]
+        itemsize = _dtypes.itemsize(dtype)
         fold = 1
+        if fused and C * itemsize >= FUSED_GROUP_BYTES:
+            allow_fold = False  # narrow column groups fill the warps instead (see below)
         if allow_fold and C // vmax < 32:
             # Fold k outer rows into one matrix row so a warp spans >= 32 vectors.
             base = vmax // math.gcd(C, vmax)  # smallest k with k*C % vmax == 0
@@ -135,6 +139,11 @@ class KernelBackend(KernelPreprocessing):
         vec = self._vec(dtype, cols, arrays)
         cv = cols // vec
         bx = min(32, _pow2_at_least(cv))
+        if fused:
+            # Column groups of FUSED_GROUP_BYTES (whole sectors of each row): the last block of a
+            # group merges group width x gy partials, which shrinks with the square of the width
+            # for a given number of blocks.
+            bx = min(bx, max(1, FUSED_GROUP_BYTES // (vec * itemsize)))
         by = REDUCE_THREADS // bx
         gx = -(-cv // bx)
         gy_needed = -(-rows // (by * MIN_VECTORS_PER_THREAD))
@@ -144,7 +153,10 @@ class KernelBackend(KernelPreprocessing):
         gy = max(1, min(-(-target // gx), gy_needed, 65535))
         gy = max(1, min(gy, MAX_PARTIALS // (gx if merged and fold > 1 else fold)))
         if fused:
-            gy = max(1, min(gy, FUSED_MAX_PARTIALS // (gx if fold > 1 else 1)))
+            # one wave at the variant's occupancy is enough blocks in flight (Little's law), and
+            # every partial more lengthens the last block's merge
+            wave = self._target_blocks(1, variant, REDUCE_THREADS, shared)
+            gy = max(1, min(gy, wave // gx, FUSED_MAX_PARTIALS // (gx if fold > 1 else 1)))
         return _ClConfig(fold, cols, rows, vec, bx, by, gx, gy)
 
     def _cf_config(self, plan, dtype, arrays, variant_of=None, fused=False):

@@ -201,11 +201,12 @@ __device__ __forceinline__ bool last_block_arrives(unsigned* counter, unsigned m
 // The fused finalize of channels c0 .. c0 + nch (partials in the layout of
 // partial_index, written by other blocks of this launch: read through
 // volatile, never from a stale or non-coherent cache). The block's threads
-// act as cubn_bn_finalize's blocks do -- cw = min(32 bytes / sizeof(A),
-// pow2 >= C) channels by threads / cw walkers, each walker merging every
-// walkers-th partial, then a tree over the walkers -- so every channel is
-// merged in exactly the order of the two-launch path; then channel_stats
-// and finalize_channel. Every thread of the block must call it.
+// are cw consecutive channels (cw = pow2 >= nch, at most the block; chunks
+// of cw when more) by `walkers` walkers (pow2, at most the partials): walker
+// w merges partials w, w + walkers, ... (four loads in flight before their
+// merges), then the walkers merge in a fixed tree through shared memory, and
+// walker 0 writes channel_stats and finalize_channel. The order depends on
+// the shapes only: bitwise reproducible. Every thread of the block must call it.
 template <typename A>
 __device__ __forceinline__ void merge_finalize_group(int c0, int nch, int C, int nparts, int fold,
                                                      const A* p_count, const A* p_mean, const A* p_m2,
@@ -213,25 +214,37 @@ __device__ __forceinline__ void merge_finalize_group(int c0, int nch, int C, int
   __shared__ A sh[4 * CUBN_REDUCE_THREADS];
   const int nt = blockDim.x * blockDim.y * blockDim.z;
   const int tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
-  int cw = 1;
-  while (cw < C && cw < int(32 / sizeof(A))) cw <<= 1;
-  const int walkers = nt / cw, lane = tid % cw, wk = tid / cw;
   const int total = nparts * fold;
+  int cw = 1;
+  while (cw < nch && cw < nt) cw <<= 1;
+  int walkers = 1;
+  while (walkers < total && walkers < nt / cw) walkers <<= 1;
+  const int lane = tid % cw, wk = tid / cw;
   const volatile A* vc = p_count;
   const volatile A* vm = p_mean;
   const volatile A* v2 = p_m2;
   const volatile A* vp = p_pivot;
   for (int cb = 0; cb < nch; cb += cw) {
     const int c = c0 + cb + lane;
-    const bool has = cb + lane < nch;
+    const bool has = cb + lane < nch && wk < walkers;
     A n = A(0), mean = A(0), m2 = A(0), piv = A(0);
     if (has) {
-      for (int p = wk; p < total; p += walkers) {
-        const i64 k = partial_index(p, C, fold, c);
-        chan_merge_pivot(n, mean, m2, piv, A(vc[k]), A(vm[k]), A(v2[k]), A(vp[k]));
+      for (int p = wk; p < total; p += 4 * walkers) {
+        A q[4][4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int pu = p + u * walkers;
+          if (pu < total) {
+            const i64 k = partial_index(pu, C, fold, c);
+            q[u][0] = vc[k]; q[u][1] = vm[k]; q[u][2] = v2[k]; q[u][3] = vp[k];
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+          if (p + u * walkers < total) chan_merge_pivot(n, mean, m2, piv, q[u][0], q[u][1], q[u][2], q[u][3]);
       }
     }
-    sh[tid] = n; sh[nt + tid] = mean; sh[2 * nt + tid] = m2; sh[3 * nt + tid] = piv;
+    if (wk < walkers) { sh[tid] = n; sh[nt + tid] = mean; sh[2 * nt + tid] = m2; sh[3 * nt + tid] = piv; }
     __syncthreads();
     for (int s = walkers >> 1; s > 0; s >>= 1) {
       if (wk < s) {
