@@ -114,3 +114,43 @@ def test_fused_training_forward_equals_numpy_and_the_two_launch_outputs(emulated
         np.testing.assert_allclose(np.asarray(mm, np.float64), want_m, rtol=TOL["float32"])
         np.testing.assert_allclose(np.asarray(mv, np.float64), want_v, rtol=1e-4)
     assert_close(outs["emulated"][0], outs["numpy"][0], "float32", what="y")
+
+
+def _plan(op, layout, shape, dtype):
+    from cubn.model.plans import plan
+
+    return plan(RecordingLauncher("h100"), op, layout, shape, dtype, one_launch=False)
+
+
+def _suite():
+    from cubn.model import _adapter
+
+    return [pytest.param(layout, tuple(shape), id=f"{layout}-{'x'.join(map(str, shape))}")
+            for layout, shape in _adapter.benchmark_suite()]
+
+
+@pytest.mark.parametrize("layout,shape", _suite())
+def test_fused_plans_on_h100_merge_few_partials_and_their_tail_is_not_free(layout, shape):
+    """On an H100's plans (recorded, not run) moments are one launch and the
+    three-launch training forward two; a group's last block merges at most
+    FUSED_MAX_MERGES partials (MAX_PARTIALS per channel); the model charges
+    its merge after the grid."""
+    from cubn.model import devices
+
+    for dtype in ("float32", "float16"):
+        mom = _plan("moments", layout, shape, dtype)
+        assert [l.kernel for l in mom] == ["cubn_moments_" + ("cf" if layout == "NCHW" else "cl") + "_fused"]
+        train = _plan("bn_train", layout, shape, dtype)
+        assert [l.kernel for l in train] == [mom[0].kernel, "cubn_normalize"]
+        launch = mom[0]
+        chunks, steps, walkers = predict.fused_merge_shape(launch)
+        if launch.kernel == "cubn_moments_cf_fused":
+            channels, per_channel = 1, launch.named["nsplit"]
+        else:
+            folded = launch.named["cols"] != launch.named["C"]
+            channels = launch.named["C"] if folded else min(launch.block[0] * int(launch.template["VEC"]),
+                                                            launch.named["C"])
+            per_channel = launch.grid[1] * (launch.grid[0] if folded else 1)
+        assert per_channel <= kb.MAX_PARTIALS and channels * per_channel <= kb.FUSED_MAX_MERGES
+        assert chunks * steps <= kb.FUSED_MAX_MERGES // 256  # partials each walker merges
+        assert predict.last_block_cycles(launch, devices.H100) > 3 * devices.H100.l2_latency_cycles

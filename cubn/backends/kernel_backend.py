@@ -32,9 +32,10 @@ MIN_VECTORS_PER_THREAD = 4  # below this a reduction thread's setup dominates
 # 128): finalize merges them with a block of walkers, so its serial chain is
 # MAX_PARTIALS / walkers, while ~1 wave of reduction blocks still fills the GPU.
 MAX_PARTIALS = 1024
-# The fused statistics' last block merges its group's partials alone, so a
-# channel has at most this many (blocks then loop over more rows).
-FUSED_MAX_PARTIALS = 128
+# The fused statistics' last block merges its group's partials alone (256
+# threads): at most this many (channels x partials per channel), so each
+# thread merges a handful; blocks loop over more rows instead.
+FUSED_MAX_MERGES = 2048
 FUSED_GROUP_BYTES = 64  # the channels of one fused group's rows (channels last)
 
 
@@ -153,10 +154,14 @@ class KernelBackend(KernelPreprocessing):
         gy = max(1, min(-(-target // gx), gy_needed, 65535))
         gy = max(1, min(gy, MAX_PARTIALS // (gx if merged and fold > 1 else fold)))
         if fused:
-            # one wave at the variant's occupancy is enough blocks in flight (Little's law), and
-            # every partial more lengthens the last block's merge
+            # One wave at the variant's occupancy is enough blocks in flight (Little's law), and
+            # every partial more lengthens the last block's merge: a group's last block merges
+            # channels x partials <= FUSED_MAX_MERGES (and <= MAX_PARTIALS per channel).
             wave = self._target_blocks(1, variant, REDUCE_THREADS, shared)
-            gy = max(1, min(gy, wave // gx, FUSED_MAX_PARTIALS // (gx if fold > 1 else 1)))
+            per_block = gx if fold > 1 else 1  # partials per channel a row of blocks leaves
+            group_channels = C if fold > 1 else min(bx * vec, cols)
+            cap = min(MAX_PARTIALS, FUSED_MAX_MERGES // group_channels) // per_block
+            gy = max(1, min(gy_needed, wave // gx, cap, 65535))
         return _ClConfig(fold, cols, rows, vec, bx, by, gx, gy)
 
     def _cf_config(self, plan, dtype, arrays, variant_of=None, fused=False):
@@ -165,7 +170,13 @@ class KernelBackend(KernelPreprocessing):
         per_block_min = REDUCE_THREADS * vec * MIN_VECTORS_PER_THREAD
         target = self._target_blocks(REDUCE_WAVES, variant_of(vec) if variant_of is not None else None)
         # at most ``target`` blocks (rounding up would start a nearly empty extra wave)
-        nsplit = max(1, min(target // C, -(-L // per_block_min), FUSED_MAX_PARTIALS if fused else MAX_PARTIALS))
+        if fused:
+            # whole waves (a wave at the variant's occupancy is enough in flight), and at most
+            # FUSED_MAX_MERGES partials for the channel's last block
+            wave = self._target_blocks(1, variant_of(vec) if variant_of is not None else None)
+            nsplit = max(1, min(wave // C, -(-L // per_block_min), FUSED_MAX_MERGES, MAX_PARTIALS))
+        else:
+            nsplit = max(1, min(target // C, -(-L // per_block_min), MAX_PARTIALS))
         chunk = -(-L // nsplit)
         chunk = -(-chunk // vec) * vec
         nsplit = max(1, -(-L // chunk)) if L else 1
