@@ -152,5 +152,5 @@ def test_fused_plans_on_h100_merge_few_partials_and_their_tail_is_not_free(layou
                                                             launch.named["C"])
             per_channel = launch.grid[1] * (launch.grid[0] if folded else 1)
         assert per_channel <= kb.MAX_PARTIALS and channels * per_channel <= kb.FUSED_MAX_MERGES
-        assert chunks * steps <= kb.FUSED_MAX_MERGES // 256  # partials each walker merges
+        assert chunks * steps <= 2 * kb.FUSED_MAX_MERGES // 256  # partials each walker merges (idle lanes: 2x)
         assert predict.last_block_cycles(launch, devices.H100) > 3 * devices.H100.l2_latency_cycles
