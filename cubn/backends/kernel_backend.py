@@ -36,7 +36,7 @@ MAX_PARTIALS = 1024
 # threads): at most this many (channels x partials per channel), so each
 # thread merges a handful; blocks loop over more rows instead.
 FUSED_MAX_MERGES = 2048
-FUSED_GROUP_BYTES = 64  # the channels of one fused group's rows (channels last)
+SECTOR_BYTES = 32  # a fused channels-last group reads at least this much of each row
 
 
 def _pow2_at_least(n: int) -> int:
@@ -121,8 +121,8 @@ class KernelBackend(KernelPreprocessing):
         vmax = _dtypes.vector_widths(dtype)[-1]
         itemsize = _dtypes.itemsize(dtype)
         fold = 1
-        if fused and C * itemsize >= FUSED_GROUP_BYTES:
-            allow_fold = False  # narrow column groups fill the warps instead (see below)
+        if fused and C * itemsize >= SECTOR_BYTES:
+            allow_fold = False  # narrow column groups of whole sectors instead (see below)
         if allow_fold and C // vmax < 32:
             # Fold k outer rows into one matrix row so a warp spans >= 32 vectors.
             base = vmax // math.gcd(C, vmax)  # smallest k with k*C % vmax == 0
@@ -140,16 +140,20 @@ class KernelBackend(KernelPreprocessing):
         vec = self._vec(dtype, cols, arrays)
         cv = cols // vec
         bx = min(32, _pow2_at_least(cv))
-        if fused:
-            # Column groups of FUSED_GROUP_BYTES (whole sectors of each row): the last block of a
-            # group merges group width x gy partials, which shrinks with the square of the width
-            # for a given number of blocks.
-            bx = min(bx, max(1, FUSED_GROUP_BYTES // (vec * itemsize)))
+        variant = variant_of(vec) if variant_of is not None else None
+        shared = shared_of(vec, REDUCE_THREADS) if shared_of is not None else 0
+        if fused and fold == 1:
+            # Narrow column groups: the last block of a group merges width x gy partials, and
+            # a wave of blocks needs gy >= wave * width / C, so the merge grows with the square
+            # of the width: the widest power of two with width^2 * wave / C <= FUSED_MAX_MERGES,
+            # but at least a sector of each row.
+            wave = self._target_blocks(1, variant, REDUCE_THREADS, shared)
+            fit = math.isqrt(FUSED_MAX_MERGES * C // max(1, wave))
+            narrow = max(1, fit // vec, -(-SECTOR_BYTES // (vec * itemsize)))
+            bx = min(bx, 1 << (narrow.bit_length() - 1))
         by = REDUCE_THREADS // bx
         gx = -(-cv // bx)
         gy_needed = -(-rows // (by * MIN_VECTORS_PER_THREAD))
-        variant = variant_of(vec) if variant_of is not None else None
-        shared = shared_of(vec, bx * by) if shared_of is not None else 0
         target = self._target_blocks(REDUCE_WAVES, variant, REDUCE_THREADS, shared)
         gy = max(1, min(-(-target // gx), gy_needed, 65535))
         gy = max(1, min(gy, MAX_PARTIALS // (gx if merged and fold > 1 else fold)))
