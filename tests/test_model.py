@@ -123,6 +123,12 @@ def test_sampled_launch_extrapolates_exactly():
         # capture every trip count); sectors per request can differ by where a
         # block's rows straddle 32-byte sectors (channels-first chunks that
         # cross the end of a row): within 2% here.
+        if key[3] == "counters":
+            # the fused statistics' group counters: every block of a group touches the same
+            # 4 bytes, so only the byte and request counts add up over the sampled blocks
+            # (distinct bytes and sectors are a few dozen bytes, overcounted)
+            assert (got[0], got[3]) == pytest.approx((full[0], full[3]), rel=1e-12), key
+            continue
         assert got[:4] == pytest.approx(full[:4], rel=1e-12), key
         assert got[4:] == pytest.approx(full[4:], rel=0.02), key
 
@@ -338,17 +344,17 @@ def test_model_record_schema_and_terms():
     m = Model("h100", sampling.EVERY_BLOCK)
     rec, det = m.record("bn_train", "NCHW", (16, 8, 32, 32), "float32", one_launch=False)
     assert set(rec) == {"op", "layout", "shape", "dtype", "launches", "predicted_us", "roofline_us"}
-    assert [l["kernel"].split("<")[0] for l in rec["launches"]] == ["cubn_moments_cf", "cubn_bn_finalize",
-                                                                     "cubn_normalize"]
+    assert [l["kernel"].split("<")[0] for l in rec["launches"]] == ["cubn_moments_cf_fused", "cubn_normalize"]
     for l in rec["launches"]:
         assert set(l) == {"kernel", "grid", "block", "read_bytes", "write_bytes", "streams", "instructions_per_16B"}
         for s in l["streams"]:
             assert set(s) == {"array", "direction", "bytes", "sectors_per_request", "ideal_sectors_per_request"}
     # the op is at least its launches' overhead and no faster than its roofline
-    assert rec["predicted_us"] >= 3 * devices.H100.launch_overhead_us
+    assert rec["predicted_us"] >= 2 * devices.H100.launch_overhead_us
     assert rec["predicted_us"] >= rec["roofline_us"]
     nbytes = 16 * 8 * 32 * 32 * 4
     assert rec["roofline_us"] == pytest.approx(3 * nbytes / devices.H100.copy_bandwidth * 1e6)
+    assert det["launches"][0]["tail_us"] > 0 and det["launches"][1]["tail_us"] == 0  # the last block's merge
     for d in det["launches"]:
         assert d["total_us"] == pytest.approx(d["overhead_us"] + max(d["dram_us"], d["issue_us"], d["chain_us"])
                                               + d["tail_us"])

@@ -23,8 +23,9 @@ For each launch (docs/performance.md, "The model", writes the same down):
   thousands of partials with one warp per channel is this case).
 * **last-block tail** (the fused statistics kernels, ``cubn_moments_*_fused``):
   after every other block, the group's last block merges the group's partials
-  alone. The sampled trace does not run it (its counter never completes), so
-  it is counted from the launch's arguments: the handshake (a fence, the
+  alone. The tracer holds the group counters away from completion, so no
+  traced block runs it (a sample would complete a count only by chance); it
+  is counted from the launch's arguments: the handshake (a fence, the
   counter's atomic round trip, a second fence) and the output writes, three
   L2 round trips, plus per chunk of ``cw`` channels the walkers' dependent
   steps (an L2 load and a Chan merge of ``MERGE_INSTRUCTIONS`` dependent
