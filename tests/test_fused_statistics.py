@@ -154,3 +154,40 @@ def test_fused_plans_on_h100_merge_few_partials_and_their_tail_is_not_free(layou
         assert per_channel <= kb.MAX_PARTIALS and channels * per_channel <= kb.FUSED_MAX_MERGES
         assert chunks * steps <= 2 * kb.FUSED_MAX_MERGES // 256  # partials each walker merges (idle lanes: 2x)
         assert predict.last_block_cycles(launch, devices.H100) > 3 * devices.H100.l2_latency_cycles
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64"])
+@pytest.mark.parametrize("layout,shape", SHAPES[:4], ids=str)
+def test_fused_statistics_are_bitwise_the_two_launch_ones(emulated_launches, monkeypatch, rng, layout, shape, dtype):
+    """The last block merges in finalize's order: the fused moments and the
+    training forward's moving statistics equal those of statistics + finalize
+    bit for bit (what single-rank SyncBatchNorm relies on)."""
+    from cubn import _launch_cache
+    from cubn.backends.kernel_backend import KernelBackend
+
+    x = _adversarial(rng, layout, shape, dtype)
+    axes = _axes(layout, x.ndim)
+    C = x.shape[_caxis(layout, x.ndim)]
+    fmt = "NHWC" if layout == "NC" else layout
+    g = np.ones(C, dtype)
+
+    def run():
+        with cubn.use_backend("emulated"), cubn.use_one_launch(False):
+            m, v = cubn.moments(x, axes)
+            out = cubn.fused_batch_norm(x, g, g, g * 0, g, 1e-3, fmt, exponential_avg_factor=0.5)[:3]
+        return [np.asarray(a) for a in (m, v, *out)]
+
+    was = _launch_cache.enabled()
+    _launch_cache.set_enabled(False)
+    try:
+        emulated_launches.clear()
+        fused = run()
+        assert emulated_launches[0].endswith("_fused")
+        monkeypatch.setattr(KernelBackend, "fused_statistics", lambda self, *a: None)
+        emulated_launches.clear()
+        two = run()
+        assert "cubn_bn_finalize" in emulated_launches
+    finally:
+        _launch_cache.set_enabled(was)
+    for a, b in zip(fused, two):
+        assert np.array_equal(a, b, equal_nan=True)

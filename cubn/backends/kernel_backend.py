@@ -112,7 +112,7 @@ class KernelBackend(KernelPreprocessing):
         return 1
 
     def _cl_config(self, plan, dtype, arrays, allow_fold=True, merged=False, variant_of=None, shared_of=None,
-                   fused=False):
+                   fused=False, acc_itemsize=4):
         """``merged``: the kernel merges a block's folded columns (moments.cu), so a channel has
         gy * gx partials, not gy * fold; the split count is capped to keep them <= MAX_PARTIALS.
         ``variant_of(vec)`` / ``shared_of(vec, block_threads)``: the variant launched and its
@@ -143,14 +143,12 @@ class KernelBackend(KernelPreprocessing):
         variant = variant_of(vec) if variant_of is not None else None
         shared = shared_of(vec, REDUCE_THREADS) if shared_of is not None else 0
         if fused and fold == 1:
-            # Narrow column groups: the last block of a group merges width x gy partials, and
-            # a wave of blocks needs gy >= wave * width / C, so the merge grows with the square
-            # of the width: the widest power of two with width^2 * wave / C <= FUSED_MAX_MERGES,
-            # but at least a sector of each row.
-            wave = self._target_blocks(1, variant, REDUCE_THREADS, shared)
-            fit = math.isqrt(FUSED_MAX_MERGES * C // max(1, wave))
-            narrow = max(1, fit // vec, -(-SECTOR_BYTES // (vec * itemsize)))
-            bx = min(bx, 1 << (narrow.bit_length() - 1))
+            # Narrow column groups: the last block of a group merges width x gy partials in
+            # chunks of finalize's channels per block, and a wave of blocks needs gy >= wave *
+            # width / C, so the merge grows with the square of the width: the narrowest width
+            # that is one such chunk (FINALIZE_ROW_BYTES of accumulators) and a sector of each row.
+            width = max(FINALIZE_ROW_BYTES // acc_itemsize, -(-SECTOR_BYTES // itemsize))
+            bx = min(bx, max(1, width // vec))
         by = REDUCE_THREADS // bx
         gx = -(-cv // bx)
         gy_needed = -(-rows // (by * MIN_VECTORS_PER_THREAD))
@@ -285,10 +283,14 @@ class KernelBackend(KernelPreprocessing):
 
     def _statistics_launch(self, plan, x3, acc, weights, fused=False):
         """The statistics launch of ``x3``: ``(cfg, partial fold, variant, dynamic shared bytes,
-        the data arguments)``."""
+        the data arguments)``. The ops' pairs (those with fused kernels) take the fused grid
+        either way, so the partials -- and, merged in finalize's order, the statistics -- of
+        the fused launch and of ``welford_partials`` (SyncBatchNorm's exchange) are the same."""
         cl_kernel, cf_kernel = R.moments_kernels(x3.dtype, acc)
+        sized = cl_kernel is R.MOMENTS_CL  # sized as the fused launch
         if fused:
             cl_kernel, cf_kernel = R.MOMENTS_CL_FUSED, R.MOMENTS_CF_FUSED
+        grid_cl, grid_cf = (R.MOMENTS_CL_FUSED, R.MOMENTS_CF_FUSED) if sized else (cl_kernel, cf_kernel)
         T = element(x3.dtype, acc)
         wmode, wvals, wdiv = 0, None, 1
         if weights is not None:
@@ -298,14 +300,15 @@ class KernelBackend(KernelPreprocessing):
         C = plan.channels
         if plan.channels_last:
             cfg = self._cl_config(plan, dt, (x3,), allow_fold=weights is None, merged=True,
-                                  variant_of=lambda vec: cl_kernel.variant(T=T, WMODE=wmode, VEC=vec),
-                                  shared_of=lambda vec, threads: 3 * threads * vec * acc.itemsize, fused=fused)
+                                  variant_of=lambda vec: grid_cl.variant(T=T, WMODE=wmode, VEC=vec),
+                                  shared_of=lambda vec, threads: 3 * threads * vec * acc.itemsize, fused=sized,
+                                  acc_itemsize=acc.itemsize)
             shared = 3 * cfg.block[0] * cfg.block[1] * cfg.vec * acc.itemsize
             variant = cl_kernel.variant(T=T, WMODE=wmode, VEC=cfg.vec)
             base = dict(x=x3, rows=cfg.rows, cols=cfg.cols, C=C, w=wvals, wdiv=wdiv)
             return cfg, cfg.partial_fold, variant, shared, base
-        cfg = self._cf_config(plan, dt, (x3,), variant_of=lambda vec: cf_kernel.variant(T=T, WMODE=wmode, VEC=vec),
-                              fused=fused)
+        cfg = self._cf_config(plan, dt, (x3,), variant_of=lambda vec: grid_cf.variant(T=T, WMODE=wmode, VEC=vec),
+                              fused=sized)
         variant = cf_kernel.variant(T=T, WMODE=wmode, VEC=cfg.vec)
         base = dict(x=x3, outer=plan.outer, C=C, inner=plan.inner, nsplit=cfg.nsplit, chunk=cfg.chunk, w=wvals,
                     wdiv=wdiv)

@@ -201,12 +201,13 @@ __device__ __forceinline__ bool last_block_arrives(unsigned* counter, unsigned m
 // The fused finalize of channels c0 .. c0 + nch (partials in the layout of
 // partial_index, written by other blocks of this launch: read through
 // volatile, never from a stale or non-coherent cache). The block's threads
-// are cw consecutive channels (cw = pow2 >= nch, at most the block; chunks
-// of cw when more) by `walkers` walkers (pow2, at most the partials): walker
-// w merges partials w, w + walkers, ... (four loads in flight before their
-// merges), then the walkers merge in a fixed tree through shared memory, and
-// walker 0 writes channel_stats and finalize_channel. The order depends on
-// the shapes only: bitwise reproducible. Every thread of the block must call it.
+// act as cubn_bn_finalize's blocks do -- cw = min(32 bytes / sizeof(A),
+// pow2 >= C) consecutive channels by threads / cw walkers, walker w merging
+// partials w, w + walkers, ... (four loads in flight before their merges),
+// then a fixed tree over the walkers; chunks of cw channels one after
+// another -- so every channel is merged in exactly the order of the
+// two-launch path (and of SyncBatchNorm's merge): bitwise its results.
+// Then channel_stats and finalize_channel. Every thread must call it.
 template <typename A>
 __device__ __forceinline__ void merge_finalize_group(int c0, int nch, int C, int nparts, int fold,
                                                      const A* p_count, const A* p_mean, const A* p_m2,
@@ -216,17 +217,15 @@ __device__ __forceinline__ void merge_finalize_group(int c0, int nch, int C, int
   const int tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
   const int total = nparts * fold;
   int cw = 1;
-  while (cw < nch && cw < nt) cw <<= 1;
-  int walkers = 1;
-  while (walkers < total && walkers < nt / cw) walkers <<= 1;
-  const int lane = tid % cw, wk = tid / cw;
+  while (cw < C && cw < int(32 / sizeof(A))) cw <<= 1;
+  const int walkers = nt / cw, lane = tid % cw, wk = tid / cw;
   const volatile A* vc = p_count;
   const volatile A* vm = p_mean;
   const volatile A* v2 = p_m2;
   const volatile A* vp = p_pivot;
   for (int cb = 0; cb < nch; cb += cw) {
     const int c = c0 + cb + lane;
-    const bool has = cb + lane < nch && wk < walkers;
+    const bool has = cb + lane < nch;
     A n = A(0), mean = A(0), m2 = A(0), piv = A(0);
     if (has) {
       for (int p = wk; p < total; p += 4 * walkers) {
@@ -244,7 +243,7 @@ __device__ __forceinline__ void merge_finalize_group(int c0, int nch, int C, int
           if (p + u * walkers < total) chan_merge_pivot(n, mean, m2, piv, q[u][0], q[u][1], q[u][2], q[u][3]);
       }
     }
-    if (wk < walkers) { sh[tid] = n; sh[nt + tid] = mean; sh[2 * nt + tid] = m2; sh[3 * nt + tid] = piv; }
+    sh[tid] = n; sh[nt + tid] = mean; sh[2 * nt + tid] = m2; sh[3 * nt + tid] = piv;
     __syncthreads();
     for (int s = walkers >> 1; s > 0; s >>= 1) {
       if (wk < s) {

@@ -1,6 +1,8 @@
 // Per-channel Welford moments: each block reduces a slice of the data of its
 // channels to (count, mean, M2) partials; cubn_bn_finalize (finalize.cu)
-// merges the partials of a channel with Chan's formula in a fixed order.
+// merges the partials of a channel with Chan's formula in a fixed order, or,
+// in the fused kernels at the end of this file, the last block of each
+// channel group to finish does (finalize.cuh), in the same launch.
 // Two layouts, each read coalesced:
 //   channels last  (inner == 1): x is a (rows, cols) matrix, column j holds
 //                  channel j % C (cols = k*C: k consecutive outer rows are

@@ -176,8 +176,8 @@ def launch_time(traffic: LaunchTraffic, sass: SassStats, device: Device, l2: L2)
 
 def fused_merge_shape(launch):
     """``(chunks, steps, walkers)`` of a fused statistics launch's last block (moments.cu,
-    finalize.cuh's merge_finalize_group): the widest group's chunks of ``cw`` channels, each
-    walker's partials per chunk, the walkers; None for other kernels."""
+    finalize.cuh's merge_finalize_group): the widest group's chunks of ``cw`` channels (one
+    after another), each walker's partials per chunk, the walkers; None for other kernels."""
     if launch.kernel not in FUSED_KERNELS:
         return None
     named = launch.named
@@ -191,12 +191,10 @@ def fused_merge_shape(launch):
         total = gy * (gx if folded else 1)
     else:
         nch, total = 1, int(named["nsplit"])
-    cw = 1
-    while cw < nch and cw < threads:
+    cw = 1  # finalize's channels per block (32 bytes of accumulators), whose order the merge keeps
+    while cw < C and cw < 32 // launch.arg("p_count").itemsize:
         cw *= 2
-    walkers = 1
-    while walkers < total and walkers < threads // cw:
-        walkers *= 2
+    walkers = threads // cw
     return -(-nch // cw), -(-total // walkers), walkers
 
 
