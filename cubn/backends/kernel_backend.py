@@ -17,7 +17,7 @@ from ..kernels import registry as R
 from ..kernels.registry import ELEMENTWISE_THREADS, FINALIZE_THREADS, REDUCE_THREADS
 from ..kernels.spec import element
 from . import occupancy as _occupancy
-from ._memory import aligned as _aligned
+from ._memory import aligned as _aligned, persistent as _memory_persistent
 from .kernel_preprocessing import KernelPreprocessing
 from .base import BackwardCoeffs, Partials, RawAffine, Stats, Sums
 
@@ -269,15 +269,13 @@ class KernelBackend(KernelPreprocessing):
         once per backend (device) and stream and left zero by every launch, so no call clears it.
         Allocated with the launcher's own array module and marked persistent, so a recorded launch
         program keeps this very buffer."""
-        from .. import _launch_cache
-
         key = getattr(self.launcher, "stream_key", lambda: None)()
         cache = self._counter_buffers
         buf = cache.get(key)
         if buf is None or buf.size < n:
             size = max(1024, _pow2_at_least(n))
             buf = self.launcher.xp.zeros(size, "uint32")
-            _launch_cache.persistent(buf)
+            _memory_persistent(buf)
             cache[key] = buf
         return buf
 
