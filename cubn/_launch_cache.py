@@ -16,7 +16,10 @@ A recording becomes a program only when the replay provably does the same:
 
 * every array a launch or the result touches is an input of the call, or a
   view (the whole, a row, a run of rows, a reshape) of a buffer the backend
-  made with ``xp.empty`` / ``xp.zeros`` during the call;
+  made with ``xp.empty`` / ``xp.zeros`` during the call, or a buffer the
+  backend keeps across calls and marked persistent (``backends._memory``:
+  the fused statistics' counters, left as found by every launch), which the
+  program passes as it is;
 * every other use of the array module (a conversion, arithmetic, a copy) and
   every read of an ``empty`` buffer before a launch wrote it makes the
   signature uncacheable (it always runs the ordinary code);
@@ -403,6 +406,8 @@ class Recording:
 
         probed_ok = {id(a) for a in self.alloc_order}
         for a in self.probed:
+            if _memory.is_persistent(a):
+                continue
             g = _geometry(a, memo)
             hit = [i for i, gi in enumerate(geo) if gi == g and inputs[i] is not None]
             if hit:
@@ -428,6 +433,8 @@ class Recording:
                 a = args[pos]
                 if not _is_array(a):
                     continue
+                if _memory.is_persistent(a):
+                    continue  # a backend's persistent buffer: the replay passes this very one
                 fills.append((pos, source(a, for_read=spec_args[pos].const)))
                 template[pos] = None
             fills.sort()

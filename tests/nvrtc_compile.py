@@ -34,7 +34,7 @@ def options_for(arch: str):
 
 
 # Sources whose register use matters enough to check for spills (ptxas -v).
-PTXAS_VERBOSE = ("one_launch.cu",)
+PTXAS_VERBOSE = ("one_launch.cu", "normalize.cu", "backward.cu")
 
 
 def split_ptxas_info(log: str):

@@ -125,3 +125,82 @@ def test_low_precision_backward_matches_float64(train_backend, rng, dtype, data_
     assert_close(backend.to_numpy(got.dx).astype(np.float64), want.dx, dtype, scale=scale, what="dx")
     assert_close(backend.to_numpy(got.dscale), want.dscale, dtype, scale=np.abs(want.dscale).max() + 1, what="dscale")
     assert_close(backend.to_numpy(got.doffset), want.doffset, dtype, scale=np.abs(want.doffset).max() + 1, what="doffset")
+
+
+# Channels-last shapes for the backward sums: folded small C (1, 3, odd 5),
+# a batch of one, several column blocks and split rows, unfolded wide C.
+CL_SHAPES = [(2, 33, 17, 3), (3, 16, 16, 1), (1, 9, 9, 5), (4, 8, 8, 64), (2, 6, 6, 160), (6000, 3)]
+
+
+def _cl_case(rng, shape, offset, equal_channel):
+    x = offset + rng.standard_normal(shape)
+    if equal_channel:
+        x[..., 0] = offset + 0.25  # one all-equal channel: variance 0
+    x = x.astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    c = shape[-1]
+    gamma = rng.standard_normal(c).astype(np.float32)
+    axes = tuple(range(len(shape) - 1))
+    m, v = ref.moments(x.astype(np.float64), axes)
+    return x, dy, gamma, m.astype(np.float32), v.astype(np.float32)
+
+
+def _grads_at(x, dy, gamma, m, v):
+    """float64 training gradients of channels-last data evaluated at the given
+    statistics (as the kernels are: the float32 mean of offset data is not
+    the exact one, and the gradient is taken about the one passed)."""
+    x, dy, m, v = (np.asarray(a, np.float64) for a in (x, dy, m, v))
+    axes = tuple(range(x.ndim - 1))
+    invstd = 1.0 / np.sqrt(v + EPS)
+    xhat = (x - m) * invstd
+    db = dy.sum(axis=axes)
+    dg = (dy * xhat).sum(axis=axes)
+    n = x.size // x.shape[-1]
+    dx = np.asarray(gamma, np.float64) * invstd * (dy - db / n - xhat * dg / n)
+    return dx, dg, db
+
+
+@pytest.mark.parametrize("shape", CL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("offset", [0.0, 1e4, 1e7])
+@pytest.mark.parametrize("equal_channel", [False, True], ids=["spread", "equal-channel"])
+def test_channels_last_backward_sums_against_float64(train_backend, rng, shape, offset, equal_channel):
+    """The channels-last backward (sums merged per channel inside a block) on
+    float32 data at large offsets against the float64 gradients of the same
+    float32 inputs and statistics; run twice, bitwise the same."""
+    backend = train_backend
+    x, dy, gamma, m, v = _cl_case(rng, shape, offset, equal_channel)
+    nd = len(shape)
+    want_dx, want_dg, want_db = _grads_at(x, dy, gamma, m, v)
+    A = backend.asarray
+    runs = [cubn.batch_norm_backward(A(dy), A(x), A(gamma), A(m), A(v), EPS, data_format="NHWC") for _ in range(2)]
+    got = runs[0]
+    # the sums against the sums of their terms' magnitudes (their condition)
+    axes = tuple(range(nd - 1))
+    xhat = (x - m.astype(np.float64)) / np.sqrt(v.astype(np.float64) + EPS)
+    mag_g = np.abs(dy * xhat).sum(axis=axes).max() or 1.0  # 0: every channel all-equal
+    mag_b = np.abs(dy.astype(np.float64)).sum(axis=axes).max()
+    assert_close(backend.to_numpy(got.dx), want_dx, "float32", scale=np.abs(want_dx).max(), what="dx")
+    assert_close(backend.to_numpy(got.dscale), want_dg, "float32", scale=mag_g, what="dscale")
+    assert_close(backend.to_numpy(got.doffset), want_db, "float32", scale=mag_b, what="doffset")
+    for a, b in zip(runs[0][:3], runs[1][:3]):
+        assert backend.to_numpy(a).tobytes() == backend.to_numpy(b).tobytes()
+
+
+@pytest.mark.parametrize("shape", CL_SHAPES[:4], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_channels_last_backward_sums_non_finite_as_on_numpy(train_backend, rng, shape, bad):
+    """A NaN/Inf in one channel's dy: that channel's gradients are non-finite,
+    the others' unchanged, as on the NumPy backend."""
+    x, dy, gamma, m, v = _cl_case(rng, shape, 1e4, False)
+    dy.reshape(-1, shape[-1])[len(dy.reshape(-1, shape[-1])) // 2, shape[-1] - 1] = bad
+    with cubn.use_backend("numpy"):
+        want = cubn.batch_norm_backward(dy, x, gamma, m, v, EPS, data_format="NHWC")
+    A = train_backend.asarray
+    got = cubn.batch_norm_backward(A(dy), A(x), A(gamma), A(m), A(v), EPS, data_format="NHWC")
+    for name, g, w in zip(("dx", "dscale", "doffset"), got[:3], want[:3]):
+        g, w = np.asarray(train_backend.to_numpy(g), np.float64), np.asarray(w, np.float64)
+        assert np.array_equal(np.isfinite(g), np.isfinite(w)), name
+        assert not np.isfinite(w).all()
+        fin = np.isfinite(w)
+        if fin.any():
+            assert_close(g[fin], w[fin], "float32", scale=np.abs(w[fin]).max() + 1, what=name)

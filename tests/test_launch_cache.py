@@ -172,7 +172,7 @@ def test_use_one_launch_and_alignment_change_the_program(fresh_cache):
                     call(a)  # recorded
                     plans[one, name] = call(a)  # replayed
                     assert plans[one, name] == first
-    assert len(plans[True, "aligned"]) == 1 and len(plans[False, "aligned"]) == 3
+    assert len(plans[True, "aligned"]) == 1 and len(plans[False, "aligned"]) == 2  # fused statistics + normalize
     assert plans[True, "aligned"] != plans[True, "shifted"]
     assert plans[False, "aligned"] != plans[False, "shifted"]
 

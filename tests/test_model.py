@@ -123,6 +123,12 @@ def test_sampled_launch_extrapolates_exactly():
         # capture every trip count); sectors per request can differ by where a
         # block's rows straddle 32-byte sectors (channels-first chunks that
         # cross the end of a row): within 2% here.
+        if key[3] == "counters":
+            # the fused statistics' group counters: every block of a group touches the same
+            # 4 bytes, so only the byte and request counts add up over the sampled blocks
+            # (distinct bytes and sectors are a few dozen bytes, overcounted)
+            assert (got[0], got[3]) == pytest.approx((full[0], full[3]), rel=1e-12), key
+            continue
         assert got[:4] == pytest.approx(full[:4], rel=1e-12), key
         assert got[4:] == pytest.approx(full[4:], rel=0.02), key
 
@@ -142,10 +148,7 @@ def test_tensor_streams_are_coalesced(model, op, layout, shape):
 def _partial_buffer_cases():
     for op in ("moments", "bn_train", "backward"):
         for layout, shape in PARTIALS:
-            marks = [pytest.mark.xfail(strict=True, reason="the channels-last backward sums write their partials "
-                                       "with a per-thread stride of VEC elements (16 sectors per request, 4 ideal)")] \
-                if (op, layout) == ("backward", "NHWC") else []
-            yield pytest.param(op, layout, shape, marks=marks, id=f"{op}-{layout}")
+            yield pytest.param(op, layout, shape, id=f"{op}-{layout}")
 
 
 @pytest.mark.parametrize("op,layout,shape", list(_partial_buffer_cases()))
@@ -195,16 +198,19 @@ NORMALIZE_BUDGET = 40
 STATISTICS_BUDGET = 30
 # instructions per 16 bytes today (sm_90), when over budget
 _OVER = {
-    "cubn_bwd_apply<__half, 0, 8, 1, 1>": 64, "cubn_bwd_apply<__nv_bfloat16, 0, 8, 1, 1>": 64,
-    "cubn_bwd_apply<__half, 0, 8, 2, 1>": 64, "cubn_bwd_apply<__nv_bfloat16, 0, 8, 2, 1>": 64,
+    "cubn_bwd_apply<__half, 0, 8, 1, 1>": 60, "cubn_bwd_apply<__nv_bfloat16, 0, 8, 1, 1>": 61,
+    "cubn_bwd_apply<__half, 0, 8, 2, 1>": 60, "cubn_bwd_apply<__nv_bfloat16, 0, 8, 2, 1>": 60,
     "cubn_moments_cf<float, 0, 4>": 32, "cubn_moments_cf<__half, 0, 8>": 39, "cubn_moments_cf<__nv_bfloat16, 0, 8>": 40,
+    "cubn_moments_cf_fused<__half, 0, 8>": 38, "cubn_moments_cf_fused<__nv_bfloat16, 0, 8>": 39,
 }
 
 
 # why a kernel is over its budget
 _WHY = {
     "cubn_bwd_apply": "the float arithmetic of a 16-bit vector alone (8 elements, two conversions, a subtraction and "
-                      "two FMAs each) is 40 instructions on sm_90, before the loads, the packing and the d side store",
+                      "two FMAs each) is 40 instructions on sm_90, before the packing, the loads, the stores and "
+                      "their addresses; x - mean stays in float (in half2 the mean would first be rounded to the "
+                      "data's precision)",
 }
 _WHY_DEFAULT = "a division per vector (moments)"
 
@@ -219,8 +225,9 @@ def _budget_cases():
             cases += [(registry.NORMALIZE.variant(T=T, ACT=0, VEC=vec, RAW=raw, POS=pos, SIDE=0, IDX32=1),
                        NORMALIZE_BUDGET) for raw in (0, 1)]
             cases.append((registry.BWD_APPLY.variant(T=T, ACT=0, VEC=vec, POS=pos, IDX32=1), NORMALIZE_BUDGET))
-        cases += [(registry.MOMENTS_CL.variant(T=T, WMODE=0, VEC=vec), STATISTICS_BUDGET),
-                  (registry.MOMENTS_CF.variant(T=T, WMODE=0, VEC=vec), STATISTICS_BUDGET)]
+        cases += [(k.variant(T=T, WMODE=0, VEC=vec), STATISTICS_BUDGET)
+                  for k in (registry.MOMENTS_CL, registry.MOMENTS_CF, registry.MOMENTS_CL_FUSED,
+                            registry.MOMENTS_CF_FUSED)]
         for v, budget in cases:
             over = _OVER.get(v.name_expression)
             marks = [pytest.mark.xfail(strict=True, reason=f"{over} SASS instructions per 16 B on sm_90, budget "
@@ -338,19 +345,20 @@ def test_model_record_schema_and_terms():
     m = Model("h100", sampling.EVERY_BLOCK)
     rec, det = m.record("bn_train", "NCHW", (16, 8, 32, 32), "float32", one_launch=False)
     assert set(rec) == {"op", "layout", "shape", "dtype", "launches", "predicted_us", "roofline_us"}
-    assert [l["kernel"].split("<")[0] for l in rec["launches"]] == ["cubn_moments_cf", "cubn_bn_finalize",
-                                                                     "cubn_normalize"]
+    assert [l["kernel"].split("<")[0] for l in rec["launches"]] == ["cubn_moments_cf_fused", "cubn_normalize"]
     for l in rec["launches"]:
         assert set(l) == {"kernel", "grid", "block", "read_bytes", "write_bytes", "streams", "instructions_per_16B"}
         for s in l["streams"]:
             assert set(s) == {"array", "direction", "bytes", "sectors_per_request", "ideal_sectors_per_request"}
     # the op is at least its launches' overhead and no faster than its roofline
-    assert rec["predicted_us"] >= 3 * devices.H100.launch_overhead_us
+    assert rec["predicted_us"] >= 2 * devices.H100.launch_overhead_us
     assert rec["predicted_us"] >= rec["roofline_us"]
     nbytes = 16 * 8 * 32 * 32 * 4
     assert rec["roofline_us"] == pytest.approx(3 * nbytes / devices.H100.copy_bandwidth * 1e6)
+    assert det["launches"][0]["tail_us"] > 0 and det["launches"][1]["tail_us"] == 0  # the last block's merge
     for d in det["launches"]:
-        assert d["total_us"] == pytest.approx(d["overhead_us"] + max(d["dram_us"], d["issue_us"], d["chain_us"]))
+        assert d["total_us"] == pytest.approx(d["overhead_us"] + max(d["dram_us"], d["issue_us"], d["chain_us"])
+                                              + d["tail_us"])
 
 
 def test_parse_shape_errors_name_the_problem():

@@ -80,8 +80,8 @@ def test_path_and_result_at_the_cache_edges(launches, rng, fmt, shape, dtype, pa
     x = (rng.standard_normal(shape) * 2 + 50).astype(np_dtype(dtype))
     side = rng.standard_normal(shape).astype(np_dtype(dtype))
     names, out = _path(launches, lambda: _train(x, fmt, side=side))
-    want = ["cubn_bn_train_one_launch"] if path == "one" else ["cubn_moments_" + ("cl" if fmt == "NHWC" else "cf"),
-                                                                 "cubn_bn_finalize", "cubn_normalize"]
+    want = ["cubn_bn_train_one_launch"] if path == "one" else [
+        "cubn_moments_" + ("cl" if fmt == "NHWC" else "cf") + "_fused", "cubn_normalize"]
     assert names == want
     (y, bm, bv), g, b = out
     _check(x, fmt, (np.asarray(y), np.asarray(bm), np.asarray(bv)), g, b, dtype, side=side)
@@ -120,10 +120,10 @@ def test_not_chosen_for_weights_or_when_switched_off(launches, rng):
     x = rng.standard_normal((8, 4, 4, 3)).astype(np.float32)
     bn = cubn.BatchNorm(updates_collections=None)
     names, _ = _path(launches, lambda: bn(x, batch_weights=rng.random(8)))
-    assert names == ["cubn_moments_cl", "cubn_bn_finalize", "cubn_normalize"]
+    assert names == ["cubn_moments_cl_fused", "cubn_normalize"]
     with cubn.use_one_launch(False):
         names, _ = _path(launches, lambda: bn(x))
-    assert names == ["cubn_moments_cl", "cubn_bn_finalize", "cubn_normalize"]
+    assert names == ["cubn_moments_cl_fused", "cubn_normalize"]
     names, _ = _path(launches, lambda: bn(x))
     assert names == ["cubn_bn_train_one_launch"]
 

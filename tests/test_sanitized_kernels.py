@@ -26,9 +26,10 @@ SELECTION = (
     "test_moments or test_weighted_moments or test_many_blocks_per_channel or test_unaligned"
     " or (test_fused_batch_norm_training and NHWC) or (test_fused_batch_norm_training and NCHW and not three_launch)"
     " or (test_fused_batch_norm_inference and gelu)"
-    " or (test_low_precision_backward and relu and not three_launch)"
+    " or (test_low_precision_backward and relu and not three_launch) or test_fused_moments"
     ") or emulated and (test_gradients_match_finite_differences and relu"
     " and (renorm and not three_launch or weighted and three_launch))"
+    " or emulated and test_channels_last_backward_sums_against_float64 and three_launch and spread"
 )
 
 PREPROCESSING = (
@@ -47,6 +48,7 @@ def test_kernels_are_clean_under_sanitizer(mode):
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-o", "addopts=",
            "tests/test_forward.py", "tests/test_backward.py", "tests/test_preprocessing.py", "tests/test_one_launch.py",
+           "tests/test_fused_statistics.py",
            "-k", f"({SELECTION}) or ({PREPROCESSING})"]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     out = r.stdout + r.stderr

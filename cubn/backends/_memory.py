@@ -8,6 +8,18 @@ import numpy as np
 from .._dtypes import VECTOR_BYTES
 
 _probe = threading.local()  # .log: the arrays whose address was asked, while a call is being recorded
+_persistent: dict = {}  # id -> array: long-lived backend buffers (see persistent)
+
+
+def persistent(a) -> None:
+    """Mark ``a`` (a backend's long-lived buffer, e.g. the fused statistics'
+    counters, which every launch leaves as it found them) as one a launch
+    program may pass to its launches as it is: a replay uses this very buffer."""
+    _persistent[id(a)] = a
+
+
+def is_persistent(a) -> bool:
+    return _persistent.get(id(a)) is a
 
 
 def start_probe(log: list) -> None:

@@ -216,3 +216,14 @@ class OneLaunchBackend(Backend, Protocol):
 
     def train_forward_one_launch(self, launch, plan, x3, acc, fold, update, side3, act): ...
     def backward_one_launch(self, launch, plan, dy3, x3, side3, stats, act, acc, training, want_dside): ...
+
+
+def statistics(backend, plan, x3, acc, weights=None, fold=None, update=None) -> Stats:
+    """``backend.finalize(backend.welford_partials(...), ...)``, in one launch on a backend
+    with fused statistics (``fused_statistics``: the kernel backends)."""
+    fused = getattr(backend, "fused_statistics", None)
+    if fused is not None:
+        stats = fused(plan, x3, acc, weights, fold, update)
+        if stats is not None:
+            return stats
+    return backend.finalize(backend.welford_partials(plan, x3, acc, weights), acc, fold, update)

@@ -76,6 +76,10 @@ class CupyLauncher:
         self._info = None
         self._get_device = cupy.cuda.runtime.getDevice
 
+    def stream_key(self):
+        """The current stream (the fused statistics keep one counter buffer per stream)."""
+        return self.xp.cuda.get_current_stream().ptr
+
     def device_info(self) -> DeviceInfo:
         if self._info is None:
             cp = self.xp

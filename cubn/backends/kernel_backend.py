@@ -17,7 +17,7 @@ from ..kernels import registry as R
 from ..kernels.registry import ELEMENTWISE_THREADS, FINALIZE_THREADS, REDUCE_THREADS
 from ..kernels.spec import element
 from . import occupancy as _occupancy
-from ._memory import aligned as _aligned
+from ._memory import aligned as _aligned, persistent as _memory_persistent
 from .kernel_preprocessing import KernelPreprocessing
 from .base import BackwardCoeffs, Partials, RawAffine, Stats, Sums
 
@@ -32,6 +32,11 @@ MIN_VECTORS_PER_THREAD = 4  # below this a reduction thread's setup dominates
 # 128): finalize merges them with a block of walkers, so its serial chain is
 # MAX_PARTIALS / walkers, while ~1 wave of reduction blocks still fills the GPU.
 MAX_PARTIALS = 1024
+# The fused statistics' last block merges its group's partials alone (256
+# threads): at most this many (channels x partials per channel), so each
+# thread merges a handful; blocks loop over more rows instead.
+FUSED_MAX_MERGES = 2048
+SECTOR_BYTES = 32  # a fused channels-last group reads at least this much of each row
 
 
 def _pow2_at_least(n: int) -> int:
@@ -66,6 +71,7 @@ class KernelBackend(KernelPreprocessing):
         self.info = launcher.device_info()
         self._limits = _occupancy.limits_for(getattr(self.info, "compute_capability", None))
         self._per_sm: dict = {}
+        self._counter_buffers: dict = {}  # stream key -> the fused statistics' counters
 
     # ------------------------------------------------------------------
     def _launch(self, variant, grid, block, shared, **args):
@@ -105,14 +111,18 @@ class KernelBackend(KernelPreprocessing):
                 return v
         return 1
 
-    def _cl_config(self, plan, dtype, arrays, allow_fold=True, merged=False, variant_of=None, shared_of=None):
+    def _cl_config(self, plan, dtype, arrays, allow_fold=True, merged=False, variant_of=None, shared_of=None,
+                   fused=False, acc_itemsize=4):
         """``merged``: the kernel merges a block's folded columns (moments.cu), so a channel has
         gy * gx partials, not gy * fold; the split count is capped to keep them <= MAX_PARTIALS.
         ``variant_of(vec)`` / ``shared_of(vec, block_threads)``: the variant launched and its
         dynamic shared bytes, so the split fills whole waves at its real occupancy."""
         C, outer = plan.channels, plan.outer
         vmax = _dtypes.vector_widths(dtype)[-1]
+        itemsize = _dtypes.itemsize(dtype)
         fold = 1
+        if fused and C * itemsize >= SECTOR_BYTES:
+            allow_fold = False  # narrow column groups of whole sectors instead (see below)
         if allow_fold and C // vmax < 32:
             # Fold k outer rows into one matrix row so a warp spans >= 32 vectors.
             base = vmax // math.gcd(C, vmax)  # smallest k with k*C % vmax == 0
@@ -130,23 +140,45 @@ class KernelBackend(KernelPreprocessing):
         vec = self._vec(dtype, cols, arrays)
         cv = cols // vec
         bx = min(32, _pow2_at_least(cv))
+        variant = variant_of(vec) if variant_of is not None else None
+        shared = shared_of(vec, REDUCE_THREADS) if shared_of is not None else 0
+        if fused and fold == 1:
+            # Narrow column groups: the last block of a group merges width x gy partials in
+            # chunks of finalize's channels per block, and a wave of blocks needs gy >= wave *
+            # width / C, so the merge grows with the square of the width: the narrowest width
+            # that is one such chunk (FINALIZE_ROW_BYTES of accumulators) and a sector of each row.
+            width = max(FINALIZE_ROW_BYTES // acc_itemsize, -(-SECTOR_BYTES // itemsize))
+            bx = min(bx, max(1, width // vec))
         by = REDUCE_THREADS // bx
         gx = -(-cv // bx)
         gy_needed = -(-rows // (by * MIN_VECTORS_PER_THREAD))
-        variant = variant_of(vec) if variant_of is not None else None
-        shared = shared_of(vec, bx * by) if shared_of is not None else 0
         target = self._target_blocks(REDUCE_WAVES, variant, REDUCE_THREADS, shared)
         gy = max(1, min(-(-target // gx), gy_needed, 65535))
         gy = max(1, min(gy, MAX_PARTIALS // (gx if merged and fold > 1 else fold)))
+        if fused:
+            # One wave at the variant's occupancy is enough blocks in flight (Little's law), and
+            # every partial more lengthens the last block's merge: a group's last block merges
+            # channels x partials <= FUSED_MAX_MERGES (and <= MAX_PARTIALS per channel).
+            wave = self._target_blocks(1, variant, REDUCE_THREADS, shared)
+            per_block = gx if fold > 1 else 1  # partials per channel a row of blocks leaves
+            group_channels = C if fold > 1 else min(bx * vec, cols)
+            cap = min(MAX_PARTIALS, FUSED_MAX_MERGES // group_channels) // per_block
+            gy = max(1, min(gy_needed, wave // gx, cap, 65535))
         return _ClConfig(fold, cols, rows, vec, bx, by, gx, gy)
 
-    def _cf_config(self, plan, dtype, arrays, variant_of=None):
+    def _cf_config(self, plan, dtype, arrays, variant_of=None, fused=False):
         C, L = plan.channels, plan.outer * plan.inner
         vec = self._vec(dtype, plan.inner, arrays)
         per_block_min = REDUCE_THREADS * vec * MIN_VECTORS_PER_THREAD
         target = self._target_blocks(REDUCE_WAVES, variant_of(vec) if variant_of is not None else None)
         # at most ``target`` blocks (rounding up would start a nearly empty extra wave)
-        nsplit = max(1, min(target // C, -(-L // per_block_min), MAX_PARTIALS))
+        if fused:
+            # whole waves (a wave at the variant's occupancy is enough in flight), and at most
+            # FUSED_MAX_MERGES partials for the channel's last block
+            wave = self._target_blocks(1, variant_of(vec) if variant_of is not None else None)
+            nsplit = max(1, min(wave // C, -(-L // per_block_min), FUSED_MAX_MERGES, MAX_PARTIALS))
+        else:
+            nsplit = max(1, min(target // C, -(-L // per_block_min), MAX_PARTIALS))
         chunk = -(-L // nsplit)
         chunk = -(-chunk // vec) * vec
         nsplit = max(1, -(-L // chunk)) if L else 1
@@ -207,8 +239,56 @@ class KernelBackend(KernelPreprocessing):
         integers and float32 with float64 partials (the preprocessing
         statistics) run the same kernels instantiated in preprocess.cu.
         """
-        xp = self.xp
+        cfg, pfold, variant, shared, base = self._statistics_launch(plan, x3, acc, weights)
+        buf = self.xp.empty((4, cfg.nsplit, plan.channels * pfold), acc)  # one allocation: count, mean, M2, pivot
+        pc, pm, p2, pivot = buf[0], buf[1], buf[2], buf[3]
+        self._launch(variant, cfg.grid, cfg.block, shared, **base, p_count=pc, p_mean=pm, p_m2=p2, p_pivot=pivot)
+        return Partials(pc, pm, p2, pfold, pivot, weights is not None)
+
+    def fused_statistics(self, plan, x3, acc, weights, fold, update) -> Stats | None:
+        """Statistics, finalize and moving update in one launch (moments.cu's fused kernels: the last
+        block of each channel group merges its partials as ``finalize`` would, so the results are
+        bitwise those of ``finalize(welford_partials(...))``); None where the pair has no fused
+        kernel (the preprocessing's accumulations)."""
+        if R.moments_kernels(x3.dtype, acc)[0] is not R.MOMENTS_CL:
+            return None
+        C = plan.channels
+        cfg, pfold, variant, shared, base = self._statistics_launch(plan, x3, acc, weights, fused=True)
+        groups = (cfg.grid[0] if cfg.fold == 1 else 1) if plan.channels_last else C
+        counters = self._counters(groups)
+        buf = self.xp.empty((4, cfg.nsplit, C * pfold), acc)
+        o = self._stats_buffers(self.xp, C, acc, fold)
+        self._launch(variant, cfg.grid, cfg.block, shared, **base, p_count=buf[0], p_mean=buf[1], p_m2=buf[2],
+                     p_pivot=buf[3], counters=counters, weighted=int(weights is not None),
+                     **self._finalize_args(fold, update, o))
+        return Stats(o["count"], o["mean"], o["var"], o["invstd"], o["scale"], o["shift"], o["g"], o["h"], o["r"],
+                     o["d"])
+
+    def _counters(self, n):
+        """A zeroed uint32 buffer of at least ``n`` counters for the fused statistics, allocated
+        once per backend (device) and stream and left zero by every launch, so no call clears it.
+        Allocated with the launcher's own array module and marked persistent, so a recorded launch
+        program keeps this very buffer."""
+        key = getattr(self.launcher, "stream_key", lambda: None)()
+        cache = self._counter_buffers
+        buf = cache.get(key)
+        if buf is None or buf.size < n:
+            size = max(1024, _pow2_at_least(n))
+            buf = self.launcher.xp.zeros(size, "uint32")
+            _memory_persistent(buf)
+            cache[key] = buf
+        return buf
+
+    def _statistics_launch(self, plan, x3, acc, weights, fused=False):
+        """The statistics launch of ``x3``: ``(cfg, partial fold, variant, dynamic shared bytes,
+        the data arguments)``. The ops' pairs (those with fused kernels) take the fused grid
+        either way, so the partials -- and, merged in finalize's order, the statistics -- of
+        the fused launch and of ``welford_partials`` (SyncBatchNorm's exchange) are the same."""
         cl_kernel, cf_kernel = R.moments_kernels(x3.dtype, acc)
+        sized = cl_kernel is R.MOMENTS_CL  # sized as the fused launch
+        if fused:
+            cl_kernel, cf_kernel = R.MOMENTS_CL_FUSED, R.MOMENTS_CF_FUSED
+        grid_cl, grid_cf = (R.MOMENTS_CL_FUSED, R.MOMENTS_CF_FUSED) if sized else (cl_kernel, cf_kernel)
         T = element(x3.dtype, acc)
         wmode, wvals, wdiv = 0, None, 1
         if weights is not None:
@@ -218,23 +298,19 @@ class KernelBackend(KernelPreprocessing):
         C = plan.channels
         if plan.channels_last:
             cfg = self._cl_config(plan, dt, (x3,), allow_fold=weights is None, merged=True,
-                                  variant_of=lambda vec: cl_kernel.variant(T=T, WMODE=wmode, VEC=vec),
-                                  shared_of=lambda vec, threads: 3 * threads * vec * acc.itemsize)
-            pfold = cfg.partial_fold
-        else:
-            cfg = self._cf_config(plan, dt, (x3,), variant_of=lambda vec: cf_kernel.variant(T=T, WMODE=wmode, VEC=vec))
-            pfold = 1
-        buf = xp.empty((4, cfg.nsplit, C * pfold), acc)  # one allocation: count, mean, M2, pivot
-        pc, pm, p2, pivot = buf[0], buf[1], buf[2], buf[3]
-        out = dict(w=wvals, wdiv=wdiv, p_count=pc, p_mean=pm, p_m2=p2, p_pivot=pivot)
-        if plan.channels_last:
+                                  variant_of=lambda vec: grid_cl.variant(T=T, WMODE=wmode, VEC=vec),
+                                  shared_of=lambda vec, threads: 3 * threads * vec * acc.itemsize, fused=sized,
+                                  acc_itemsize=acc.itemsize)
             shared = 3 * cfg.block[0] * cfg.block[1] * cfg.vec * acc.itemsize
-            self._launch(cl_kernel.variant(T=T, WMODE=wmode, VEC=cfg.vec), cfg.grid, cfg.block, shared,
-                         x=x3, rows=cfg.rows, cols=cfg.cols, C=C, **out)
-        else:
-            self._launch(cf_kernel.variant(T=T, WMODE=wmode, VEC=cfg.vec), cfg.grid, cfg.block, 0,
-                         x=x3, outer=plan.outer, C=C, inner=plan.inner, nsplit=cfg.nsplit, chunk=cfg.chunk, **out)
-        return Partials(pc, pm, p2, pfold, pivot, weights is not None)
+            variant = cl_kernel.variant(T=T, WMODE=wmode, VEC=cfg.vec)
+            base = dict(x=x3, rows=cfg.rows, cols=cfg.cols, C=C, w=wvals, wdiv=wdiv)
+            return cfg, cfg.partial_fold, variant, shared, base
+        cfg = self._cf_config(plan, dt, (x3,), variant_of=lambda vec: grid_cf.variant(T=T, WMODE=wmode, VEC=vec),
+                              fused=sized)
+        variant = cf_kernel.variant(T=T, WMODE=wmode, VEC=cfg.vec)
+        base = dict(x=x3, outer=plan.outer, C=C, inner=plan.inner, nsplit=cfg.nsplit, chunk=cfg.chunk, w=wvals,
+                    wdiv=wdiv)
+        return cfg, 1, variant, 0, base
 
     def finalize(self, partials, acc, fold, update=None, given=None) -> Stats:
         xp = self.xp
@@ -384,21 +460,41 @@ class KernelBackend(KernelPreprocessing):
         side = side3 if act is not None else None
         coeff = dict(mean=affine.mean, scale=affine.scale, shift=affine.shift)
         if plan.channels_last:
-            cfg = self._cl_config(plan, dt, (dy3, x3, side))
-            shape = (cfg.nsplit, cfg.cols)
-            s1, s2 = xp.empty(shape, acc), xp.empty(shape, acc)
+            variant_of = lambda vec: R.BWD_REDUCE_CL.variant(T=T, ACT=act_id, VEC=vec)  # noqa: E731
+            shared_of = lambda vec, threads: 2 * threads * vec * acc.itemsize  # noqa: E731
+            cfg = self._whole_waves(self._cl_config(plan, dt, (dy3, x3, side), merged=True, variant_of=variant_of,
+                                                    shared_of=shared_of), variant_of, shared_of)
+            # backward.cu sums a block's folded columns per channel, as moments.cu merges them
+            buf = xp.empty((2, cfg.nsplit, plan.channels * cfg.partial_fold), acc)
+            s1, s2 = buf[0], buf[1]
             shared = 2 * cfg.block[0] * cfg.block[1] * cfg.vec * acc.itemsize
             self._launch(R.BWD_REDUCE_CL.variant(T=T, ACT=act_id, VEC=cfg.vec), cfg.grid, cfg.block, shared,
                          dy=dy3, x=x3, side=side, rows=cfg.rows, cols=cfg.cols, C=plan.channels, **coeff,
                          alpha=alpha, p_s1=s1, p_s2=s2)
-            return Sums(s1, s2, cfg.fold)
-        cfg = self._cf_config(plan, dt, (dy3, x3, side))
+            return Sums(s1, s2, cfg.partial_fold)
+        cfg = self._cf_config(plan, dt, (dy3, x3, side),
+                              variant_of=lambda vec: R.BWD_REDUCE_CF.variant(T=T, ACT=act_id, VEC=vec))
         shape = (cfg.nsplit, plan.channels)
         s1, s2 = xp.empty(shape, acc), xp.empty(shape, acc)
         self._launch(R.BWD_REDUCE_CF.variant(T=T, ACT=act_id, VEC=cfg.vec), cfg.grid, cfg.block, 0,
                      dy=dy3, x=x3, side=side, outer=plan.outer, C=plan.channels, inner=plan.inner,
                      nsplit=cfg.nsplit, chunk=cfg.chunk, **coeff, alpha=alpha, p_s1=s1, p_s2=s2)
         return Sums(s1, s2, 1)
+
+    def _whole_waves(self, cfg, variant_of, shared_of):
+        """``cfg`` with its split count cut to whole waves when its grid spans
+        more than one with the last part-filled (the partials' cap or the
+        rounding of ``gy`` leave one; the idle SMs of a last wave stretch an
+        equal-work grid by ``ceil(waves) / waves``)."""
+        gx, gy = cfg.grid[0], cfg.grid[1]
+        threads = cfg.block[0] * cfg.block[1]
+        wave = self._target_blocks(1, variant_of(cfg.vec), threads, shared_of(cfg.vec, threads))
+        blocks = gx * gy
+        if blocks <= wave or blocks % wave == 0:
+            return cfg
+        whole = max(1, (blocks // wave) * wave // gx)
+        bx, by = cfg.block[0], cfg.block[1]
+        return _ClConfig(cfg.fold, cfg.cols, cfg.rows, cfg.vec, bx, by, gx, whole)
 
     def backward_finalize(self, sums, stats, acc, training):
         xp = self.xp

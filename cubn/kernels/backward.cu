@@ -6,6 +6,9 @@
 //      moments kernels; cubn_bwd_finalize (finalize.cu) merges the partials.
 //   2. cubn_bwd_apply: dx = scale * dy' - w * (k1 + k2 * (x - mean)), and
 //      d side = dy' when asked (w: batch weights, 1 when unweighted).
+//      x - mean stays a float subtraction: in 16-bit (half2) arithmetic the
+//      mean would be rounded to the data's precision first, an error of up
+//      to half a unit of the offset, comparable to the spread of offset data.
 // Sums are deterministic: fixed trees, no atomics.
 #include "elementwise.cuh"
 
@@ -18,16 +21,30 @@ __device__ __forceinline__ void bwd_accumulate(A dy, A xv, A sidev, A m, A s, A 
   s2 += g * xm;
 }
 
-// Resident blocks per SM asked of ptxas for cubn_bwd_reduce_cl, i.e. its
-// register cap (64K / (256 * n); 0: none), where the cap costs no spills on
-// sm_80 and sm_90 (ptxas -v, NVRTC 12): float without an activation gets 64
-// registers and 4 blocks per SM instead of 80 and 3. bfloat16 and the
-// channels-first kernel spill under any cap that would raise their occupancy.
+// Resident blocks per SM asked of ptxas (__launch_bounds__' second
+// argument: a register cap of 64K / (256 * n); 0: none), chosen where the
+// variant does not spill on sm_80 and sm_90 (ptxas -v, NVRTC 12).
+// cubn_bwd_reduce_cl: float without an activation gets 64 registers and 4
+// blocks per SM instead of 80 and 3; the 16-bit types (their vectors widened
+// with to_acc_vec) 80 and 3 without an activation, <= 128 with one.
+// cubn_bwd_reduce_cf: without a hint ptxas keeps the 16-bit variants with an
+// activation at 80 registers and spills in the loop (24-140 bytes on sm_80);
+// asking for 2 blocks (<= 128 registers, still 12 loads in flight per
+// thread) removes them but for 8-16 bytes with sigmoid, GELU or SiLU on
+// sm_90 (both kernels), where 1 block (up to 183 registers) would halve the
+// resident warps.
 template <typename T, int ACT> struct ReduceClBlocks { enum { n = 0 }; };
 template <int ACT> struct ReduceClBlocks<float, ACT> { enum { n = ACT == ACT_NONE ? 4 : 2 }; };
-template <int ACT> struct ReduceClBlocks<__half, ACT> { enum { n = ACT == ACT_NONE ? 3 : ACT == ACT_GELU ? 0 : 2 }; };
+template <int ACT> struct ReduceClBlocks<__half, ACT> { enum { n = ACT == ACT_NONE ? 3 : 2 }; };
+template <int ACT> struct ReduceClBlocks<__nv_bfloat16, ACT> : ReduceClBlocks<__half, ACT> {};
+template <typename T, int ACT> struct ReduceCfBlocks { enum { n = 0 }; };
+template <int ACT> struct ReduceCfBlocks<__half, ACT> { enum { n = ACT == ACT_NONE ? 0 : 2 }; };
+template <int ACT> struct ReduceCfBlocks<__nv_bfloat16, ACT> : ReduceCfBlocks<__half, ACT> {};
 
 // Channels last: a (rows, cols) matrix, column j is channel j % C.
+// Partials: cols == C: (gridDim.y, cols), one per column; cols > C (folded):
+// (gridDim.y, gridDim.x * C), block x's partial of channel c at column
+// blockIdx.x * C + c (0 where the block has no column of c).
 template <typename T, int ACT, int VEC>
 __global__ void __launch_bounds__(CUBN_REDUCE_THREADS, ReduceClBlocks<T, ACT>::n)
 cubn_bwd_reduce_cl(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ side,
@@ -69,10 +86,13 @@ cubn_bwd_reduce_cl(const T* __restrict__ dy, const T* __restrict__ x, const T* _
 #pragma unroll
       for (int u = 0; u < CUBN_UNROLL; ++u) {
         if (r + u * step >= rows) break;
+        A da[VEC], xa[VEC], sa[VEC];
+        to_acc_vec(dv[u], da);
+        to_acc_vec(xv[u], xa);
+        if (has_side) to_acc_vec(sv[u], sa);
 #pragma unroll
         for (int k = 0; k < VEC; ++k)
-          bwd_accumulate<ACT, A>(to_acc(dv[u].v[k]), to_acc(xv[u].v[k]), has_side ? to_acc(sv[u].v[k]) : A(0),
-                                 m[k], s[k], t[k], alpha, s1[k], s2[k]);
+          bwd_accumulate<ACT, A>(da[k], xa[k], has_side ? sa[k] : A(0), m[k], s[k], t[k], alpha, s1[k], s2[k]);
       }
     }
   }
@@ -81,19 +101,49 @@ cubn_bwd_reduce_cl(const T* __restrict__ dy, const T* __restrict__ x, const T* _
   A* sh1 = sh;
   A* sh2 = sh + by * width;
   column_sum2<A, VEC>(s1, s2, sh1, sh2, width);
-  if (ty == 0 && active) {
-    const i64 base = (i64)blockIdx.y * cols + j0;
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      p_s1[base + k] = sh1[tx * VEC + k];
-      p_s2[base + k] = sh2[tx * VEC + k];
+  // Row 0 of sh holds the block's columns jb .. jb + wl. Written by linear
+  // thread index, so consecutive threads write consecutive partials.
+  const int tid = ty * bx + tx, nthreads = bx * by;
+  const int jb = blockIdx.x * width;
+  const int wl = cols - jb < width ? cols - jb : width;
+  if (cols == C) {
+    const i64 base = (i64)blockIdx.y * cols + jb;
+    for (int l = tid; l < wl; l += nthreads) {
+      p_s1[base + l] = sh1[l];
+      p_s2[base + l] = sh2[l];
     }
+    return;
+  }
+  // Folded: channel c's columns here are l = l0(c) + m*C, m < M(c); summed
+  // in a fixed tree over m (pairs m, m + s for m % 2s == 0), as moments.cu
+  // merges them, so the block writes one partial per channel.
+  const int off = jb % C;
+  const int mmax = (wl + C - 1) / C;
+  for (int s = 1; s < mmax; s <<= 1) {
+    for (int t = tid; t < C * mmax; t += nthreads) {
+      const int c = t % C, m = t / C;
+      const int l0 = (c - off + C) % C;
+      const int M = l0 < wl ? (wl - l0 + C - 1) / C : 0;
+      if (m % (2 * s) == 0 && m + s < M) {
+        const int a = l0 + m * C, b = a + s * C;
+        sh1[a] += sh1[b];
+        sh2[a] += sh2[b];
+      }
+    }
+    __syncthreads();
+  }
+  const i64 base = (i64)blockIdx.y * gridDim.x * C + (i64)blockIdx.x * C;
+  for (int c = tid; c < C; c += nthreads) {
+    const int l0 = (c - off + C) % C;
+    const bool has = l0 < wl;
+    p_s1[base + c] = has ? sh1[l0] : A(0);
+    p_s2[base + c] = has ? sh2[l0] : A(0);
   }
 }
 
 // Channels first: block b reduces chunk (b % nsplit) of channel (b / nsplit).
 template <typename T, int ACT, int VEC>
-__global__ void __launch_bounds__(CUBN_REDUCE_THREADS)
+__global__ void __launch_bounds__(CUBN_REDUCE_THREADS, ReduceCfBlocks<T, ACT>::n)
 cubn_bwd_reduce_cf(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ side,
                    i64 outer, int C, i64 inner, int nsplit, i64 chunk,
                    const typename AccOf<T>::type* __restrict__ mean,
@@ -192,7 +242,7 @@ __device__ __forceinline__ void bwd_apply_walk(const T* __restrict__ dy, const T
       if (wmode == 1) wt = w[pos.w];
       else if (wmode == 2 && e0 + k < n) wt = w[e0 + k];
       ov.v[k] = Out<T>::cast(s * g - wt * (a1 + a2 * xm));
-      dsv.v[k] = Out<T>::cast(g);
+      dsv.v[k] = ACT == ACT_NONE ? dv.v[k] : Out<T>::cast(g);  // dy' = dy: its own bits, no round trip
       pos.next(inner, C, wmode == 1 ? wdiv : 1);
     }
     store_or_tail(dx, ov, e0, n, full);
@@ -254,7 +304,7 @@ cubn_bwd_apply(const T* __restrict__ dy, const T* __restrict__ x, const T* __res
       A g = da[k];
       if (ACT != ACT_NONE) g *= act_grad<ACT>(xm * s[j] + t[j] + (has_side ? sa[k] : A(0)), alpha);
       ov.v[k] = Out<T>::cast(s[j] * g - (a1[j] + a2[j] * xm));
-      dsv.v[k] = Out<T>::cast(g);
+      dsv.v[k] = ACT == ACT_NONE ? dv.v[k] : Out<T>::cast(g);  // dy' = dy: its own bits, no round trip
     }
   };
   const I nfull = ne / VEC;

@@ -45,24 +45,6 @@ __device__ __forceinline__ void sum_channel(int c, int C, int nparts, int fold, 
   }
 }
 
-// Statistics from merged (count, mean - piv, M2). No data: NaN (0/0); a
-// weighted reduction whose weights sum to 0: mean 0 and variance 0, as
-// tf.nn.weighted_moments' div_no_nan. Inf/NaN in M2 stay (no clamp drops them).
-template <typename A>
-__device__ __forceinline__ void channel_stats(A n, A& mean, A m2, A& var, A piv, int weighted) {
-  if (n > A(0)) {
-    var = m2 / n;
-    if (var < A(0)) var = A(0);  // M2 >= 0 in exact arithmetic; NaN passes
-    mean = piv + mean;
-  } else if (weighted) {
-    mean = A(0);
-    var = A(0);
-  } else {
-    mean = m_sqrt(A(-1));
-    var = mean;
-  }
-}
-
 template <typename A>
 __global__ void __launch_bounds__(CUBN_FINALIZE_THREADS)
 cubn_bn_finalize(int C, int nparts, int fold,

@@ -54,6 +54,24 @@ __device__ __forceinline__ void merge_channel(int c, int C, int nparts, int fold
   }
 }
 
+// Statistics from merged (count, mean - piv, M2). No data: NaN (0/0); a
+// weighted reduction whose weights sum to 0: mean 0 and variance 0, as
+// tf.nn.weighted_moments' div_no_nan. Inf/NaN in M2 stay (no clamp drops them).
+template <typename A>
+__device__ __forceinline__ void channel_stats(A n, A& mean, A m2, A& var, A piv, int weighted) {
+  if (n > A(0)) {
+    var = m2 / n;
+    if (var < A(0)) var = A(0);  // M2 >= 0 in exact arithmetic; NaN passes
+    mean = piv + mean;
+  } else if (weighted) {
+    mean = A(0);
+    var = A(0);
+  } else {
+    mean = m_sqrt(A(-1));
+    var = mean;
+  }
+}
+
 // Moving statistics (see backends/base.py MovingUpdate for the formulas).
 // Pointers may alias their "_in" counterparts: each channel is read then
 // written by one thread.
@@ -160,5 +178,86 @@ __device__ __forceinline__ void bwd_channel(int c, A s1, A s2, const A* count, c
   } else {
     k1 = A(0);
     k2 = A(0);
+  }
+}
+
+// The last-block-done handshake of the fused statistics kernels (moments.cu).
+// Every thread fences its partial writes to device scope before the block
+// counts itself in; the block whose increment completes the group sees
+// members - 1 and alone goes on (after a second fence, so that its loads
+// see the other blocks' partials). Every thread of the block must call it.
+__device__ __forceinline__ bool last_block_arrives(unsigned* counter, unsigned members) {
+  __shared__ int sh_last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0)
+    sh_last = atomicAdd(counter, 1u) == members - 1u;
+  __syncthreads();
+  const bool last = sh_last != 0;
+  if (last) __threadfence();
+  return last;
+}
+
+// The fused finalize of channels c0 .. c0 + nch (partials in the layout of
+// partial_index, written by other blocks of this launch: read through
+// volatile, never from a stale or non-coherent cache). The block's threads
+// act as cubn_bn_finalize's blocks do -- cw = min(32 bytes / sizeof(A),
+// pow2 >= C) consecutive channels by threads / cw walkers, walker w merging
+// partials w, w + walkers, ... (four loads in flight before their merges),
+// then a fixed tree over the walkers; chunks of cw channels one after
+// another -- so every channel is merged in exactly the order of the
+// two-launch path (and of SyncBatchNorm's merge): bitwise its results.
+// Then channel_stats and finalize_channel. Every thread must call it.
+template <typename A>
+__device__ __forceinline__ void merge_finalize_group(int c0, int nch, int C, int nparts, int fold,
+                                                     const A* p_count, const A* p_mean, const A* p_m2,
+                                                     const A* p_pivot, int weighted, CUBN_FINALIZE_PARAMS(A)) {
+  __shared__ A sh[4 * CUBN_REDUCE_THREADS];
+  const int nt = blockDim.x * blockDim.y * blockDim.z;
+  const int tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+  const int total = nparts * fold;
+  int cw = 1;
+  while (cw < C && cw < int(32 / sizeof(A))) cw <<= 1;
+  const int walkers = nt / cw, lane = tid % cw, wk = tid / cw;
+  const volatile A* vc = p_count;
+  const volatile A* vm = p_mean;
+  const volatile A* v2 = p_m2;
+  const volatile A* vp = p_pivot;
+  for (int cb = 0; cb < nch; cb += cw) {
+    const int c = c0 + cb + lane;
+    const bool has = cb + lane < nch;
+    A n = A(0), mean = A(0), m2 = A(0), piv = A(0);
+    if (has) {
+      for (int p = wk; p < total; p += 4 * walkers) {
+        A q[4][4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int pu = p + u * walkers;
+          if (pu < total) {
+            const i64 k = partial_index(pu, C, fold, c);
+            q[u][0] = vc[k]; q[u][1] = vm[k]; q[u][2] = v2[k]; q[u][3] = vp[k];
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+          if (p + u * walkers < total) chan_merge_pivot(n, mean, m2, piv, q[u][0], q[u][1], q[u][2], q[u][3]);
+      }
+    }
+    sh[tid] = n; sh[nt + tid] = mean; sh[2 * nt + tid] = m2; sh[3 * nt + tid] = piv;
+    __syncthreads();
+    for (int s = walkers >> 1; s > 0; s >>= 1) {
+      if (wk < s) {
+        const int b = tid + s * cw;
+        chan_merge_pivot(n, mean, m2, piv, sh[b], sh[nt + b], sh[2 * nt + b], sh[3 * nt + b]);
+        sh[tid] = n; sh[nt + tid] = mean; sh[2 * nt + tid] = m2; sh[3 * nt + tid] = piv;
+      }
+      __syncthreads();
+    }
+    if (wk == 0 && has) {
+      A var;
+      channel_stats(n, mean, m2, var, piv, weighted);
+      A scale, shift;
+      finalize_channel<A>(c, n, mean, var, scale, shift, CUBN_FINALIZE_ARGS);
+    }
   }
 }

@@ -1,6 +1,8 @@
 // Per-channel Welford moments: each block reduces a slice of the data of its
 // channels to (count, mean, M2) partials; cubn_bn_finalize (finalize.cu)
-// merges the partials of a channel with Chan's formula in a fixed order.
+// merges the partials of a channel with Chan's formula in a fixed order, or,
+// in the fused kernels at the end of this file, the last block of each
+// channel group to finish does (finalize.cuh), in the same launch.
 // Two layouts, each read coalesced:
 //   channels last  (inner == 1): x is a (rows, cols) matrix, column j holds
 //                  channel j % C (cols = k*C: k consecutive outer rows are
@@ -27,6 +29,7 @@
 // WMODE: 0 unweighted; 1 one weight per outer index group (w[o / wdiv]);
 // 2 one weight per element (w has x's layout). Zero weights are skipped.
 #include "common.cuh"
+#include "finalize.cuh"
 
 // Mean and M2 of VEC values held in registers (two passes over registers).
 template <typename A, int VEC>
@@ -114,13 +117,12 @@ __device__ __forceinline__ void cl_walk(const T* __restrict__ x, i64 rows, int c
 // (gridDim.y, gridDim.x * C), block x's partial of channel c at column
 // blockIdx.x * C + c (empty (0, 0, 0) where the block has no column of c).
 template <typename T, int WMODE, int VEC>
-__global__ void __launch_bounds__(CUBN_REDUCE_THREADS)
-cubn_moments_cl(const T* __restrict__ x, i64 rows, int cols, int C,
-                const typename AccOf<T>::type* __restrict__ w, i64 wdiv,
-                typename AccOf<T>::type* __restrict__ p_count,
-                typename AccOf<T>::type* __restrict__ p_mean,
-                typename AccOf<T>::type* __restrict__ p_m2,
-                typename AccOf<T>::type* __restrict__ p_pivot) {
+__device__ __forceinline__ void moments_cl_block(const T* __restrict__ x, i64 rows, int cols, int C,
+                                                 const typename AccOf<T>::type* __restrict__ w, i64 wdiv,
+                                                 typename AccOf<T>::type* p_count,
+                                                 typename AccOf<T>::type* p_mean,
+                                                 typename AccOf<T>::type* p_m2,
+                                                 typename AccOf<T>::type* p_pivot) {
   typedef typename AccOf<T>::type A;
   const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
   const int j0 = (blockIdx.x * bx + tx) * VEC;  // first column of this thread
@@ -323,13 +325,12 @@ __device__ __forceinline__ void cf_walk(const T* __restrict__ x, int C, int c, i
 }
 
 template <typename T, int WMODE, int VEC>
-__global__ void __launch_bounds__(CUBN_REDUCE_THREADS)
-cubn_moments_cf(const T* __restrict__ x, i64 outer, int C, i64 inner, int nsplit, i64 chunk,
-                const typename AccOf<T>::type* __restrict__ w, i64 wdiv,
-                typename AccOf<T>::type* __restrict__ p_count,
-                typename AccOf<T>::type* __restrict__ p_mean,
-                typename AccOf<T>::type* __restrict__ p_m2,
-                typename AccOf<T>::type* __restrict__ p_pivot) {
+__device__ __forceinline__ void moments_cf_block(const T* __restrict__ x, i64 outer, int C, i64 inner, int nsplit,
+                                                 i64 chunk, const typename AccOf<T>::type* __restrict__ w, i64 wdiv,
+                                                 typename AccOf<T>::type* p_count,
+                                                 typename AccOf<T>::type* p_mean,
+                                                 typename AccOf<T>::type* p_m2,
+                                                 typename AccOf<T>::type* p_pivot) {
   typedef typename AccOf<T>::type A;
   const int c = blockIdx.x / nsplit, s = blockIdx.x % nsplit;
   const i64 L = outer * inner;
@@ -367,4 +368,69 @@ cubn_moments_cf(const T* __restrict__ x, i64 outer, int C, i64 inner, int nsplit
     p_m2[idx] = m2;
     p_pivot[idx] = P;
   }
+}
+
+template <typename T, int WMODE, int VEC>
+__global__ void __launch_bounds__(CUBN_REDUCE_THREADS)
+cubn_moments_cl(const T* __restrict__ x, i64 rows, int cols, int C,
+                const typename AccOf<T>::type* __restrict__ w, i64 wdiv,
+                typename AccOf<T>::type* __restrict__ p_count,
+                typename AccOf<T>::type* __restrict__ p_mean,
+                typename AccOf<T>::type* __restrict__ p_m2,
+                typename AccOf<T>::type* __restrict__ p_pivot) {
+  moments_cl_block<T, WMODE, VEC>(x, rows, cols, C, w, wdiv, p_count, p_mean, p_m2, p_pivot);
+}
+
+template <typename T, int WMODE, int VEC>
+__global__ void __launch_bounds__(CUBN_REDUCE_THREADS)
+cubn_moments_cf(const T* __restrict__ x, i64 outer, int C, i64 inner, int nsplit, i64 chunk,
+                const typename AccOf<T>::type* __restrict__ w, i64 wdiv,
+                typename AccOf<T>::type* __restrict__ p_count,
+                typename AccOf<T>::type* __restrict__ p_mean,
+                typename AccOf<T>::type* __restrict__ p_m2,
+                typename AccOf<T>::type* __restrict__ p_pivot) {
+  moments_cf_block<T, WMODE, VEC>(x, outer, C, inner, nsplit, chunk, w, wdiv, p_count, p_mean, p_m2, p_pivot);
+}
+
+// The fused statistics: the same blocks, then the last block of each channel
+// group to finish (finalize.cuh, last_block_arrives) merges the group's
+// partials exactly as cubn_bn_finalize would -- same walkers, same order, so
+// the results are bitwise those of the two-launch path -- and writes every
+// finalize output. Groups: channels last unfolded, the blockIdx.x column
+// group (gridDim.y blocks); folded, the whole grid (one partial per block and
+// channel); channels first, one channel (nsplit blocks). `counters` holds one
+// zero per group before the launch and again after it.
+template <typename T, int WMODE, int VEC>
+__global__ void __launch_bounds__(CUBN_REDUCE_THREADS)
+cubn_moments_cl_fused(const T* __restrict__ x, i64 rows, int cols, int C,
+                      const typename AccOf<T>::type* __restrict__ w, i64 wdiv,
+                      typename AccOf<T>::type* p_count, typename AccOf<T>::type* p_mean,
+                      typename AccOf<T>::type* p_m2, typename AccOf<T>::type* p_pivot,
+                      unsigned* counters, int weighted, CUBN_FINALIZE_PARAMS(typename AccOf<T>::type)) {
+  typedef typename AccOf<T>::type A;
+  moments_cl_block<T, WMODE, VEC>(x, rows, cols, C, w, wdiv, p_count, p_mean, p_m2, p_pivot);
+  const bool folded = cols != C;
+  const int group = folded ? 0 : (int)blockIdx.x;
+  if (!last_block_arrives(counters + group, folded ? gridDim.x * gridDim.y : gridDim.y)) return;
+  const int width = blockDim.x * VEC;
+  const int c0 = folded ? 0 : (int)blockIdx.x * width;
+  const int nch = folded ? C : (cols - c0 < width ? cols - c0 : width);
+  merge_finalize_group<A>(c0, nch, C, gridDim.y, folded ? gridDim.x : 1, p_count, p_mean, p_m2, p_pivot, weighted,
+                          CUBN_FINALIZE_ARGS);
+  if (threadIdx.x == 0 && threadIdx.y == 0) counters[group] = 0u;
+}
+
+template <typename T, int WMODE, int VEC>
+__global__ void __launch_bounds__(CUBN_REDUCE_THREADS)
+cubn_moments_cf_fused(const T* __restrict__ x, i64 outer, int C, i64 inner, int nsplit, i64 chunk,
+                      const typename AccOf<T>::type* __restrict__ w, i64 wdiv,
+                      typename AccOf<T>::type* p_count, typename AccOf<T>::type* p_mean,
+                      typename AccOf<T>::type* p_m2, typename AccOf<T>::type* p_pivot,
+                      unsigned* counters, int weighted, CUBN_FINALIZE_PARAMS(typename AccOf<T>::type)) {
+  typedef typename AccOf<T>::type A;
+  moments_cf_block<T, WMODE, VEC>(x, outer, C, inner, nsplit, chunk, w, wdiv, p_count, p_mean, p_m2, p_pivot);
+  const int c = blockIdx.x / nsplit;
+  if (!last_block_arrives(counters + c, (unsigned)nsplit)) return;
+  merge_finalize_group<A>(c, 1, C, nsplit, 1, p_count, p_mean, p_m2, p_pivot, weighted, CUBN_FINALIZE_ARGS);
+  if (threadIdx.x == 0) counters[c] = 0u;
 }

@@ -140,6 +140,21 @@ FINALIZE_ARGS = (
     "A* o_scale?, A* o_shift?, A* o_g?, A* o_h?, A* o_r?, A* o_d?, " + UPDATE_ARGS)
 _PER_ACC = dict(A=ACCS)
 
+# The statistics with the finalize fused in (moments.cu, the last block of each
+# channel group merges): the moments kernels' arguments, the group counters
+# (one zero each, left zero), then cubn_bn_finalize's.
+_FUSED_DOMAINS = dict(T=FLOATS, WMODE=(0, 1, 2), VEC=_all_widths)
+MOMENTS_CL_FUSED = Kernel(
+    "cubn_moments_cl_fused", "moments.cu", "typename T, int WMODE, int VEC",
+    "const T* x, i64 rows, int cols, int C, const A* w?, i64 wdiv=1, A* p_count, A* p_mean, A* p_m2, A* p_pivot, "
+    "unsigned* counters, int weighted=0, " + FINALIZE_ARGS,
+    _FUSED_DOMAINS)
+MOMENTS_CF_FUSED = Kernel(
+    "cubn_moments_cf_fused", "moments.cu", "typename T, int WMODE, int VEC",
+    "const T* x, i64 outer, int C, i64 inner, int nsplit, i64 chunk, const A* w?, i64 wdiv=1, "
+    "A* p_count, A* p_mean, A* p_m2, A* p_pivot, unsigned* counters, int weighted=0, " + FINALIZE_ARGS,
+    _FUSED_DOMAINS)
+
 BN_FINALIZE = Kernel(
     "cubn_bn_finalize", "finalize.cu", "typename A",
     "int C, int nparts=0, int fold=1, const A* p_count?, const A* p_mean?, const A* p_m2?, const A* pivot?, "
@@ -267,7 +282,7 @@ PP_TRANSPOSE = Kernel(
     acc="PpAcc<Tin, Tout>")
 
 KERNELS = (
-    MOMENTS_CL, MOMENTS_CF,
+    MOMENTS_CL, MOMENTS_CF, MOMENTS_CL_FUSED, MOMENTS_CF_FUSED,
     BN_FINALIZE, BN_UPDATE, BWD_FINALIZE, MERGE_PARTIALS, MERGE_SUMS,
     NORMALIZE, BWD_REDUCE_CL, BWD_REDUCE_CF, BWD_APPLY,
     TRAIN_ONE_LAUNCH, BWD_ONE_LAUNCH,

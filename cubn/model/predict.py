@@ -21,10 +21,20 @@ For each launch (docs/performance.md, "The model", writes the same down):
   times the rounds of blocks an SM runs one after another: the time a loop of
   dependent round trips takes however idle the GPU is (finalize walking
   thousands of partials with one warp per channel is this case).
+* **last-block tail** (the fused statistics kernels, ``cubn_moments_*_fused``):
+  after every other block, the group's last block merges the group's partials
+  alone. The tracer holds the group counters away from completion, so no
+  traced block runs it (a sample would complete a count only by chance); it
+  is counted from the launch's arguments: the handshake (a fence, the
+  counter's atomic round trip, a second fence) and the output writes, three
+  L2 round trips, plus per chunk of ``cw`` channels the walkers' dependent
+  steps (an L2 load and a Chan merge of ``MERGE_INSTRUCTIONS`` dependent
+  instructions each) and the tree over the walkers (a shared-memory load, a
+  merge and a barrier per level). It runs after the grid, so it adds.
 * **launch overhead** per kernel.
 
-A launch takes ``overhead + max(DRAM, issue, chain)``; an op is the sum of
-its launches. ``roofline_us`` is the op's minimal tensor traffic (the
+A launch takes ``overhead + max(DRAM, issue, chain) + tail``; an op is the sum
+of its launches. ``roofline_us`` is the op's minimal tensor traffic (the
 benchmark's count of tensor-sized passes) over the copy bandwidth. All of it
 is a model with leads for its constants ([`cubn.model.devices`][cubn.model.devices]) until a
 GPU run calibrates them.
@@ -39,6 +49,13 @@ from .devices import Device
 from .sass import SassStats
 
 TENSOR_NAMES = ("x", "dy", "side")
+# Dependent instructions of one Chan merge with pivots (chan_merge_pivot: the
+# empty and non-finite checks, a division, four FMAs), and the cycles of a
+# shared-memory load and of a block barrier, for the last-block tail.
+MERGE_INSTRUCTIONS = 40
+SHARED_LATENCY_CYCLES = 30
+BARRIER_CYCLES = 20
+FUSED_KERNELS = ("cubn_moments_cl_fused", "cubn_moments_cf_fused")
 
 
 @dataclass
@@ -59,10 +76,11 @@ class LaunchTime:
     issue_us: float
     chain_us: float
     overhead_us: float
+    tail_us: float = 0.0
 
     @property
     def total_us(self) -> float:
-        return self.overhead_us + max(self.dram_us, self.issue_us, self.chain_us)
+        return self.overhead_us + max(self.dram_us, self.issue_us, self.chain_us) + self.tail_us
 
     @property
     def bound(self) -> str:
@@ -151,8 +169,48 @@ def launch_time(traffic: LaunchTraffic, sass: SassStats, device: Device, l2: L2)
     rounds = math.ceil(waves) if waves >= 1 else 1
     chain_us = rounds * busiest * per_iteration / clock * 1e6
 
+    tail_us = last_block_cycles(launch, device) / clock * 1e6
     return LaunchTime(launch.name_expression, blocks, threads, sass.registers, shared, per_sm, waves, dram, hits,
-                      bandwidth, instr, busiest, dram_us, issue_us, chain_us, device.launch_overhead_us)
+                      bandwidth, instr, busiest, dram_us, issue_us, chain_us, device.launch_overhead_us, tail_us)
+
+
+def fused_merge_shape(launch):
+    """``(chunks, steps, walkers)`` of a fused statistics launch's last block (moments.cu,
+    finalize.cuh's merge_finalize_group): the widest group's chunks of ``cw`` channels (one
+    after another), each walker's partials per chunk, the walkers; None for other kernels."""
+    if launch.kernel not in FUSED_KERNELS:
+        return None
+    named = launch.named
+    C = int(named["C"])
+    threads = launch.threads_per_block
+    gx, gy, _ = launch.grid
+    if launch.kernel == "cubn_moments_cl_fused":
+        folded = int(named["cols"]) != C
+        width = launch.block[0] * int(launch.template.get("VEC", 1))
+        nch = C if folded else min(width, int(named["cols"]))
+        total = gy * (gx if folded else 1)
+    else:
+        nch, total = 1, int(named["nsplit"])
+    cw = 1  # finalize's channels per block (32 bytes of accumulators), whose order the merge keeps
+    while cw < C and cw < 32 // launch.arg("p_count").itemsize:
+        cw *= 2
+    walkers = threads // cw
+    return -(-nch // cw), -(-total // walkers), walkers
+
+
+def last_block_cycles(launch, device: Device) -> float:
+    """Cycles the last block of a fused statistics launch spends after the rest of the grid:
+    the handshake and the writes (three L2 round trips), then per chunk each walker's batches of
+    four loads (one L2 round trip a batch) with their dependent merges, and the tree's levels."""
+    shape = fused_merge_shape(launch)
+    if shape is None:
+        return 0.0
+    chunks, steps, walkers = shape
+    merge = MERGE_INSTRUCTIONS * device.dependent_issue_cycles
+    levels = max(0, walkers.bit_length() - 1)
+    per_chunk = (-(-steps // 4) * device.l2_latency_cycles + steps * merge
+                 + levels * (SHARED_LATENCY_CYCLES + merge + BARRIER_CYCLES))
+    return 3 * device.l2_latency_cycles + chunks * per_chunk
 
 
 def roofline_us(op: str, tensor_bytes: int, device: Device, passes: dict) -> float:

@@ -67,10 +67,10 @@ def role_keys(kernel: str, template: dict, grid, block, named: dict) -> np.ndarr
         nvec = _ceil_div(int(named["n"]), vec)
         stride = gx * threads
         cols += [_trip_counts(lin * threads, stride, nvec), _trip_counts(lin * threads + threads - 1, stride, nvec)]
-    elif "nsplit" in named and kernel.endswith("_cf"):
+    elif "nsplit" in named and kernel.removesuffix("_fused").endswith("_cf"):
         s = bx % int(named["nsplit"])
         cols += [edge(s, int(named["nsplit"]))]
-    elif "rows" in named and kernel.endswith("_cl"):
+    elif "rows" in named and kernel.removesuffix("_fused").endswith("_cl"):
         rows, step = int(named["rows"]), gy * block[1]
         cols += [_trip_counts(by * block[1], step, rows), _trip_counts(by * block[1] + block[1] - 1, step, rows)]
     return np.stack(cols, axis=1)

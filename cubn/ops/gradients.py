@@ -18,6 +18,7 @@ from .._args import as_like, channel_param, make_weights
 from .._backend import select
 from .._checks import arg_error, check_float_input
 from .._plan import plan_for_reduction
+from ..backends import base as _base
 from ..backends.base import Affine, BackwardCoeffs, Fold
 from .normalization import batch_normalization_args
 
@@ -135,7 +136,7 @@ def _moments_backward(func, dmean, dvariance, x, axes, weights_arg, wname):
         w = as_like(func, wname, weights_arg, x, xp)
         weights = make_weights(func, wname, w, x.shape, plan, xp, acc)
     x3 = plan.view3(x)
-    stats = backend.finalize(backend.welford_partials(plan, x3, acc, weights), acc, fold=None)
+    stats = _base.statistics(backend, plan, x3, acc, weights)
     total = stats.count
     inv = xp.where(total > 0, 1 / xp.where(total > 0, total, 1), 0).astype(acc)
     # backward_apply: dx = scale·dy′ − w·(k1 + k2·(x − mean)); scale 0 leaves the statistics' part

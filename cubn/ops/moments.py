@@ -13,6 +13,7 @@ from .._checks import arg_error, check_float_input, describe
 from .._memory import readable
 from .._plan import plan_for_reduction
 from .._args import as_like, make_weights
+from ..backends import base as _base
 
 
 def _reduce(func, x, axes, keepdims, weights_arg=None, weights_name="weights"):
@@ -77,8 +78,7 @@ def _stats(backend, plan, x3, acc, weights, dtype, out_shape):
         if lp is not None:
             mean, var = _mid.moments(backend, x3, acc, lp)
             return mean.astype(dtype, copy=False).reshape(out_shape), var.astype(dtype, copy=False).reshape(out_shape)
-    partials = backend.welford_partials(plan, x3, acc, weights)
-    stats = backend.finalize(partials, acc, fold=None)
+    stats = _base.statistics(backend, plan, x3, acc, weights)
     mean = stats.mean.astype(dtype, copy=False).reshape(out_shape)
     var = stats.var.astype(dtype, copy=False).reshape(out_shape)
     return mean, var
@@ -183,7 +183,7 @@ def sufficient_statistics(x, axes, shift=None, keepdims=False, name=None, keep_d
     if plan.channels == 0 or plan.per_channel == 0:
         zeros = xp.zeros(out_shape, dtype=out_dtype)
         return count, zeros, zeros.copy(), shift
-    stats = backend.finalize(backend.welford_partials(plan, plan.view3(x), acc, None), acc, fold=None)
+    stats = _base.statistics(backend, plan, plan.view3(x), acc)
     n = acc.type(plan.per_channel)
     # Σ(x − s) = n·mean and Σ(x − s)² = M2 + n·mean² from the Welford moments (M2 never cancels)
     m_ss = n * stats.mean

@@ -19,6 +19,7 @@ from ..backends import numpy_small as _small
 from ..backends import one_launch
 from .. import _launch_cache as _lc
 from ..backends._memory import alignment_of
+from ..backends import base as _base
 from ..backends.base import Affine, Fold, MovingUpdate, RawAffine, Stats
 from .._args import channel_param
 from .._fast import plain_like, plain_vector
@@ -172,10 +173,11 @@ def _bn_forward(backend, plan, x3, acc, training, fold, update, given, weights, 
         if launch is not None:
             y3, ctx.stats = backend.train_forward_one_launch(launch, plan, x3, acc, fold, update, side3, act)
             return y3, ctx
-        partials = backend.welford_partials(plan, x3, acc, weights)
-        if exchange is not None:
-            partials = exchange.partials(backend, partials, acc)
-        ctx.stats = backend.finalize(partials, acc, fold, update)
+        if exchange is None:
+            ctx.stats = _base.statistics(backend, plan, x3, acc, weights, fold, update)
+        else:  # the ranks exchange partials: statistics and finalize stay apart
+            partials = exchange.partials(backend, backend.welford_partials(plan, x3, acc, weights), acc)
+            ctx.stats = backend.finalize(partials, acc, fold, update)
         affine = Affine(ctx.stats.mean, ctx.stats.scale, ctx.stats.shift)
     else:
         ctx.given = given
