@@ -71,7 +71,7 @@ def _calls(x, dy, side, g, b, rm, rv, fmt, ax):
                 out[("backward", training) + key] = tuple(cubn.batch_norm_backward(
                     dy, x, gg, out[("train",) + key][1] if training else rm, rv, 1e-3, offset=bb, data_format=fmt,
                     is_training=training, activation=act, side_input=sd))
-    layer = cubn.BatchNorm(data_format=fmt, scale=True)
+    layer = cubn.BatchNorm(data_format=fmt, scale=True, updates_collections=None)
     y = layer(x, is_training=True)
     dx = layer.backward(dy)
     out["layer"] = (y, dx, *(np.array(v) for v in layer.gradients.values()))
