@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import shutil
 import sys
 import traceback
 
@@ -31,8 +32,10 @@ DTYPES = ("float16", "float32", "float64")
 # Error bounds relative to the scale of the values, per input dtype.
 TOL = {"float16": 4e-3, "float32": 3e-5, "float64": 1e-11}
 EPS = 1e-3
-# (data_format, shape): channels last and first, rank 2 and 4.
-CASES = (("NHWC", (4, 3, 5, 6)), ("NCHW", (3, 4, 5, 5)), ("NHWC", (9, 7)))
+# (data_format, shape): channels last and first, rank 2 and 4; the last two large
+# enough for the NumPy backend's compiled loops (more than 8192 elements).
+CASES = (("NHWC", (4, 3, 5, 6)), ("NCHW", (3, 4, 5, 5)), ("NHWC", (9, 7)),
+         ("NHWC", (16, 9, 9, 24)), ("NCHW", (6, 8, 15, 15)))
 
 
 def channel_axis(fmt, ndim):
@@ -135,6 +138,14 @@ def main(argv=None) -> int:
     if args.bare and present:
         print(f"FAIL: --bare, but optional packages are installed: {', '.join(present)}")
         return 1
+    from cubn.backends import numpy_native
+
+    status = numpy_native.status()
+    print(f"the NumPy backend's compiled loops: {status}")
+    if shutil.which("c++") or shutil.which("g++"):
+        if not status.startswith("in use"):
+            print("FAIL: a C++ compiler is installed, but the compiled loops are not in use")
+            return 1
     check = Checker()
     rng = np.random.default_rng()
     for backend in args.backends.split(","):

@@ -16,9 +16,24 @@ import numpy as np
 import pytest
 
 import cubn
+from cubn.backends import numpy_native
 from cubn.backends import numpy_tiles as tiles
 from conftest import BF16, assert_close, np_dtype
 import reference as ref
+
+
+@pytest.fixture(autouse=True)
+def numpy_code(request):
+    """These tests are of the NumPy code (chunks, folding, its memory and accuracy): the compiled
+    loops (``tests/test_numpy_native.py``) stay off, but where a test is parametrized ``loops=True``."""
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    if params.get("loops"):
+        if not numpy_native.build():
+            pytest.skip(f"compiled loops: {numpy_native.status()}")
+        yield
+        return
+    with numpy_native.disabled():
+        yield
 
 CHUNK = tiles.chunk_elements(4)  # float32 elements per chunk
 SMALL = tiles.SMALL_ELEMENTS
@@ -470,7 +485,8 @@ def _peak_beyond_outputs(f):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
 @pytest.mark.parametrize("fmt,shape", MEMORY_CASES, ids=[f"{f}-{'x'.join(map(str, s))}" for f, s in MEMORY_CASES])
-def test_peak_memory_beyond_outputs(rng, dtype, fmt, shape):
+@pytest.mark.parametrize("loops", [False, True], ids=["numpy code", "compiled loops"])
+def test_peak_memory_beyond_outputs(rng, dtype, fmt, shape, loops):
     x = rng.standard_normal(shape).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
     ax = _axis(fmt, shape)

@@ -16,6 +16,15 @@ from cubn.backends import numpy_mid as nm
 from cubn.backends.numpy_backend import NumpyBackend, _pivot_sample
 
 from conftest import BF16
+from cubn.backends import numpy_native
+
+
+@pytest.fixture(autouse=True)
+def numpy_code():
+    """The one-task path runs where the compiled loops do not (16-bit data, no compiler):
+    these tests compare it with the NumPy primitives, the loops off."""
+    with numpy_native.disabled():
+        yield
 
 DTYPES = [np.float16, np.float32, np.float64] + ([BF16] if BF16 is not None else [])
 # (shape, data_format): NC, channels last (grouped rows), NCHW (rows of whole feature maps)

@@ -24,6 +24,7 @@ import numpy as np
 
 from .. import _threads
 from .._welford import tree_merge
+from . import numpy_native as native
 from . import numpy_tiles as tiles
 from .base import Affine, BackwardCoeffs, Partials, RawAffine, Stats, Sums
 from .numpy_preprocessing import NumpyPreprocessing
@@ -348,6 +349,9 @@ class NumpyBackend(NumpyPreprocessing):
             z = np.zeros((1, c), acc)
             return Partials(z, z.copy(), z.copy(), weighted=weights is not None)
         x3 = _contiguous(x3)
+        if weights is None and native.accepts(x3, acc):
+            mean, m2 = native.statistics(x3, acc)
+            return Partials(np.full((1, c), outer * inner, acc), mean[None, :], m2[None, :])
         lay = _layout(x3, acc)
         if lay.kind == "whole" and weights is None:
             return _small_moments(x3, acc)
@@ -483,7 +487,9 @@ class NumpyBackend(NumpyPreprocessing):
             affine = fold_raw(affine, acc)
         x3, side3 = _contiguous(x3), _contiguous(side3)
         y3 = np.empty(x3.shape, out_dtype)
-        if y3.size:
+        if y3.dtype == acc and native.takes_act(act) and native.accepts(x3, acc, side3):
+            native.normalize(x3, side3, y3, *affine, act, acc)
+        elif y3.size:
             lay = _layout(x3, acc)
             params = _affine_params(x3, affine, acc, lay)[0]
             lay.run(_normalize_kernel(act, acc), (x3, side3, y3), params, 0, acc,
@@ -498,6 +504,9 @@ class NumpyBackend(NumpyPreprocessing):
         if x3.size == 0:
             z = np.zeros((1, c), acc)
             return Sums(z, z.copy())
+        if native.takes_act(act) and native.accepts(x3, acc, dy3, side3):
+            s1, s2 = native.backward_sums(dy3, x3, side3, affine[0], affine, act, acc)
+            return Sums(s1[None, :], s2[None, :])
         lay = _layout(x3, acc)
         params = tuple(np.asarray(v, acc) for v in affine)
         pre = _affine_params(x3, affine, acc, lay)[0] if act is not None else params
@@ -531,6 +540,11 @@ class NumpyBackend(NumpyPreprocessing):
         else:
             dside3 = write_dside = None
         if x3.size == 0:
+            return dx3, dside3
+        if (weights is None and dx3.dtype == acc and native.takes_act(act)
+                and native.accepts(x3, acc, dy3, side3, write_dside)):
+            native.backward_apply(dy3, x3, side3, dx3, write_dside, tuple(affine), affine.mean, coeffs.k1, coeffs.k2,
+                                  act, acc)
             return dx3, dside3
         wo = _outer_weights(weights, x3.shape[0], acc)
         wfull = _contiguous(weights.values) if weights is not None and weights.kind == "full" else None

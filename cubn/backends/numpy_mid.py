@@ -28,6 +28,7 @@ import functools
 import numpy as np
 
 from .. import _threads
+from . import numpy_native as native
 from . import numpy_tiles as tiles
 from .base import Affine, Partials, Stats, Sums
 from .numpy_backend import PIVOT_RATIO, NumpyBackend, _pivot, fold_raw
@@ -121,8 +122,8 @@ def plan(x3, acc):
     if not ENABLED or not x3.flags.c_contiguous:
         return None
     outer, c, inner = x3.shape
-    if x3.size <= tiles.SMALL_ELEMENTS:
-        return None
+    if x3.size <= tiles.SMALL_ELEMENTS or native.accepts(x3, acc):
+        return None  # small: numpy_small's path; compiled loops: the primitives take them
     lp = _panel(outer, c, inner, np.dtype(acc).itemsize)
     if lp is not None and lp[1].chunk_rows < lp[1].rows and _threads.get_num_threads() > 1:
         return None  # chunks enough to share: the threads run the elementwise passes (the same bits)

@@ -19,6 +19,7 @@ import math
 
 import numpy as np
 
+from . import numpy_native as _native
 from . import numpy_tiles
 from .base import Stats
 
@@ -55,6 +56,20 @@ def fits(x3) -> bool:
     return x3.size <= LIMIT and outer * inner > 0 and x3.flags.c_contiguous
 
 
+def whole(x3, side3=None, act=None, dy3=None) -> bool:
+    """``fits``, or a larger array the compiled loops take whole (``numpy_native``): float32 or
+    float64 (its own accumulation dtype), its side input and dy of its dtype and layout, no
+    activation or the ReLU. The functions below then run the loops in place of their ufuncs."""
+    if fits(x3):
+        return True
+    return _native.takes_act(act) and _native.accepts(x3, x3.dtype, side3, dy3)
+
+
+def _loops(x3, acc, *others) -> bool:
+    """The compiled loops take this call (``whole`` said so, and they are still in use)."""
+    return x3.size > LIMIT and _native.accepts(x3, acc, *others)
+
+
 def _view(x3):
     """``(x3 as 2-D (outer, C) when channels last, reduced axes, whether (C,) vectors need a (C, 1) view)``."""
     outer, c, inner = x3.shape
@@ -84,8 +99,16 @@ def _moments(xv, x3, axis, col, acc, n):
     return np.add(p, dev), np.divide(m2, n, out=m2)
 
 
+def _loop_moments(x3, acc, n):
+    mean, m2 = _native.statistics(x3, acc)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return mean, np.divide(m2, n, out=m2)
+
+
 def moments(x3, acc):
     """``(mean, var)`` per channel in ``acc``."""
+    if _loops(x3, acc):
+        return _loop_moments(x3, acc, x3.shape[0] * x3.shape[2])
     xv, axis, col = _view(x3)
     t = _quiet()
     try:
@@ -136,6 +159,17 @@ def _normalize(xv, mean, scale, shift, side, act, out_dtype, acc, col):
     return z if z.dtype == out_dtype else z.astype(out_dtype)
 
 
+def _normalize3(x3, side3, mean, scale, shift, act, out_dtype, acc):
+    """``_normalize`` of the (outer, C, inner) arrays, through the compiled loops where they take it."""
+    if out_dtype == acc and _native.takes_act(act) and _loops(x3, acc, side3):
+        y3 = np.empty(x3.shape, acc)
+        _native.normalize(x3, side3, y3, mean, scale, shift, act, acc)
+        return y3
+    xv, _, col = _view(x3)
+    side = None if side3 is None else side3.reshape(xv.shape)
+    return _normalize(xv, mean, scale, shift, side, act, out_dtype, acc, col).reshape(x3.shape)
+
+
 def _blend(old, batch, a, out):
     """``old - (old - batch) * a`` into ``out`` (None: a new array); ``out`` may be ``old``."""
     t = np.subtract(old, batch)
@@ -179,10 +213,9 @@ def train(x3, acc, eps, gamma, beta, side3, act, out_dtype, update=None):
     n = outer * inner
     t = _quiet()
     try:
-        mean, var = _moments(xv, x3, axis, col, acc, n)
+        mean, var = _loop_moments(x3, acc, n) if _loops(x3, acc) else _moments(xv, x3, axis, col, acc, n)
         invstd, scale, shift = _fold(var, eps, gamma, beta, acc)
-        side = None if side3 is None else (side3.reshape(xv.shape))
-        y = _normalize(xv, mean, scale, shift, side, act, out_dtype, acc, col)
+        y = _normalize3(x3, side3, mean, scale, shift, act, out_dtype, acc)
         if update is not None:
             u = update
             _moving(mean, var, n, acc, u.a, u.bessel, u.mean_in, u.mean_out, u.var_in, u.var_out)
@@ -201,10 +234,9 @@ def fused_train(x3, acc, eps, gamma, beta, side3, act, f, mean_in, var_in):
     n = outer * inner
     t = _quiet()
     try:
-        mean, var = _moments(xv, x3, axis, col, acc, n)
+        mean, var = _loop_moments(x3, acc, n) if _loops(x3, acc) else _moments(xv, x3, axis, col, acc, n)
         _, scale, shift = _fold(var, eps, gamma, beta, acc)
-        side = None if side3 is None else side3.reshape(xv.shape)
-        y = _normalize(xv, mean, scale, shift, side, act, x3.dtype, acc, col)
+        y = _normalize3(x3, side3, mean, scale, shift, act, x3.dtype, acc)
         if f != 1.0:
             m, v = _moving(mean, var, n, acc, f, True, mean_in, None, var_in, None)
         else:
@@ -216,7 +248,6 @@ def fused_train(x3, acc, eps, gamma, beta, side3, act, f, mean_in, var_in):
 
 def infer(x3, acc, eps, gamma, beta, mean, var, side3, act):
     """The inference forward from given (C,) statistics in ``acc``: ``y3`` (``fold_raw`` + ``normalize``)."""
-    xv, _, col = _view(x3)
     t = _quiet()
     try:
         invstd = np.add(var, float(eps))
@@ -224,8 +255,7 @@ def infer(x3, acc, eps, gamma, beta, mean, var, side3, act):
         np.divide(1, invstd, out=invstd)
         scale = invstd if gamma is None else np.multiply(gamma, invstd)
         shift = np.zeros(invstd.shape, acc) if beta is None else beta
-        side = None if side3 is None else side3.reshape(xv.shape)
-        y = _normalize(xv, mean, scale, shift, side, act, x3.dtype, acc, col)
+        y = _normalize3(x3, side3, mean, scale, shift, act, x3.dtype, acc)
     finally:
         _loud(t)
     return y.reshape(x3.shape)
@@ -234,6 +264,9 @@ def infer(x3, acc, eps, gamma, beta, mean, var, side3, act):
 def backward(dy3, x3, side3, stats, act, acc, training, want_dside, out_dtype, side_dtype):
     """``(dx3, dgamma, dbeta, dside3)`` unweighted (``backward_partials``, ``backward_finalize`` and
     ``backward_apply`` in their one-chunk layout)."""
+    if (out_dtype == acc and _native.takes_act(act) and _loops(x3, acc, dy3, side3)
+            and (not want_dside or np.dtype(side_dtype) == acc)):
+        return _loop_backward(dy3, x3, side3, stats, act, acc, training, want_dside)
     xv, axis, col = _view(x3)
     dyv = dy3.reshape(xv.shape)
     mean, scale = _col(stats.mean, col), _col(stats.scale, col)
@@ -284,3 +317,39 @@ def backward(dy3, x3, side3, stats, act, acc, training, want_dside, out_dtype, s
     finally:
         _loud(t)
     return dx.reshape(x3.shape), dgamma, s1, dside
+
+
+def _coefficients(stats, s1, s2, training):
+    """dgamma, and the dx correction's k1, k2 (``backward_finalize``)."""
+    dgamma = np.multiply(stats.gcoef, s2)
+    np.add(dgamma, np.multiply(stats.hcoef, s1), out=dgamma)
+    if training:
+        count = stats.count
+        inv_n = np.divide(1, count, out=np.zeros(count.shape, count.dtype), where=count > 0)
+        k1 = np.multiply(stats.scale, s1)
+        np.multiply(k1, inv_n, out=k1)
+        k2 = np.multiply(stats.scale, stats.invstd)
+        np.multiply(k2, stats.invstd, out=k2)
+        np.multiply(k2, s2, out=k2)
+        np.multiply(k2, inv_n, out=k2)
+    else:
+        k1 = k2 = np.zeros_like(s1)
+    return dgamma, k1, k2
+
+
+def _loop_backward(dy3, x3, side3, stats, act, acc, training, want_dside):
+    """``backward`` through the compiled loops: the sums in one pass, dx (and dside) in another."""
+    pre = (stats.mean, stats.scale, stats.shift)
+    t = _quiet()
+    try:
+        s1, s2 = _native.backward_sums(dy3, x3, side3, stats.mean, pre, act, acc)
+        dgamma, k1, k2 = _coefficients(stats, s1, s2, training)
+    finally:
+        _loud(t)
+    dx3 = np.empty(x3.shape, acc)
+    dside3 = write = None
+    if want_dside:
+        dside3 = dy3 if act is None else np.empty(x3.shape, acc)
+        write = None if act is None else dside3
+    _native.backward_apply(dy3, x3, side3, dx3, write, pre, stats.mean, k1, k2, act, acc)
+    return dx3, dgamma, s1, dside3

@@ -542,7 +542,7 @@ class BatchNorm:
         if plan.perm is not None or not x.flags.c_contiguous:
             return
         if backend.info is None:  # the NumPy backend: its small path, when the ordinary code took it
-            if not (_small.fits(ctx.x3) and _small.plain_update(update) and fold.adj_scale is None
+            if not (_small.whole(ctx.x3, ctx.side3, ctx.act) and _small.plain_update(update) and fold.adj_scale is None
                     and fold.adj_bias is None and fold.renorm is None):
                 return
         elif not _lc._enabled:

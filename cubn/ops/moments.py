@@ -53,7 +53,7 @@ def _moments(backend, plan, x, keepdims):
         empty = backend.xp.empty(out_shape, dtype=x.dtype)
         return empty, empty.copy()
     x3 = plan.view3(x)
-    if backend.info is None and _small.fits(x3):
+    if backend.info is None and _small.whole(x3):
         mean, var = _small.moments(x3, acc)
         return mean.astype(x.dtype, copy=False).reshape(out_shape), var.astype(x.dtype, copy=False).reshape(out_shape)
     if backend.info is None or not _lc._enabled:

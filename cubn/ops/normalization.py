@@ -70,7 +70,7 @@ def bn_forward(backend, plan, x3, acc, *, training, fold, update=None, given=Non
     """
     if backend.info is None:
         if (weights is None and exchange is None and fold.adj_scale is None and fold.adj_bias is None
-                and fold.renorm is None and _small.plain_update(update) and _small.fits(x3)
+                and fold.renorm is None and _small.plain_update(update) and _small.whole(x3, side3, act)
                 and (training or all(getattr(g, "dtype", None) == acc for g in given))):
             return _small_forward(backend, plan, x3, acc, training, fold, update, given, side3, act)
     elif cacheable and exchange is None and weights is None and _lc._enabled:
@@ -199,8 +199,8 @@ def bn_backward(ctx: ForwardContext, dy3, want_dside: bool):
     """
     b = ctx.backend
     if b.info is None:
-        if ctx.exchange is None and (ctx.weights is None or not ctx.training) and _small.fits(ctx.x3) \
-                and dy3.flags.c_contiguous:
+        if ctx.exchange is None and (ctx.weights is None or not ctx.training) and (
+                (_small.fits(ctx.x3) and dy3.flags.c_contiguous) or _small.whole(ctx.x3, ctx.side3, ctx.act, dy3)):
             stats = ctx.stats
             if stats is None:  # inference forward: fold the given statistics now
                 stats = ctx.stats = b.finalize(None, ctx.acc, ctx.fold, given=ctx.given)
@@ -537,7 +537,7 @@ def _fused(backend, plan, x, acc, gamma, beta, given_mean, given_var, side_input
     """
     x3 = plan.view3(x)
     side3 = None if side_input is None else plan.view3(side_input)
-    if backend.info is None and _small.fits(x3):
+    if backend.info is None and _small.whole(x3, side3, act):
         if is_training:
             y3, m, v = _small.fused_train(x3, acc, eps, gamma, beta, side3, act, f, given_mean, given_var)
         else:

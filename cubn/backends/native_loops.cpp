@@ -1,0 +1,424 @@
+// The NumPy backend's compiled loops (cubn/backends/numpy_native.py builds
+// this file with the host C++ compiler and calls it through ctypes).
+//
+// Every function makes one pass over its part of a C-contiguous array, in one
+// thread: the Python side cuts an array into parts by its shape alone, runs
+// them on cubn's thread pool (ctypes releases the GIL) and merges the parts'
+// sums in a fixed order, so results do not depend on the thread count.
+//
+// The backend sees a tensor as (outer, C, inner); three layouts of parts:
+//   rows  (inner == 1): the array is (rows, C), seen as rows of W = k*C
+//         elements (k rows at a time when C is small, so that the inner loop
+//         is long enough to vectorize); per-channel values tiled to W.
+//   short (inner * itemsize < 4 KiB): a part is every channel's runs for n in
+//         [n0, n1), walked in memory order.
+//   runs  (longer runs): a part is a piece of one run (n, c).
+//
+// Statistics are sums of d = x - pivot and d^2 in double (pivot: a value near
+// the channel's data), from which the caller forms mean and M2; for float32
+// data d and d^2 are exact in double, so only the additions round. Lanes of
+// independent accumulators hide the adds' latency and are added in a fixed
+// tree. Elementwise loops compute in the data's type. NaN and Inf propagate
+// to their channel as in NumPy: the ReLU keeps NaN, and its derivative
+// multiplies (Inf * 0 is NaN, as np.multiply(dy, mask) gives).
+
+#include <cstdint>
+#include <vector>
+
+typedef std::int64_t i64;
+
+namespace {
+
+// Sums are two-level: each accumulator adds BLOCK terms, then its block total
+// joins the running sum, so rounding errors grow with BLOCK + n / BLOCK
+// terms rather than n (as pairwise summation's do, nearly).
+constexpr int LANES = 8;
+constexpr i64 BLOCK = 32;
+
+inline double lane_total(const double* a) {
+    return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+}
+
+template <class T>
+inline T relu(T z) { return z < T(0) ? T(0) : z; }  // NaN stays NaN
+
+// dy' = dy * [pre > 0] for the ReLU (pre = (x - pm) * ps + ph [+ side]), else dy
+template <class T, bool SIDE, bool RELU>
+inline T dy_prime(T dy, T x, const T* side, i64 e, T pm, T ps, T ph) {
+    if (!RELU) return dy;
+    T z = (x - pm) * ps + ph;
+    if (SIDE) z = z + side[e];
+    return dy * (z > T(0) ? T(1) : T(0));
+}
+
+// -- statistics: S = sum(x - pivot), Q = sum((x - pivot)^2) -----------------
+template <class T>
+void stats_rows(const T* x, i64 rows, i64 width, const double* pivot, double* s, double* q) {
+    std::vector<double> block(2 * width);
+    double* bs = block.data();
+    double* bq = bs + width;
+    for (i64 j = 0; j < width; ++j) { s[j] = 0.0; q[j] = 0.0; }
+    for (i64 r0 = 0; r0 < rows; r0 += BLOCK) {
+        const i64 r1 = (r0 + BLOCK < rows) ? r0 + BLOCK : rows;
+        for (i64 j = 0; j < width; ++j) { bs[j] = 0.0; bq[j] = 0.0; }
+        for (i64 r = r0; r < r1; ++r) {
+            const T* v = x + r * width;
+#pragma omp simd
+            for (i64 j = 0; j < width; ++j) {
+                const double d = double(v[j]) - pivot[j];
+                bs[j] += d;
+                bq[j] += d * d;
+            }
+        }
+        for (i64 j = 0; j < width; ++j) { s[j] += bs[j]; q[j] += bq[j]; }
+    }
+}
+
+template <class T>
+inline void run_sums(const T* v, i64 len, double pv, double& s, double& q) {
+    double a[LANES] = {0.0}, b[LANES] = {0.0};
+    i64 i = 0;
+    while (i + LANES <= len) {
+        double ba[LANES] = {0.0}, bb[LANES] = {0.0};
+        const i64 end = (len - i) / LANES > BLOCK ? i + BLOCK * LANES : len - (len - i) % LANES;
+        for (; i < end; i += LANES) {
+#pragma omp simd
+            for (int k = 0; k < LANES; ++k) {
+                const double d = double(v[i + k]) - pv;
+                ba[k] += d;
+                bb[k] += d * d;
+            }
+        }
+        for (int k = 0; k < LANES; ++k) { a[k] += ba[k]; b[k] += bb[k]; }
+    }
+    for (int k = 0; i + k < len; ++k) {
+        const double d = double(v[i + k]) - pv;
+        a[k] += d;
+        b[k] += d * d;
+    }
+    s = lane_total(a);
+    q = lane_total(b);
+}
+
+template <class T>
+void stats_short(const T* x, i64 n0, i64 n1, i64 inner, i64 channels, const double* pivot, double* s, double* q) {
+    for (i64 c = 0; c < channels; ++c) { s[c] = 0.0; q[c] = 0.0; }
+    for (i64 n = n0; n < n1; ++n)
+        for (i64 c = 0; c < channels; ++c) {
+            double a, b;
+            run_sums(x + (n * channels + c) * inner, inner, pivot[c], a, b);
+            s[c] += a;
+            q[c] += b;
+        }
+}
+
+template <class T>
+void stats_runs(const T* x, i64 inner, i64 channels, i64 piece, i64 pieces, i64 q0, i64 q1,
+                const double* pivot, double* s, double* q) {
+    for (i64 k = q0; k < q1; ++k) {
+        const i64 run = k / pieces, start = (k % pieces) * piece;
+        const i64 len = (inner - start < piece) ? inner - start : piece;
+        run_sums(x + run * inner + start, len, pivot[run % channels], s[k], q[k]);
+    }
+}
+
+// -- pivots and totals ---------------------------------------------------------
+// pivot[j] for j < width (a multiple of C): the mean of x[n, j % C, i] over n < k1,
+// i < k2, or 0 where that is not finite
+template <class T>
+void pivots(const T* x, i64 channels, i64 inner, i64 k1, i64 k2, i64 width, double* pivot) {
+    for (i64 c = 0; c < channels; ++c) {
+        double t = 0.0;
+        for (i64 n = 0; n < k1; ++n)
+            for (i64 i = 0; i < k2; ++i) t += double(x[(n * channels + c) * inner + i]);
+        t /= double(k1 * k2);
+        pivot[c] = (t - t == 0.0) ? t : 0.0;  // finite
+    }
+    for (i64 j = channels; j < width; ++j) pivot[j] = pivot[j % channels];
+}
+
+// The total over parts of channel c's terms a[c * sc + p * sp + k * sk], p < P, k < K,
+// in that order, two-level; plus rest[c] when rest is given.
+inline double total(const double* a, i64 c, i64 P, i64 K, i64 sp, i64 sk, i64 sc, const double* rest) {
+    double t = 0.0, b = 0.0;
+    i64 terms = 0;
+    const double* base = a + c * sc;
+    for (i64 p = 0; p < P; ++p)
+        for (i64 k = 0; k < K; ++k) {
+            b += base[p * sp + k * sk];
+            if (++terms == BLOCK) { t += b; b = 0.0; terms = 0; }
+        }
+    t += b;
+    if (rest) t += rest[c];
+    return t;
+}
+
+// mean and M2 per channel from the sums about the pivot; returns 1 when a
+// channel's pivot is far from its mean (Q > ratio * M2)
+template <class T>
+int stats_finish(i64 channels, i64 P, i64 K, i64 sp, i64 sk, i64 sc, const double* s, const double* q,
+                 const double* rs, const double* rq, double count, const double* pivot, double ratio, T* mean,
+                 T* m2) {
+    int far = 0;
+    for (i64 c = 0; c < channels; ++c) {
+        const double S = total(s, c, P, K, sp, sk, sc, rs), Q = total(q, c, P, K, sp, sk, sc, rq);
+        const double dev = S / count, M2 = Q - S * dev;
+        if (Q > ratio * M2) far = 1;
+        mean[c] = T(pivot[c] + dev);
+        m2[c] = T(M2);
+    }
+    return far;
+}
+
+template <class T>
+void sums_finish(i64 channels, i64 P, i64 K, i64 sp, i64 sk, i64 sc, const double* s, const double* q,
+                 const double* rs, const double* rq, T* s1, T* s2) {
+    for (i64 c = 0; c < channels; ++c) {
+        s1[c] = T(total(s, c, P, K, sp, sk, sc, rs));
+        s2[c] = T(total(q, c, P, K, sp, sk, sc, rq));
+    }
+}
+
+// -- normalize: y = act((x - mean) * scale + shift [+ side]) ----------------
+template <class T, bool SIDE, bool RELU>
+void normalize_rows(const T* x, const T* side, T* y, i64 rows, i64 width,
+                    const T* mean, const T* scale, const T* shift) {
+    for (i64 r = 0; r < rows; ++r) {
+        const i64 o = r * width;
+#pragma omp simd
+        for (i64 j = 0; j < width; ++j) {
+            T z = (x[o + j] - mean[j]) * scale[j] + shift[j];
+            if (SIDE) z = z + side[o + j];
+            y[o + j] = RELU ? relu(z) : z;
+        }
+    }
+}
+
+// runs [run0, run1) of `inner` elements each, channel = run % channels
+template <class T, bool SIDE, bool RELU>
+void normalize_runs(const T* x, const T* side, T* y, i64 inner, i64 channels, i64 run0, i64 run1,
+                    const T* mean, const T* scale, const T* shift) {
+    for (i64 run = run0; run < run1; ++run) {
+        const i64 c = run % channels, o = run * inner;
+        const T m = mean[c], s = scale[c], h = shift[c];
+#pragma omp simd
+        for (i64 i = 0; i < inner; ++i) {
+            T z = (x[o + i] - m) * s + h;
+            if (SIDE) z = z + side[o + i];
+            y[o + i] = RELU ? relu(z) : z;
+        }
+    }
+}
+
+// -- backward sums: S1 = sum(dy'), S2 = sum(dy' (x - mean)) ------------------
+template <class T, bool SIDE, bool RELU>
+void bwd_sums_rows(const T* dy, const T* x, const T* side, i64 rows, i64 width, const T* mean,
+                   const T* pmean, const T* pscale, const T* pshift, double* s1, double* s2) {
+    std::vector<double> block(2 * width);
+    double* ba = block.data();
+    double* bb = ba + width;
+    for (i64 j = 0; j < width; ++j) { s1[j] = 0.0; s2[j] = 0.0; }
+    for (i64 r0 = 0; r0 < rows; r0 += BLOCK) {
+        const i64 r1 = (r0 + BLOCK < rows) ? r0 + BLOCK : rows;
+        for (i64 j = 0; j < width; ++j) { ba[j] = 0.0; bb[j] = 0.0; }
+        for (i64 r = r0; r < r1; ++r) {
+            const i64 o = r * width;
+#pragma omp simd
+            for (i64 j = 0; j < width; ++j) {
+                const T g = dy_prime<T, SIDE, RELU>(dy[o + j], x[o + j], side, o + j, pmean[j], pscale[j], pshift[j]);
+                ba[j] += double(g);
+                bb[j] += double(g) * double(x[o + j] - mean[j]);
+            }
+        }
+        for (i64 j = 0; j < width; ++j) { s1[j] += ba[j]; s2[j] += bb[j]; }
+    }
+}
+
+template <class T, bool SIDE, bool RELU>
+inline void run_bwd_sums(const T* dy, const T* x, const T* side, i64 o, i64 len, T m, T pm, T ps, T ph,
+                         double& s1, double& s2) {
+    double a[LANES] = {0.0}, b[LANES] = {0.0};
+    i64 i = 0;
+    while (i + LANES <= len) {
+        double ba[LANES] = {0.0}, bb[LANES] = {0.0};
+        const i64 end = (len - i) / LANES > BLOCK ? i + BLOCK * LANES : len - (len - i) % LANES;
+        for (; i < end; i += LANES) {
+#pragma omp simd
+            for (int k = 0; k < LANES; ++k) {
+                const i64 e = o + i + k;
+                const T g = dy_prime<T, SIDE, RELU>(dy[e], x[e], side, e, pm, ps, ph);
+                ba[k] += double(g);
+                bb[k] += double(g) * double(x[e] - m);
+            }
+        }
+        for (int k = 0; k < LANES; ++k) { a[k] += ba[k]; b[k] += bb[k]; }
+    }
+    for (int k = 0; i + k < len; ++k) {
+        const i64 e = o + i + k;
+        const T g = dy_prime<T, SIDE, RELU>(dy[e], x[e], side, e, pm, ps, ph);
+        a[k] += double(g);
+        b[k] += double(g) * double(x[e] - m);
+    }
+    s1 = lane_total(a);
+    s2 = lane_total(b);
+}
+
+template <class T, bool SIDE, bool RELU>
+void bwd_sums_short(const T* dy, const T* x, const T* side, i64 n0, i64 n1, i64 inner, i64 channels,
+                    const T* mean, const T* pmean, const T* pscale, const T* pshift, double* s1, double* s2) {
+    for (i64 c = 0; c < channels; ++c) { s1[c] = 0.0; s2[c] = 0.0; }
+    for (i64 n = n0; n < n1; ++n)
+        for (i64 c = 0; c < channels; ++c) {
+            double a, b;
+            run_bwd_sums<T, SIDE, RELU>(dy, x, side, (n * channels + c) * inner, inner, mean[c], pmean[c],
+                                        pscale[c], pshift[c], a, b);
+            s1[c] += a;
+            s2[c] += b;
+        }
+}
+
+template <class T, bool SIDE, bool RELU>
+void bwd_sums_runs(const T* dy, const T* x, const T* side, i64 inner, i64 channels, i64 piece, i64 pieces,
+                   i64 q0, i64 q1, const T* mean, const T* pmean, const T* pscale, const T* pshift,
+                   double* s1, double* s2) {
+    for (i64 k = q0; k < q1; ++k) {
+        const i64 run = k / pieces, start = (k % pieces) * piece, c = run % channels;
+        const i64 len = (inner - start < piece) ? inner - start : piece;
+        run_bwd_sums<T, SIDE, RELU>(dy, x, side, run * inner + start, len, mean[c], pmean[c], pscale[c],
+                                    pshift[c], s1[k], s2[k]);
+    }
+}
+
+// -- backward apply: dx = dy' * scale - ((x - mean) * k2 + k1); dside = dy' --
+template <class T, bool SIDE, bool RELU, bool DSIDE>
+void bwd_apply_rows(const T* dy, const T* x, const T* side, T* dx, T* dside, i64 rows, i64 width,
+                    const T* pmean, const T* pscale, const T* pshift, const T* mean, const T* k1, const T* k2) {
+    for (i64 r = 0; r < rows; ++r) {
+        const i64 o = r * width;
+#pragma omp simd
+        for (i64 j = 0; j < width; ++j) {
+            const T g = dy_prime<T, SIDE, RELU>(dy[o + j], x[o + j], side, o + j, pmean[j], pscale[j], pshift[j]);
+            dx[o + j] = g * pscale[j] - ((x[o + j] - mean[j]) * k2[j] + k1[j]);
+            if (DSIDE) dside[o + j] = g;
+        }
+    }
+}
+
+template <class T, bool SIDE, bool RELU, bool DSIDE>
+void bwd_apply_runs(const T* dy, const T* x, const T* side, T* dx, T* dside, i64 inner, i64 channels,
+                    i64 run0, i64 run1, const T* pmean, const T* pscale, const T* pshift,
+                    const T* mean, const T* k1, const T* k2) {
+    for (i64 run = run0; run < run1; ++run) {
+        const i64 c = run % channels, o = run * inner;
+        const T pm = pmean[c], ps = pscale[c], ph = pshift[c], m = mean[c], a = k1[c], b = k2[c];
+#pragma omp simd
+        for (i64 i = 0; i < inner; ++i) {
+            const i64 e = o + i;
+            const T g = dy_prime<T, SIDE, RELU>(dy[e], x[e], side, e, pm, ps, ph);
+            dx[e] = g * ps - ((x[e] - m) * b + a);
+            if (DSIDE) dside[e] = g;
+        }
+    }
+}
+
+}  // namespace
+
+// -- the exported entry points; flags select the template: 1 = side input,
+// 2 = ReLU, 4 = write dside
+#define CUBN_EXPORT extern "C" __attribute__((visibility("default")))
+
+#define CUBN_FLAGS2(F, T, flags, ...)                                          \
+    switch ((flags) & 3) {                                                     \
+        case 0: F<T, false, false>(__VA_ARGS__); break;                        \
+        case 1: F<T, true, false>(__VA_ARGS__); break;                         \
+        case 2: F<T, false, true>(__VA_ARGS__); break;                         \
+        default: F<T, true, true>(__VA_ARGS__); break;                         \
+    }
+
+#define CUBN_FLAGS3(F, T, flags, ...)                                          \
+    switch ((flags) & 7) {                                                     \
+        case 0: F<T, false, false, false>(__VA_ARGS__); break;                 \
+        case 1: F<T, true, false, false>(__VA_ARGS__); break;                  \
+        case 2: F<T, false, true, false>(__VA_ARGS__); break;                  \
+        case 3: F<T, true, true, false>(__VA_ARGS__); break;                   \
+        case 4: F<T, false, false, true>(__VA_ARGS__); break;                  \
+        case 5: F<T, true, false, true>(__VA_ARGS__); break;                   \
+        case 6: F<T, false, true, true>(__VA_ARGS__); break;                   \
+        default: F<T, true, true, true>(__VA_ARGS__); break;                   \
+    }
+
+#define CUBN_ENTRY_POINTS(T, SUF)                                                                          \
+    CUBN_EXPORT void cubn_stats_rows_##SUF(const T* x, i64 rows, i64 width, const double* pivot, double* s, \
+                                          double* q) {                                                     \
+        stats_rows<T>(x, rows, width, pivot, s, q);                                                        \
+    }                                                                                                      \
+    CUBN_EXPORT void cubn_stats_short_##SUF(const T* x, i64 n0, i64 n1, i64 inner, i64 channels,            \
+                                           const double* pivot, double* s, double* q) {                     \
+        stats_short<T>(x, n0, n1, inner, channels, pivot, s, q);                                           \
+    }                                                                                                      \
+    CUBN_EXPORT void cubn_stats_runs_##SUF(const T* x, i64 inner, i64 channels, i64 piece, i64 pieces,       \
+                                          i64 q0, i64 q1, const double* pivot, double* s, double* q) {      \
+        stats_runs<T>(x, inner, channels, piece, pieces, q0, q1, pivot, s, q);                              \
+    }                                                                                                      \
+    CUBN_EXPORT void cubn_pivots_##SUF(const T* x, i64 channels, i64 inner, i64 k1, i64 k2, i64 width,         \
+                                      double* pivot) {                                                      \
+        pivots<T>(x, channels, inner, k1, k2, width, pivot);                                               \
+    }                                                                                                      \
+    CUBN_EXPORT int cubn_stats_finish_##SUF(i64 channels, i64 P, i64 K, i64 sp, i64 sk, i64 sc,             \
+                                           const double* s, const double* q, const double* rs,              \
+                                           const double* rq, double count, const double* pivot,             \
+                                           double ratio, T* mean, T* m2) {                                  \
+        return stats_finish<T>(channels, P, K, sp, sk, sc, s, q, rs, rq, count, pivot, ratio, mean, m2);    \
+    }                                                                                                      \
+    CUBN_EXPORT void cubn_sums_finish_##SUF(i64 channels, i64 P, i64 K, i64 sp, i64 sk, i64 sc,             \
+                                           const double* s, const double* q, const double* rs,              \
+                                           const double* rq, T* s1, T* s2) {                                \
+        sums_finish<T>(channels, P, K, sp, sk, sc, s, q, rs, rq, s1, s2);                                  \
+    }                                                                                                      \
+    CUBN_EXPORT void cubn_normalize_rows_##SUF(int flags, const T* x, const T* side, T* y, i64 rows,         \
+                                              i64 width, const T* mean, const T* scale, const T* shift) {    \
+        CUBN_FLAGS2(normalize_rows, T, flags, x, side, y, rows, width, mean, scale, shift)                 \
+    }                                                                                                      \
+    CUBN_EXPORT void cubn_normalize_runs_##SUF(int flags, const T* x, const T* side, T* y, i64 inner,        \
+                                              i64 channels, i64 run0, i64 run1, const T* mean,              \
+                                              const T* scale, const T* shift) {                             \
+        CUBN_FLAGS2(normalize_runs, T, flags, x, side, y, inner, channels, run0, run1, mean, scale, shift) \
+    }                                                                                                      \
+    CUBN_EXPORT void cubn_bwd_sums_rows_##SUF(int flags, const T* dy, const T* x, const T* side, i64 rows,   \
+                                             i64 width, const T* mean, const T* pmean, const T* pscale,     \
+                                             const T* pshift, double* s1, double* s2) {                     \
+        CUBN_FLAGS2(bwd_sums_rows, T, flags, dy, x, side, rows, width, mean, pmean, pscale, pshift, s1, s2) \
+    }                                                                                                      \
+    CUBN_EXPORT void cubn_bwd_sums_short_##SUF(int flags, const T* dy, const T* x, const T* side, i64 n0,    \
+                                              i64 n1, i64 inner, i64 channels, const T* mean,               \
+                                              const T* pmean, const T* pscale, const T* pshift, double* s1, \
+                                              double* s2) {                                                 \
+        CUBN_FLAGS2(bwd_sums_short, T, flags, dy, x, side, n0, n1, inner, channels, mean, pmean, pscale,   \
+                    pshift, s1, s2)                                                                        \
+    }                                                                                                      \
+    CUBN_EXPORT void cubn_bwd_sums_runs_##SUF(int flags, const T* dy, const T* x, const T* side, i64 inner,  \
+                                             i64 channels, i64 piece, i64 pieces, i64 q0, i64 q1,           \
+                                             const T* mean, const T* pmean, const T* pscale,                \
+                                             const T* pshift, double* s1, double* s2) {                     \
+        CUBN_FLAGS2(bwd_sums_runs, T, flags, dy, x, side, inner, channels, piece, pieces, q0, q1, mean,    \
+                    pmean, pscale, pshift, s1, s2)                                                         \
+    }                                                                                                      \
+    CUBN_EXPORT void cubn_bwd_apply_rows_##SUF(int flags, const T* dy, const T* x, const T* side, T* dx,     \
+                                              T* dside, i64 rows, i64 width, const T* pmean,                \
+                                              const T* pscale, const T* pshift, const T* mean, const T* k1, \
+                                              const T* k2) {                                                \
+        CUBN_FLAGS3(bwd_apply_rows, T, flags, dy, x, side, dx, dside, rows, width, pmean, pscale, pshift,  \
+                    mean, k1, k2)                                                                          \
+    }                                                                                                      \
+    CUBN_EXPORT void cubn_bwd_apply_runs_##SUF(int flags, const T* dy, const T* x, const T* side, T* dx,     \
+                                              T* dside, i64 inner, i64 channels, i64 run0, i64 run1,        \
+                                              const T* pmean, const T* pscale, const T* pshift,             \
+                                              const T* mean, const T* k1, const T* k2) {                    \
+        CUBN_FLAGS3(bwd_apply_runs, T, flags, dy, x, side, dx, dside, inner, channels, run0, run1, pmean,  \
+                    pscale, pshift, mean, k1, k2)                                                          \
+    }
+
+CUBN_ENTRY_POINTS(float, f4)
+CUBN_ENTRY_POINTS(double, f8)
+
+CUBN_EXPORT int cubn_native_abi(void) { return 3; }

@@ -1,0 +1,509 @@
+"""Compiled loops for the NumPy backend: one pass over memory per primitive.
+
+NumPy spends a pass over memory on every ufunc, so a normalization written
+with ufuncs reads and writes its chunk four or five times, and its
+statistics twice. ``native_loops.cpp`` does each of the backend's four hot
+primitives -- the statistics, the normalization (with its ReLU and residual
+add), the backward's sums and its apply -- in one pass (the statistics: two
+passes over one cache-sized part, so one from memory), built on first use
+with the host C++ compiler and loaded through ctypes.
+
+Where it applies: C-contiguous float32 and float64 tensors of more than
+``MIN_ELEMENTS`` elements whose other tensors (side input, dy) share their
+dtype, unweighted statistics, no activation or the ReLU. Everything else
+takes the NumPy code. Without a compiler (or with ``CUBN_NATIVE=0``) the
+NumPy code runs throughout; ``status()`` says which and why.
+
+Statistics accumulate in double: per part, the sum and M2 about the part's
+own mean; the parts merge as ``mean = sum(S_k) / n`` and ``M2 = sum(M2_k) +
+sum(n_k (mean_k - mean)^2)``, the two-pass formula one level up, so a large
+offset costs no precision. Parts are cut by shape alone and merged in a fixed
+order: results do not depend on the thread count. Elementwise loops round as
+the NumPy formulas do, ``(x - mean) * scale + shift``, in the data's type.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from typing import NamedTuple
+
+import numpy as np
+
+from .. import _threads
+from . import _memory
+
+
+def _address(a) -> int:
+    return a.__array_interface__["data"][0]
+
+
+# An array's data address, read from NumPy's struct where that is verified (a tenth of the interface's cost)
+pointer = _memory._read_data or _address
+
+__all__ = ["MIN_ELEMENTS", "available", "disabled", "status", "build"]
+
+SOURCE = pathlib.Path(__file__).resolve().parent / "native_loops.cpp"
+MIN_ELEMENTS = 8192  # smaller arrays take numpy_small's few NumPy calls (a ctypes call costs ~1 us)
+PART_BYTES = 256 << 10  # one part of the statistics: read twice, the second time from L2
+TASK_BYTES = 1 << 20  # bytes below which a call runs in the calling thread; tasks of at least a quarter of it
+_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-std=c++17",
+          "-fPIC", "-shared", "-fvisibility=hidden", "-Wall")  # fmt: skip
+_ABI = 3  # cubn_native_abi() of this version of native_loops.cpp
+_SUFFIX = {np.dtype(np.float32): "f4", np.dtype(np.float64): "f8"}
+_I64 = ctypes.c_int64
+_P = ctypes.c_void_p
+_INT = ctypes.c_int
+
+_lock = threading.Lock()
+_lib = None
+_why: str | None = None  # why the loops are not in use (None: not tried yet, or in use)
+_tried = False
+_local = threading.local()  # .off: the loops are disabled in this thread (``disabled()``)
+
+_SIGNATURES = {  # ctypes argument types of each entry point (f4 and f8 alike)
+    "stats_rows": (_P, _I64, _I64, _P, _P, _P),
+    "stats_short": (_P, _I64, _I64, _I64, _I64, _P, _P, _P),
+    "stats_runs": (_P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P),
+    "pivots": (_P, _I64, _I64, _I64, _I64, _I64, _P),
+    "stats_finish": (_I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P, ctypes.c_double, _P, ctypes.c_double, _P, _P),
+    "sums_finish": (_I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P),
+    "normalize_rows": (_INT, _P, _P, _P, _I64, _I64, _P, _P, _P),
+    "normalize_runs": (_INT, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _P),
+    "bwd_sums_rows": (_INT, _P, _P, _P, _I64, _I64, _P, _P, _P, _P, _P, _P),
+    "bwd_sums_short": (_INT, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P),
+    "bwd_sums_runs": (_INT, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P),
+    "bwd_apply_rows": (_INT, _P, _P, _P, _P, _P, _I64, _I64, _P, _P, _P, _P, _P, _P),
+    "bwd_apply_runs": (_INT, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P),
+}
+
+
+# ---------------------------------------------------------------------------
+# Building and loading
+# ---------------------------------------------------------------------------
+def _compiler() -> str | None:
+    cxx = os.environ.get("CXX") or "c++"
+    return shutil.which(cxx) or shutil.which("g++")
+
+
+def _cache_dir() -> pathlib.Path:
+    root = os.environ.get("CUBN_CACHE_DIR")
+    base = pathlib.Path(root) if root else pathlib.Path.home() / ".cache" / "cubn"
+    return base / "native"
+
+
+def _cpu_identity() -> str:
+    """What ``-march=native`` depends on: the machine and its CPU's feature flags."""
+    ident = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features", "model name")):
+                    ident += "|" + line.strip()
+    except OSError:
+        pass
+    return ident
+
+
+def _digest(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _target(cxx: str) -> pathlib.Path:
+    h = hashlib.sha256()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    for part in (SOURCE.read_bytes(), " ".join(_FLAGS).encode(), version.encode(), _cpu_identity().encode()):
+        h.update(part)
+        h.update(b"\0")
+    return _cache_dir() / f"native_loops-{h.hexdigest()[:24]}.so"
+
+
+def _verified(target: pathlib.Path) -> bool:
+    try:
+        return (target.with_suffix(".sha256").read_text().strip() == _digest(target))
+    except OSError:
+        return False
+
+
+def _compile(cxx: str, target: pathlib.Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
+        staged = pathlib.Path(tmp) / target.name
+        proc = subprocess.run([cxx, *_FLAGS, str(SOURCE), "-o", str(staged)],
+                              capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cxx} failed on {SOURCE.name}: {proc.stderr.strip()[-2000:]}")
+        digest = staged.with_suffix(".sha256")
+        digest.write_text(_digest(staged) + "\n")
+        # the object first, then its digest: a reader in between sees a mismatch and rebuilds
+        os.replace(staged, target)
+        os.replace(digest, target.with_suffix(".sha256"))
+
+
+def _load():
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (set CXX, or install g++)")
+    target = _target(cxx)
+    if not _verified(target):  # missing, truncated or overwritten: build it anew
+        _compile(cxx, target)
+    lib = ctypes.CDLL(str(target))  # CDLL: the GIL is released during every call
+    if lib.cubn_native_abi() != _ABI:
+        raise RuntimeError(f"{target} is not this version's build")
+    funcs = {}
+    for name, argtypes in _SIGNATURES.items():
+        for dt, suf in _SUFFIX.items():
+            f = getattr(lib, f"cubn_{name}_{suf}")
+            f.argtypes, f.restype = argtypes, (_INT if name == "stats_finish" else None)
+            funcs[name, dt] = f
+    return funcs
+
+
+def build() -> bool:
+    """Build (or load from the cache) the compiled loops now; True if they are in use."""
+    global _lib, _why, _tried
+    with _lock:
+        if not _tried:
+            _tried = True
+            setting = os.environ.get("CUBN_NATIVE", "1").strip().lower()
+            if setting in ("0", "false", "no", "off"):
+                _why = "disabled by CUBN_NATIVE=0"
+            else:
+                try:
+                    _lib = _load()
+                    _why = None
+                except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
+                    _lib, _why = None, f"could not build them: {e}"
+    return _lib is not None
+
+
+def available() -> bool:
+    """The compiled loops are built and in use (in this thread)."""
+    if getattr(_local, "off", False):
+        return False
+    return _lib is not None or (not _tried and build())
+
+
+def status() -> str:
+    """Whether the NumPy backend's compiled loops are in use, and if not, why."""
+    build()
+    if _lib is not None:
+        return f"in use ({_cache_dir()})"
+    return f"not in use: {_why}"
+
+
+class disabled:
+    """``with numpy_native.disabled():`` the NumPy code throughout, in this thread (tests, A/B timing)."""
+
+    def __enter__(self):
+        self._old = getattr(_local, "off", False)
+        _local.off = True
+        return self
+
+    def __exit__(self, *exc):
+        _local.off = self._old
+        return False
+
+
+# ---------------------------------------------------------------------------
+# Which calls take the loops
+# ---------------------------------------------------------------------------
+def accepts(x3, acc, *others) -> bool:
+    """x3 and each of ``others`` (None: absent) C-contiguous, of dtype ``acc`` (float32 or float64),
+    of x3's shape, and x3 larger than MIN_ELEMENTS; the loops built."""
+    acc = np.dtype(acc)
+    if x3.dtype != acc or acc not in _SUFFIX or x3.size <= MIN_ELEMENTS or not x3.flags.c_contiguous:
+        return False
+    for a in others:
+        if a is not None and (a.dtype != acc or not a.flags.c_contiguous or a.shape != x3.shape):
+            return False
+    return available()
+
+
+def takes_act(act) -> bool:
+    return act is None or act.name == "relu"
+
+
+# ---------------------------------------------------------------------------
+# Parts: decided by the shape alone
+# ---------------------------------------------------------------------------
+MAX_PARTS = 32  # of the rows and short layouts: partial sums stay a small fraction of the input
+SHORT_RUN_BYTES = 4096  # runs shorter than this: the short layout
+PIECE_ELEMENTS = 1 << 16  # the runs layout cuts longer runs into pieces of at most this many
+# A pivot this far from its channel's mean (Q > ratio * M2) loses digits to the
+# cancellation in Q - S^2/n; the statistics are summed again about the mean found.
+FAR_PIVOT_RATIO = {np.dtype(np.float32): 1e4, np.dtype(np.float64): 16.0}
+
+
+def _width(c: int) -> int:
+    """Elements per row of the rows layout: k * c, k rows at a time, at least 64."""
+    return c * max(1, -(-64 // c))
+
+
+def _split(n_items: int, item_bytes: int) -> list[int]:
+    """Bounds of up to MAX_PARTS parts of about PART_BYTES or more, over ``n_items``."""
+    parts = max(1, min(MAX_PARTS, n_items, n_items * item_bytes // PART_BYTES))
+    return [n_items * p // parts for p in range(parts + 1)]
+
+
+def _pieces(inner: int) -> tuple[int, int]:
+    pieces = -(-inner // PIECE_ELEMENTS)
+    return -(-inner // pieces), pieces
+
+
+def _tasks(n_items: int, item_bytes: int) -> int:
+    """Thread-pool tasks over ``n_items`` parts (tasks only group parts: no result depends on them)."""
+    threads = _threads.get_num_threads()
+    total = n_items * item_bytes
+    if threads <= 1 or total < TASK_BYTES:
+        return 1
+    return max(1, min(n_items, total // (TASK_BYTES // 4), 4 * threads))
+
+
+def _run_ranges(n_items: int, item_bytes: int, body) -> None:
+    """``body(i0, i1)`` over ``[0, n_items)`` cut into contiguous ranges, on the thread pool."""
+    tasks = _tasks(n_items, item_bytes)
+    if tasks == 1:
+        if n_items:
+            body(0, n_items)
+        return
+    bounds = [n_items * t // tasks for t in range(tasks + 1)]
+    _threads.run(tasks, lambda t: body(bounds[t], bounds[t + 1]))
+
+
+def _vec(v, acc, c):
+    v = np.ascontiguousarray(v, dtype=acc).reshape(-1)
+    return np.full(c, v[0], acc) if v.size == 1 and c != 1 else v
+
+
+def _tile(v, acc, width, c):
+    v = _vec(v, acc, c)
+    return v if width == c else np.tile(v, width // c)
+
+
+# ---------------------------------------------------------------------------
+# The reductions: parts, then totals in C
+# ---------------------------------------------------------------------------
+class _Reduction(NamedTuple):
+    """How a shape's reduction is cut (``_reduction``): the parts' kernel arguments and where
+    their sums go in a buffer of ``size`` doubles per sum (plus C for the rows left over)."""
+
+    kind: str  # "rows", "short" or "runs"
+    width: int  # rows: elements per row (k * C); else C
+    bounds: tuple  # rows: super-row bounds of the parts; short: n bounds
+    rest: int  # rows: the rows left over (at width C), else 0
+    piece: int  # runs: elements per piece
+    pieces: int  # runs: pieces per run
+    size: int  # doubles per sum buffer
+    totals: tuple  # (P, K, sp, sk, sc) of the C totals
+
+
+@functools.lru_cache(maxsize=512)
+def _reduction(outer: int, c: int, inner: int, itemsize: int) -> _Reduction:
+    if inner == 1:
+        width = _width(c)
+        k = width // c
+        full = outer // k
+        bounds = tuple(_split(full, width * itemsize)) if full else (0,)
+        n_parts = len(bounds) - 1
+        return _Reduction("rows", width, bounds, outer - full * k, 0, 0, n_parts * width,
+                          (n_parts, k, width, c, 1))
+    if inner * itemsize < SHORT_RUN_BYTES:
+        bounds = tuple(_split(outer, c * inner * itemsize))
+        n_parts = len(bounds) - 1
+        return _Reduction("short", c, bounds, 0, 0, 0, n_parts * c, (n_parts, 1, c, 0, 1))
+    piece, pieces = _pieces(inner)
+    return _Reduction("runs", c, (), 0, piece, pieces, outer * c * pieces, (outer, pieces, c * pieces, 1, pieces))
+
+
+def _reduce(red, x3, isz, per_elem, buf, rows_fn, short_fn, runs_fn):
+    """Run the parts of ``red`` (on the thread pool when large); sums into ``buf``
+    (2 * (size + C) doubles: s, q, then the rest's s and q)."""
+    outer, c, inner = x3.shape
+    base = pointer(buf)
+    ps, pq = base, base + red.size * 8
+    if red.kind == "rows":
+        width, b = red.width, red.bounds
+        n_parts = len(b) - 1
+
+        def body(p0, p1):
+            for p in range(p0, p1):
+                o = p * width * 8
+                rows_fn(b[p] * width, b[p + 1] - b[p], width, ps + o, pq + o)
+
+        _run_ranges(n_parts, ((b[-1] * width * per_elem) // max(1, n_parts)), body)
+        if red.rest:
+            rs = base + 2 * red.size * 8
+            rows_fn(b[-1] * width, red.rest, c, rs, rs + c * 8)  # the rows left over, at width C
+            return rs, rs + c * 8
+        return None, None
+    if red.kind == "short":
+        b = red.bounds
+
+        def body(p0, p1):
+            for p in range(p0, p1):
+                short_fn(b[p], b[p + 1], ps + p * c * 8, pq + p * c * 8)
+
+        _run_ranges(len(b) - 1, (outer * c * inner * per_elem) // (len(b) - 1), body)
+        return None, None
+    _run_ranges(outer * c * red.pieces, red.piece * per_elem,
+                lambda q0, q1: runs_fn(q0, q1, red.piece, red.pieces, ps, pq))
+    return None, None
+
+
+def _buffer(red, c):
+    return np.empty(2 * (red.size + c))
+
+
+# ---------------------------------------------------------------------------
+# The primitives
+# ---------------------------------------------------------------------------
+PIVOT_SAMPLE = 16
+
+
+def _pivot_sample(outer, inner):
+    """(k1, k2): a channel's pivot is the mean of x[n, c, i] for n < k1, i < k2."""
+    k2 = min(inner, PIVOT_SAMPLE)
+    return min(outer, max(1, PIVOT_SAMPLE // k2)), k2
+
+
+def _pivots(x3, width, acc):
+    """Each channel's pivot, the mean of its first few elements (0 where not finite), tiled to ``width``."""
+    outer, c, inner = x3.shape
+    pivot = np.empty(width)
+    _lib["pivots", acc](pointer(x3), c, inner, *_pivot_sample(outer, inner), width, pointer(pivot))
+    return pivot
+
+
+def statistics(x3, acc):
+    """Per channel (mean, M2) of x3 (outer, C, inner), as ``acc`` arrays (C,).
+
+    Sums about a pivot per channel (the mean of its first few elements); where a
+    pivot turns out far from its channel's mean, summed again about that mean."""
+    acc = np.dtype(acc)
+    outer, c, inner = x3.shape
+    isz = x3.itemsize
+    red = _reduction(outer, c, inner, isz)
+    lib = _lib
+    px = pointer(x3)
+    pivot = _pivots(x3, red.width, acc)
+    mean = np.empty(c, acc)
+    m2 = np.empty(c, acc)
+    buf = _buffer(red, c)
+    for again in (False, True):
+        pp = pointer(pivot)
+        fs, fq, fr = lib["stats_rows", acc], lib["stats_short", acc], lib["stats_runs", acc]
+        rs, rq = _reduce(
+            red, x3, isz, isz, buf,
+            lambda off, rows, width, s, q: fs(px + off * isz, rows, width, pp, s, q),
+            lambda n0, n1, s, q: fq(px, n0, n1, inner, c, pp, s, q),
+            lambda q0, q1, piece, pieces, s, q: fr(px, inner, c, piece, pieces, q0, q1, pp, s, q))
+        pb = pointer(buf)
+        far = lib["stats_finish", acc](c, *red.totals, pb, pb + red.size * 8, rs, rq, float(outer * inner), pp,
+                                       FAR_PIVOT_RATIO[acc], pointer(mean), pointer(m2))
+        if not far or again:
+            return mean, m2
+        # about the mean found (where finite), once
+        centre = np.where(np.isfinite(mean), mean.astype(np.float64), pivot[:c])
+        pivot = np.ascontiguousarray(np.tile(centre, red.width // c))
+
+
+def normalize(x3, side3, y3, mean, scale, shift, act, acc) -> None:
+    """y3 = act((x3 - mean) * scale + shift [+ side3]), per channel, into y3."""
+    outer, c, inner = x3.shape
+    flags = (1 if side3 is not None else 0) | (2 if act is not None else 0)
+    isz = x3.itemsize
+    px, py = pointer(x3), pointer(y3)
+    ps = pointer(side3) if side3 is not None else None
+    if inner == 1:
+        width = _width(c)
+        params = [_tile(v, acc, width, c) for v in (mean, scale, shift)]
+        pm, pk, ph = (pointer(v) for v in params)
+        full, rest = divmod(outer, width // c)
+        f = _lib["normalize_rows", acc]
+        step = width * isz
+
+        def body(r0, r1):
+            o = r0 * step
+            f(flags, px + o, ps and ps + o, py + o, r1 - r0, width, pm, pk, ph)
+
+        _run_ranges(full, step, body)
+        if rest:
+            o = full * step
+            f(flags, px + o, ps and ps + o, py + o, rest, c, pm, pk, ph)
+        return
+    params = [_vec(v, acc, c) for v in (mean, scale, shift)]
+    pm, pk, ph = (pointer(v) for v in params)
+    f = _lib["normalize_runs", acc]
+    _run_ranges(outer * c, inner * isz, lambda r0, r1: f(flags, px, ps, py, inner, c, r0, r1, pm, pk, ph))
+
+
+def backward_sums(dy3, x3, side3, mean, pre, act, acc):
+    """Per channel (S1, S2) = (sum(dy'), sum(dy' (x - mean))) as ``acc`` arrays (C,); dy' is dy
+    times the ReLU's derivative at the pre-activation ``pre`` = (mean, scale, shift) gives."""
+    acc = np.dtype(acc)
+    outer, c, inner = x3.shape
+    flags = (1 if side3 is not None else 0) | (2 if act is not None else 0)
+    isz = x3.itemsize
+    pdy, px = pointer(dy3), pointer(x3)
+    psd = pointer(side3) if side3 is not None else None
+    red = _reduction(outer, c, inner, isz)
+    lib = _lib
+    vs = [_tile(v, acc, red.width, c) for v in (mean, *pre)]
+    vargs = tuple(pointer(v) for v in vs)
+    fs, fq, fr = lib["bwd_sums_rows", acc], lib["bwd_sums_short", acc], lib["bwd_sums_runs", acc]
+
+    def rows_fn(off, rows, width, s, q):
+        o = off * isz
+        fs(flags, pdy + o, px + o, psd and psd + o, rows, width, *vargs, s, q)
+
+    buf = _buffer(red, c)
+    rs, rq = _reduce(
+        red, x3, isz, 2 * isz, buf, rows_fn,
+        lambda n0, n1, s, q: fq(flags, pdy, px, psd, n0, n1, inner, c, *vargs, s, q),
+        lambda q0, q1, piece, pieces, s, q: fr(flags, pdy, px, psd, inner, c, piece, pieces, q0, q1, *vargs, s, q))
+    s1 = np.empty(c, acc)
+    s2 = np.empty(c, acc)
+    pb = pointer(buf)
+    lib["sums_finish", acc](c, *red.totals, pb, pb + red.size * 8, rs, rq, pointer(s1), pointer(s2))
+    return s1, s2
+
+
+def backward_apply(dy3, x3, side3, dx3, dside3, pre, mean, k1, k2, act, acc) -> None:
+    """dx3 = dy' * scale - ((x3 - mean) * k2 + k1) and, when given, dside3 = dy'
+    (``pre`` = (mean, scale, shift) of the forward's pre-activation)."""
+    outer, c, inner = x3.shape
+    flags = (1 if side3 is not None else 0) | (2 if act is not None else 0) | (4 if dside3 is not None else 0)
+    isz = x3.itemsize
+    pdy, px, pdx = pointer(dy3), pointer(x3), pointer(dx3)
+    ps = pointer(side3) if side3 is not None else None
+    pds = pointer(dside3) if dside3 is not None else None
+    if inner == 1:
+        width = _width(c)
+        vs = [_tile(v, acc, width, c) for v in (*pre, mean, k1, k2)]
+        vargs = tuple(pointer(v) for v in vs)
+        full, rest = divmod(outer, width // c)
+        f = _lib["bwd_apply_rows", acc]
+        step = width * isz
+
+        def body(r0, r1):
+            o = r0 * step
+            f(flags, pdy + o, px + o, ps and ps + o, pdx + o, pds and pds + o, r1 - r0, width, *vargs)
+
+        _run_ranges(full, 2 * step, body)
+        if rest:
+            o = full * step
+            f(flags, pdy + o, px + o, ps and ps + o, pdx + o, pds and pds + o, rest, c, *vargs)
+        return
+    vs = [_vec(v, acc, c) for v in (*pre, mean, k1, k2)]
+    vargs = tuple(pointer(v) for v in vs)
+    f = _lib["bwd_apply_runs", acc]
+    _run_ranges(outer * c, 2 * inner * isz, lambda r0, r1: f(flags, pdy, px, ps, pdx, pds, inner, c, r0, r1, *vargs))

@@ -1,0 +1,319 @@
+"""The NumPy backend's compiled loops (``cubn.backends.numpy_native``).
+
+Each primitive the loops take -- statistics, normalization (ReLU, residual
+add), the backward's sums and apply -- against float64 formulas written
+here, and against the NumPy code they replace (``numpy_native.disabled()``),
+on the three layouts (rows, short runs, long runs in pieces) and adversarial
+data; results bitwise independent of the thread count; the build cache's
+faults (a truncated object, no compiler, ``CUBN_NATIVE=0``).
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import cubn
+from cubn import activations
+from cubn.backends import numpy_native as native
+from cubn.backends.base import Affine, BackwardCoeffs
+from cubn.backends.numpy_backend import NumpyBackend
+
+HAVE_CXX = shutil.which(os.environ.get("CXX") or "c++") is not None or shutil.which("g++") is not None
+needs_loops = pytest.mark.skipif(not (HAVE_CXX and native.build()), reason=f"compiled loops: {native.status()}")
+
+# (outer, C, inner): rows (channels last) with C small, odd and wide, rows left over;
+# short runs (NCHW 7x7); long runs; runs cut in pieces
+SHAPES = [
+    (3001, 3, 1), (1537, 64, 1), (129, 257, 1), (20, 6, 97), (16, 48, 49), (5, 3, 4099), (2, 3, 70001),
+]
+DTYPES = [np.float32, np.float64]
+KINDS = ["plain", "offset 1e4", "offset 1e7", "quantized", "nonfinite", "equal channel", "far pivot"]
+
+
+def _data(rng, shape, dt, kind):
+    x = rng.standard_normal(shape) * 2
+    if kind == "offset 1e4":
+        x += 1e4
+    elif kind == "offset 1e7":
+        x = x * 0.5 + 1e7
+    elif kind == "quantized":
+        x = np.round(x * 4) / 4 + 300
+    elif kind == "nonfinite":
+        x[-1, 0, -1] = np.nan
+        x[0, 1, 0] = np.inf  # a channel's first element: its pivot
+        if shape[1] > 2:
+            x[shape[0] // 2, 2, 0] = -np.inf
+    elif kind == "equal channel":
+        x[:, 1, :] = 7.25
+    elif kind == "far pivot":
+        x[: max(1, shape[0] // 8)] += 1e5  # the first rows (the pivot's sample) far from the rest
+    return x.astype(dt)
+
+
+def _truth(x3):
+    x = x3.astype(np.longdouble)
+    with np.errstate(invalid="ignore"):
+        m = x.mean(axis=(0, 2))
+        v = ((x - m[None, :, None]) ** 2).mean(axis=(0, 2))
+    return m.astype(np.float64), v.astype(np.float64)
+
+
+def _tol(dt):
+    return dict(rtol=2e-6, atol=0) if dt == np.float32 else dict(rtol=1e-12, atol=0)
+
+
+def _assert_close(actual, expected, scale, dt, what):
+    """Close relative to ``scale`` (per channel); NaN exactly where expected, Inf equal."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    bad = ~np.isfinite(expected)
+    assert np.array_equal(np.isnan(actual), np.isnan(expected)), (what, actual[bad], expected[bad])
+    np.testing.assert_array_equal(actual[bad & ~np.isnan(expected)], expected[bad & ~np.isnan(expected)], what)
+    ok = ~bad
+    eps = np.finfo(dt).eps
+    err = np.abs(actual[ok] - expected[ok]) / np.maximum(np.broadcast_to(scale, actual.shape)[ok], 1e-300)
+    assert err.max(initial=0) <= 64 * eps, (what, err.max(initial=0) / eps)
+
+
+@needs_loops
+def test_loops_are_in_use_wherever_a_compiler_is():
+    assert native.available(), native.status()
+    assert native.status().startswith("in use")
+
+
+@needs_loops
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dt", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_statistics_match_the_float64_truth_and_the_numpy_code(rng, shape, dt, kind):
+    x3 = _data(rng, shape, dt, kind)
+    acc = np.dtype(dt)
+    assert native.accepts(x3, acc)
+    mean, m2 = native.statistics(x3, acc)
+    n = shape[0] * shape[2]
+    tm, tv = _truth(x3)
+    sd = np.sqrt(np.where(np.isfinite(tv), tv, 0))
+    # the mean to within a few ulps of its magnitude, the variance a few ulps of itself
+    _assert_close(mean, tm, np.abs(tm) + sd, dt, "mean")
+    _assert_close(m2 / n, tv, np.where(tv > 0, tv, 1), dt, "var")
+    with native.disabled():
+        p = NumpyBackend().welford_partials(None, x3, acc)
+    st = NumpyBackend().finalize(p, acc, None)
+    assert np.array_equal(np.isnan(st.mean), np.isnan(mean)) and np.array_equal(np.isnan(st.var), np.isnan(m2))
+    fin = np.isfinite(st.var)
+    np.testing.assert_allclose(m2[fin] / n, st.var[fin], **dict(rtol=1e-5 if dt == np.float32 else 1e-11, atol=0))
+
+
+@needs_loops
+@pytest.mark.parametrize("dt", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("act, side", [(None, False), ("relu", False), ("relu", True), (None, True)])
+def test_normalize_matches_its_formula(rng, shape, dt, act, side):
+    acc = np.dtype(dt)
+    c = shape[1]
+    x3 = _data(rng, shape, dt, "offset 1e4")
+    x3[0, 0, 0] = np.nan
+    s3 = rng.standard_normal(shape).astype(dt) if side else None
+    m = (1e4 + rng.standard_normal(c)).astype(dt)
+    k = rng.uniform(-2, 2, c).astype(dt)
+    h = rng.standard_normal(c).astype(dt)
+    a = activations.get(act, "test")
+    y = NumpyBackend().normalize(None, x3, Affine(m, k, h), s3, a, acc, acc)
+    xd = x3.astype(np.float64)
+    z = (xd - m[None, :, None]) * k[None, :, None] + h[None, :, None]
+    if side:
+        z += s3
+    if act:
+        z = np.where(z < 0, 0, z)  # NaN stays NaN
+    scale = np.abs(k)[None, :, None] * 4 + np.abs(z) + 1
+    _assert_close(y, z, scale, dt, "y")
+    with native.disabled():
+        y0 = NumpyBackend().normalize(None, x3, Affine(m, k, h), s3, a, acc, acc)
+    _assert_close(y, y0, scale, dt, "y against the NumPy code")
+
+
+@needs_loops
+@pytest.mark.parametrize("dt", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("act, side", [(None, False), ("relu", False), ("relu", True)])
+def test_backward_sums_and_apply_match_their_formulas(rng, shape, dt, act, side):
+    acc = np.dtype(dt)
+    c = shape[1]
+    n = shape[0] * shape[2]
+    x3 = _data(rng, shape, dt, "offset 1e4")
+    dy3 = rng.standard_normal(shape).astype(dt)
+    dy3[-1, -1, -1] = np.inf  # Inf times a ReLU mask of 0 is NaN, as np.multiply gives
+    s3 = rng.standard_normal(shape).astype(dt) if side else None
+    tm, tv = _truth(x3)
+    m = tm.astype(dt)
+    inv = (1 / np.sqrt(tv + 1e-3)).astype(dt)
+    k = (inv * rng.uniform(0.5, 2, c)).astype(dt)
+    h = rng.standard_normal(c).astype(dt)
+    a = activations.get(act, "test")
+    be = NumpyBackend()
+    sums = be.backward_partials(None, dy3, x3, s3, Affine(m, k, h), a, acc)
+    xd, dyd = x3.astype(np.float64), dy3.astype(np.float64)
+    xm = xd - m.astype(np.float64)[None, :, None]
+    if act:
+        # the ReLU's mask is the forward's: where the (compiled) normalization gave y > 0 (a float64
+        # pre-activation could fall on the other side of 0 where it is within a rounding of it)
+        mask = be.normalize(None, x3, Affine(m, k, h), s3, a, acc, acc) > 0
+        with np.errstate(invalid="ignore"):
+            dyp = dyd * mask
+    else:
+        dyp = dyd
+    with np.errstate(invalid="ignore"):
+        s1, s2 = dyp.sum(axis=(0, 2)), (dyp * xm).sum(axis=(0, 2))
+    absum = np.abs(np.where(np.isfinite(dyp), dyp, 0)).sum(axis=(0, 2))
+    _assert_close(sums.s1[0], s1, absum + 1, dt, "s1")
+    _assert_close(sums.s2[0], s2, (absum + 1) * (np.abs(xm).max(axis=(0, 2)) + 1), dt, "s2")
+    with native.disabled():
+        ref = be.backward_partials(None, dy3, x3, s3, Affine(m, k, h), a, acc)
+    # the NumPy code's mask may differ from the loops' at pre-activations within a rounding of 0
+    fin = np.isfinite(s1)
+    np.testing.assert_allclose(sums.s1[0][fin], ref.s1[0][fin], rtol=0, atol=4 * np.abs(dyd[np.isfinite(dyd)]).max())
+    assert np.array_equal(np.isfinite(sums.s1[0]), np.isfinite(ref.s1[0]))
+    k1 = (rng.standard_normal(c) * 0.1).astype(dt)
+    k2 = (rng.standard_normal(c) * 0.1).astype(dt)
+    coeffs = BackwardCoeffs(np.zeros(c, dt), np.zeros(c, dt), k1, k2)
+    dx, dside = be.backward_apply(None, dy3, x3, s3, Affine(m, k, h), a, coeffs, None, acc, side, acc, acc)
+    want = dyp * k[None, :, None] - (xm * k2[None, :, None] + k1[None, :, None])
+    scale = np.abs(dyp * k[None, :, None]) + np.abs(xm * k2[None, :, None]) + np.abs(k1)[None, :, None] + 1
+    _assert_close(dx, want, np.where(np.isfinite(scale), scale, 1), dt, "dx")
+    if side:
+        _assert_close(dside, dyp, np.abs(np.where(np.isfinite(dyp), dyp, 0)) + 1, dt, "dside")
+
+
+@needs_loops
+@pytest.mark.parametrize("layout", ["rows", "short", "runs"])
+def test_results_do_not_depend_on_the_thread_count(rng, layout):
+    shape = {"rows": (40000, 24, 1), "short": (600, 40, 49), "runs": (3, 5, 200003)}[layout]
+    acc = np.dtype(np.float32)
+    x3 = (rng.standard_normal(shape) * 3 + 1e3).astype(np.float32)
+    dy3 = rng.standard_normal(shape).astype(np.float32)
+    c = shape[1]
+    aff = Affine(np.full(c, 1e3, np.float32), rng.uniform(0.5, 2, c).astype(np.float32),
+                 rng.standard_normal(c).astype(np.float32))
+    relu = activations.get("relu", "test")
+    be = NumpyBackend()
+    results = []
+    old = cubn.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            cubn.set_num_threads(threads)
+            st = native.statistics(x3, acc)
+            sums = be.backward_partials(None, dy3, x3, None, aff, relu, acc)
+            y = be.normalize(None, x3, aff, None, relu, acc, acc)
+            results.append((*st, sums.s1, sums.s2, y))
+    finally:
+        cubn.set_num_threads(old)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert np.array_equal(a, b)
+
+
+def test_inputs_the_loops_do_not_take_fall_back(rng):
+    x = (rng.standard_normal((64, 300)) + 5).astype(np.float32)
+    acc = np.dtype(np.float32)
+    assert not native.accepts(x.T.reshape(300, 64, 1)[:, :, :], acc) or x.T.flags.c_contiguous
+    assert not native.accepts(x.astype(">f4").reshape(64, 300, 1), acc)  # byte order: the NumPy code
+    assert not native.accepts(x.astype(np.float16).reshape(64, 300, 1), np.dtype(np.float32))
+    assert not native.accepts(x[:8, :8].copy().reshape(8, 8, 1), acc)  # small: numpy_small's path
+    # and the public ops agree on them with the loops' inputs
+    for v in (x.T, x.astype(">f4"), x[:, ::2]):
+        m, var = cubn.moments(v, [0])
+        xd = np.asarray(v, np.float64)
+        np.testing.assert_allclose(m, xd.mean(0), rtol=1e-6)
+        np.testing.assert_allclose(var, xd.var(0), rtol=1e-5)
+
+
+@needs_loops
+@pytest.mark.parametrize("fmt, shape", [("NHWC", (16, 9, 9, 24)), ("NCHW", (12, 16, 7, 7)), ("NCHW", (2, 3, 64, 64)),
+                                         ("NC", (4096, 40))])
+def test_public_ops_agree_with_and_without_the_loops(rng, fmt, shape):
+    x = (rng.standard_normal(shape) * 2 + 1e4).astype(np.float32)
+    c = shape[1] if fmt == "NCHW" else shape[-1]
+    df = "NCHW" if fmt == "NCHW" else "NHWC"
+    g, b = rng.uniform(0.5, 2, c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    side = rng.standard_normal(shape).astype(np.float32)
+
+    def run():
+        y, bm, bv = cubn.fused_batch_norm(x, g, b, data_format=df)
+        yr = cubn.fused_batch_norm(x, g, b, data_format=df, side_input=side, activation="relu")[0]
+        st = cubn.moments(x, [0, 2, 3] if fmt == "NCHW" else list(range(len(shape) - 1)))
+        gr = cubn.batch_norm_backward(dy, x, g, bm.astype(np.float32), (bv * 0 + st[1]).astype(np.float32), 1e-3,
+                                      offset=b, data_format=df)
+        return y, yr, bm, bv, gr.dx, gr.dscale, gr.doffset
+
+    with_loops = run()
+    with native.disabled():
+        without = run()
+    for a, b_, what in zip(with_loops, without, ["y", "y relu", "mean", "var", "dx", "dscale", "doffset"]):
+        a, b_ = np.asarray(a, np.float64), np.asarray(b_, np.float64)
+        np.testing.assert_allclose(a, b_, rtol=2e-4, atol=2e-4 * (np.abs(b_).max() + 1), err_msg=what)
+
+
+def _child(code, env):
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+_CHILD = """
+    import numpy as np, cubn
+    from cubn.backends import numpy_native as native
+    x = (np.random.default_rng(1).standard_normal((5000, 8)) + 1e3).astype(np.float32)
+    m, v = cubn.moments(x, [0])
+    xd = x.astype(np.float64)
+    assert np.allclose(m, xd.mean(0), rtol=1e-6) and np.allclose(v, xd.var(0), rtol=1e-5), (m, v)
+    print(native.status())
+"""
+
+
+@needs_loops
+def test_a_damaged_cached_build_is_rebuilt(tmp_path):
+    env = dict(os.environ, CUBN_CACHE_DIR=str(tmp_path))
+    first = _child(_CHILD, env)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip().startswith("in use")
+    objects = list(pathlib.Path(tmp_path, "native").glob("*.so"))
+    assert len(objects) == 1
+    data = objects[0].read_bytes()
+    objects[0].write_bytes(data[: len(data) // 3])  # truncated, as a full disk or a killed copy leaves it
+    second = _child(_CHILD, env)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.strip().startswith("in use")
+    assert objects[0].read_bytes() == data or len(objects[0].read_bytes()) > len(data) // 3
+
+
+def test_without_a_compiler_or_when_disabled_the_numpy_code_runs(tmp_path):
+    env = dict(os.environ, CUBN_CACHE_DIR=str(tmp_path), CXX=str(tmp_path / "no-such-compiler"),
+               PATH=str(tmp_path))
+    out = _child(_CHILD, env)
+    assert out.returncode == 0, out.stderr
+    assert "not in use" in out.stdout and "compiler" in out.stdout
+    out = _child(_CHILD, dict(os.environ, CUBN_CACHE_DIR=str(tmp_path), CUBN_NATIVE="0"))
+    assert out.returncode == 0, out.stderr
+    assert "not in use: disabled by CUBN_NATIVE=0" in out.stdout
+    assert not list(pathlib.Path(tmp_path).glob("native/*.so"))
+
+
+@needs_loops
+@pytest.mark.parametrize("dt", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape", [(3001, 3, 1), (16, 48, 49), (5, 3, 4099)], ids=str)
+def test_a_pivot_far_from_the_mean_costs_no_precision(rng, monkeypatch, shape, dt):
+    # Q - S^2/n about a pivot 1e6 standard deviations away cancels all but a few digits of M2
+    # (1e-4 relative in double); the statistics are summed again about the mean found
+    x3 = (rng.standard_normal(shape) * 2 + 50).astype(dt)
+    tm, tv = _truth(x3)
+    far = tm + 1e6 * np.sqrt(tv)
+    monkeypatch.setattr(native, "_pivots", lambda x, width, acc: np.tile(far, width // shape[1]))
+    mean, m2 = native.statistics(x3, np.dtype(dt))
+    _assert_close(mean, tm, np.abs(tm) + np.sqrt(tv), dt, "mean")
+    _assert_close(m2 / (shape[0] * shape[2]), tv, tv, dt, "var")
