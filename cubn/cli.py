@@ -42,6 +42,9 @@ def _info(args) -> int:
 
     cxx = os.environ.get("CXX", "g++")
     print(f"kernel cache (emulated, CPU)  {cache_dir()}  [{cxx}: {'found' if shutil.which(cxx) else 'missing'}]")
+    from cubn.backends import numpy_native
+
+    print(f"compiled loops (NumPy backend)  {numpy_native.status()}")
     return 0
 
 
