@@ -191,6 +191,36 @@ def test_backward_sums_and_apply_match_their_formulas(rng, shape, dt, act, side)
 
 
 @needs_loops
+@pytest.mark.parametrize("dt", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("act, side", [(None, False), ("relu", True)])
+def test_streamed_outputs_equal_plain_stores(rng, monkeypatch, shape, dt, act, side):
+    """Large outputs are written with non-temporal stores through a buffer: the same values, to the
+    last bit, as the plain loops write, into aligned and misaligned outputs (here every size streams)."""
+    acc = np.dtype(dt)
+    c = shape[1]
+    x3 = _data(rng, shape, dt, "nonfinite")
+    dy3 = rng.standard_normal(shape).astype(dt)
+    s3 = rng.standard_normal(shape).astype(dt) if side else None
+    m, k, h, k1, k2 = (rng.standard_normal(c).astype(dt) for _ in range(5))
+    a = activations.get(act, "test")
+    outputs = {}
+    for stream in (False, True):
+        monkeypatch.setattr(native, "STREAM_BYTES", 0 if stream else 1 << 62)
+        for skew in (0, 1, 3):  # the outputs' first element this many elements past an aligned start
+            bufs = [np.full(x3.size + skew, -99, dt) for _ in range(3)]
+            y, dx, ds = (b[skew:].reshape(shape) for b in bufs)
+            native.normalize(x3, s3, y, m, k, h, a, acc)
+            native.backward_apply(dy3, x3, s3, dx, ds if side else None, (m, k, h), m, k1, k2, a, acc)
+            assert all((b[:skew] == -99).all() for b in bufs)  # nothing written before the outputs
+            outputs[stream, skew] = (y, dx, ds if side else None)
+    for skew in (0, 1, 3):
+        for plain, streamed in zip(outputs[False, skew], outputs[True, skew]):
+            if plain is not None:
+                assert np.array_equal(plain, streamed, equal_nan=True)
+
+
+@needs_loops
 @pytest.mark.parametrize("layout", ["rows", "short", "runs"])
 def test_results_do_not_depend_on_the_thread_count(rng, layout):
     shape = {"rows": (40000, 24, 1), "short": (600, 40, 49), "runs": (3, 5, 200003)}[layout]

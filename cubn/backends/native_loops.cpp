@@ -23,7 +23,9 @@
 // multiplies (Inf * 0 is NaN, as np.multiply(dy, mask) gives).
 
 #include <cstdint>
-#include <vector>
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 typedef std::int64_t i64;
 
@@ -52,25 +54,46 @@ inline T dy_prime(T dy, T x, const T* side, i64 e, T pm, T ps, T ph) {
 }
 
 // -- statistics: S = sum(x - pivot), Q = sum((x - pivot)^2) -----------------
+// Columns are taken TILE at a time through each block of rows, so that a
+// tile's block sums stay in registers however wide the rows are (a block
+// sum per column over the whole width would not fit in L1 past ~1000
+// columns). Per column the additions are the same, in the same order.
+// Walking a tile down the rows defeats the hardware's sequential
+// prefetch, so each row's visit asks for the same columns BLOCK rows
+// further on, into L2, one block ahead of use.
+constexpr i64 TILE = 32;
+
+template <class T>
+inline void prefetch_ahead(const T* v, i64 width, i64 n) {
+    const char* p = reinterpret_cast<const char*>(v) + BLOCK * width * i64(sizeof(T));
+    for (i64 b = 0; b < n * i64(sizeof(T)); b += 64) __builtin_prefetch(p + b, 0, 2);
+}
+
+template <class T, i64 N>
+inline void stats_tile(const T* x, i64 r0, i64 r1, i64 width, i64 j0, i64 n, const double* pivot, double* s,
+                       double* q) {
+    double bs[N] = {0.0}, bq[N] = {0.0};
+    for (i64 r = r0; r < r1; ++r) {
+        const T* v = x + r * width + j0;
+        prefetch_ahead(v, width, n);
+#pragma omp simd
+        for (i64 k = 0; k < (N == TILE ? N : n); ++k) {
+            const double d = double(v[k]) - pivot[j0 + k];
+            bs[k] += d;
+            bq[k] += d * d;
+        }
+    }
+    for (i64 k = 0; k < (N == TILE ? N : n); ++k) { s[j0 + k] += bs[k]; q[j0 + k] += bq[k]; }
+}
+
 template <class T>
 void stats_rows(const T* x, i64 rows, i64 width, const double* pivot, double* s, double* q) {
-    std::vector<double> block(2 * width);
-    double* bs = block.data();
-    double* bq = bs + width;
     for (i64 j = 0; j < width; ++j) { s[j] = 0.0; q[j] = 0.0; }
+    const i64 tiles = width / TILE * TILE;
     for (i64 r0 = 0; r0 < rows; r0 += BLOCK) {
         const i64 r1 = (r0 + BLOCK < rows) ? r0 + BLOCK : rows;
-        for (i64 j = 0; j < width; ++j) { bs[j] = 0.0; bq[j] = 0.0; }
-        for (i64 r = r0; r < r1; ++r) {
-            const T* v = x + r * width;
-#pragma omp simd
-            for (i64 j = 0; j < width; ++j) {
-                const double d = double(v[j]) - pivot[j];
-                bs[j] += d;
-                bq[j] += d * d;
-            }
-        }
-        for (i64 j = 0; j < width; ++j) { s[j] += bs[j]; q[j] += bq[j]; }
+        for (i64 j0 = 0; j0 < tiles; j0 += TILE) stats_tile<T, TILE>(x, r0, r1, width, j0, TILE, pivot, s, q);
+        if (tiles < width) stats_tile<T, TILE - 1>(x, r0, r1, width, tiles, width - tiles, pivot, s, q);
     }
 }
 
@@ -179,6 +202,68 @@ void sums_finish(i64 channels, i64 P, i64 K, i64 sp, i64 sk, i64 sc, const doubl
     }
 }
 
+// -- streamed output ---------------------------------------------------------
+// An output too large to stay in cache is better written with non-temporal
+// stores: a plain store first reads the line it writes (a third stream of
+// memory traffic beside x and y). The streamed loops compute a chunk into an
+// aligned buffer in L1, with the same expressions as the plain loops, then
+// stream it out; chunks end on y's 64-byte boundaries.
+constexpr i64 CHUNK_BYTES = 4096;
+
+template <class T>
+inline void stream_store(T* dst, const T* src, i64 n) {
+    i64 i = 0;
+#if defined(__AVX__) || defined(__SSE2__)
+#if defined(__AVX__)
+    constexpr i64 VB = 32;
+#else
+    constexpr i64 VB = 16;
+#endif
+    constexpr i64 V = VB / i64(sizeof(T));
+    for (; i < n && (reinterpret_cast<std::uintptr_t>(dst + i) & (VB - 1)); ++i) dst[i] = src[i];
+    if ((reinterpret_cast<std::uintptr_t>(src + i) & (VB - 1)) == 0) {  // dst and src co-aligned
+        for (; i + V <= n; i += V) {
+#if defined(__AVX__)
+            if constexpr (sizeof(T) == 4)
+                _mm256_stream_ps(reinterpret_cast<float*>(dst + i), _mm256_load_ps(reinterpret_cast<const float*>(src + i)));
+            else
+                _mm256_stream_pd(reinterpret_cast<double*>(dst + i), _mm256_load_pd(reinterpret_cast<const double*>(src + i)));
+#else
+            if constexpr (sizeof(T) == 4)
+                _mm_stream_ps(reinterpret_cast<float*>(dst + i), _mm_load_ps(reinterpret_cast<const float*>(src + i)));
+            else
+                _mm_stream_pd(reinterpret_cast<double*>(dst + i), _mm_load_pd(reinterpret_cast<const double*>(src + i)));
+#endif
+        }
+    }
+#endif
+    for (; i < n; ++i) dst[i] = src[i];
+}
+
+inline void stream_fence() {
+#if defined(__SSE2__)
+    _mm_sfence();  // streamed stores are weakly ordered: visible before the call returns
+#endif
+}
+
+// fill(e0, e1, b0, b1) computes elements [e0, e1) of the outputs into b0[0, e1 - e0) (and b1)
+template <class T, class Fill>
+void streamed(T* y0, T* y1, i64 begin, i64 end, Fill fill) {
+    constexpr i64 CH = CHUNK_BYTES / i64(sizeof(T));
+    alignas(64) T b0[CH];
+    alignas(64) T b1[CH];
+    for (i64 e0 = begin; e0 < end;) {
+        i64 e1 = e0 + CH;
+        e1 -= i64(reinterpret_cast<std::uintptr_t>(y0 + e1) & 63) / i64(sizeof(T));
+        if (e1 > end) e1 = end;
+        fill(e0, e1, b0, b1);
+        stream_store(y0 + e0, b0, e1 - e0);
+        if (y1) stream_store(y1 + e0, b1, e1 - e0);
+        e0 = e1;
+    }
+    stream_fence();
+}
+
 // -- normalize: y = act((x - mean) * scale + shift [+ side]) ----------------
 template <class T, bool SIDE, bool RELU>
 void normalize_rows(const T* x, const T* side, T* y, i64 rows, i64 width,
@@ -210,27 +295,77 @@ void normalize_runs(const T* x, const T* side, T* y, i64 inner, i64 channels, i6
     }
 }
 
+// the same two loops, the output streamed (flag 8)
+template <class T, bool SIDE, bool RELU>
+void normalize_rows_streamed(const T* x, const T* side, T* y, i64 rows, i64 width,
+                             const T* mean, const T* scale, const T* shift) {
+    streamed<T>(y, nullptr, 0, rows * width, [&](i64 e0, i64 e1, T* b, T*) {
+        for (i64 e = e0; e < e1;) {
+            const i64 j0 = e % width, len = (width - j0 < e1 - e) ? width - j0 : e1 - e;
+            const i64 o = e - j0;
+#pragma omp simd
+            for (i64 j = j0; j < j0 + len; ++j) {
+                T z = (x[o + j] - mean[j]) * scale[j] + shift[j];
+                if (SIDE) z = z + side[o + j];
+                b[o + j - e0] = RELU ? relu(z) : z;
+            }
+            e += len;
+        }
+    });
+}
+
+template <class T, bool SIDE, bool RELU>
+void normalize_runs_streamed(const T* x, const T* side, T* y, i64 inner, i64 channels, i64 run0, i64 run1,
+                             const T* mean, const T* scale, const T* shift) {
+    streamed<T>(y, nullptr, run0 * inner, run1 * inner, [&](i64 e0, i64 e1, T* b, T*) {
+        for (i64 e = e0; e < e1;) {
+            const i64 run = e / inner, c = run % channels, o = run * inner, i0 = e - o;
+            const i64 len = (inner - i0 < e1 - e) ? inner - i0 : e1 - e;
+            const T m = mean[c], s = scale[c], h = shift[c];
+#pragma omp simd
+            for (i64 i = i0; i < i0 + len; ++i) {
+                T z = (x[o + i] - m) * s + h;
+                if (SIDE) z = z + side[o + i];
+                b[o + i - e0] = RELU ? relu(z) : z;
+            }
+            e += len;
+        }
+    });
+}
+
 // -- backward sums: S1 = sum(dy'), S2 = sum(dy' (x - mean)) ------------------
+template <class T, bool SIDE, bool RELU, i64 N>
+inline void bwd_sums_tile(const T* dy, const T* x, const T* side, i64 r0, i64 r1, i64 width, i64 j0, i64 n,
+                          const T* mean, const T* pmean, const T* pscale, const T* pshift, double* s1, double* s2) {
+    double ba[N] = {0.0}, bb[N] = {0.0};
+    for (i64 r = r0; r < r1; ++r) {
+        const i64 o = r * width + j0;
+        prefetch_ahead(dy + o, width, n);
+        prefetch_ahead(x + o, width, n);
+#pragma omp simd
+        for (i64 k = 0; k < (N == TILE ? N : n); ++k) {
+            const i64 j = j0 + k;
+            const T g = dy_prime<T, SIDE, RELU>(dy[o + k], x[o + k], side, o + k, pmean[j], pscale[j], pshift[j]);
+            ba[k] += double(g);
+            bb[k] += double(g) * double(x[o + k] - mean[j]);
+        }
+    }
+    for (i64 k = 0; k < (N == TILE ? N : n); ++k) { s1[j0 + k] += ba[k]; s2[j0 + k] += bb[k]; }
+}
+
 template <class T, bool SIDE, bool RELU>
 void bwd_sums_rows(const T* dy, const T* x, const T* side, i64 rows, i64 width, const T* mean,
                    const T* pmean, const T* pscale, const T* pshift, double* s1, double* s2) {
-    std::vector<double> block(2 * width);
-    double* ba = block.data();
-    double* bb = ba + width;
     for (i64 j = 0; j < width; ++j) { s1[j] = 0.0; s2[j] = 0.0; }
+    const i64 tiles = width / TILE * TILE;
     for (i64 r0 = 0; r0 < rows; r0 += BLOCK) {
         const i64 r1 = (r0 + BLOCK < rows) ? r0 + BLOCK : rows;
-        for (i64 j = 0; j < width; ++j) { ba[j] = 0.0; bb[j] = 0.0; }
-        for (i64 r = r0; r < r1; ++r) {
-            const i64 o = r * width;
-#pragma omp simd
-            for (i64 j = 0; j < width; ++j) {
-                const T g = dy_prime<T, SIDE, RELU>(dy[o + j], x[o + j], side, o + j, pmean[j], pscale[j], pshift[j]);
-                ba[j] += double(g);
-                bb[j] += double(g) * double(x[o + j] - mean[j]);
-            }
-        }
-        for (i64 j = 0; j < width; ++j) { s1[j] += ba[j]; s2[j] += bb[j]; }
+        for (i64 j0 = 0; j0 < tiles; j0 += TILE)
+            bwd_sums_tile<T, SIDE, RELU, TILE>(dy, x, side, r0, r1, width, j0, TILE, mean, pmean, pscale, pshift,
+                                               s1, s2);
+        if (tiles < width)
+            bwd_sums_tile<T, SIDE, RELU, TILE - 1>(dy, x, side, r0, r1, width, tiles, width - tiles, mean, pmean,
+                                                   pscale, pshift, s1, s2);
     }
 }
 
@@ -321,10 +456,50 @@ void bwd_apply_runs(const T* dy, const T* x, const T* side, T* dx, T* dside, i64
     }
 }
 
+template <class T, bool SIDE, bool RELU, bool DSIDE>
+void bwd_apply_rows_streamed(const T* dy, const T* x, const T* side, T* dx, T* dside, i64 rows, i64 width,
+                             const T* pmean, const T* pscale, const T* pshift, const T* mean, const T* k1,
+                             const T* k2) {
+    streamed<T>(dx, DSIDE ? dside : nullptr, 0, rows * width, [&](i64 e0, i64 e1, T* b, T* bs) {
+        for (i64 e = e0; e < e1;) {
+            const i64 j0 = e % width, len = (width - j0 < e1 - e) ? width - j0 : e1 - e;
+            const i64 o = e - j0;
+#pragma omp simd
+            for (i64 j = j0; j < j0 + len; ++j) {
+                const T g = dy_prime<T, SIDE, RELU>(dy[o + j], x[o + j], side, o + j, pmean[j], pscale[j], pshift[j]);
+                b[o + j - e0] = g * pscale[j] - ((x[o + j] - mean[j]) * k2[j] + k1[j]);
+                if (DSIDE) bs[o + j - e0] = g;
+            }
+            e += len;
+        }
+    });
+}
+
+template <class T, bool SIDE, bool RELU, bool DSIDE>
+void bwd_apply_runs_streamed(const T* dy, const T* x, const T* side, T* dx, T* dside, i64 inner, i64 channels,
+                             i64 run0, i64 run1, const T* pmean, const T* pscale, const T* pshift,
+                             const T* mean, const T* k1, const T* k2) {
+    streamed<T>(dx, DSIDE ? dside : nullptr, run0 * inner, run1 * inner, [&](i64 e0, i64 e1, T* b, T* bs) {
+        for (i64 e = e0; e < e1;) {
+            const i64 run = e / inner, c = run % channels, o = run * inner, i0 = e - o;
+            const i64 len = (inner - i0 < e1 - e) ? inner - i0 : e1 - e;
+            const T pm = pmean[c], ps = pscale[c], ph = pshift[c], m = mean[c], a = k1[c], bb = k2[c];
+#pragma omp simd
+            for (i64 i = i0; i < i0 + len; ++i) {
+                const i64 el = o + i;
+                const T g = dy_prime<T, SIDE, RELU>(dy[el], x[el], side, el, pm, ps, ph);
+                b[el - e0] = g * ps - ((x[el] - m) * bb + a);
+                if (DSIDE) bs[el - e0] = g;
+            }
+            e += len;
+        }
+    });
+}
+
 }  // namespace
 
 // -- the exported entry points; flags select the template: 1 = side input,
-// 2 = ReLU, 4 = write dside
+// 2 = ReLU, 4 = write dside, 8 = stream the outputs
 #define CUBN_EXPORT extern "C" __attribute__((visibility("default")))
 
 #define CUBN_FLAGS2(F, T, flags, ...)                                          \
@@ -377,12 +552,18 @@ void bwd_apply_runs(const T* dy, const T* x, const T* side, T* dx, T* dside, i64
     }                                                                                                      \
     CUBN_EXPORT void cubn_normalize_rows_##SUF(int flags, const T* x, const T* side, T* y, i64 rows,         \
                                               i64 width, const T* mean, const T* scale, const T* shift) {    \
-        CUBN_FLAGS2(normalize_rows, T, flags, x, side, y, rows, width, mean, scale, shift)                 \
+        if (flags & 8) { CUBN_FLAGS2(normalize_rows_streamed, T, flags, x, side, y, rows, width, mean, scale, shift) } \
+        else { CUBN_FLAGS2(normalize_rows, T, flags, x, side, y, rows, width, mean, scale, shift) }                  \
     }                                                                                                      \
     CUBN_EXPORT void cubn_normalize_runs_##SUF(int flags, const T* x, const T* side, T* y, i64 inner,        \
                                               i64 channels, i64 run0, i64 run1, const T* mean,              \
                                               const T* scale, const T* shift) {                             \
-        CUBN_FLAGS2(normalize_runs, T, flags, x, side, y, inner, channels, run0, run1, mean, scale, shift) \
+        if (flags & 8) {                                                                                   \
+            CUBN_FLAGS2(normalize_runs_streamed, T, flags, x, side, y, inner, channels, run0, run1, mean, scale, \
+                        shift)                                                                             \
+        } else {                                                                                           \
+            CUBN_FLAGS2(normalize_runs, T, flags, x, side, y, inner, channels, run0, run1, mean, scale, shift) \
+        }                                                                                                  \
     }                                                                                                      \
     CUBN_EXPORT void cubn_bwd_sums_rows_##SUF(int flags, const T* dy, const T* x, const T* side, i64 rows,   \
                                              i64 width, const T* mean, const T* pmean, const T* pscale,     \
@@ -407,18 +588,28 @@ void bwd_apply_runs(const T* dy, const T* x, const T* side, T* dx, T* dside, i64
                                               T* dside, i64 rows, i64 width, const T* pmean,                \
                                               const T* pscale, const T* pshift, const T* mean, const T* k1, \
                                               const T* k2) {                                                \
-        CUBN_FLAGS3(bwd_apply_rows, T, flags, dy, x, side, dx, dside, rows, width, pmean, pscale, pshift,  \
-                    mean, k1, k2)                                                                          \
+        if (flags & 8) {                                                                                   \
+            CUBN_FLAGS3(bwd_apply_rows_streamed, T, flags, dy, x, side, dx, dside, rows, width, pmean, pscale, \
+                        pshift, mean, k1, k2)                                                              \
+        } else {                                                                                           \
+            CUBN_FLAGS3(bwd_apply_rows, T, flags, dy, x, side, dx, dside, rows, width, pmean, pscale, pshift, \
+                        mean, k1, k2)                                                                      \
+        }                                                                                                  \
     }                                                                                                      \
     CUBN_EXPORT void cubn_bwd_apply_runs_##SUF(int flags, const T* dy, const T* x, const T* side, T* dx,     \
                                               T* dside, i64 inner, i64 channels, i64 run0, i64 run1,        \
                                               const T* pmean, const T* pscale, const T* pshift,             \
                                               const T* mean, const T* k1, const T* k2) {                    \
-        CUBN_FLAGS3(bwd_apply_runs, T, flags, dy, x, side, dx, dside, inner, channels, run0, run1, pmean,  \
-                    pscale, pshift, mean, k1, k2)                                                          \
+        if (flags & 8) {                                                                                   \
+            CUBN_FLAGS3(bwd_apply_runs_streamed, T, flags, dy, x, side, dx, dside, inner, channels, run0, run1, \
+                        pmean, pscale, pshift, mean, k1, k2)                                               \
+        } else {                                                                                           \
+            CUBN_FLAGS3(bwd_apply_runs, T, flags, dy, x, side, dx, dside, inner, channels, run0, run1, pmean, \
+                        pscale, pshift, mean, k1, k2)                                                      \
+        }                                                                                                  \
     }
 
 CUBN_ENTRY_POINTS(float, f4)
 CUBN_ENTRY_POINTS(double, f8)
 
-CUBN_EXPORT int cubn_native_abi(void) { return 3; }
+CUBN_EXPORT int cubn_native_abi(void) { return 4; }

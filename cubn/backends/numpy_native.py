@@ -55,9 +55,14 @@ SOURCE = pathlib.Path(__file__).resolve().parent / "native_loops.cpp"
 MIN_ELEMENTS = 8192  # smaller arrays take numpy_small's few NumPy calls (a ctypes call costs ~1 us)
 PART_BYTES = 256 << 10  # one part of the statistics: read twice, the second time from L2
 TASK_BYTES = 1 << 20  # bytes below which a call runs in the calling thread; tasks of at least a quarter of it
+# Outputs of at least this many bytes are written with non-temporal (streaming)
+# stores: they would not stay in cache anyway, and a plain store reads each
+# line before writing it. Smaller outputs are written plainly, so that the
+# next op finds them in cache.
+STREAM_BYTES = 8 << 20
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-std=c++17",
           "-fPIC", "-shared", "-fvisibility=hidden", "-Wall")  # fmt: skip
-_ABI = 3  # cubn_native_abi() of this version of native_loops.cpp
+_ABI = 4  # cubn_native_abi() of this version of native_loops.cpp
 _SUFFIX = {np.dtype(np.float32): "f4", np.dtype(np.float64): "f8"}
 _I64 = ctypes.c_int64
 _P = ctypes.c_void_p
@@ -419,7 +424,7 @@ def statistics(x3, acc):
 def normalize(x3, side3, y3, mean, scale, shift, act, acc) -> None:
     """y3 = act((x3 - mean) * scale + shift [+ side3]), per channel, into y3."""
     outer, c, inner = x3.shape
-    flags = (1 if side3 is not None else 0) | (2 if act is not None else 0)
+    flags = (1 if side3 is not None else 0) | (2 if act is not None else 0) | (8 if y3.nbytes >= STREAM_BYTES else 0)
     isz = x3.itemsize
     px, py = pointer(x3), pointer(y3)
     ps = pointer(side3) if side3 is not None else None
@@ -481,7 +486,8 @@ def backward_apply(dy3, x3, side3, dx3, dside3, pre, mean, k1, k2, act, acc) -> 
     """dx3 = dy' * scale - ((x3 - mean) * k2 + k1) and, when given, dside3 = dy'
     (``pre`` = (mean, scale, shift) of the forward's pre-activation)."""
     outer, c, inner = x3.shape
-    flags = (1 if side3 is not None else 0) | (2 if act is not None else 0) | (4 if dside3 is not None else 0)
+    flags = ((1 if side3 is not None else 0) | (2 if act is not None else 0) | (4 if dside3 is not None else 0)
+             | (8 if dx3.nbytes >= STREAM_BYTES else 0))
     isz = x3.itemsize
     pdy, px, pdx = pointer(dy3), pointer(x3), pointer(dx3)
     ps = pointer(side3) if side3 is not None else None
