@@ -23,6 +23,7 @@
 // multiplies (Inf * 0 is NaN, as np.multiply(dy, mask) gives).
 
 #include <cstdint>
+#include <vector>
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
@@ -191,6 +192,44 @@ int stats_finish(i64 channels, i64 P, i64 K, i64 sp, i64 sk, i64 sc, const doubl
         m2[c] = T(M2);
     }
     return far;
+}
+
+// The whole statistics of one call in the calling thread: pivots, the parts
+// of the shape's layout in order (kind 0 rows, 1 short, 2 runs: the cuts the
+// Python side makes, so the sums are the very ones its thread pool adds),
+// the totals, and once more about the mean where a pivot was far from it.
+template <class T>
+void stats_serial(const T* x, int kind, i64 outer, i64 channels, i64 inner, i64 width, const i64* bounds,
+                  i64 nbounds, i64 rest, i64 piece, i64 pieces, i64 size, i64 P, i64 K, i64 sp, i64 sk, i64 sc,
+                  i64 k1, i64 k2, double ratio, T* mean, T* m2) {
+    std::vector<double> pivot(width), buf(2 * (size + channels));
+    pivots(x, channels, inner, k1, k2, width, pivot.data());
+    double *s = buf.data(), *q = s + size, *rs = nullptr, *rq = nullptr;
+    const double count = double(outer) * double(inner);
+    for (int again = 0; again < 2; ++again) {
+        const double* pv = pivot.data();
+        if (kind == 0) {
+            for (i64 p = 0; p + 1 < nbounds; ++p)
+                stats_rows(x + bounds[p] * width, bounds[p + 1] - bounds[p], width, pv, s + p * width, q + p * width);
+            if (rest) {
+                rs = buf.data() + 2 * size;
+                rq = rs + channels;
+                stats_rows(x + bounds[nbounds - 1] * width, rest, channels, pv, rs, rq);
+            }
+        } else if (kind == 1) {
+            for (i64 p = 0; p + 1 < nbounds; ++p)
+                stats_short(x, bounds[p], bounds[p + 1], inner, channels, pv, s + p * channels, q + p * channels);
+        } else {
+            stats_runs(x, inner, channels, piece, pieces, 0, outer * channels * pieces, pv, s, q);
+        }
+        const int far = stats_finish(channels, P, K, sp, sk, sc, s, q, rs, rq, count, pv, ratio, mean, m2);
+        if (!far || again) return;
+        for (i64 c = 0; c < channels; ++c) {
+            const double m = double(mean[c]);
+            if (m - m == 0.0) pivot[c] = m;  // about the mean found, where finite
+        }
+        for (i64 j = channels; j < width; ++j) pivot[j] = pivot[j % channels];
+    }
 }
 
 template <class T>
@@ -424,6 +463,39 @@ void bwd_sums_runs(const T* dy, const T* x, const T* side, i64 inner, i64 channe
     }
 }
 
+// The backward's sums of one call in the calling thread (as stats_serial: the
+// Python side's parts, in order, then the totals)
+template <class T, bool SIDE, bool RELU>
+void bwd_sums_serial(const T* dy, const T* x, const T* side, int kind, i64 outer, i64 channels, i64 inner,
+                     i64 width, const i64* bounds, i64 nbounds, i64 rest, i64 piece, i64 pieces, i64 size, i64 P,
+                     i64 K, i64 sp, i64 sk, i64 sc, const T* mean, const T* pmean, const T* pscale,
+                     const T* pshift, T* s1, T* s2) {
+    std::vector<double> buf(2 * (size + channels));
+    double *a = buf.data(), *b = a + size, *ra = nullptr, *rb = nullptr;
+    if (kind == 0) {
+        for (i64 p = 0; p + 1 < nbounds; ++p) {
+            const i64 o = bounds[p] * width;
+            bwd_sums_rows<T, SIDE, RELU>(dy + o, x + o, SIDE ? side + o : side, bounds[p + 1] - bounds[p], width,
+                                         mean, pmean, pscale, pshift, a + p * width, b + p * width);
+        }
+        if (rest) {
+            ra = buf.data() + 2 * size;
+            rb = ra + channels;
+            const i64 o = bounds[nbounds - 1] * width;
+            bwd_sums_rows<T, SIDE, RELU>(dy + o, x + o, SIDE ? side + o : side, rest, channels, mean, pmean,
+                                         pscale, pshift, ra, rb);
+        }
+    } else if (kind == 1) {
+        for (i64 p = 0; p + 1 < nbounds; ++p)
+            bwd_sums_short<T, SIDE, RELU>(dy, x, side, bounds[p], bounds[p + 1], inner, channels, mean, pmean,
+                                          pscale, pshift, a + p * channels, b + p * channels);
+    } else {
+        bwd_sums_runs<T, SIDE, RELU>(dy, x, side, inner, channels, piece, pieces, 0, outer * channels * pieces,
+                                     mean, pmean, pscale, pshift, a, b);
+    }
+    sums_finish(channels, P, K, sp, sk, sc, a, b, ra, rb, s1, s2);
+}
+
 // -- backward apply: dx = dy' * scale - ((x - mean) * k2 + k1); dside = dy' --
 template <class T, bool SIDE, bool RELU, bool DSIDE>
 void bwd_apply_rows(const T* dy, const T* x, const T* side, T* dx, T* dside, i64 rows, i64 width,
@@ -545,6 +617,13 @@ void bwd_apply_runs_streamed(const T* dy, const T* x, const T* side, T* dx, T* d
                                            double ratio, T* mean, T* m2) {                                  \
         return stats_finish<T>(channels, P, K, sp, sk, sc, s, q, rs, rq, count, pivot, ratio, mean, m2);    \
     }                                                                                                      \
+    CUBN_EXPORT void cubn_stats_serial_##SUF(const T* x, int kind, i64 outer, i64 channels, i64 inner,       \
+                                            i64 width, const i64* bounds, i64 nbounds, i64 rest, i64 piece,   \
+                                            i64 pieces, i64 size, i64 P, i64 K, i64 sp, i64 sk, i64 sc,      \
+                                            i64 k1, i64 k2, double ratio, T* mean, T* m2) {                  \
+        stats_serial<T>(x, kind, outer, channels, inner, width, bounds, nbounds, rest, piece, pieces, size,  \
+                        P, K, sp, sk, sc, k1, k2, ratio, mean, m2);                                         \
+    }                                                                                                      \
     CUBN_EXPORT void cubn_sums_finish_##SUF(i64 channels, i64 P, i64 K, i64 sp, i64 sk, i64 sc,             \
                                            const double* s, const double* q, const double* rs,              \
                                            const double* rq, T* s1, T* s2) {                                \
@@ -584,6 +663,16 @@ void bwd_apply_runs_streamed(const T* dy, const T* x, const T* side, T* dx, T* d
         CUBN_FLAGS2(bwd_sums_runs, T, flags, dy, x, side, inner, channels, piece, pieces, q0, q1, mean,    \
                     pmean, pscale, pshift, s1, s2)                                                         \
     }                                                                                                      \
+    CUBN_EXPORT void cubn_bwd_sums_serial_##SUF(int flags, const T* dy, const T* x, const T* side, int kind, \
+                                               i64 outer, i64 channels, i64 inner, i64 width,               \
+                                               const i64* bounds, i64 nbounds, i64 rest, i64 piece,         \
+                                               i64 pieces, i64 size, i64 P, i64 K, i64 sp, i64 sk, i64 sc,  \
+                                               const T* mean, const T* pmean, const T* pscale,              \
+                                               const T* pshift, T* s1, T* s2) {                             \
+        CUBN_FLAGS2(bwd_sums_serial, T, flags, dy, x, side, kind, outer, channels, inner, width, bounds,    \
+                    nbounds, rest, piece, pieces, size, P, K, sp, sk, sc, mean, pmean, pscale, pshift, s1,  \
+                    s2)                                                                                    \
+    }                                                                                                      \
     CUBN_EXPORT void cubn_bwd_apply_rows_##SUF(int flags, const T* dy, const T* x, const T* side, T* dx,     \
                                               T* dside, i64 rows, i64 width, const T* pmean,                \
                                               const T* pscale, const T* pshift, const T* mean, const T* k1, \
@@ -612,4 +701,4 @@ void bwd_apply_runs_streamed(const T* dy, const T* x, const T* side, T* dx, T* d
 CUBN_ENTRY_POINTS(float, f4)
 CUBN_ENTRY_POINTS(double, f8)
 
-CUBN_EXPORT int cubn_native_abi(void) { return 4; }
+CUBN_EXPORT int cubn_native_abi(void) { return 6; }

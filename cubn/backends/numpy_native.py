@@ -62,7 +62,7 @@ TASK_BYTES = 1 << 20  # bytes below which a call runs in the calling thread; tas
 STREAM_BYTES = 8 << 20
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-std=c++17",
           "-fPIC", "-shared", "-fvisibility=hidden", "-Wall")  # fmt: skip
-_ABI = 4  # cubn_native_abi() of this version of native_loops.cpp
+_ABI = 6  # cubn_native_abi() of this version of native_loops.cpp
 _SUFFIX = {np.dtype(np.float32): "f4", np.dtype(np.float64): "f8"}
 _I64 = ctypes.c_int64
 _P = ctypes.c_void_p
@@ -80,6 +80,10 @@ _SIGNATURES = {  # ctypes argument types of each entry point (f4 and f8 alike)
     "stats_runs": (_P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P),
     "pivots": (_P, _I64, _I64, _I64, _I64, _I64, _P),
     "stats_finish": (_I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P, ctypes.c_double, _P, ctypes.c_double, _P, _P),
+    "stats_serial": (_P, _INT, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64,
+                     _I64, _I64, _I64, ctypes.c_double, _P, _P),
+    "bwd_sums_serial": (_INT, _P, _P, _P, _INT, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64, _I64, _I64, _I64,
+                        _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P),
     "sums_finish": (_I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P),
     "normalize_rows": (_INT, _P, _P, _P, _I64, _I64, _P, _P, _P),
     "normalize_runs": (_INT, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _P),
@@ -364,6 +368,15 @@ def _reduce(red, x3, isz, per_elem, buf, rows_fn, short_fn, runs_fn):
     return None, None
 
 
+_KIND = {"rows": 0, "short": 1, "runs": 2}
+
+
+@functools.lru_cache(maxsize=512)
+def _c_bounds(red):
+    """The parts' bounds of ``red`` as a C array (None for the runs layout, which has none)."""
+    return (ctypes.c_int64 * len(red.bounds))(*red.bounds) if red.bounds else None
+
+
 def _buffer(red, c):
     return np.empty(2 * (red.size + c))
 
@@ -399,9 +412,15 @@ def statistics(x3, acc):
     red = _reduction(outer, c, inner, isz)
     lib = _lib
     px = pointer(x3)
-    pivot = _pivots(x3, red.width, acc)
     mean = np.empty(c, acc)
     m2 = np.empty(c, acc)
+    if x3.nbytes < TASK_BYTES or _threads.get_num_threads() <= 1:
+        # one task: the same parts and sums in one C call (no Python per part)
+        lib["stats_serial", acc](px, _KIND[red.kind], outer, c, inner, red.width, _c_bounds(red), len(red.bounds),
+                                 red.rest, red.piece, red.pieces, red.size, *red.totals,
+                                 *_pivot_sample(outer, inner), FAR_PIVOT_RATIO[acc], pointer(mean), pointer(m2))
+        return mean, m2
+    pivot = _pivots(x3, red.width, acc)
     buf = _buffer(red, c)
     for again in (False, True):
         pp = pointer(pivot)
@@ -464,6 +483,14 @@ def backward_sums(dy3, x3, side3, mean, pre, act, acc):
     lib = _lib
     vs = [_tile(v, acc, red.width, c) for v in (mean, *pre)]
     vargs = tuple(pointer(v) for v in vs)
+    s1 = np.empty(c, acc)
+    s2 = np.empty(c, acc)
+    if x3.nbytes < TASK_BYTES or _threads.get_num_threads() <= 1:
+        # one task: the same parts and sums in one C call
+        lib["bwd_sums_serial", acc](flags, pdy, px, psd, _KIND[red.kind], outer, c, inner, red.width, _c_bounds(red),
+                                    len(red.bounds), red.rest, red.piece, red.pieces, red.size, *red.totals, *vargs,
+                                    pointer(s1), pointer(s2))
+        return s1, s2
     fs, fq, fr = lib["bwd_sums_rows", acc], lib["bwd_sums_short", acc], lib["bwd_sums_runs", acc]
 
     def rows_fn(off, rows, width, s, q):
@@ -475,8 +502,6 @@ def backward_sums(dy3, x3, side3, mean, pre, act, acc):
         red, x3, isz, 2 * isz, buf, rows_fn,
         lambda n0, n1, s, q: fq(flags, pdy, px, psd, n0, n1, inner, c, *vargs, s, q),
         lambda q0, q1, piece, pieces, s, q: fr(flags, pdy, px, psd, inner, c, piece, pieces, q0, q1, *vargs, s, q))
-    s1 = np.empty(c, acc)
-    s2 = np.empty(c, acc)
     pb = pointer(buf)
     lib["sums_finish", acc](c, *red.totals, pb, pb + red.size * 8, rs, rq, pointer(s1), pointer(s2))
     return s1, s2
