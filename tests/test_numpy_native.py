@@ -277,17 +277,101 @@ def test_public_ops_agree_with_and_without_the_loops(rng, fmt, shape):
     def run():
         y, bm, bv = cubn.fused_batch_norm(x, g, b, data_format=df)
         yr = cubn.fused_batch_norm(x, g, b, data_format=df, side_input=side, activation="relu")[0]
+        yi = cubn.fused_batch_norm(x, g, b, bm * 0 + 1e4, bv * 0 + 4, data_format=df, is_training=False,
+                                   side_input=side, activation="relu")[0]
         st = cubn.moments(x, [0, 2, 3] if fmt == "NCHW" else list(range(len(shape) - 1)))
         gr = cubn.batch_norm_backward(dy, x, g, bm.astype(np.float32), (bv * 0 + st[1]).astype(np.float32), 1e-3,
                                       offset=b, data_format=df)
-        return y, yr, bm, bv, gr.dx, gr.dscale, gr.doffset
+        return y, yr, yi, bm, bv, gr.dx, gr.dscale, gr.doffset
 
     with_loops = run()
     with native.disabled():
         without = run()
-    for a, b_, what in zip(with_loops, without, ["y", "y relu", "mean", "var", "dx", "dscale", "doffset"]):
+    for a, b_, what in zip(with_loops, without, ["y", "y relu", "y inference", "mean", "var", "dx", "dscale", "doffset"]):
         a, b_ = np.asarray(a, np.float64), np.asarray(b_, np.float64)
         np.testing.assert_allclose(a, b_, rtol=2e-4, atol=2e-4 * (np.abs(b_).max() + 1), err_msg=what)
+
+
+@needs_loops
+@pytest.mark.parametrize("dt", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_fold_and_moving_round_as_the_numpy_formulas(rng, dt):
+    """The training forward's per-channel steps in C, bit for bit the NumPy formulas (one rounding per
+    operation, no fused multiply-add): invstd, scale, shift; the Bessel-corrected, blended moving statistics."""
+    from cubn.backends import numpy_small
+
+    acc = np.dtype(dt)
+    c = 64
+    lib = native._lib
+    for trial in range(40):
+        m2 = np.abs(rng.standard_normal(c)) * 10.0 ** rng.integers(-6, 6, c)
+        m2[:3] = (0.0, 1e-30, np.inf)
+        m2 = m2.astype(dt)
+        n = int(rng.choice([1, 2, 3, 1000, (1 << 25) + 1, 123457]))
+        eps = float(rng.choice([0.0, 1e-3, 1e-5, 0.1]))
+        gamma = None if trial % 4 == 0 else rng.standard_normal(c).astype(dt)
+        beta = None if trial % 3 == 0 else rng.standard_normal(c).astype(dt)
+        if gamma is not None:
+            gamma[:3] = (np.inf, np.nan, -0.0)
+        if beta is not None:
+            beta[3:5] = (-0.0, np.nan)
+        with np.errstate(all="ignore"):
+            var_ref = np.divide(m2, n)
+            want = numpy_small._fold(var_ref, eps, gamma, beta, acc)
+        var = m2.copy()
+        invstd, shift = np.empty(c, acc), np.empty(c, acc)
+        scale = invstd if gamma is None else np.empty(c, acc)
+        lib["fold", acc](c, n, native.pointer(var), eps, native._opt(gamma), native._opt(beta),
+                         native.pointer(invstd), native.pointer(scale), native.pointer(shift))
+        for got, ref, what in zip((var, invstd, scale, shift), (var_ref, *want), ("var", "invstd", "scale", "shift")):
+            assert got.tobytes() == np.asarray(ref, acc).tobytes(), (what, trial)
+        mean = rng.standard_normal(c).astype(dt) * 100
+        a = float(rng.choice([0.0, 0.1, 0.3, 1.0]))
+        bessel = bool(trial % 2)
+        mean_in = rng.standard_normal(c).astype(dt) if trial % 5 else None
+        var_in = np.abs(rng.standard_normal(c)).astype(dt) if trial % 5 else None
+        with np.errstate(all="ignore"):
+            ref_m, ref_v = numpy_small._moving(mean, var, n, acc, a, bessel, mean_in, None, var_in, None)
+        out_m = mean_in.copy() if mean_in is not None else np.empty(c, acc)  # in place where there is an in
+        out_v = var_in.copy() if var_in is not None else np.empty(c, acc)
+        lib["moving", acc](c, n, a, int(bessel), native.pointer(mean), native.pointer(var),
+                           native._opt(out_m if mean_in is not None else None),
+                           native._opt(out_v if var_in is not None else None), native.pointer(out_m),
+                           native.pointer(out_v))
+        assert out_m.tobytes() == ref_m.tobytes() and out_v.tobytes() == ref_v.tobytes(), trial
+
+
+@needs_loops
+@pytest.mark.parametrize("shape, fmt", [((40000, 24), "NHWC"), ((300, 40, 7, 7), "NCHW"), ((3, 5, 200003), "NCHW"),
+                                        ((70, 9, 9, 64), "NHWC")], ids=str)
+def test_training_forward_does_not_depend_on_the_thread_count(rng, shape, fmt):
+    """One thread runs the whole training forward as one C call; more threads run its parts on the pool:
+    the outputs, the batch statistics and a layer's moving statistics are the same to the last bit."""
+    x = (rng.standard_normal(shape) * 3 + 1e3).astype(np.float32)
+    side = rng.standard_normal(shape).astype(np.float32)
+    c = shape[1] if fmt == "NCHW" else shape[-1]
+    g, b = rng.uniform(0.5, 2, c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+    rm, rv = rng.standard_normal(c).astype(np.float32), rng.uniform(0.5, 2, c).astype(np.float32)
+    results = []
+    old = cubn.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            cubn.set_num_threads(threads)
+            out = list(cubn.fused_batch_norm(x, g, b, rm, rv, data_format=fmt, exponential_avg_factor=0.3))
+            out += cubn.fused_batch_norm(x, g, None, data_format=fmt, side_input=side, activation="relu")
+            out.append(cubn.fused_batch_norm(x, g, b, rm, rv, data_format=fmt, is_training=False)[0])
+            out.append(cubn.fused_batch_norm(x, None, b, rm, rv, data_format=fmt, is_training=False,
+                                             side_input=side, activation="relu")[0])
+            bn = cubn.BatchNorm(scale=True, decay=0.9, data_format=fmt, updates_collections=None,
+                                param_initializers={"gamma": g, "beta": b})
+            for _ in range(2):
+                out.append(bn(x, is_training=True))
+            out += [bn.variables["moving_mean"], bn.variables["moving_variance"]]
+            results.append([np.asarray(o).copy() for o in out])
+    finally:
+        cubn.set_num_threads(old)
+    for other in results[1:]:
+        for a, b_ in zip(results[0], other):
+            assert a.tobytes() == b_.tobytes()
 
 
 def _child(code, env):

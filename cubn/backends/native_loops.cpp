@@ -22,6 +22,7 @@
 // to their channel as in NumPy: the ReLU keeps NaN, and its derivative
 // multiplies (Inf * 0 is NaN, as np.multiply(dy, mask) gives).
 
+#include <cmath>
 #include <cstdint>
 #include <vector>
 #if defined(__SSE2__)
@@ -568,6 +569,130 @@ void bwd_apply_runs_streamed(const T* dy, const T* x, const T* side, T* dx, T* d
     });
 }
 
+// -- the training forward's per-channel steps -----------------------------------
+// These round exactly as the NumPy code's ufuncs do, one operation at a time:
+// a product stored through a volatile is never fused with the sum after it.
+
+// var = M2 / n (in place), invstd = 1 / sqrt(var + eps), scale = gamma * invstd
+// (invstd without gamma), shift = gamma * 0 + beta (NaN where gamma is not finite)
+template <class T>
+void fold(i64 channels, i64 n, T* var, double eps, const T* gamma, const T* beta, T* invstd, T* scale, T* shift) {
+    const T tn = T(n), te = T(eps);
+    for (i64 c = 0; c < channels; ++c) {
+        const T v = var[c] / tn;
+        var[c] = v;
+        const T inv = T(1) / std::sqrt(v + te);
+        invstd[c] = inv;
+        if (gamma) {
+            volatile T g0 = gamma[c] * T(0);
+            scale[c] = gamma[c] * inv;
+            shift[c] = beta ? T(g0) + beta[c] : T(g0);
+        } else {
+            scale[c] = inv;
+            shift[c] = beta ? beta[c] + T(0) : T(0);
+        }
+    }
+}
+
+template <class T>
+inline T blend(T old, T batch, T a) {
+    volatile T t = (old - batch) * a;
+    return old - T(t);
+}
+
+// moving statistics: out = in - (in - batch) * a, or batch where there is no
+// in; the variance fed in Bessel-corrected (times n / (n - 1)) when asked.
+// An out may be its in (in place).
+template <class T>
+void moving(i64 channels, i64 n, double a, int bessel, const T* mean, const T* var, const T* mean_in,
+            const T* var_in, T* mean_out, T* var_out) {
+    const T r = T(n) / T(n > 1 ? n - 1 : 1), ta = T(a);
+    for (i64 c = 0; c < channels; ++c) {
+        T bv = var[c];
+        if (bessel) {
+            volatile T corrected = var[c] * r;
+            bv = corrected;
+        }
+        if (mean_out) mean_out[c] = mean_in ? blend(mean_in[c], mean[c], ta) : mean[c];
+        if (var_out) var_out[c] = var_in ? blend(var_in[c], bv, ta) : bv;
+    }
+}
+
+// y = act((x - mean) * scale + shift [+ side]) over a whole (outer, C, inner)
+// array in this thread: rows of k * C (k = width / C) when inner == 1, as the
+// Python side cuts them, else runs
+template <class T>
+void normalize_all(int flags, const T* x, const T* side, T* y, i64 outer, i64 channels, i64 inner, i64 width,
+                   const T* mean, const T* scale, const T* shift) {
+#define CUBN_NORMALIZE(F, ...)                                                                 \
+    do {                                                                                       \
+        if (flags & 8) {                                                                       \
+            switch (flags & 3) {                                                               \
+                case 0: F##_streamed<T, false, false>(__VA_ARGS__); break;                     \
+                case 1: F##_streamed<T, true, false>(__VA_ARGS__); break;                      \
+                case 2: F##_streamed<T, false, true>(__VA_ARGS__); break;                      \
+                default: F##_streamed<T, true, true>(__VA_ARGS__); break;                      \
+            }                                                                                  \
+        } else {                                                                               \
+            switch (flags & 3) {                                                               \
+                case 0: F<T, false, false>(__VA_ARGS__); break;                                \
+                case 1: F<T, true, false>(__VA_ARGS__); break;                                 \
+                case 2: F<T, false, true>(__VA_ARGS__); break;                                 \
+                default: F<T, true, true>(__VA_ARGS__); break;                                 \
+            }                                                                                  \
+        }                                                                                      \
+    } while (0)
+    if (inner != 1) {
+        CUBN_NORMALIZE(normalize_runs, x, side, y, inner, channels, 0, outer * channels, mean, scale, shift);
+        return;
+    }
+    const i64 k = width / channels, full = outer / k, rest = outer - full * k;
+    std::vector<T> tiled(3 * width);
+    for (i64 j = 0; j < width; ++j) {
+        tiled[j] = mean[j % channels];
+        tiled[width + j] = scale[j % channels];
+        tiled[2 * width + j] = shift[j % channels];
+    }
+    const T *tm = tiled.data(), *ts = tm + width, *th = ts + width;
+    CUBN_NORMALIZE(normalize_rows, x, side, y, full, width, tm, ts, th);
+    if (rest) {
+        const i64 o = full * width;
+        CUBN_NORMALIZE(normalize_rows, x + o, side ? side + o : side, y + o, rest, channels, tm, ts, th);
+    }
+#undef CUBN_NORMALIZE
+}
+
+// The inference forward's per-channel step, scale = gamma / sqrt(var + eps)
+// (as invstd = 1 / sqrt(var + eps), then gamma * invstd) and shift = beta,
+// then the normalization in this thread when y is given.
+template <class T>
+void infer_serial(int flags, const T* x, const T* side, T* y, i64 outer, i64 channels, i64 inner, i64 width,
+                  double eps, const T* gamma, const T* beta, const T* mean, const T* var, T* scale, T* shift) {
+    const T te = T(eps);
+    for (i64 c = 0; c < channels; ++c) {
+        const T inv = T(1) / std::sqrt(var[c] + te);
+        scale[c] = gamma ? gamma[c] * inv : inv;
+        shift[c] = beta ? beta[c] : T(0);
+    }
+    if (y) normalize_all(flags, x, side, y, outer, channels, inner, width, mean, scale, shift);
+}
+
+// A whole training forward in this thread: statistics (stats_serial), fold,
+// the normalization when y is given, the moving statistics when an out is
+// given. mean and var are outputs (var biased).
+template <class T>
+void train_serial(int flags, const T* x, const T* side, T* y, int kind, i64 outer, i64 channels, i64 inner,
+                  i64 width, const i64* bounds, i64 nbounds, i64 rest, i64 piece, i64 pieces, i64 size, i64 P, i64 K,
+                  i64 sp, i64 sk, i64 sc, i64 k1, i64 k2, double ratio, double eps, const T* gamma, const T* beta,
+                  T* mean, T* var, T* invstd, T* scale, T* shift, double a, int bessel, const T* mean_in,
+                  const T* var_in, T* mean_out, T* var_out) {
+    stats_serial(x, kind, outer, channels, inner, width, bounds, nbounds, rest, piece, pieces, size, P, K, sp, sk,
+                 sc, k1, k2, ratio, mean, var);
+    fold(channels, outer * inner, var, eps, gamma, beta, invstd, scale, shift);
+    if (y) normalize_all(flags, x, side, y, outer, channels, inner, width, mean, scale, shift);
+    if (mean_out || var_out) moving(channels, outer * inner, a, bessel, mean, var, mean_in, var_in, mean_out, var_out);
+}
+
 }  // namespace
 
 // -- the exported entry points; flags select the template: 1 = side input,
@@ -623,6 +748,32 @@ void bwd_apply_runs_streamed(const T* dy, const T* x, const T* side, T* dx, T* d
                                             i64 k1, i64 k2, double ratio, T* mean, T* m2) {                  \
         stats_serial<T>(x, kind, outer, channels, inner, width, bounds, nbounds, rest, piece, pieces, size,  \
                         P, K, sp, sk, sc, k1, k2, ratio, mean, m2);                                         \
+    }                                                                                                      \
+    CUBN_EXPORT void cubn_fold_##SUF(i64 channels, i64 n, T* var, double eps, const T* gamma, const T* beta,   \
+                                    T* invstd, T* scale, T* shift) {                                       \
+        fold<T>(channels, n, var, eps, gamma, beta, invstd, scale, shift);                                 \
+    }                                                                                                      \
+    CUBN_EXPORT void cubn_moving_##SUF(i64 channels, i64 n, double a, int bessel, const T* mean,           \
+                                      const T* var, const T* mean_in, const T* var_in, T* mean_out,        \
+                                      T* var_out) {                                                        \
+        moving<T>(channels, n, a, bessel, mean, var, mean_in, var_in, mean_out, var_out);                  \
+    }                                                                                                      \
+    CUBN_EXPORT void cubn_train_serial_##SUF(                                                              \
+        int flags, const T* x, const T* side, T* y, int kind, i64 outer, i64 channels, i64 inner, i64 width,  \
+        const i64* bounds, i64 nbounds, i64 rest, i64 piece, i64 pieces, i64 size, i64 P, i64 K, i64 sp,      \
+        i64 sk, i64 sc, i64 k1, i64 k2, double ratio, double eps, const T* gamma, const T* beta, T* mean,    \
+        T* var, T* invstd, T* scale, T* shift, double a, int bessel, const T* mean_in, const T* var_in,      \
+        T* mean_out, T* var_out) {                                                                         \
+        train_serial<T>(flags, x, side, y, kind, outer, channels, inner, width, bounds, nbounds, rest, piece, \
+                        pieces, size, P, K, sp, sk, sc, k1, k2, ratio, eps, gamma, beta, mean, var, invstd,  \
+                        scale, shift, a, bessel, mean_in, var_in, mean_out, var_out);                       \
+    }                                                                                                      \
+    CUBN_EXPORT void cubn_infer_serial_##SUF(int flags, const T* x, const T* side, T* y, i64 outer,          \
+                                            i64 channels, i64 inner, i64 width, double eps, const T* gamma,  \
+                                            const T* beta, const T* mean, const T* var, T* scale,           \
+                                            T* shift) {                                                     \
+        infer_serial<T>(flags, x, side, y, outer, channels, inner, width, eps, gamma, beta, mean, var, scale, \
+                        shift);                                                                            \
     }                                                                                                      \
     CUBN_EXPORT void cubn_sums_finish_##SUF(i64 channels, i64 P, i64 K, i64 sp, i64 sk, i64 sc,             \
                                            const double* s, const double* q, const double* rs,              \
@@ -701,4 +852,4 @@ void bwd_apply_runs_streamed(const T* dy, const T* x, const T* side, T* dx, T* d
 CUBN_ENTRY_POINTS(float, f4)
 CUBN_ENTRY_POINTS(double, f8)
 
-CUBN_EXPORT int cubn_native_abi(void) { return 6; }
+CUBN_EXPORT int cubn_native_abi(void) { return 8; }

@@ -62,7 +62,7 @@ TASK_BYTES = 1 << 20  # bytes below which a call runs in the calling thread; tas
 STREAM_BYTES = 8 << 20
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-std=c++17",
           "-fPIC", "-shared", "-fvisibility=hidden", "-Wall")  # fmt: skip
-_ABI = 6  # cubn_native_abi() of this version of native_loops.cpp
+_ABI = 8  # cubn_native_abi() of this version of native_loops.cpp
 _SUFFIX = {np.dtype(np.float32): "f4", np.dtype(np.float64): "f8"}
 _I64 = ctypes.c_int64
 _P = ctypes.c_void_p
@@ -84,6 +84,12 @@ _SIGNATURES = {  # ctypes argument types of each entry point (f4 and f8 alike)
                      _I64, _I64, _I64, ctypes.c_double, _P, _P),
     "bwd_sums_serial": (_INT, _P, _P, _P, _INT, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64, _I64, _I64, _I64,
                         _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P),
+    "fold": (_I64, _I64, _P, ctypes.c_double, _P, _P, _P, _P, _P),
+    "moving": (_I64, _I64, ctypes.c_double, _INT, _P, _P, _P, _P, _P, _P),
+    "train_serial": (_INT, _P, _P, _P, _INT, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64,
+                     _I64, _I64, _I64, _I64, _I64, ctypes.c_double, ctypes.c_double, _P, _P, _P, _P, _P, _P, _P,
+                     ctypes.c_double, _INT, _P, _P, _P, _P),
+    "infer_serial": (_INT, _P, _P, _P, _I64, _I64, _I64, _I64, ctypes.c_double, _P, _P, _P, _P, _P, _P),
     "sums_finish": (_I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P),
     "normalize_rows": (_INT, _P, _P, _P, _I64, _I64, _P, _P, _P),
     "normalize_runs": (_INT, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _P),
@@ -438,6 +444,80 @@ def statistics(x3, acc):
         # about the mean found (where finite), once
         centre = np.where(np.isfinite(mean), mean.astype(np.float64), pivot[:c])
         pivot = np.ascontiguousarray(np.tile(centre, red.width // c))
+
+
+def _opt(a):
+    return None if a is None else pointer(a)
+
+
+def plain(v, c, acc, out=False) -> bool:
+    """v is None or a C-contiguous (C,) NumPy array of dtype ``acc`` (writable when ``out``)."""
+    return v is None or (type(v) is np.ndarray and v.dtype == acc and v.shape == (c,) and v.flags.c_contiguous
+                         and (not out or v.flags.writeable))
+
+
+def forward(x3, side3, act, acc, eps, gamma, beta, norm, a=0.0, bessel=False, mean_in=None, var_in=None,
+            mean_out=None, var_out=None):
+    """The training forward: statistics, the fold (``invstd = 1 / sqrt(var + eps)``, ``scale = gamma * invstd``,
+    ``shift = gamma * 0 + beta``), the normalization when ``norm``, and the moving statistics
+    (``out = in - (in - batch) * a``, the variance Bessel-corrected when ``bessel``) into ``mean_out`` /
+    ``var_out`` when given. Returns ``(y3 or None, mean, var, invstd, scale, shift)``, ``var`` biased.
+
+    The per-channel steps round as the NumPy code's ufuncs do. A call that runs in one thread is one C
+    call. ``gamma``, ``beta``, ``mean_in``, ``var_in``: None or (C,) vectors; the outs ``plain``."""
+    acc = np.dtype(acc)
+    outer, c, inner = x3.shape
+    gamma = None if gamma is None else _vec(gamma, acc, c)
+    beta = None if beta is None else _vec(beta, acc, c)
+    mean_in = None if mean_in is None else _vec(mean_in, acc, c)
+    var_in = None if var_in is None else _vec(var_in, acc, c)
+    invstd = np.empty(c, acc)
+    scale = invstd if gamma is None else np.empty(c, acc)
+    shift = np.empty(c, acc)
+    y3 = np.empty(x3.shape, acc) if norm else None
+    if x3.nbytes < TASK_BYTES or _threads.get_num_threads() <= 1:
+        mean = np.empty(c, acc)
+        var = np.empty(c, acc)
+        red = _reduction(outer, c, inner, x3.itemsize)
+        flags = (((1 if side3 is not None else 0) | (2 if act is not None else 0)
+                  | (8 if x3.nbytes >= STREAM_BYTES else 0)) if norm else 0)
+        _lib["train_serial", acc](
+            flags, pointer(x3), _opt(side3) if norm else None, _opt(y3), _KIND[red.kind], outer, c, inner, red.width,
+            _c_bounds(red), len(red.bounds), red.rest, red.piece, red.pieces, red.size, *red.totals,
+            *_pivot_sample(outer, inner), FAR_PIVOT_RATIO[acc], float(eps), _opt(gamma), _opt(beta), pointer(mean),
+            pointer(var), pointer(invstd), pointer(scale), pointer(shift), float(a), int(bool(bessel)),
+            _opt(mean_in), _opt(var_in), _opt(mean_out), _opt(var_out))
+        return y3, mean, var, invstd, scale, shift
+    mean, var = statistics(x3, acc)  # var holds M2 until the fold
+    _lib["fold", acc](c, outer * inner, pointer(var), float(eps), _opt(gamma), _opt(beta), pointer(invstd),
+                      pointer(scale), pointer(shift))
+    if norm:
+        normalize(x3, side3, y3, mean, scale, shift, act, acc)
+    if mean_out is not None or var_out is not None:
+        _lib["moving", acc](c, outer * inner, float(a), int(bool(bessel)), pointer(mean), pointer(var),
+                            _opt(mean_in), _opt(var_in), _opt(mean_out), _opt(var_out))
+    return y3, mean, var, invstd, scale, shift
+
+
+def infer(x3, side3, act, acc, eps, gamma, beta, mean, var):
+    """The inference forward ``act((x - mean) * scale + shift [+ side])`` with ``scale = gamma /
+    sqrt(var + eps)`` (as ``gamma * (1 / sqrt(var + eps))``, the NumPy code's roundings) and
+    ``shift = beta``: a new ``y3``; one C call when it runs in one thread."""
+    acc = np.dtype(acc)
+    outer, c, inner = x3.shape
+    gamma = None if gamma is None else _vec(gamma, acc, c)
+    beta = None if beta is None else _vec(beta, acc, c)
+    mean, var = _vec(mean, acc, c), _vec(var, acc, c)
+    scale, shift = np.empty(c, acc), np.empty(c, acc)
+    y3 = np.empty(x3.shape, acc)
+    serial = x3.nbytes < TASK_BYTES or _threads.get_num_threads() <= 1
+    flags = (1 if side3 is not None else 0) | (2 if act is not None else 0) | (8 if x3.nbytes >= STREAM_BYTES else 0)
+    _lib["infer_serial", acc](flags, pointer(x3), _opt(side3), pointer(y3) if serial else None, outer, c, inner,
+                              _width(c), float(eps), _opt(gamma), _opt(beta), pointer(mean), pointer(var),
+                              pointer(scale), pointer(shift))
+    if not serial:
+        normalize(x3, side3, y3, mean, scale, shift, act, acc)
+    return y3
 
 
 def normalize(x3, side3, y3, mean, scale, shift, act, acc) -> None:

@@ -206,21 +206,46 @@ def plain_update(u) -> bool:
                          and u.renorm_stddev is None)
 
 
+def _loop_forward(x3, acc, eps, gamma, beta, side3, act, out_dtype, a, bessel, mean_in, var_in, mean_out, var_out):
+    """The training forward through the compiled loops (``numpy_native.forward``): ``(y3, mean, var,
+    invstd, scale, shift)``; the moving statistics into the outs (NumPy arrays of ``acc`` or None)."""
+    c = x3.shape[1]
+    norm = out_dtype == acc and _native.takes_act(act) and _loops(x3, acc, side3)
+    direct = _native.plain(mean_out, c, acc, True) and _native.plain(var_out, c, acc, True)
+    y3, mean, var, invstd, scale, shift = _native.forward(
+        x3, side3, act, acc, eps, gamma, beta, norm, a, bessel, mean_in, var_in,
+        mean_out if direct else None, var_out if direct else None)
+    t = _quiet()
+    try:
+        if not norm:
+            y3 = _normalize3(x3, side3, mean, scale, shift, act, out_dtype, acc)
+        if not direct:
+            _moving(mean, var, x3.shape[0] * x3.shape[2], acc, a, bessel, mean_in, mean_out, var_in, var_out)
+    finally:
+        _loud(t)
+    return y3, mean, var, invstd, scale, shift
+
+
 def train(x3, acc, eps, gamma, beta, side3, act, out_dtype, update=None):
     """The training forward: ``(y3, Stats)``, ``update`` (a plain ``MovingUpdate``) applied in place."""
     xv, axis, col = _view(x3)
     outer, c, inner = x3.shape
     n = outer * inner
-    t = _quiet()
-    try:
-        mean, var = _loop_moments(x3, acc, n) if _loops(x3, acc) else _moments(xv, x3, axis, col, acc, n)
-        invstd, scale, shift = _fold(var, eps, gamma, beta, acc)
-        y = _normalize3(x3, side3, mean, scale, shift, act, out_dtype, acc)
-        if update is not None:
-            u = update
-            _moving(mean, var, n, acc, u.a, u.bessel, u.mean_in, u.mean_out, u.var_in, u.var_out)
-    finally:
-        _loud(t)
+    u = update
+    if _loops(x3, acc):
+        moving = (0.0, False, None, None, None, None) if u is None else (u.a, u.bessel, u.mean_in, u.var_in,
+                                                                        u.mean_out, u.var_out)
+        y, mean, var, invstd, scale, shift = _loop_forward(x3, acc, eps, gamma, beta, side3, act, out_dtype, *moving)
+    else:
+        t = _quiet()
+        try:
+            mean, var = _moments(xv, x3, axis, col, acc, n)
+            invstd, scale, shift = _fold(var, eps, gamma, beta, acc)
+            y = _normalize3(x3, side3, mean, scale, shift, act, out_dtype, acc)
+            if u is not None:
+                _moving(mean, var, n, acc, u.a, u.bessel, u.mean_in, u.mean_out, u.var_in, u.var_out)
+        finally:
+            _loud(t)
     count = np.empty(c, acc)
     count.fill(n)
     return y.reshape(x3.shape), Stats(count, mean, var, invstd, scale, shift, invstd, np.zeros(c, acc))
@@ -230,11 +255,16 @@ def fused_train(x3, acc, eps, gamma, beta, side3, act, f, mean_in, var_in):
     """fused_batch_norm's training call: ``(y3, batch_mean, batch_var)`` (the variance Bessel-corrected,
     both blended with the given ones when ``f != 1``)."""
     xv, axis, col = _view(x3)
-    outer, _, inner = x3.shape
+    outer, c, inner = x3.shape
     n = outer * inner
+    if _loops(x3, acc):
+        m, v = np.empty(c, acc), np.empty(c, acc)
+        y, *_ = _loop_forward(x3, acc, eps, gamma, beta, side3, act, x3.dtype, f, True,
+                              mean_in if f != 1.0 else None, var_in if f != 1.0 else None, m, v)
+        return y.reshape(x3.shape), m, v
     t = _quiet()
     try:
-        mean, var = _loop_moments(x3, acc, n) if _loops(x3, acc) else _moments(xv, x3, axis, col, acc, n)
+        mean, var = _moments(xv, x3, axis, col, acc, n)
         _, scale, shift = _fold(var, eps, gamma, beta, acc)
         y = _normalize3(x3, side3, mean, scale, shift, act, x3.dtype, acc)
         if f != 1.0:
@@ -248,6 +278,8 @@ def fused_train(x3, acc, eps, gamma, beta, side3, act, f, mean_in, var_in):
 
 def infer(x3, acc, eps, gamma, beta, mean, var, side3, act):
     """The inference forward from given (C,) statistics in ``acc``: ``y3`` (``fold_raw`` + ``normalize``)."""
+    if x3.dtype == acc and _native.takes_act(act) and _loops(x3, acc, side3):
+        return _native.infer(x3, side3, act, acc, eps, gamma, beta, mean, var)
     t = _quiet()
     try:
         invstd = np.add(var, float(eps))
