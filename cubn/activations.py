@@ -153,6 +153,11 @@ def names() -> tuple:
     return tuple(sorted(_BY_NAME))
 
 
+def by_name(name: str) -> Activation | None:
+    """The activation called ``name`` (any case), or None when there is none."""
+    return _BY_NAME.get(name.lower())
+
+
 def get(activation, func: str = "activation", arg: str = "activation") -> Activation | None:
     """Resolve a name, an [`Activation`][Activation] or None; anything else is an error."""
     if activation is None:

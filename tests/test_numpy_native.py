@@ -341,6 +341,31 @@ def test_fold_and_moving_round_as_the_numpy_formulas(rng, dt):
 
 
 @needs_loops
+@pytest.mark.parametrize("dt", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_backward_coefficients_round_as_the_numpy_formulas(rng, dt):
+    from cubn.backends import numpy_small
+    from cubn.backends.base import Stats
+
+    acc = np.dtype(dt)
+    c = 48
+    for trial in range(30):
+        vec = [(rng.standard_normal(c) * 10.0 ** rng.integers(-4, 4, c)).astype(dt) for _ in range(7)]
+        s1, s2, gcoef, hcoef, scale, invstd, _ = vec
+        count = rng.choice([0.0, 1.0, 3.0, 1000.0, 2.0 ** 25 + 1], c).astype(dt)
+        s1[:2] = (np.inf, np.nan)
+        gcoef[2] = -0.0
+        stats = Stats(count, None, None, invstd, scale, None, gcoef, hcoef)
+        training = bool(trial % 2)
+        with np.errstate(all="ignore"):
+            want = numpy_small._coefficients(stats, s1, s2, training)
+        got = [np.empty(c, acc) for _ in range(3)]
+        native._lib["bwd_coefficients", acc](c, int(training), *(native.pointer(v) for v in (
+            s1, s2, gcoef, hcoef, count, scale, invstd, *got)))
+        for g_, w, what in zip(got, want, ("dgamma", "k1", "k2")):
+            assert g_.tobytes() == np.asarray(w, acc).tobytes(), (what, trial)
+
+
+@needs_loops
 @pytest.mark.parametrize("shape, fmt", [((40000, 24), "NHWC"), ((300, 40, 7, 7), "NCHW"), ((3, 5, 200003), "NCHW"),
                                         ((70, 9, 9, 64), "NHWC")], ids=str)
 def test_training_forward_does_not_depend_on_the_thread_count(rng, shape, fmt):
@@ -365,6 +390,11 @@ def test_training_forward_does_not_depend_on_the_thread_count(rng, shape, fmt):
                                 param_initializers={"gamma": g, "beta": b})
             for _ in range(2):
                 out.append(bn(x, is_training=True))
+            out.append(bn.backward(side))
+            out += [bn.gradients["gamma"], bn.gradients["beta"]]
+            grads = cubn.batch_norm_backward(side, x, g, rm, rv, 1e-3, offset=b, data_format=fmt, activation="relu",
+                                             side_input=side)
+            out += [grads.dx, grads.dscale, grads.doffset]
             out += [bn.variables["moving_mean"], bn.variables["moving_variance"]]
             results.append([np.asarray(o).copy() for o in out])
     finally:

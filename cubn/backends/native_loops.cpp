@@ -662,6 +662,111 @@ void normalize_all(int flags, const T* x, const T* side, T* y, i64 outer, i64 ch
 #undef CUBN_NORMALIZE
 }
 
+// -- the backward's per-channel step and the whole backward of one thread --------
+// dgamma = gcoef * S2 + hcoef * S1; with training statistics k1 = scale * S1 / n
+// and k2 = scale * invstd^2 * S2 / n (as (((scale * invstd) * invstd) * S2) * (1 / n),
+// 1 / n = 0 where n is 0), else 0: each product rounded, as the NumPy code's ufuncs
+template <class T>
+void bwd_coefficients(i64 channels, int training, const T* s1, const T* s2, const T* gcoef, const T* hcoef,
+                      const T* count, const T* scale, const T* invstd, T* dgamma, T* k1, T* k2) {
+    for (i64 c = 0; c < channels; ++c) {
+        volatile T g = gcoef[c] * s2[c];
+        volatile T h = hcoef[c] * s1[c];
+        dgamma[c] = T(g) + T(h);
+        if (training) {
+            const T inv_n = count[c] > T(0) ? T(1) / count[c] : T(0);
+            k1[c] = (scale[c] * s1[c]) * inv_n;
+            k2[c] = (((scale[c] * invstd[c]) * invstd[c]) * s2[c]) * inv_n;
+        } else {
+            k1[c] = T(0);
+            k2[c] = T(0);
+        }
+    }
+}
+
+// dx (and dside) over a whole (outer, C, inner) array in this thread, rows or runs
+// as the Python side cuts them
+template <class T>
+void bwd_apply_all(int flags, const T* dy, const T* x, const T* side, T* dx, T* dside, i64 outer, i64 channels,
+                   i64 inner, i64 width, const T* pmean, const T* pscale, const T* pshift, const T* mean,
+                   const T* k1, const T* k2) {
+#define CUBN_APPLY8(G, ...)                                                                    \
+    switch (flags & 7) {                                                                       \
+        case 0: G<T, false, false, false>(__VA_ARGS__); break;                                 \
+        case 1: G<T, true, false, false>(__VA_ARGS__); break;                                  \
+        case 2: G<T, false, true, false>(__VA_ARGS__); break;                                  \
+        case 3: G<T, true, true, false>(__VA_ARGS__); break;                                   \
+        case 4: G<T, false, false, true>(__VA_ARGS__); break;                                  \
+        case 5: G<T, true, false, true>(__VA_ARGS__); break;                                   \
+        case 6: G<T, false, true, true>(__VA_ARGS__); break;                                   \
+        default: G<T, true, true, true>(__VA_ARGS__); break;                                   \
+    }
+#define CUBN_APPLY(F, ...)                                                                     \
+    do {                                                                                       \
+        if (flags & 8) {                                                                       \
+            CUBN_APPLY8(F##_streamed, __VA_ARGS__)                                             \
+        } else {                                                                               \
+            CUBN_APPLY8(F, __VA_ARGS__)                                                        \
+        }                                                                                      \
+    } while (0)
+    if (inner != 1) {
+        CUBN_APPLY(bwd_apply_runs, dy, x, side, dx, dside, inner, channels, 0, outer * channels, pmean, pscale,
+                   pshift, mean, k1, k2);
+        return;
+    }
+    const i64 k = width / channels, full = outer / k, rest = outer - full * k;
+    std::vector<T> tiled(6 * width);
+    const T* src[6] = {pmean, pscale, pshift, mean, k1, k2};
+    for (int v = 0; v < 6; ++v)
+        for (i64 j = 0; j < width; ++j) tiled[v * width + j] = src[v][j % channels];
+    const T* t = tiled.data();
+    const T *tpm = t, *tps = t + width, *tph = t + 2 * width, *tm = t + 3 * width, *ta = t + 4 * width,
+            *tb = t + 5 * width;
+    CUBN_APPLY(bwd_apply_rows, dy, x, side, dx, dside, full, width, tpm, tps, tph, tm, ta, tb);
+    if (rest) {
+        const i64 o = full * width;
+        CUBN_APPLY(bwd_apply_rows, dy + o, x + o, side ? side + o : side, dx + o, dside ? dside + o : dside, rest,
+                   channels, tpm, tps, tph, tm, ta, tb);
+    }
+#undef CUBN_APPLY
+#undef CUBN_APPLY8
+}
+
+// The whole backward in this thread: the sums (bwd_sums_serial), the
+// coefficients, then dx (and dside) when dx is given
+template <class T>
+void backward_serial(int flags, const T* dy, const T* x, const T* side, T* dx, T* dside, int kind, i64 outer,
+                     i64 channels, i64 inner, i64 width, const i64* bounds, i64 nbounds, i64 rest, i64 piece,
+                     i64 pieces, i64 size, i64 P, i64 K, i64 sp, i64 sk, i64 sc, int training, const T* pmean,
+                     const T* pscale, const T* pshift, const T* gcoef, const T* hcoef, const T* count,
+                     const T* invstd, T* s1, T* s2, T* dgamma, T* k1, T* k2) {
+    std::vector<T> tiled(4 * width);
+    for (i64 j = 0; j < width; ++j) {
+        tiled[j] = pmean[j % channels];
+        tiled[width + j] = pmean[j % channels];
+        tiled[2 * width + j] = pscale[j % channels];
+        tiled[3 * width + j] = pshift[j % channels];
+    }
+    const T* t = tiled.data();
+    switch (flags & 3) {
+        case 0: bwd_sums_serial<T, false, false>(dy, x, side, kind, outer, channels, inner, width, bounds, nbounds,
+                                                 rest, piece, pieces, size, P, K, sp, sk, sc, t, t + width,
+                                                 t + 2 * width, t + 3 * width, s1, s2); break;
+        case 1: bwd_sums_serial<T, true, false>(dy, x, side, kind, outer, channels, inner, width, bounds, nbounds,
+                                                rest, piece, pieces, size, P, K, sp, sk, sc, t, t + width,
+                                                t + 2 * width, t + 3 * width, s1, s2); break;
+        case 2: bwd_sums_serial<T, false, true>(dy, x, side, kind, outer, channels, inner, width, bounds, nbounds,
+                                                rest, piece, pieces, size, P, K, sp, sk, sc, t, t + width,
+                                                t + 2 * width, t + 3 * width, s1, s2); break;
+        default: bwd_sums_serial<T, true, true>(dy, x, side, kind, outer, channels, inner, width, bounds, nbounds,
+                                                rest, piece, pieces, size, P, K, sp, sk, sc, t, t + width,
+                                                t + 2 * width, t + 3 * width, s1, s2); break;
+    }
+    bwd_coefficients(channels, training, s1, s2, gcoef, hcoef, count, pscale, invstd, dgamma, k1, k2);
+    if (dx) bwd_apply_all(flags, dy, x, side, dx, dside, outer, channels, inner, width, pmean, pscale, pshift, pmean,
+                          k1, k2);
+}
+
 // The inference forward's per-channel step, scale = gamma / sqrt(var + eps)
 // (as invstd = 1 / sqrt(var + eps), then gamma * invstd) and shift = beta,
 // then the normalization in this thread when y is given.
@@ -775,6 +880,21 @@ void train_serial(int flags, const T* x, const T* side, T* y, int kind, i64 oute
         infer_serial<T>(flags, x, side, y, outer, channels, inner, width, eps, gamma, beta, mean, var, scale, \
                         shift);                                                                            \
     }                                                                                                      \
+    CUBN_EXPORT void cubn_bwd_coefficients_##SUF(i64 channels, int training, const T* s1, const T* s2,        \
+                                                const T* gcoef, const T* hcoef, const T* count, const T* scale, \
+                                                const T* invstd, T* dgamma, T* k1, T* k2) {                  \
+        bwd_coefficients<T>(channels, training, s1, s2, gcoef, hcoef, count, scale, invstd, dgamma, k1, k2);  \
+    }                                                                                                      \
+    CUBN_EXPORT void cubn_backward_serial_##SUF(                                                           \
+        int flags, const T* dy, const T* x, const T* side, T* dx, T* dside, int kind, i64 outer, i64 channels, \
+        i64 inner, i64 width, const i64* bounds, i64 nbounds, i64 rest, i64 piece, i64 pieces, i64 size,     \
+        i64 P, i64 K, i64 sp, i64 sk, i64 sc, int training, const T* pmean, const T* pscale,                \
+        const T* pshift, const T* gcoef, const T* hcoef, const T* count, const T* invstd, T* s1, T* s2,     \
+        T* dgamma, T* k1, T* k2) {                                                                         \
+        backward_serial<T>(flags, dy, x, side, dx, dside, kind, outer, channels, inner, width, bounds, nbounds, \
+                           rest, piece, pieces, size, P, K, sp, sk, sc, training, pmean, pscale, pshift,     \
+                           gcoef, hcoef, count, invstd, s1, s2, dgamma, k1, k2);                            \
+    }                                                                                                      \
     CUBN_EXPORT void cubn_sums_finish_##SUF(i64 channels, i64 P, i64 K, i64 sp, i64 sk, i64 sc,             \
                                            const double* s, const double* q, const double* rs,              \
                                            const double* rq, T* s1, T* s2) {                                \
@@ -852,4 +972,4 @@ void train_serial(int flags, const T* x, const T* side, T* y, int kind, i64 oute
 CUBN_ENTRY_POINTS(float, f4)
 CUBN_ENTRY_POINTS(double, f8)
 
-CUBN_EXPORT int cubn_native_abi(void) { return 8; }
+CUBN_EXPORT int cubn_native_abi(void) { return 9; }

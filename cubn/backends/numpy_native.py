@@ -62,7 +62,7 @@ TASK_BYTES = 1 << 20  # bytes below which a call runs in the calling thread; tas
 STREAM_BYTES = 8 << 20
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-std=c++17",
           "-fPIC", "-shared", "-fvisibility=hidden", "-Wall")  # fmt: skip
-_ABI = 8  # cubn_native_abi() of this version of native_loops.cpp
+_ABI = 9  # cubn_native_abi() of this version of native_loops.cpp
 _SUFFIX = {np.dtype(np.float32): "f4", np.dtype(np.float64): "f8"}
 _I64 = ctypes.c_int64
 _P = ctypes.c_void_p
@@ -90,6 +90,9 @@ _SIGNATURES = {  # ctypes argument types of each entry point (f4 and f8 alike)
                      _I64, _I64, _I64, _I64, _I64, ctypes.c_double, ctypes.c_double, _P, _P, _P, _P, _P, _P, _P,
                      ctypes.c_double, _INT, _P, _P, _P, _P),
     "infer_serial": (_INT, _P, _P, _P, _I64, _I64, _I64, _I64, ctypes.c_double, _P, _P, _P, _P, _P, _P),
+    "bwd_coefficients": (_I64, _INT, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P),
+    "backward_serial": (_INT, _P, _P, _P, _P, _P, _INT, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64, _I64, _I64,
+                        _I64, _I64, _I64, _I64, _I64, _INT, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P),
     "sums_finish": (_I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P),
     "normalize_rows": (_INT, _P, _P, _P, _I64, _I64, _P, _P, _P),
     "normalize_runs": (_INT, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _P),
@@ -618,3 +621,33 @@ def backward_apply(dy3, x3, side3, dx3, dside3, pre, mean, k1, k2, act, acc) -> 
     vargs = tuple(pointer(v) for v in vs)
     f = _lib["bwd_apply_runs", acc]
     _run_ranges(outer * c, 2 * inner * isz, lambda r0, r1: f(flags, pdy, px, ps, pdx, pds, inner, c, r0, r1, *vargs))
+
+
+def backward(dy3, x3, side3, dx3, dside3, stats, act, acc, training):
+    """The whole backward into ``dx3`` (and ``dside3`` when given): the sums, then ``dgamma = gcoef * S2 +
+    hcoef * S1`` and the dx correction's ``k1 = scale * S1 / n``, ``k2 = scale * invstd^2 * S2 / n`` (training
+    statistics; else 0) rounded as the NumPy code's ufuncs, then the apply. Returns ``(dgamma, dbeta)``;
+    one C call when it runs in one thread."""
+    acc = np.dtype(acc)
+    outer, c, inner = x3.shape
+    mean, scale, shift, gcoef, hcoef, count, invstd = (
+        _vec(v, acc, c) for v in (stats.mean, stats.scale, stats.shift, stats.gcoef, stats.hcoef, stats.count,
+                                  stats.invstd))
+    s1, s2, dgamma, k1, k2 = (np.empty(c, acc) for _ in range(5))
+    if x3.nbytes < TASK_BYTES or _threads.get_num_threads() <= 1:
+        red = _reduction(outer, c, inner, x3.itemsize)
+        flags = ((1 if side3 is not None else 0) | (2 if act is not None else 0) | (4 if dside3 is not None else 0)
+                 | (8 if dx3.nbytes >= STREAM_BYTES else 0))
+        _lib["backward_serial", acc](
+            flags, pointer(dy3), pointer(x3), _opt(side3), pointer(dx3), _opt(dside3), _KIND[red.kind], outer, c,
+            inner, red.width, _c_bounds(red), len(red.bounds), red.rest, red.piece, red.pieces, red.size,
+            *red.totals, int(bool(training)), pointer(mean), pointer(scale), pointer(shift), pointer(gcoef),
+            pointer(hcoef), pointer(count), pointer(invstd), pointer(s1), pointer(s2), pointer(dgamma), pointer(k1),
+            pointer(k2))
+        return dgamma, s1
+    s1, s2 = backward_sums(dy3, x3, side3, mean, (mean, scale, shift), act, acc)
+    _lib["bwd_coefficients", acc](c, int(bool(training)), pointer(s1), pointer(s2), pointer(gcoef), pointer(hcoef),
+                                  pointer(count), pointer(scale), pointer(invstd), pointer(dgamma), pointer(k1),
+                                  pointer(k2))
+    backward_apply(dy3, x3, side3, dx3, dside3, (mean, scale, shift), mean, k1, k2, act, acc)
+    return dgamma, s1

@@ -321,19 +321,7 @@ def backward(dy3, x3, side3, stats, act, acc, training, want_dside, out_dtype, s
         s1 = np.add.reduce(dyp, axis=axis)
         prod = np.multiply(xm, dyp)
         s2 = np.add.reduce(prod, axis=axis)
-        dgamma = np.multiply(stats.gcoef, s2)
-        np.add(dgamma, np.multiply(stats.hcoef, s1), out=dgamma)
-        if training:
-            count = stats.count
-            inv_n = np.divide(1, count, out=np.zeros(count.shape, count.dtype), where=count > 0)
-            k1 = np.multiply(stats.scale, s1)
-            np.multiply(k1, inv_n, out=k1)
-            k2 = np.multiply(stats.scale, stats.invstd)
-            np.multiply(k2, stats.invstd, out=k2)
-            np.multiply(k2, s2, out=k2)
-            np.multiply(k2, inv_n, out=k2)
-        else:
-            k1 = k2 = np.zeros_like(s1)
+        dgamma, k1, k2 = _coefficients(stats, s1, s2, training)
         np.multiply(xm, _col(k2, col), out=xm)  # (x - mean) * k2 + k1: NaN where x - mean is not finite
         np.add(xm, _col(k1, col), out=xm)
         dx = np.multiply(dyp, scale, out=prod)
@@ -370,18 +358,12 @@ def _coefficients(stats, s1, s2, training):
 
 
 def _loop_backward(dy3, x3, side3, stats, act, acc, training, want_dside):
-    """``backward`` through the compiled loops: the sums in one pass, dx (and dside) in another."""
-    pre = (stats.mean, stats.scale, stats.shift)
-    t = _quiet()
-    try:
-        s1, s2 = _native.backward_sums(dy3, x3, side3, stats.mean, pre, act, acc)
-        dgamma, k1, k2 = _coefficients(stats, s1, s2, training)
-    finally:
-        _loud(t)
+    """``backward`` through the compiled loops (``numpy_native.backward``): the sums in one pass, the
+    per-channel coefficients, dx (and dside) in another."""
     dx3 = np.empty(x3.shape, acc)
     dside3 = write = None
     if want_dside:
         dside3 = dy3 if act is None else np.empty(x3.shape, acc)
         write = None if act is None else dside3
-    _native.backward_apply(dy3, x3, side3, dx3, write, pre, stats.mean, k1, k2, act, acc)
+    dgamma, s1 = _native.backward(dy3, x3, side3, dx3, write, stats, act, acc, training)
     return dx3, dgamma, s1, dside3

@@ -512,7 +512,11 @@ def _fused_fast(func, backend, x, scale, offset, mean, variance, epsilon, data_f
         return None
     if type(f) is not float or not 0.0 <= f <= 1.0:
         return None
-    if activation is not None and not isinstance(activation, activations.Activation):
+    if type(activation) is str:  # a known name (an unknown one: the ordinary path's error)
+        activation = activations.by_name(activation)
+        if activation is None:
+            return None
+    elif activation is not None and not isinstance(activation, activations.Activation):
         return None
     plan = plan_for_channels(x.shape, data_format, func)
     acc = _dtypes.acc_dtype(x.dtype)
