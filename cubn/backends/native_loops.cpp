@@ -824,6 +824,13 @@ void train_serial(int flags, const T* x, const T* side, T* y, int kind, i64 oute
         default: F<T, true, true, true>(__VA_ARGS__); break;                   \
     }
 
+// A shape's reduction plan as the Python side packs it (numpy_native._plan_block):
+// kind, outer, C, inner, width, nbounds, rest, piece, pieces, size, P, K, sp,
+// sk, sc, k1, k2, then the nbounds bounds
+#define CUBN_PLAN(pl)                                                                                      \
+    int((pl)[0]), (pl)[1], (pl)[2], (pl)[3], (pl)[4], (pl) + 17, (pl)[5], (pl)[6], (pl)[7], (pl)[8], (pl)[9], \
+        (pl)[10], (pl)[11], (pl)[12], (pl)[13], (pl)[14]
+
 #define CUBN_ENTRY_POINTS(T, SUF)                                                                          \
     CUBN_EXPORT void cubn_stats_rows_##SUF(const T* x, i64 rows, i64 width, const double* pivot, double* s, \
                                           double* q) {                                                     \
@@ -847,12 +854,8 @@ void train_serial(int flags, const T* x, const T* side, T* y, int kind, i64 oute
                                            double ratio, T* mean, T* m2) {                                  \
         return stats_finish<T>(channels, P, K, sp, sk, sc, s, q, rs, rq, count, pivot, ratio, mean, m2);    \
     }                                                                                                      \
-    CUBN_EXPORT void cubn_stats_serial_##SUF(const T* x, int kind, i64 outer, i64 channels, i64 inner,       \
-                                            i64 width, const i64* bounds, i64 nbounds, i64 rest, i64 piece,   \
-                                            i64 pieces, i64 size, i64 P, i64 K, i64 sp, i64 sk, i64 sc,      \
-                                            i64 k1, i64 k2, double ratio, T* mean, T* m2) {                  \
-        stats_serial<T>(x, kind, outer, channels, inner, width, bounds, nbounds, rest, piece, pieces, size,  \
-                        P, K, sp, sk, sc, k1, k2, ratio, mean, m2);                                         \
+    CUBN_EXPORT void cubn_stats_serial_##SUF(const T* x, const i64* plan, double ratio, T* mean, T* m2) {    \
+        stats_serial<T>(x, CUBN_PLAN(plan), plan[15], plan[16], ratio, mean, m2);                           \
     }                                                                                                      \
     CUBN_EXPORT void cubn_fold_##SUF(i64 channels, i64 n, T* var, double eps, const T* gamma, const T* beta,   \
                                     T* invstd, T* scale, T* shift) {                                       \
@@ -863,15 +866,13 @@ void train_serial(int flags, const T* x, const T* side, T* y, int kind, i64 oute
                                       T* var_out) {                                                        \
         moving<T>(channels, n, a, bessel, mean, var, mean_in, var_in, mean_out, var_out);                  \
     }                                                                                                      \
-    CUBN_EXPORT void cubn_train_serial_##SUF(                                                              \
-        int flags, const T* x, const T* side, T* y, int kind, i64 outer, i64 channels, i64 inner, i64 width,  \
-        const i64* bounds, i64 nbounds, i64 rest, i64 piece, i64 pieces, i64 size, i64 P, i64 K, i64 sp,      \
-        i64 sk, i64 sc, i64 k1, i64 k2, double ratio, double eps, const T* gamma, const T* beta, T* mean,    \
-        T* var, T* invstd, T* scale, T* shift, double a, int bessel, const T* mean_in, const T* var_in,      \
-        T* mean_out, T* var_out) {                                                                         \
-        train_serial<T>(flags, x, side, y, kind, outer, channels, inner, width, bounds, nbounds, rest, piece, \
-                        pieces, size, P, K, sp, sk, sc, k1, k2, ratio, eps, gamma, beta, mean, var, invstd,  \
-                        scale, shift, a, bessel, mean_in, var_in, mean_out, var_out);                       \
+    CUBN_EXPORT void cubn_train_serial_##SUF(int flags, const T* x, const T* side, T* y, const i64* plan,    \
+                                            double ratio, double eps, const T* gamma, const T* beta,         \
+                                            T* mean, T* var, T* invstd, T* scale, T* shift, double a,        \
+                                            int bessel, const T* mean_in, const T* var_in, T* mean_out,      \
+                                            T* var_out) {                                                    \
+        train_serial<T>(flags, x, side, y, CUBN_PLAN(plan), plan[15], plan[16], ratio, eps, gamma, beta, mean, \
+                        var, invstd, scale, shift, a, bessel, mean_in, var_in, mean_out, var_out);          \
     }                                                                                                      \
     CUBN_EXPORT void cubn_infer_serial_##SUF(int flags, const T* x, const T* side, T* y, i64 outer,          \
                                             i64 channels, i64 inner, i64 width, double eps, const T* gamma,  \
@@ -885,14 +886,12 @@ void train_serial(int flags, const T* x, const T* side, T* y, int kind, i64 oute
                                                 const T* invstd, T* dgamma, T* k1, T* k2) {                  \
         bwd_coefficients<T>(channels, training, s1, s2, gcoef, hcoef, count, scale, invstd, dgamma, k1, k2);  \
     }                                                                                                      \
-    CUBN_EXPORT void cubn_backward_serial_##SUF(                                                           \
-        int flags, const T* dy, const T* x, const T* side, T* dx, T* dside, int kind, i64 outer, i64 channels, \
-        i64 inner, i64 width, const i64* bounds, i64 nbounds, i64 rest, i64 piece, i64 pieces, i64 size,     \
-        i64 P, i64 K, i64 sp, i64 sk, i64 sc, int training, const T* pmean, const T* pscale,                \
-        const T* pshift, const T* gcoef, const T* hcoef, const T* count, const T* invstd, T* s1, T* s2,     \
-        T* dgamma, T* k1, T* k2) {                                                                         \
-        backward_serial<T>(flags, dy, x, side, dx, dside, kind, outer, channels, inner, width, bounds, nbounds, \
-                           rest, piece, pieces, size, P, K, sp, sk, sc, training, pmean, pscale, pshift,     \
+    CUBN_EXPORT void cubn_backward_serial_##SUF(int flags, const T* dy, const T* x, const T* side, T* dx,   \
+                                               T* dside, const i64* plan, int training, const T* pmean,     \
+                                               const T* pscale, const T* pshift, const T* gcoef,            \
+                                               const T* hcoef, const T* count, const T* invstd, T* s1,      \
+                                               T* s2, T* dgamma, T* k1, T* k2) {                            \
+        backward_serial<T>(flags, dy, x, side, dx, dside, CUBN_PLAN(plan), training, pmean, pscale, pshift,  \
                            gcoef, hcoef, count, invstd, s1, s2, dgamma, k1, k2);                            \
     }                                                                                                      \
     CUBN_EXPORT void cubn_sums_finish_##SUF(i64 channels, i64 P, i64 K, i64 sp, i64 sk, i64 sc,             \
@@ -934,14 +933,10 @@ void train_serial(int flags, const T* x, const T* side, T* y, int kind, i64 oute
         CUBN_FLAGS2(bwd_sums_runs, T, flags, dy, x, side, inner, channels, piece, pieces, q0, q1, mean,    \
                     pmean, pscale, pshift, s1, s2)                                                         \
     }                                                                                                      \
-    CUBN_EXPORT void cubn_bwd_sums_serial_##SUF(int flags, const T* dy, const T* x, const T* side, int kind, \
-                                               i64 outer, i64 channels, i64 inner, i64 width,               \
-                                               const i64* bounds, i64 nbounds, i64 rest, i64 piece,         \
-                                               i64 pieces, i64 size, i64 P, i64 K, i64 sp, i64 sk, i64 sc,  \
-                                               const T* mean, const T* pmean, const T* pscale,              \
-                                               const T* pshift, T* s1, T* s2) {                             \
-        CUBN_FLAGS2(bwd_sums_serial, T, flags, dy, x, side, kind, outer, channels, inner, width, bounds,    \
-                    nbounds, rest, piece, pieces, size, P, K, sp, sk, sc, mean, pmean, pscale, pshift, s1,  \
+    CUBN_EXPORT void cubn_bwd_sums_serial_##SUF(int flags, const T* dy, const T* x, const T* side,          \
+                                               const i64* plan, const T* mean, const T* pmean,              \
+                                               const T* pscale, const T* pshift, T* s1, T* s2) {            \
+        CUBN_FLAGS2(bwd_sums_serial, T, flags, dy, x, side, CUBN_PLAN(plan), mean, pmean, pscale, pshift, s1, \
                     s2)                                                                                    \
     }                                                                                                      \
     CUBN_EXPORT void cubn_bwd_apply_rows_##SUF(int flags, const T* dy, const T* x, const T* side, T* dx,     \
@@ -972,4 +967,4 @@ void train_serial(int flags, const T* x, const T* side, T* y, int kind, i64 oute
 CUBN_ENTRY_POINTS(float, f4)
 CUBN_ENTRY_POINTS(double, f8)
 
-CUBN_EXPORT int cubn_native_abi(void) { return 9; }
+CUBN_EXPORT int cubn_native_abi(void) { return 10; }

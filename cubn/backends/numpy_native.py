@@ -62,7 +62,7 @@ TASK_BYTES = 1 << 20  # bytes below which a call runs in the calling thread; tas
 STREAM_BYTES = 8 << 20
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-std=c++17",
           "-fPIC", "-shared", "-fvisibility=hidden", "-Wall")  # fmt: skip
-_ABI = 9  # cubn_native_abi() of this version of native_loops.cpp
+_ABI = 10  # cubn_native_abi() of this version of native_loops.cpp
 _SUFFIX = {np.dtype(np.float32): "f4", np.dtype(np.float64): "f8"}
 _I64 = ctypes.c_int64
 _P = ctypes.c_void_p
@@ -80,19 +80,15 @@ _SIGNATURES = {  # ctypes argument types of each entry point (f4 and f8 alike)
     "stats_runs": (_P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P),
     "pivots": (_P, _I64, _I64, _I64, _I64, _I64, _P),
     "stats_finish": (_I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P, ctypes.c_double, _P, ctypes.c_double, _P, _P),
-    "stats_serial": (_P, _INT, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64,
-                     _I64, _I64, _I64, ctypes.c_double, _P, _P),
-    "bwd_sums_serial": (_INT, _P, _P, _P, _INT, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64, _I64, _I64, _I64,
-                        _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P),
+    "stats_serial": (_P, _P, ctypes.c_double, _P, _P),
+    "bwd_sums_serial": (_INT, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P),
     "fold": (_I64, _I64, _P, ctypes.c_double, _P, _P, _P, _P, _P),
     "moving": (_I64, _I64, ctypes.c_double, _INT, _P, _P, _P, _P, _P, _P),
-    "train_serial": (_INT, _P, _P, _P, _INT, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64,
-                     _I64, _I64, _I64, _I64, _I64, ctypes.c_double, ctypes.c_double, _P, _P, _P, _P, _P, _P, _P,
+    "train_serial": (_INT, _P, _P, _P, _P, ctypes.c_double, ctypes.c_double, _P, _P, _P, _P, _P, _P, _P,
                      ctypes.c_double, _INT, _P, _P, _P, _P),
     "infer_serial": (_INT, _P, _P, _P, _I64, _I64, _I64, _I64, ctypes.c_double, _P, _P, _P, _P, _P, _P),
     "bwd_coefficients": (_I64, _INT, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P),
-    "backward_serial": (_INT, _P, _P, _P, _P, _P, _INT, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64, _I64, _I64,
-                        _I64, _I64, _I64, _I64, _I64, _INT, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P),
+    "backward_serial": (_INT, _P, _P, _P, _P, _P, _P, _INT, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P),
     "sums_finish": (_I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P),
     "normalize_rows": (_INT, _P, _P, _P, _I64, _I64, _P, _P, _P),
     "normalize_runs": (_INT, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _P),
@@ -381,9 +377,15 @@ _KIND = {"rows": 0, "short": 1, "runs": 2}
 
 
 @functools.lru_cache(maxsize=512)
-def _c_bounds(red):
-    """The parts' bounds of ``red`` as a C array (None for the runs layout, which has none)."""
-    return (ctypes.c_int64 * len(red.bounds))(*red.bounds) if red.bounds else None
+def _plan_block(outer: int, c: int, inner: int, itemsize: int) -> tuple:
+    """The reduction of this shape packed for the one-thread C calls: ``(array, its address)``, the
+    array ``[kind, outer, C, inner, width, nbounds, rest, piece, pieces, size, P, K, sp, sk, sc, k1, k2,
+    bounds...]`` (int64; ``CUBN_PLAN`` in native_loops.cpp reads it)."""
+    red = _reduction(outer, c, inner, itemsize)
+    block = np.array([_KIND[red.kind], outer, c, inner, red.width, len(red.bounds), red.rest, red.piece, red.pieces,
+                      red.size, *red.totals, *_pivot_sample(outer, inner), *red.bounds], dtype=np.int64)
+    block.setflags(write=False)
+    return block, _address(block)
 
 
 def _buffer(red, c):
@@ -425,9 +427,9 @@ def statistics(x3, acc):
     m2 = np.empty(c, acc)
     if x3.nbytes < TASK_BYTES or _threads.get_num_threads() <= 1:
         # one task: the same parts and sums in one C call (no Python per part)
-        lib["stats_serial", acc](px, _KIND[red.kind], outer, c, inner, red.width, _c_bounds(red), len(red.bounds),
-                                 red.rest, red.piece, red.pieces, red.size, *red.totals,
-                                 *_pivot_sample(outer, inner), FAR_PIVOT_RATIO[acc], pointer(mean), pointer(m2))
+        block = _plan_block(outer, c, inner, isz)  # (held until the call returns)
+        lib["stats_serial", acc](px, block[1], FAR_PIVOT_RATIO[acc], pointer(mean),
+                                 pointer(m2))
         return mean, m2
     pivot = _pivots(x3, red.width, acc)
     buf = _buffer(red, c)
@@ -481,15 +483,14 @@ def forward(x3, side3, act, acc, eps, gamma, beta, norm, a=0.0, bessel=False, me
     if x3.nbytes < TASK_BYTES or _threads.get_num_threads() <= 1:
         mean = np.empty(c, acc)
         var = np.empty(c, acc)
-        red = _reduction(outer, c, inner, x3.itemsize)
         flags = (((1 if side3 is not None else 0) | (2 if act is not None else 0)
                   | (8 if x3.nbytes >= STREAM_BYTES else 0)) if norm else 0)
+        block = _plan_block(outer, c, inner, x3.itemsize)  # (held until the call returns)
         _lib["train_serial", acc](
-            flags, pointer(x3), _opt(side3) if norm else None, _opt(y3), _KIND[red.kind], outer, c, inner, red.width,
-            _c_bounds(red), len(red.bounds), red.rest, red.piece, red.pieces, red.size, *red.totals,
-            *_pivot_sample(outer, inner), FAR_PIVOT_RATIO[acc], float(eps), _opt(gamma), _opt(beta), pointer(mean),
-            pointer(var), pointer(invstd), pointer(scale), pointer(shift), float(a), int(bool(bessel)),
-            _opt(mean_in), _opt(var_in), _opt(mean_out), _opt(var_out))
+            flags, pointer(x3), _opt(side3) if norm else None, _opt(y3), block[1],
+            FAR_PIVOT_RATIO[acc], float(eps), _opt(gamma), _opt(beta), pointer(mean), pointer(var), pointer(invstd),
+            pointer(scale), pointer(shift), float(a), int(bool(bessel)), _opt(mean_in), _opt(var_in), _opt(mean_out),
+            _opt(var_out))
         return y3, mean, var, invstd, scale, shift
     mean, var = statistics(x3, acc)  # var holds M2 until the fold
     _lib["fold", acc](c, outer * inner, pointer(var), float(eps), _opt(gamma), _opt(beta), pointer(invstd),
@@ -570,9 +571,9 @@ def backward_sums(dy3, x3, side3, mean, pre, act, acc):
     s2 = np.empty(c, acc)
     if x3.nbytes < TASK_BYTES or _threads.get_num_threads() <= 1:
         # one task: the same parts and sums in one C call
-        lib["bwd_sums_serial", acc](flags, pdy, px, psd, _KIND[red.kind], outer, c, inner, red.width, _c_bounds(red),
-                                    len(red.bounds), red.rest, red.piece, red.pieces, red.size, *red.totals, *vargs,
-                                    pointer(s1), pointer(s2))
+        block = _plan_block(outer, c, inner, isz)  # (held until the call returns)
+        lib["bwd_sums_serial", acc](flags, pdy, px, psd, block[1], *vargs, pointer(s1),
+                                    pointer(s2))
         return s1, s2
     fs, fq, fr = lib["bwd_sums_rows", acc], lib["bwd_sums_short", acc], lib["bwd_sums_runs", acc]
 
@@ -635,15 +636,14 @@ def backward(dy3, x3, side3, dx3, dside3, stats, act, acc, training):
                                   stats.invstd))
     s1, s2, dgamma, k1, k2 = (np.empty(c, acc) for _ in range(5))
     if x3.nbytes < TASK_BYTES or _threads.get_num_threads() <= 1:
-        red = _reduction(outer, c, inner, x3.itemsize)
         flags = ((1 if side3 is not None else 0) | (2 if act is not None else 0) | (4 if dside3 is not None else 0)
                  | (8 if dx3.nbytes >= STREAM_BYTES else 0))
+        block = _plan_block(outer, c, inner, x3.itemsize)  # (held until the call returns)
         _lib["backward_serial", acc](
-            flags, pointer(dy3), pointer(x3), _opt(side3), pointer(dx3), _opt(dside3), _KIND[red.kind], outer, c,
-            inner, red.width, _c_bounds(red), len(red.bounds), red.rest, red.piece, red.pieces, red.size,
-            *red.totals, int(bool(training)), pointer(mean), pointer(scale), pointer(shift), pointer(gcoef),
-            pointer(hcoef), pointer(count), pointer(invstd), pointer(s1), pointer(s2), pointer(dgamma), pointer(k1),
-            pointer(k2))
+            flags, pointer(dy3), pointer(x3), _opt(side3), pointer(dx3), _opt(dside3),
+            block[1], int(bool(training)), pointer(mean), pointer(scale),
+            pointer(shift), pointer(gcoef), pointer(hcoef), pointer(count), pointer(invstd), pointer(s1), pointer(s2),
+            pointer(dgamma), pointer(k1), pointer(k2))
         return dgamma, s1
     s1, s2 = backward_sums(dy3, x3, side3, mean, (mean, scale, shift), act, acc)
     _lib["bwd_coefficients", acc](c, int(bool(training)), pointer(s1), pointer(s2), pointer(gcoef), pointer(hcoef),
