@@ -4,9 +4,10 @@ NumPy spends a pass over memory on every ufunc, so a normalization written
 with ufuncs reads and writes its chunk four or five times, and its
 statistics twice. ``native_loops.cpp`` does each of the backend's four hot
 primitives -- the statistics, the normalization (with its ReLU and residual
-add), the backward's sums and its apply -- in one pass (the statistics: two
-passes over one cache-sized part, so one from memory), built on first use
-with the host C++ compiler and loaded through ctypes.
+add), the backward's sums and its apply -- in one pass over memory, built on
+first use with the host C++ compiler and loaded through ctypes; a whole
+forward or backward that runs in one thread is one C call (``forward``,
+``infer``, ``backward``).
 
 Where it applies: C-contiguous float32 and float64 tensors of more than
 ``MIN_ELEMENTS`` elements whose other tensors (side input, dy) share their
@@ -14,12 +15,14 @@ dtype, unweighted statistics, no activation or the ReLU. Everything else
 takes the NumPy code. Without a compiler (or with ``CUBN_NATIVE=0``) the
 NumPy code runs throughout; ``status()`` says which and why.
 
-Statistics accumulate in double: per part, the sum and M2 about the part's
-own mean; the parts merge as ``mean = sum(S_k) / n`` and ``M2 = sum(M2_k) +
-sum(n_k (mean_k - mean)^2)``, the two-pass formula one level up, so a large
-offset costs no precision. Parts are cut by shape alone and merged in a fixed
-order: results do not depend on the thread count. Elementwise loops round as
-the NumPy formulas do, ``(x - mean) * scale + shift``, in the data's type.
+Statistics are sums of ``x - pivot`` and its square in double, the pivot a
+channel's first few elements' mean, ``M2 = Q - S^2 / n``; a channel whose
+pivot turns out far from its mean is summed again about the mean found, so
+a large offset costs no precision. Parts are cut by shape alone and their
+sums added in a fixed order: results do not depend on the thread count.
+Elementwise loops compute ``(x - mean) * scale + shift`` in the data's type,
+the multiply and add fused where the CPU has FMA (one rounding where the
+NumPy code has two); the per-channel steps round exactly as the NumPy code.
 """
 from __future__ import annotations
 
