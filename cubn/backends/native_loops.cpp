@@ -31,6 +31,37 @@
 
 typedef std::int64_t i64;
 
+// flags select a template: 1 = side input, 2 = ReLU, 4 = write dside, 8 = stream the outputs
+#define CUBN_FLAGS2(F, T, flags, ...)                                          \
+    switch ((flags) & 3) {                                                     \
+        case 0: F<T, false, false>(__VA_ARGS__); break;                        \
+        case 1: F<T, true, false>(__VA_ARGS__); break;                         \
+        case 2: F<T, false, true>(__VA_ARGS__); break;                         \
+        default: F<T, true, true>(__VA_ARGS__); break;                         \
+    }
+
+#define CUBN_FLAGS3(F, T, flags, ...)                                          \
+    switch ((flags) & 7) {                                                     \
+        case 0: F<T, false, false, false>(__VA_ARGS__); break;                 \
+        case 1: F<T, true, false, false>(__VA_ARGS__); break;                  \
+        case 2: F<T, false, true, false>(__VA_ARGS__); break;                  \
+        case 3: F<T, true, true, false>(__VA_ARGS__); break;                   \
+        case 4: F<T, false, false, true>(__VA_ARGS__); break;                  \
+        case 5: F<T, true, false, true>(__VA_ARGS__); break;                   \
+        case 6: F<T, false, true, true>(__VA_ARGS__); break;                   \
+        default: F<T, true, true, true>(__VA_ARGS__); break;                   \
+    }
+
+// F's streamed variant (F##_streamed) when flags has 8, else F; FLAGS is CUBN_FLAGS2 or CUBN_FLAGS3
+#define CUBN_DISPATCH(FLAGS, F, T, flags, ...)                                 \
+    do {                                                                       \
+        if ((flags) & 8) {                                                     \
+            FLAGS(F##_streamed, T, flags, __VA_ARGS__)                         \
+        } else {                                                               \
+            FLAGS(F, T, flags, __VA_ARGS__)                                    \
+        }                                                                      \
+    } while (0)
+
 namespace {
 
 // Sums are two-level: each accumulator adds BLOCK terms, then its block total
@@ -99,8 +130,10 @@ void stats_rows(const T* x, i64 rows, i64 width, const double* pivot, double* s,
     }
 }
 
-template <class T>
-inline void run_sums(const T* v, i64 len, double pv, double& s, double& q) {
+// Two-level sums, in LANES lanes, of the pairs term(i, u, w) over i < len:
+// each lane adds BLOCK terms before its block total joins its running sum
+template <class Term>
+inline void lane_sums(i64 len, Term term, double& s, double& q) {
     double a[LANES] = {0.0}, b[LANES] = {0.0};
     i64 i = 0;
     while (i + LANES <= len) {
@@ -109,20 +142,31 @@ inline void run_sums(const T* v, i64 len, double pv, double& s, double& q) {
         for (; i < end; i += LANES) {
 #pragma omp simd
             for (int k = 0; k < LANES; ++k) {
-                const double d = double(v[i + k]) - pv;
-                ba[k] += d;
-                bb[k] += d * d;
+                double u, w;
+                term(i + k, u, w);
+                ba[k] += u;
+                bb[k] += w;
             }
         }
         for (int k = 0; k < LANES; ++k) { a[k] += ba[k]; b[k] += bb[k]; }
     }
     for (int k = 0; i + k < len; ++k) {
-        const double d = double(v[i + k]) - pv;
-        a[k] += d;
-        b[k] += d * d;
+        double u, w;
+        term(i + k, u, w);
+        a[k] += u;
+        b[k] += w;
     }
     s = lane_total(a);
     q = lane_total(b);
+}
+
+template <class T>
+inline void run_sums(const T* v, i64 len, double pv, double& s, double& q) {
+    lane_sums(len, [&](i64 i, double& u, double& w) {
+        const double d = double(v[i]) - pv;
+        u = d;
+        w = d * d;
+    }, s, q);
 }
 
 template <class T>
@@ -412,30 +456,12 @@ void bwd_sums_rows(const T* dy, const T* x, const T* side, i64 rows, i64 width, 
 template <class T, bool SIDE, bool RELU>
 inline void run_bwd_sums(const T* dy, const T* x, const T* side, i64 o, i64 len, T m, T pm, T ps, T ph,
                          double& s1, double& s2) {
-    double a[LANES] = {0.0}, b[LANES] = {0.0};
-    i64 i = 0;
-    while (i + LANES <= len) {
-        double ba[LANES] = {0.0}, bb[LANES] = {0.0};
-        const i64 end = (len - i) / LANES > BLOCK ? i + BLOCK * LANES : len - (len - i) % LANES;
-        for (; i < end; i += LANES) {
-#pragma omp simd
-            for (int k = 0; k < LANES; ++k) {
-                const i64 e = o + i + k;
-                const T g = dy_prime<T, SIDE, RELU>(dy[e], x[e], side, e, pm, ps, ph);
-                ba[k] += double(g);
-                bb[k] += double(g) * double(x[e] - m);
-            }
-        }
-        for (int k = 0; k < LANES; ++k) { a[k] += ba[k]; b[k] += bb[k]; }
-    }
-    for (int k = 0; i + k < len; ++k) {
-        const i64 e = o + i + k;
+    lane_sums(len, [&](i64 i, double& u, double& w) {
+        const i64 e = o + i;
         const T g = dy_prime<T, SIDE, RELU>(dy[e], x[e], side, e, pm, ps, ph);
-        a[k] += double(g);
-        b[k] += double(g) * double(x[e] - m);
-    }
-    s1 = lane_total(a);
-    s2 = lane_total(b);
+        u = double(g);
+        w = double(g) * double(x[e] - m);
+    }, s1, s2);
 }
 
 template <class T, bool SIDE, bool RELU>
@@ -624,26 +650,9 @@ void moving(i64 channels, i64 n, double a, int bessel, const T* mean, const T* v
 template <class T>
 void normalize_all(int flags, const T* x, const T* side, T* y, i64 outer, i64 channels, i64 inner, i64 width,
                    const T* mean, const T* scale, const T* shift) {
-#define CUBN_NORMALIZE(F, ...)                                                                 \
-    do {                                                                                       \
-        if (flags & 8) {                                                                       \
-            switch (flags & 3) {                                                               \
-                case 0: F##_streamed<T, false, false>(__VA_ARGS__); break;                     \
-                case 1: F##_streamed<T, true, false>(__VA_ARGS__); break;                      \
-                case 2: F##_streamed<T, false, true>(__VA_ARGS__); break;                      \
-                default: F##_streamed<T, true, true>(__VA_ARGS__); break;                      \
-            }                                                                                  \
-        } else {                                                                               \
-            switch (flags & 3) {                                                               \
-                case 0: F<T, false, false>(__VA_ARGS__); break;                                \
-                case 1: F<T, true, false>(__VA_ARGS__); break;                                 \
-                case 2: F<T, false, true>(__VA_ARGS__); break;                                 \
-                default: F<T, true, true>(__VA_ARGS__); break;                                 \
-            }                                                                                  \
-        }                                                                                      \
-    } while (0)
     if (inner != 1) {
-        CUBN_NORMALIZE(normalize_runs, x, side, y, inner, channels, 0, outer * channels, mean, scale, shift);
+        CUBN_DISPATCH(CUBN_FLAGS2, normalize_runs, T, flags, x, side, y, inner, channels, 0, outer * channels, mean,
+                      scale, shift);
         return;
     }
     const i64 k = width / channels, full = outer / k, rest = outer - full * k;
@@ -654,12 +663,12 @@ void normalize_all(int flags, const T* x, const T* side, T* y, i64 outer, i64 ch
         tiled[2 * width + j] = shift[j % channels];
     }
     const T *tm = tiled.data(), *ts = tm + width, *th = ts + width;
-    CUBN_NORMALIZE(normalize_rows, x, side, y, full, width, tm, ts, th);
+    CUBN_DISPATCH(CUBN_FLAGS2, normalize_rows, T, flags, x, side, y, full, width, tm, ts, th);
     if (rest) {
         const i64 o = full * width;
-        CUBN_NORMALIZE(normalize_rows, x + o, side ? side + o : side, y + o, rest, channels, tm, ts, th);
+        CUBN_DISPATCH(CUBN_FLAGS2, normalize_rows, T, flags, x + o, side ? side + o : side, y + o, rest, channels, tm,
+                      ts, th);
     }
-#undef CUBN_NORMALIZE
 }
 
 // -- the backward's per-channel step and the whole backward of one thread --------
@@ -690,28 +699,9 @@ template <class T>
 void bwd_apply_all(int flags, const T* dy, const T* x, const T* side, T* dx, T* dside, i64 outer, i64 channels,
                    i64 inner, i64 width, const T* pmean, const T* pscale, const T* pshift, const T* mean,
                    const T* k1, const T* k2) {
-#define CUBN_APPLY8(G, ...)                                                                    \
-    switch (flags & 7) {                                                                       \
-        case 0: G<T, false, false, false>(__VA_ARGS__); break;                                 \
-        case 1: G<T, true, false, false>(__VA_ARGS__); break;                                  \
-        case 2: G<T, false, true, false>(__VA_ARGS__); break;                                  \
-        case 3: G<T, true, true, false>(__VA_ARGS__); break;                                   \
-        case 4: G<T, false, false, true>(__VA_ARGS__); break;                                  \
-        case 5: G<T, true, false, true>(__VA_ARGS__); break;                                   \
-        case 6: G<T, false, true, true>(__VA_ARGS__); break;                                   \
-        default: G<T, true, true, true>(__VA_ARGS__); break;                                   \
-    }
-#define CUBN_APPLY(F, ...)                                                                     \
-    do {                                                                                       \
-        if (flags & 8) {                                                                       \
-            CUBN_APPLY8(F##_streamed, __VA_ARGS__)                                             \
-        } else {                                                                               \
-            CUBN_APPLY8(F, __VA_ARGS__)                                                        \
-        }                                                                                      \
-    } while (0)
     if (inner != 1) {
-        CUBN_APPLY(bwd_apply_runs, dy, x, side, dx, dside, inner, channels, 0, outer * channels, pmean, pscale,
-                   pshift, mean, k1, k2);
+        CUBN_DISPATCH(CUBN_FLAGS3, bwd_apply_runs, T, flags, dy, x, side, dx, dside, inner, channels, 0,
+                      outer * channels, pmean, pscale, pshift, mean, k1, k2);
         return;
     }
     const i64 k = width / channels, full = outer / k, rest = outer - full * k;
@@ -722,14 +712,13 @@ void bwd_apply_all(int flags, const T* dy, const T* x, const T* side, T* dx, T* 
     const T* t = tiled.data();
     const T *tpm = t, *tps = t + width, *tph = t + 2 * width, *tm = t + 3 * width, *ta = t + 4 * width,
             *tb = t + 5 * width;
-    CUBN_APPLY(bwd_apply_rows, dy, x, side, dx, dside, full, width, tpm, tps, tph, tm, ta, tb);
+    CUBN_DISPATCH(CUBN_FLAGS3, bwd_apply_rows, T, flags, dy, x, side, dx, dside, full, width, tpm, tps, tph, tm, ta,
+                  tb);
     if (rest) {
         const i64 o = full * width;
-        CUBN_APPLY(bwd_apply_rows, dy + o, x + o, side ? side + o : side, dx + o, dside ? dside + o : dside, rest,
-                   channels, tpm, tps, tph, tm, ta, tb);
+        CUBN_DISPATCH(CUBN_FLAGS3, bwd_apply_rows, T, flags, dy + o, x + o, side ? side + o : side, dx + o,
+                      dside ? dside + o : dside, rest, channels, tpm, tps, tph, tm, ta, tb);
     }
-#undef CUBN_APPLY
-#undef CUBN_APPLY8
 }
 
 // The whole backward in this thread: the sums (bwd_sums_serial), the
@@ -748,20 +737,8 @@ void backward_serial(int flags, const T* dy, const T* x, const T* side, T* dx, T
         tiled[3 * width + j] = pshift[j % channels];
     }
     const T* t = tiled.data();
-    switch (flags & 3) {
-        case 0: bwd_sums_serial<T, false, false>(dy, x, side, kind, outer, channels, inner, width, bounds, nbounds,
-                                                 rest, piece, pieces, size, P, K, sp, sk, sc, t, t + width,
-                                                 t + 2 * width, t + 3 * width, s1, s2); break;
-        case 1: bwd_sums_serial<T, true, false>(dy, x, side, kind, outer, channels, inner, width, bounds, nbounds,
-                                                rest, piece, pieces, size, P, K, sp, sk, sc, t, t + width,
-                                                t + 2 * width, t + 3 * width, s1, s2); break;
-        case 2: bwd_sums_serial<T, false, true>(dy, x, side, kind, outer, channels, inner, width, bounds, nbounds,
-                                                rest, piece, pieces, size, P, K, sp, sk, sc, t, t + width,
-                                                t + 2 * width, t + 3 * width, s1, s2); break;
-        default: bwd_sums_serial<T, true, true>(dy, x, side, kind, outer, channels, inner, width, bounds, nbounds,
-                                                rest, piece, pieces, size, P, K, sp, sk, sc, t, t + width,
-                                                t + 2 * width, t + 3 * width, s1, s2); break;
-    }
+    CUBN_FLAGS2(bwd_sums_serial, T, flags, dy, x, side, kind, outer, channels, inner, width, bounds, nbounds, rest,
+                piece, pieces, size, P, K, sp, sk, sc, t, t + width, t + 2 * width, t + 3 * width, s1, s2)
     bwd_coefficients(channels, training, s1, s2, gcoef, hcoef, count, pscale, invstd, dgamma, k1, k2);
     if (dx) bwd_apply_all(flags, dy, x, side, dx, dside, outer, channels, inner, width, pmean, pscale, pshift, pmean,
                           k1, k2);
@@ -800,29 +777,8 @@ void train_serial(int flags, const T* x, const T* side, T* y, int kind, i64 oute
 
 }  // namespace
 
-// -- the exported entry points; flags select the template: 1 = side input,
-// 2 = ReLU, 4 = write dside, 8 = stream the outputs
+// -- the exported entry points (flags: see CUBN_FLAGS2) ----------------------
 #define CUBN_EXPORT extern "C" __attribute__((visibility("default")))
-
-#define CUBN_FLAGS2(F, T, flags, ...)                                          \
-    switch ((flags) & 3) {                                                     \
-        case 0: F<T, false, false>(__VA_ARGS__); break;                        \
-        case 1: F<T, true, false>(__VA_ARGS__); break;                         \
-        case 2: F<T, false, true>(__VA_ARGS__); break;                         \
-        default: F<T, true, true>(__VA_ARGS__); break;                         \
-    }
-
-#define CUBN_FLAGS3(F, T, flags, ...)                                          \
-    switch ((flags) & 7) {                                                     \
-        case 0: F<T, false, false, false>(__VA_ARGS__); break;                 \
-        case 1: F<T, true, false, false>(__VA_ARGS__); break;                  \
-        case 2: F<T, false, true, false>(__VA_ARGS__); break;                  \
-        case 3: F<T, true, true, false>(__VA_ARGS__); break;                   \
-        case 4: F<T, false, false, true>(__VA_ARGS__); break;                  \
-        case 5: F<T, true, false, true>(__VA_ARGS__); break;                   \
-        case 6: F<T, false, true, true>(__VA_ARGS__); break;                   \
-        default: F<T, true, true, true>(__VA_ARGS__); break;                   \
-    }
 
 // A shape's reduction plan as the Python side packs it (numpy_native._plan_block):
 // kind, outer, C, inner, width, nbounds, rest, piece, pieces, size, P, K, sp,
@@ -901,18 +857,13 @@ void train_serial(int flags, const T* x, const T* side, T* y, int kind, i64 oute
     }                                                                                                      \
     CUBN_EXPORT void cubn_normalize_rows_##SUF(int flags, const T* x, const T* side, T* y, i64 rows,         \
                                               i64 width, const T* mean, const T* scale, const T* shift) {    \
-        if (flags & 8) { CUBN_FLAGS2(normalize_rows_streamed, T, flags, x, side, y, rows, width, mean, scale, shift) } \
-        else { CUBN_FLAGS2(normalize_rows, T, flags, x, side, y, rows, width, mean, scale, shift) }                  \
+        CUBN_DISPATCH(CUBN_FLAGS2, normalize_rows, T, flags, x, side, y, rows, width, mean, scale, shift); \
     }                                                                                                      \
     CUBN_EXPORT void cubn_normalize_runs_##SUF(int flags, const T* x, const T* side, T* y, i64 inner,        \
                                               i64 channels, i64 run0, i64 run1, const T* mean,              \
                                               const T* scale, const T* shift) {                             \
-        if (flags & 8) {                                                                                   \
-            CUBN_FLAGS2(normalize_runs_streamed, T, flags, x, side, y, inner, channels, run0, run1, mean, scale, \
-                        shift)                                                                             \
-        } else {                                                                                           \
-            CUBN_FLAGS2(normalize_runs, T, flags, x, side, y, inner, channels, run0, run1, mean, scale, shift) \
-        }                                                                                                  \
+        CUBN_DISPATCH(CUBN_FLAGS2, normalize_runs, T, flags, x, side, y, inner, channels, run0, run1,      \
+                      mean, scale, shift);                                                                 \
     }                                                                                                      \
     CUBN_EXPORT void cubn_bwd_sums_rows_##SUF(int flags, const T* dy, const T* x, const T* side, i64 rows,   \
                                              i64 width, const T* mean, const T* pmean, const T* pscale,     \
@@ -943,25 +894,15 @@ void train_serial(int flags, const T* x, const T* side, T* y, int kind, i64 oute
                                               T* dside, i64 rows, i64 width, const T* pmean,                \
                                               const T* pscale, const T* pshift, const T* mean, const T* k1, \
                                               const T* k2) {                                                \
-        if (flags & 8) {                                                                                   \
-            CUBN_FLAGS3(bwd_apply_rows_streamed, T, flags, dy, x, side, dx, dside, rows, width, pmean, pscale, \
-                        pshift, mean, k1, k2)                                                              \
-        } else {                                                                                           \
-            CUBN_FLAGS3(bwd_apply_rows, T, flags, dy, x, side, dx, dside, rows, width, pmean, pscale, pshift, \
-                        mean, k1, k2)                                                                      \
-        }                                                                                                  \
+        CUBN_DISPATCH(CUBN_FLAGS3, bwd_apply_rows, T, flags, dy, x, side, dx, dside, rows, width, pmean,   \
+                      pscale, pshift, mean, k1, k2);                                                       \
     }                                                                                                      \
     CUBN_EXPORT void cubn_bwd_apply_runs_##SUF(int flags, const T* dy, const T* x, const T* side, T* dx,     \
                                               T* dside, i64 inner, i64 channels, i64 run0, i64 run1,        \
                                               const T* pmean, const T* pscale, const T* pshift,             \
                                               const T* mean, const T* k1, const T* k2) {                    \
-        if (flags & 8) {                                                                                   \
-            CUBN_FLAGS3(bwd_apply_runs_streamed, T, flags, dy, x, side, dx, dside, inner, channels, run0, run1, \
-                        pmean, pscale, pshift, mean, k1, k2)                                               \
-        } else {                                                                                           \
-            CUBN_FLAGS3(bwd_apply_runs, T, flags, dy, x, side, dx, dside, inner, channels, run0, run1, pmean, \
-                        pscale, pshift, mean, k1, k2)                                                      \
-        }                                                                                                  \
+        CUBN_DISPATCH(CUBN_FLAGS3, bwd_apply_runs, T, flags, dy, x, side, dx, dside, inner, channels,      \
+                      run0, run1, pmean, pscale, pshift, mean, k1, k2);                                    \
     }
 
 CUBN_ENTRY_POINTS(float, f4)
