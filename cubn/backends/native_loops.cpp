@@ -131,9 +131,10 @@ void stats_rows(const T* x, i64 rows, i64 width, const double* pivot, double* s,
 }
 
 // Two-level sums, in LANES lanes, of the pairs term(i, u, w) over i < len:
-// each lane adds BLOCK terms before its block total joins its running sum
+// each lane adds BLOCK terms before its block total joins its running sum;
+// the lanes' sums are added to A[k] and B[k]
 template <class Term>
-inline void lane_sums(i64 len, Term term, double& s, double& q) {
+inline void lane_sums_into(i64 len, Term term, double* A, double* B) {
     double a[LANES] = {0.0}, b[LANES] = {0.0};
     i64 i = 0;
     while (i + LANES <= len) {
@@ -156,29 +157,54 @@ inline void lane_sums(i64 len, Term term, double& s, double& q) {
         a[k] += u;
         b[k] += w;
     }
+#pragma omp simd
+    for (int k = 0; k < LANES; ++k) { A[k] += a[k]; B[k] += b[k]; }
+}
+
+template <class Term>
+inline void lane_sums(i64 len, Term term, double& s, double& q) {
+    double a[LANES] = {0.0}, b[LANES] = {0.0};
+    lane_sums_into(len, term, a, b);
+    s = lane_total(a);
+    q = lane_total(b);
+}
+
+// Short runs (n, c) for n in [n0, n1), every channel: each channel's lanes
+// gather its runs' lane sums, added across lanes once at the end (a run is too
+// short to pay for its own lane total)
+template <class Run>
+inline void short_runs(i64 n0, i64 n1, i64 channels, Run run, double* s, double* q) {
+    std::vector<double> lanes(2 * channels * LANES, 0.0);
+    for (i64 n = n0; n < n1; ++n)
+        for (i64 c = 0; c < channels; ++c) run(n, c, lanes.data() + 2 * c * LANES, lanes.data() + (2 * c + 1) * LANES);
+    for (i64 c = 0; c < channels; ++c) {
+        s[c] = lane_total(lanes.data() + 2 * c * LANES);
+        q[c] = lane_total(lanes.data() + (2 * c + 1) * LANES);
+    }
+}
+
+template <class T>
+inline void run_sums_into(const T* v, i64 len, double pv, double* A, double* B) {
+    lane_sums_into(len, [&](i64 i, double& u, double& w) {
+        const double d = double(v[i]) - pv;
+        u = d;
+        w = d * d;
+    }, A, B);
+}
+
+template <class T>
+inline void run_sums(const T* v, i64 len, double pv, double& s, double& q) {
+    double a[LANES] = {0.0}, b[LANES] = {0.0};
+    run_sums_into(v, len, pv, a, b);
     s = lane_total(a);
     q = lane_total(b);
 }
 
 template <class T>
-inline void run_sums(const T* v, i64 len, double pv, double& s, double& q) {
-    lane_sums(len, [&](i64 i, double& u, double& w) {
-        const double d = double(v[i]) - pv;
-        u = d;
-        w = d * d;
-    }, s, q);
-}
-
-template <class T>
 void stats_short(const T* x, i64 n0, i64 n1, i64 inner, i64 channels, const double* pivot, double* s, double* q) {
-    for (i64 c = 0; c < channels; ++c) { s[c] = 0.0; q[c] = 0.0; }
-    for (i64 n = n0; n < n1; ++n)
-        for (i64 c = 0; c < channels; ++c) {
-            double a, b;
-            run_sums(x + (n * channels + c) * inner, inner, pivot[c], a, b);
-            s[c] += a;
-            q[c] += b;
-        }
+    short_runs(n0, n1, channels, [&](i64 n, i64 c, double* A, double* B) {
+        run_sums_into(x + (n * channels + c) * inner, inner, pivot[c], A, B);
+    }, s, q);
 }
 
 template <class T>
@@ -454,28 +480,32 @@ void bwd_sums_rows(const T* dy, const T* x, const T* side, i64 rows, i64 width, 
 }
 
 template <class T, bool SIDE, bool RELU>
-inline void run_bwd_sums(const T* dy, const T* x, const T* side, i64 o, i64 len, T m, T pm, T ps, T ph,
-                         double& s1, double& s2) {
-    lane_sums(len, [&](i64 i, double& u, double& w) {
+inline void run_bwd_sums_into(const T* dy, const T* x, const T* side, i64 o, i64 len, T m, T pm, T ps, T ph,
+                              double* A, double* B) {
+    lane_sums_into(len, [&](i64 i, double& u, double& w) {
         const i64 e = o + i;
         const T g = dy_prime<T, SIDE, RELU>(dy[e], x[e], side, e, pm, ps, ph);
         u = double(g);
         w = double(g) * double(x[e] - m);
-    }, s1, s2);
+    }, A, B);
+}
+
+template <class T, bool SIDE, bool RELU>
+inline void run_bwd_sums(const T* dy, const T* x, const T* side, i64 o, i64 len, T m, T pm, T ps, T ph,
+                         double& s1, double& s2) {
+    double a[LANES] = {0.0}, b[LANES] = {0.0};
+    run_bwd_sums_into<T, SIDE, RELU>(dy, x, side, o, len, m, pm, ps, ph, a, b);
+    s1 = lane_total(a);
+    s2 = lane_total(b);
 }
 
 template <class T, bool SIDE, bool RELU>
 void bwd_sums_short(const T* dy, const T* x, const T* side, i64 n0, i64 n1, i64 inner, i64 channels,
                     const T* mean, const T* pmean, const T* pscale, const T* pshift, double* s1, double* s2) {
-    for (i64 c = 0; c < channels; ++c) { s1[c] = 0.0; s2[c] = 0.0; }
-    for (i64 n = n0; n < n1; ++n)
-        for (i64 c = 0; c < channels; ++c) {
-            double a, b;
-            run_bwd_sums<T, SIDE, RELU>(dy, x, side, (n * channels + c) * inner, inner, mean[c], pmean[c],
-                                        pscale[c], pshift[c], a, b);
-            s1[c] += a;
-            s2[c] += b;
-        }
+    short_runs(n0, n1, channels, [&](i64 n, i64 c, double* A, double* B) {
+        run_bwd_sums_into<T, SIDE, RELU>(dy, x, side, (n * channels + c) * inner, inner, mean[c], pmean[c],
+                                         pscale[c], pshift[c], A, B);
+    }, s1, s2);
 }
 
 template <class T, bool SIDE, bool RELU>
