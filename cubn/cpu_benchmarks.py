@@ -15,8 +15,9 @@ Columns (peers), each a separately named thing that was timed:
   rounds: the machine's copy bandwidth (bytes read plus bytes written) under
   the same load as the ops, which every throughput is compared with.
 
-Timing is interleaved: every round times each peer once, in a rotating
-order, so that a machine shared with other work loads every column alike;
+Timing is interleaved: every round times each peer once, in an order drawn
+afresh each round (so no peer always follows the same one), so that a
+machine shared with other work loads every column alike;
 the median over rounds is reported. Inputs, parameters and the peers' code
 are the suite's own (``cubn.benchmarking``: the cubn, torch and naive peers),
 on NumPy arrays; inputs rotate over copies totalling at least 128 MiB, so that
@@ -38,6 +39,7 @@ import platform
 import statistics
 import time
 import tracemalloc
+import zlib
 
 import numpy as np
 
@@ -232,8 +234,12 @@ def run_case(layout, shape, dtype, op, peers=PEERS, budget_s=2.0, min_rounds=5, 
     start = time.perf_counter()
     r = 0
     max_rounds = max(max_rounds, min_rounds)
+    # A fresh order every round, not a rotation: a rotation keeps each peer behind the same one, and
+    # what a peer leaves behind (freed memory that the next allocation must fault in again, a flushed
+    # cache) would then always fall on the same neighbour. Seeded by the case: runs are repeatable.
+    order_rng = np.random.default_rng(zlib.crc32(repr((layout, tuple(shape), np.dtype(dtype).name, op)).encode()))
     while r < max_rounds and (r < min_rounds or time.perf_counter() - start < budget_s):
-        order = live[r % max(1, len(live)):] + live[: r % max(1, len(live))] if live else []
+        order = [live[i] for i in order_rng.permutation(len(live))]
         for p in order:
             set_threads(p)
             times[p].append(_time_once(runs[p], (r + 2) % inp.k))
