@@ -228,7 +228,6 @@ def _loop_forward(x3, acc, eps, gamma, beta, side3, act, out_dtype, a, bessel, m
 
 def train(x3, acc, eps, gamma, beta, side3, act, out_dtype, update=None):
     """The training forward: ``(y3, Stats)``, ``update`` (a plain ``MovingUpdate``) applied in place."""
-    xv, axis, col = _view(x3)
     outer, c, inner = x3.shape
     n = outer * inner
     u = update
@@ -237,6 +236,7 @@ def train(x3, acc, eps, gamma, beta, side3, act, out_dtype, update=None):
                                                                         u.mean_out, u.var_out)
         y, mean, var, invstd, scale, shift = _loop_forward(x3, acc, eps, gamma, beta, side3, act, out_dtype, *moving)
     else:
+        xv, axis, col = _view(x3)
         t = _quiet()
         try:
             mean, var = _moments(xv, x3, axis, col, acc, n)
@@ -254,7 +254,6 @@ def train(x3, acc, eps, gamma, beta, side3, act, out_dtype, update=None):
 def fused_train(x3, acc, eps, gamma, beta, side3, act, f, mean_in, var_in):
     """fused_batch_norm's training call: ``(y3, batch_mean, batch_var)`` (the variance Bessel-corrected,
     both blended with the given ones when ``f != 1``)."""
-    xv, axis, col = _view(x3)
     outer, c, inner = x3.shape
     n = outer * inner
     if _loops(x3, acc):
@@ -262,6 +261,7 @@ def fused_train(x3, acc, eps, gamma, beta, side3, act, f, mean_in, var_in):
         y, *_ = _loop_forward(x3, acc, eps, gamma, beta, side3, act, x3.dtype, f, True,
                               mean_in if f != 1.0 else None, var_in if f != 1.0 else None, m, v)
         return y.reshape(x3.shape), m, v
+    xv, axis, col = _view(x3)
     t = _quiet()
     try:
         mean, var = _moments(xv, x3, axis, col, acc, n)

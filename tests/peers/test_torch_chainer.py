@@ -9,6 +9,8 @@ not installable on current Pythons).
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -162,3 +164,42 @@ def test_save_and_load_keep_the_new_arguments(tmp_path, rng):
     cubn.save(tmp_path / "g.npz", ghost)
     g2 = cubn.load(tmp_path / "g.npz")
     assert g2.virtual_batch_size == 2 and g2.convention == "keras3"
+
+
+# The same rules (test_batchnorm_eval / test_batchnorm_affine, and autograd's gradients) at sizes the NumPy
+# backend's compiled loops take (more than 8192 elements: short runs, long runs, one batch entry), on data
+# at an offset of 1e4 with a NaN channel, in float64 and float32
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("module,shape", [(torch.nn.BatchNorm2d, (24, 5, 9, 9)), (torch.nn.BatchNorm1d, (3, 4, 5000)),
+                                          (torch.nn.BatchNorm2d, (1, 3, 80, 80)), (torch.nn.BatchNorm1d, (9000, 3))])
+def test_modules_at_compiled_loop_sizes(rng, dtype, module, shape):
+    m = module(shape[1], eps=1e-3, momentum=0.3).double()
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.uniform_(-1, 1)
+    # the layer in the data's dtype; the float64 module is the reference (an offset of 1e4 costs float32
+    # inputs about 2e-4 of a standard deviation in any implementation)
+    bn = cubn.from_torch(copy.deepcopy(m).to(getattr(torch, dtype)))
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == "float64" else dict(rtol=1e-3, atol=2e-3)
+    for step in range(2):
+        x = (rng.standard_normal(shape) * 3 + 1e4).astype(dtype)
+        x[0, 1, ...] = np.nan  # channel 1: NaN throughout its statistics, outputs and gradients
+        dy = rng.standard_normal(shape).astype(dtype)
+        xt = _t(x).double().requires_grad_(True)
+        want = m(xt)
+        want.backward(_t(dy).double())
+        y = bn(x)
+        np.testing.assert_allclose(np.asarray(y, np.float64), want.detach().numpy(), **tol)
+        dx = bn.backward(dy)
+        np.testing.assert_allclose(np.asarray(dx, np.float64), xt.grad.numpy(), **tol)
+        # a channel's dgamma sums n products whose float32 x-hat is off by ~1e-4 each, in random directions
+        gtol = tol if dtype == "float64" else dict(rtol=1e-3, atol=1e-3 * np.sqrt(x.size // shape[1]))
+        np.testing.assert_allclose(np.asarray(bn.gradients["gamma"], np.float64), m.weight.grad.numpy(), **gtol)
+        np.testing.assert_allclose(np.asarray(bn.gradients["beta"], np.float64), m.bias.grad.numpy(), **gtol)
+        m.zero_grad()
+    for name, ref in (("moving_mean", m.running_mean), ("moving_variance", m.running_var)):
+        np.testing.assert_allclose(np.asarray(bn.variables[name], np.float64), ref.numpy(), **tol)
+    m.eval()
+    x = (rng.standard_normal(shape) * 3 + 1e4).astype(dtype)
+    np.testing.assert_allclose(np.asarray(bn(x, is_training=False), np.float64), m(_t(x).double()).detach().numpy(),
+                               **tol)
