@@ -29,9 +29,11 @@ HAVE_CXX = shutil.which(os.environ.get("CXX") or "c++") is not None or shutil.wh
 needs_loops = pytest.mark.skipif(not (HAVE_CXX and native.build()), reason=f"compiled loops: {native.status()}")
 
 # (outer, C, inner): rows (channels last) with C small, odd and wide, rows left over;
-# short runs (NCHW 7x7); long runs; runs cut in pieces
+# short runs (NCHW 7x7; shorter than one vector of lanes, one lane over, whole
+# vectors); long runs; runs cut in pieces
 SHAPES = [
-    (3001, 3, 1), (1537, 64, 1), (129, 257, 1), (20, 6, 97), (16, 48, 49), (5, 3, 4099), (2, 3, 70001),
+    (3001, 3, 1), (1537, 64, 1), (129, 257, 1), (20, 6, 97), (16, 48, 49), (700, 5, 3), (40, 30, 9), (30, 20, 24),
+    (5, 3, 4099), (2, 3, 70001),
 ]
 DTYPES = [np.float32, np.float64]
 KINDS = ["plain", "offset 1e4", "offset 1e7", "quantized", "nonfinite", "equal channel", "far pivot"]
@@ -50,6 +52,8 @@ def _data(rng, shape, dt, kind):
         x[0, 1, 0] = np.inf  # a channel's first element: its pivot
         if shape[1] > 2:
             x[shape[0] // 2, 2, 0] = -np.inf
+        if shape[1] > 3:  # mid-run: inside the overlap of a short run's last vector step
+            x[1, 3, shape[2] // 2] = np.nan
     elif kind == "equal channel":
         x[:, 1, :] = 7.25
     elif kind == "far pivot":

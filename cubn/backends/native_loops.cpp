@@ -130,62 +130,130 @@ void stats_rows(const T* x, i64 rows, i64 width, const double* pivot, double* s,
     }
 }
 
-// Two-level sums, in LANES lanes, of the pairs term(i, u, w) over i < len:
-// each lane adds BLOCK terms before its block total joins its running sum;
-// the lanes' sums are added to A[k] and B[k]
-template <class Term>
-inline void lane_sums_into(i64 len, Term term, double* A, double* B) {
-    double a[LANES] = {0.0}, b[LANES] = {0.0};
-    i64 i = 0;
-    while (i + LANES <= len) {
-        double ba[LANES] = {0.0}, bb[LANES] = {0.0};
-        const i64 end = (len - i) / LANES > BLOCK ? i + BLOCK * LANES : len - (len - i) % LANES;
-        for (; i < end; i += LANES) {
-#pragma omp simd
-            for (int k = 0; k < LANES; ++k) {
-                double u, w;
-                term(i + k, u, w);
-                ba[k] += u;
-                bb[k] += w;
-            }
-        }
-        for (int k = 0; k < LANES; ++k) { a[k] += ba[k]; b[k] += bb[k]; }
-    }
-    for (int k = 0; i + k < len; ++k) {
-        double u, w;
-        term(i + k, u, w);
-        a[k] += u;
-        b[k] += w;
-    }
-#pragma omp simd
-    for (int k = 0; k < LANES; ++k) { A[k] += a[k]; B[k] += b[k]; }
+// LANES doubles as one value (GCC/Clang vector extensions: the compiler maps
+// them to the CPU's vectors), and LANES values of T
+typedef double Lanes __attribute__((vector_size(LANES * sizeof(double))));
+template <class T>
+struct LanesOf;
+template <>
+struct LanesOf<float> { typedef float type __attribute__((vector_size(LANES * sizeof(float)))); };
+template <>
+struct LanesOf<double> { typedef Lanes type; };
+template <class T>
+using TLanes = typename LanesOf<T>::type;
+
+template <class T>
+inline TLanes<T> load_lanes(const T* p) {
+    TLanes<T> v;
+    __builtin_memcpy(&v, p, sizeof v);  // an unaligned vector load
+    return v;
 }
 
-template <class Term>
-inline void lane_sums(i64 len, Term term, double& s, double& q) {
-    double a[LANES] = {0.0}, b[LANES] = {0.0};
-    lane_sums_into(len, term, a, b);
-    s = lane_total(a);
-    q = lane_total(b);
+template <class T>
+inline Lanes to_double(TLanes<T> v) { return __builtin_convertvector(v, Lanes); }
+
+inline Lanes load_sum(const double* p) {
+    Lanes v;
+    __builtin_memcpy(&v, p, sizeof v);
+    return v;
+}
+
+inline void store_sum(double* p, Lanes v) { __builtin_memcpy(p, &v, sizeof v); }
+
+// Two-level sums, in LANES lanes, of the pairs of terms over i < len:
+// vterm(i, u, w) gives terms i .. i + LANES - 1 as lanes, sterm(i, u, w) term
+// i alone. Each lane adds BLOCK terms before its block total joins its running
+// sum; the last len % LANES terms are one more vector step over the last LANES
+// terms, those already added masked to zero (lane LANES - r + k takes term
+// len - r + k: the sums stay in registers; written lane by lane they would
+// come back from memory through a failed store-to-load forward, half the
+// time of a short run). The lanes' sums are added to A and B.
+template <class VTerm, class STerm>
+inline void lane_sums_into(i64 len, VTerm vterm, STerm sterm, Lanes& A, Lanes& B) {
+    if (len < LANES) {  // no vector step: each term into its lane
+        for (int k = 0; k < len; ++k) {
+            double u, w;
+            sterm(k, u, w);
+            A[k] += u;
+            B[k] += w;
+        }
+        return;
+    }
+    Lanes a = {}, b = {};
+    i64 i = 0;
+    while (i + LANES <= len) {
+        Lanes ba = {}, bb = {};
+        const i64 end = (len - i) / LANES > BLOCK ? i + BLOCK * LANES : len - (len - i) % LANES;
+        for (; i < end; i += LANES) {
+            Lanes u, w;
+            vterm(i, u, w);
+            ba += u;
+            bb += w;
+        }
+        a += ba;
+        b += bb;
+    }
+    if (i < len) {
+        typedef long long Mask __attribute__((vector_size(LANES * sizeof(long long))));
+        const Mask lane = {0, 1, 2, 3, 4, 5, 6, 7};
+        const Mask keep = lane >= LANES - (len - i);
+        Lanes u, w;
+        vterm(len - LANES, u, w);
+        const Lanes zero = {};
+        a += keep ? u : zero;
+        b += keep ? w : zero;
+    }
+    A += a;
+    B += b;
+}
+
+inline double lane_total(Lanes a) {
+    return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
 }
 
 // Short runs (n, c) for n in [n0, n1), every channel: each channel's lanes
 // gather its runs' lane sums, added across lanes once at the end (a run is too
-// short to pay for its own lane total)
+// short to pay for its own lane total). The runs are taken SHORT_GROUP values
+// of n at a time, channel by channel, so that a channel's lanes stay in
+// registers across the group (the group's runs are that many sequential
+// streams); per channel the additions are in the order of n either way.
+// Runs of 1 KiB or more are long enough to pay for their lanes' trip to memory
+// and are walked in memory order (groups of one).
+constexpr i64 SHORT_GROUP = 8, GROUPED_RUN_BYTES = 1024;
+
 template <class Run>
-inline void short_runs(i64 n0, i64 n1, i64 channels, Run run, double* s, double* q) {
-    std::vector<double> lanes(2 * channels * LANES, 0.0);
-    for (i64 n = n0; n < n1; ++n)
-        for (i64 c = 0; c < channels; ++c) run(n, c, lanes.data() + 2 * c * LANES, lanes.data() + (2 * c + 1) * LANES);
-    for (i64 c = 0; c < channels; ++c) {
-        s[c] = lane_total(lanes.data() + 2 * c * LANES);
-        q[c] = lane_total(lanes.data() + (2 * c + 1) * LANES);
+inline void short_runs(i64 n0, i64 n1, i64 channels, i64 run_bytes, Run run, double* s, double* q) {
+    const i64 group = run_bytes < GROUPED_RUN_BYTES ? SHORT_GROUP : 1;
+    const bool one_group = n1 - n0 <= group;
+    std::vector<double> lanes(one_group ? 0 : 2 * channels * LANES, 0.0);
+    for (i64 g0 = n0; g0 < n1; g0 += group) {
+        const i64 g1 = (g0 + group < n1) ? g0 + group : n1;
+        for (i64 c = 0; c < channels; ++c) {
+            double* la = one_group ? nullptr : lanes.data() + 2 * c * LANES;
+            Lanes a = {}, b = {};
+            if (la) {
+                a = load_sum(la);
+                b = load_sum(la + LANES);
+            }
+            for (i64 n = g0; n < g1; ++n) run(n, c, a, b);
+            if (g1 == n1) {
+                s[c] = lane_total(a);
+                q[c] = lane_total(b);
+            } else {
+                store_sum(la, a);
+                store_sum(la + LANES, b);
+            }
+        }
     }
 }
 
 template <class T>
-inline void run_sums_into(const T* v, i64 len, double pv, double* A, double* B) {
-    lane_sums_into(len, [&](i64 i, double& u, double& w) {
+inline void run_sums_into(const T* v, i64 len, double pv, Lanes& A, Lanes& B) {
+    lane_sums_into(len, [&](i64 i, Lanes& u, Lanes& w) {
+        const Lanes d = to_double<T>(load_lanes(v + i)) - pv;
+        u = d;
+        w = d * d;
+    }, [&](i64 i, double& u, double& w) {
         const double d = double(v[i]) - pv;
         u = d;
         w = d * d;
@@ -194,7 +262,7 @@ inline void run_sums_into(const T* v, i64 len, double pv, double* A, double* B) 
 
 template <class T>
 inline void run_sums(const T* v, i64 len, double pv, double& s, double& q) {
-    double a[LANES] = {0.0}, b[LANES] = {0.0};
+    Lanes a = {}, b = {};
     run_sums_into(v, len, pv, a, b);
     s = lane_total(a);
     q = lane_total(b);
@@ -202,7 +270,7 @@ inline void run_sums(const T* v, i64 len, double pv, double& s, double& q) {
 
 template <class T>
 void stats_short(const T* x, i64 n0, i64 n1, i64 inner, i64 channels, const double* pivot, double* s, double* q) {
-    short_runs(n0, n1, channels, [&](i64 n, i64 c, double* A, double* B) {
+    short_runs(n0, n1, channels, inner * i64(sizeof(T)), [&](i64 n, i64 c, Lanes& A, Lanes& B) {
         run_sums_into(x + (n * channels + c) * inner, inner, pivot[c], A, B);
     }, s, q);
 }
@@ -479,10 +547,26 @@ void bwd_sums_rows(const T* dy, const T* x, const T* side, i64 rows, i64 width, 
     }
 }
 
+// dy_prime of LANES elements from e on
+template <class T, bool SIDE, bool RELU>
+inline TLanes<T> dy_prime_lanes(TLanes<T> dy, TLanes<T> x, const T* side, i64 e, T pm, T ps, T ph) {
+    if (!RELU) return dy;
+    TLanes<T> z = (x - pm) * ps + ph;
+    if (SIDE) z = z + load_lanes(side + e);
+    const TLanes<T> zero = {};
+    return dy * (z > T(0) ? zero + T(1) : zero);
+}
+
 template <class T, bool SIDE, bool RELU>
 inline void run_bwd_sums_into(const T* dy, const T* x, const T* side, i64 o, i64 len, T m, T pm, T ps, T ph,
-                              double* A, double* B) {
-    lane_sums_into(len, [&](i64 i, double& u, double& w) {
+                              Lanes& A, Lanes& B) {
+    lane_sums_into(len, [&](i64 i, Lanes& u, Lanes& w) {
+        const i64 e = o + i;
+        const TLanes<T> xv = load_lanes(x + e);
+        const TLanes<T> g = dy_prime_lanes<T, SIDE, RELU>(load_lanes(dy + e), xv, side, e, pm, ps, ph);
+        u = to_double<T>(g);
+        w = u * to_double<T>(xv - m);
+    }, [&](i64 i, double& u, double& w) {
         const i64 e = o + i;
         const T g = dy_prime<T, SIDE, RELU>(dy[e], x[e], side, e, pm, ps, ph);
         u = double(g);
@@ -493,7 +577,7 @@ inline void run_bwd_sums_into(const T* dy, const T* x, const T* side, i64 o, i64
 template <class T, bool SIDE, bool RELU>
 inline void run_bwd_sums(const T* dy, const T* x, const T* side, i64 o, i64 len, T m, T pm, T ps, T ph,
                          double& s1, double& s2) {
-    double a[LANES] = {0.0}, b[LANES] = {0.0};
+    Lanes a = {}, b = {};
     run_bwd_sums_into<T, SIDE, RELU>(dy, x, side, o, len, m, pm, ps, ph, a, b);
     s1 = lane_total(a);
     s2 = lane_total(b);
@@ -502,7 +586,7 @@ inline void run_bwd_sums(const T* dy, const T* x, const T* side, i64 o, i64 len,
 template <class T, bool SIDE, bool RELU>
 void bwd_sums_short(const T* dy, const T* x, const T* side, i64 n0, i64 n1, i64 inner, i64 channels,
                     const T* mean, const T* pmean, const T* pscale, const T* pshift, double* s1, double* s2) {
-    short_runs(n0, n1, channels, [&](i64 n, i64 c, double* A, double* B) {
+    short_runs(n0, n1, channels, inner * i64(sizeof(T)), [&](i64 n, i64 c, Lanes& A, Lanes& B) {
         run_bwd_sums_into<T, SIDE, RELU>(dy, x, side, (n * channels + c) * inner, inner, mean[c], pmean[c],
                                          pscale[c], pshift[c], A, B);
     }, s1, s2);
