@@ -199,7 +199,7 @@ def test_backward_sums_and_apply_match_their_formulas(rng, shape, dt, act, side)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("act, side", [(None, False), ("relu", True)])
 def test_streamed_outputs_equal_plain_stores(rng, monkeypatch, shape, dt, act, side):
-    """Large outputs are written with non-temporal stores through a buffer: the same values, to the
+    """Large outputs are written with non-temporal stores, a vector at a time: the same values, to the
     last bit, as the plain loops write, into aligned and misaligned outputs (here every size streams)."""
     acc = np.dtype(dt)
     c = shape[1]

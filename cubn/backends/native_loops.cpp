@@ -9,7 +9,8 @@
 // The backend sees a tensor as (outer, C, inner); three layouts of parts:
 //   rows  (inner == 1): the array is (rows, C), seen as rows of W = k*C
 //         elements (k rows at a time when C is small, so that the inner loop
-//         is long enough to vectorize); per-channel values tiled to W.
+//         is long enough to vectorize); per-channel values tiled to W + LANES
+//         (j % C for j < W + LANES: the streamed loops load LANES at any column).
 //   short (inner * itemsize < 4 KiB): a part is every channel's runs for n in
 //         [n0, n1), walked in memory order.
 //   runs  (longer runs): a part is a piece of one run (n, c).
@@ -136,11 +137,22 @@ typedef double Lanes __attribute__((vector_size(LANES * sizeof(double))));
 template <class T>
 struct LanesOf;
 template <>
-struct LanesOf<float> { typedef float type __attribute__((vector_size(LANES * sizeof(float)))); };
+struct LanesOf<float> {
+    typedef float type __attribute__((vector_size(LANES * sizeof(float))));
+    typedef int mask __attribute__((vector_size(LANES * sizeof(int))));
+    typedef int lane_int;
+};
 template <>
-struct LanesOf<double> { typedef Lanes type; };
+struct LanesOf<double> {
+    typedef Lanes type;
+    typedef long long mask __attribute__((vector_size(LANES * sizeof(long long))));
+    typedef long long lane_int;
+};
 template <class T>
 using TLanes = typename LanesOf<T>::type;
+
+template <class T>
+inline TLanes<T> broadcast(T v) { return TLanes<T>{v, v, v, v, v, v, v, v}; }
 
 template <class T>
 inline TLanes<T> load_lanes(const T* p) {
@@ -383,39 +395,48 @@ void sums_finish(i64 channels, i64 P, i64 K, i64 sp, i64 sk, i64 sc, const doubl
 // -- streamed output ---------------------------------------------------------
 // An output too large to stay in cache is better written with non-temporal
 // stores: a plain store first reads the line it writes (a third stream of
-// memory traffic beside x and y). The streamed loops compute a chunk into an
-// aligned buffer in L1, with the same expressions as the plain loops, then
-// stream it out; chunks end on y's 64-byte boundaries.
-constexpr i64 CHUNK_BYTES = 4096;
-
+// memory traffic beside x and y). The streamed loops compute whole vectors of
+// LANES outputs with the plain loops' expressions and store each one
+// non-temporally where the output is aligned to the vector; the elements
+// before the first boundary and after the last are stored plainly. (Computing
+// into an L1 buffer and streaming it out was slower than plain stores on an
+// AMD EPYC: the buffer's extra pass stalls behind the loads of x.)
 template <class T>
-inline void stream_store(T* dst, const T* src, i64 n) {
-    i64 i = 0;
-#if defined(__AVX__) || defined(__SSE2__)
-#if defined(__AVX__)
-    constexpr i64 VB = 32;
-#else
-    constexpr i64 VB = 16;
-#endif
-    constexpr i64 V = VB / i64(sizeof(T));
-    for (; i < n && (reinterpret_cast<std::uintptr_t>(dst + i) & (VB - 1)); ++i) dst[i] = src[i];
-    if ((reinterpret_cast<std::uintptr_t>(src + i) & (VB - 1)) == 0) {  // dst and src co-aligned
-        for (; i + V <= n; i += V) {
-#if defined(__AVX__)
-            if constexpr (sizeof(T) == 4)
-                _mm256_stream_ps(reinterpret_cast<float*>(dst + i), _mm256_load_ps(reinterpret_cast<const float*>(src + i)));
-            else
-                _mm256_stream_pd(reinterpret_cast<double*>(dst + i), _mm256_load_pd(reinterpret_cast<const double*>(src + i)));
-#else
-            if constexpr (sizeof(T) == 4)
-                _mm_stream_ps(reinterpret_cast<float*>(dst + i), _mm_load_ps(reinterpret_cast<const float*>(src + i)));
-            else
-                _mm_stream_pd(reinterpret_cast<double*>(dst + i), _mm_load_pd(reinterpret_cast<const double*>(src + i)));
-#endif
-        }
+constexpr i64 VECTOR_BYTES = i64(sizeof(TLanes<T>));
+
+inline bool aligned_to(const void* p, i64 bytes) { return (reinterpret_cast<std::uintptr_t>(p) & (bytes - 1)) == 0; }
+
+// one vector of lanes to p (aligned to VECTOR_BYTES<T>), non-temporally where the CPU has such stores
+template <class T>
+inline void stream_lanes(T* p, TLanes<T> v) {
+#if defined(__AVX512F__)
+    if constexpr (sizeof(T) == 4)
+        _mm256_stream_ps(reinterpret_cast<float*>(p), (__m256)v);
+    else
+        _mm512_stream_pd(reinterpret_cast<double*>(p), (__m512d)v);
+#elif defined(__AVX__)
+    if constexpr (sizeof(T) == 4) {
+        _mm256_stream_ps(reinterpret_cast<float*>(p), (__m256)v);
+    } else {
+        __m256d h[2];
+        __builtin_memcpy(h, &v, sizeof v);
+        _mm256_stream_pd(reinterpret_cast<double*>(p), h[0]);
+        _mm256_stream_pd(reinterpret_cast<double*>(p) + 4, h[1]);
     }
+#elif defined(__SSE2__)
+    constexpr int N = int(sizeof v / 16);
+    if constexpr (sizeof(T) == 4) {
+        __m128 h[N];
+        __builtin_memcpy(h, &v, sizeof v);
+        for (int k = 0; k < N; ++k) _mm_stream_ps(reinterpret_cast<float*>(p) + 4 * k, h[k]);
+    } else {
+        __m128d h[N];
+        __builtin_memcpy(h, &v, sizeof v);
+        for (int k = 0; k < N; ++k) _mm_stream_pd(reinterpret_cast<double*>(p) + 2 * k, h[k]);
+    }
+#else
+    __builtin_memcpy(p, &v, sizeof v);
 #endif
-    for (; i < n; ++i) dst[i] = src[i];
 }
 
 inline void stream_fence() {
@@ -424,22 +445,76 @@ inline void stream_fence() {
 #endif
 }
 
-// fill(e0, e1, b0, b1) computes elements [e0, e1) of the outputs into b0[0, e1 - e0) (and b1)
-template <class T, class Fill>
-void streamed(T* y0, T* y1, i64 begin, i64 end, Fill fill) {
-    constexpr i64 CH = CHUNK_BYTES / i64(sizeof(T));
-    alignas(64) T b0[CH];
-    alignas(64) T b1[CH];
-    for (i64 e0 = begin; e0 < end;) {
-        i64 e1 = e0 + CH;
-        e1 -= i64(reinterpret_cast<std::uintptr_t>(y0 + e1) & 63) / i64(sizeof(T));
-        if (e1 > end) e1 = end;
-        fill(e0, e1, b0, b1);
-        stream_store(y0 + e0, b0, e1 - e0);
-        if (y1) stream_store(y1 + e0, b1, e1 - e0);
-        e0 = e1;
+// Elements [e0, e1) of y0 (and y1, which may be null): one(e) computes and
+// stores element e plainly; lanes(e, v0, v1) computes elements e .. e + LANES - 1
+// into v0 (and v1), streamed here for each e on y0's vector boundaries. y1 is
+// streamed too where it is aligned like y0, else stored plainly. walk.step(n)
+// moves a walker (the elements' channel coefficients) n elements on.
+template <class T, class Walk, class One, class Vec>
+inline void stream_elements(T* y0, T* y1, i64 e0, i64 e1, Walk& walk, One one, Vec lanes) {
+    constexpr i64 VB = VECTOR_BYTES<T>;
+    i64 e = e0;
+    for (; e < e1 && !aligned_to(y0 + e, VB); ++e, walk.step(1)) one(e);
+    const bool y1_streamed = y1 && aligned_to(y1 + e, VB);
+    for (; e + LANES <= e1; e += LANES, walk.step(LANES)) {
+        TLanes<T> v0, v1;
+        lanes(e, v0, v1);
+        stream_lanes(y0 + e, v0);
+        if (y1) {
+            if (y1_streamed)
+                stream_lanes(y1 + e, v1);
+            else
+                __builtin_memcpy(y1 + e, &v1, sizeof v1);
+        }
     }
+    for (; e < e1; ++e, walk.step(1)) one(e);
     stream_fence();
+}
+
+// Walkers: the coefficients of the element at hand, one at a time (at) or
+// LANES at a time (lanes).
+// rows of `width`, coefficients per column, padded: v[j] for j < width + LANES
+// (v[j % width]), so that LANES of them load as one vector at any column
+template <class T>
+struct RowWalk {
+    i64 j, width;
+    void step(i64 n) {
+        j += n;
+        if (j >= width) j -= width;
+    }
+    T at(const T* v) const { return v[j]; }
+    TLanes<T> lanes(const T* v) const { return load_lanes(v + j); }
+};
+
+// runs of `inner` (at least LANES) elements, channel = run % channels: a
+// vector of lanes holds one channel's coefficient, or two where it crosses
+// into the next run
+template <class T>
+struct RunWalk {
+    i64 c, i, inner, channels;
+    void step(i64 n) {
+        i += n;
+        if (i >= inner) {
+            i -= inner;
+            if (++c == channels) c = 0;
+        }
+    }
+    T at(const T* v) const { return v[c]; }
+    // (branch-free: a branch here gets the loop body duplicated, and then the
+    // compiler no longer fuses its multiply-adds as the plain loops do)
+    TLanes<T> lanes(const T* v) const {
+        typedef typename LanesOf<T>::mask Mask;
+        const Mask lane = {0, 1, 2, 3, 4, 5, 6, 7};
+        const i64 next = c + 1 == channels ? 0 : c + 1;
+        const i64 left = inner - i < LANES ? inner - i : LANES;  // lanes still in this run
+        return lane < typename LanesOf<T>::lane_int(left) ? broadcast(v[c]) : broadcast(v[next]);
+    }
+};
+
+template <class T>
+inline TLanes<T> relu_lanes(TLanes<T> z) {
+    const TLanes<T> zero = {};
+    return z < T(0) ? zero : z;  // NaN stays NaN
 }
 
 // -- normalize: y = act((x - mean) * scale + shift [+ side]) ----------------
@@ -473,41 +548,39 @@ void normalize_runs(const T* x, const T* side, T* y, i64 inner, i64 channels, i6
     }
 }
 
-// the same two loops, the output streamed (flag 8)
+// the same two loops, the output streamed (flag 8); the rows' coefficients
+// padded (RowWalk)
 template <class T, bool SIDE, bool RELU>
 void normalize_rows_streamed(const T* x, const T* side, T* y, i64 rows, i64 width,
                              const T* mean, const T* scale, const T* shift) {
-    streamed<T>(y, nullptr, 0, rows * width, [&](i64 e0, i64 e1, T* b, T*) {
-        for (i64 e = e0; e < e1;) {
-            const i64 j0 = e % width, len = (width - j0 < e1 - e) ? width - j0 : e1 - e;
-            const i64 o = e - j0;
-#pragma omp simd
-            for (i64 j = j0; j < j0 + len; ++j) {
-                T z = (x[o + j] - mean[j]) * scale[j] + shift[j];
-                if (SIDE) z = z + side[o + j];
-                b[o + j - e0] = RELU ? relu(z) : z;
-            }
-            e += len;
-        }
+    RowWalk<T> w{0, width};
+    stream_elements<T>(y, nullptr, 0, rows * width, w, [&](i64 e) {
+        T z = (x[e] - w.at(mean)) * w.at(scale) + w.at(shift);
+        if (SIDE) z = z + side[e];
+        y[e] = RELU ? relu(z) : z;
+    }, [&](i64 e, TLanes<T>& v, TLanes<T>&) {
+        TLanes<T> z = (load_lanes(x + e) - w.lanes(mean)) * w.lanes(scale) + w.lanes(shift);
+        if (SIDE) z = z + load_lanes(side + e);
+        v = RELU ? relu_lanes<T>(z) : z;
     });
 }
 
 template <class T, bool SIDE, bool RELU>
 void normalize_runs_streamed(const T* x, const T* side, T* y, i64 inner, i64 channels, i64 run0, i64 run1,
                              const T* mean, const T* scale, const T* shift) {
-    streamed<T>(y, nullptr, run0 * inner, run1 * inner, [&](i64 e0, i64 e1, T* b, T*) {
-        for (i64 e = e0; e < e1;) {
-            const i64 run = e / inner, c = run % channels, o = run * inner, i0 = e - o;
-            const i64 len = (inner - i0 < e1 - e) ? inner - i0 : e1 - e;
-            const T m = mean[c], s = scale[c], h = shift[c];
-#pragma omp simd
-            for (i64 i = i0; i < i0 + len; ++i) {
-                T z = (x[o + i] - m) * s + h;
-                if (SIDE) z = z + side[o + i];
-                b[o + i - e0] = RELU ? relu(z) : z;
-            }
-            e += len;
-        }
+    if (inner < LANES) {
+        normalize_runs<T, SIDE, RELU>(x, side, y, inner, channels, run0, run1, mean, scale, shift);
+        return;
+    }
+    RunWalk<T> w{run0 % channels, 0, inner, channels};
+    stream_elements<T>(y, nullptr, run0 * inner, run1 * inner, w, [&](i64 e) {
+        T z = (x[e] - w.at(mean)) * w.at(scale) + w.at(shift);
+        if (SIDE) z = z + side[e];
+        y[e] = RELU ? relu(z) : z;
+    }, [&](i64 e, TLanes<T>& v, TLanes<T>&) {
+        TLanes<T> z = (load_lanes(x + e) - w.lanes(mean)) * w.lanes(scale) + w.lanes(shift);
+        if (SIDE) z = z + load_lanes(side + e);
+        v = RELU ? relu_lanes<T>(z) : z;
     });
 }
 
@@ -548,13 +621,13 @@ void bwd_sums_rows(const T* dy, const T* x, const T* side, i64 rows, i64 width, 
 }
 
 // dy_prime of LANES elements from e on
-template <class T, bool SIDE, bool RELU>
-inline TLanes<T> dy_prime_lanes(TLanes<T> dy, TLanes<T> x, const T* side, i64 e, T pm, T ps, T ph) {
+template <class T, bool SIDE, bool RELU, class C>
+inline TLanes<T> dy_prime_lanes(TLanes<T> dy, TLanes<T> x, const T* side, i64 e, C pm, C ps, C ph) {
     if (!RELU) return dy;
     TLanes<T> z = (x - pm) * ps + ph;
     if (SIDE) z = z + load_lanes(side + e);
     const TLanes<T> zero = {};
-    return dy * (z > T(0) ? zero + T(1) : zero);
+    return dy * (z > T(0) ? broadcast(T(1)) : zero);
 }
 
 template <class T, bool SIDE, bool RELU>
@@ -669,44 +742,46 @@ void bwd_apply_runs(const T* dy, const T* x, const T* side, T* dx, T* dside, i64
     }
 }
 
+// the same two loops, the outputs streamed (flag 8); the rows' coefficients
+// padded (RowWalk)
+template <class T, bool SIDE, bool RELU, bool DSIDE, class Walk>
+inline void bwd_apply_streamed(const T* dy, const T* x, const T* side, T* dx, T* dside, i64 e0, i64 e1, Walk& w,
+                               const T* pmean, const T* pscale, const T* pshift, const T* mean, const T* k1,
+                               const T* k2) {
+    stream_elements<T>(dx, DSIDE ? dside : nullptr, e0, e1, w, [&](i64 e) {
+        const T g = dy_prime<T, SIDE, RELU>(dy[e], x[e], side, e, w.at(pmean), w.at(pscale), w.at(pshift));
+        dx[e] = g * w.at(pscale) - ((x[e] - w.at(mean)) * w.at(k2) + w.at(k1));
+        if (DSIDE) dside[e] = g;
+    }, [&](i64 e, TLanes<T>& v, TLanes<T>& vs) {
+        const TLanes<T> xv = load_lanes(x + e), ps = w.lanes(pscale);
+        const TLanes<T> g = dy_prime_lanes<T, SIDE, RELU>(load_lanes(dy + e), xv, side, e, w.lanes(pmean), ps,
+                                                          w.lanes(pshift));
+        v = g * ps - ((xv - w.lanes(mean)) * w.lanes(k2) + w.lanes(k1));
+        if (DSIDE) vs = g;
+    });
+}
+
 template <class T, bool SIDE, bool RELU, bool DSIDE>
 void bwd_apply_rows_streamed(const T* dy, const T* x, const T* side, T* dx, T* dside, i64 rows, i64 width,
                              const T* pmean, const T* pscale, const T* pshift, const T* mean, const T* k1,
                              const T* k2) {
-    streamed<T>(dx, DSIDE ? dside : nullptr, 0, rows * width, [&](i64 e0, i64 e1, T* b, T* bs) {
-        for (i64 e = e0; e < e1;) {
-            const i64 j0 = e % width, len = (width - j0 < e1 - e) ? width - j0 : e1 - e;
-            const i64 o = e - j0;
-#pragma omp simd
-            for (i64 j = j0; j < j0 + len; ++j) {
-                const T g = dy_prime<T, SIDE, RELU>(dy[o + j], x[o + j], side, o + j, pmean[j], pscale[j], pshift[j]);
-                b[o + j - e0] = g * pscale[j] - ((x[o + j] - mean[j]) * k2[j] + k1[j]);
-                if (DSIDE) bs[o + j - e0] = g;
-            }
-            e += len;
-        }
-    });
+    RowWalk<T> w{0, width};
+    bwd_apply_streamed<T, SIDE, RELU, DSIDE>(dy, x, side, dx, dside, 0, rows * width, w, pmean, pscale, pshift, mean,
+                                             k1, k2);
 }
 
 template <class T, bool SIDE, bool RELU, bool DSIDE>
 void bwd_apply_runs_streamed(const T* dy, const T* x, const T* side, T* dx, T* dside, i64 inner, i64 channels,
                              i64 run0, i64 run1, const T* pmean, const T* pscale, const T* pshift,
                              const T* mean, const T* k1, const T* k2) {
-    streamed<T>(dx, DSIDE ? dside : nullptr, run0 * inner, run1 * inner, [&](i64 e0, i64 e1, T* b, T* bs) {
-        for (i64 e = e0; e < e1;) {
-            const i64 run = e / inner, c = run % channels, o = run * inner, i0 = e - o;
-            const i64 len = (inner - i0 < e1 - e) ? inner - i0 : e1 - e;
-            const T pm = pmean[c], ps = pscale[c], ph = pshift[c], m = mean[c], a = k1[c], bb = k2[c];
-#pragma omp simd
-            for (i64 i = i0; i < i0 + len; ++i) {
-                const i64 el = o + i;
-                const T g = dy_prime<T, SIDE, RELU>(dy[el], x[el], side, el, pm, ps, ph);
-                b[el - e0] = g * ps - ((x[el] - m) * bb + a);
-                if (DSIDE) bs[el - e0] = g;
-            }
-            e += len;
-        }
-    });
+    if (inner < LANES) {
+        bwd_apply_runs<T, SIDE, RELU, DSIDE>(dy, x, side, dx, dside, inner, channels, run0, run1, pmean, pscale,
+                                             pshift, mean, k1, k2);
+        return;
+    }
+    RunWalk<T> w{run0 % channels, 0, inner, channels};
+    bwd_apply_streamed<T, SIDE, RELU, DSIDE>(dy, x, side, dx, dside, run0 * inner, run1 * inner, w, pmean, pscale,
+                                             pshift, mean, k1, k2);
 }
 
 // -- the training forward's per-channel steps -----------------------------------
@@ -770,13 +845,14 @@ void normalize_all(int flags, const T* x, const T* side, T* y, i64 outer, i64 ch
         return;
     }
     const i64 k = width / channels, full = outer / k, rest = outer - full * k;
-    std::vector<T> tiled(3 * width);
-    for (i64 j = 0; j < width; ++j) {
+    const i64 padded = width + LANES;  // (RowWalk)
+    std::vector<T> tiled(3 * padded);
+    for (i64 j = 0; j < padded; ++j) {
         tiled[j] = mean[j % channels];
-        tiled[width + j] = scale[j % channels];
-        tiled[2 * width + j] = shift[j % channels];
+        tiled[padded + j] = scale[j % channels];
+        tiled[2 * padded + j] = shift[j % channels];
     }
-    const T *tm = tiled.data(), *ts = tm + width, *th = ts + width;
+    const T *tm = tiled.data(), *ts = tm + padded, *th = ts + padded;
     CUBN_DISPATCH(CUBN_FLAGS2, normalize_rows, T, flags, x, side, y, full, width, tm, ts, th);
     if (rest) {
         const i64 o = full * width;
@@ -819,13 +895,14 @@ void bwd_apply_all(int flags, const T* dy, const T* x, const T* side, T* dx, T* 
         return;
     }
     const i64 k = width / channels, full = outer / k, rest = outer - full * k;
-    std::vector<T> tiled(6 * width);
+    const i64 padded = width + LANES;  // (RowWalk)
+    std::vector<T> tiled(6 * padded);
     const T* src[6] = {pmean, pscale, pshift, mean, k1, k2};
     for (int v = 0; v < 6; ++v)
-        for (i64 j = 0; j < width; ++j) tiled[v * width + j] = src[v][j % channels];
+        for (i64 j = 0; j < padded; ++j) tiled[v * padded + j] = src[v][j % channels];
     const T* t = tiled.data();
-    const T *tpm = t, *tps = t + width, *tph = t + 2 * width, *tm = t + 3 * width, *ta = t + 4 * width,
-            *tb = t + 5 * width;
+    const T *tpm = t, *tps = t + padded, *tph = t + 2 * padded, *tm = t + 3 * padded, *ta = t + 4 * padded,
+            *tb = t + 5 * padded;
     CUBN_DISPATCH(CUBN_FLAGS3, bwd_apply_rows, T, flags, dy, x, side, dx, dside, full, width, tpm, tps, tph, tm, ta,
                   tb);
     if (rest) {
@@ -1022,4 +1099,4 @@ void train_serial(int flags, const T* x, const T* side, T* y, int kind, i64 oute
 CUBN_ENTRY_POINTS(float, f4)
 CUBN_ENTRY_POINTS(double, f8)
 
-CUBN_EXPORT int cubn_native_abi(void) { return 10; }
+CUBN_EXPORT int cubn_native_abi(void) { return 11; }

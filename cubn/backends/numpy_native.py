@@ -65,7 +65,7 @@ TASK_BYTES = 1 << 20  # bytes below which a call runs in the calling thread; tas
 STREAM_BYTES = 8 << 20
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-std=c++17",
           "-fPIC", "-shared", "-fvisibility=hidden", "-Wall")  # fmt: skip
-_ABI = 10  # cubn_native_abi() of this version of native_loops.cpp
+_ABI = 11  # cubn_native_abi() of this version of native_loops.cpp
 _SUFFIX = {np.dtype(np.float32): "f4", np.dtype(np.float64): "f8"}
 _I64 = ctypes.c_int64
 _P = ctypes.c_void_p
@@ -301,9 +301,13 @@ def _vec(v, acc, c):
     return np.full(c, v[0], acc) if v.size == 1 and c != 1 else v
 
 
+LANES = 8  # native_loops.cpp's LANES
+
+
 def _tile(v, acc, width, c):
-    v = _vec(v, acc, c)
-    return v if width == c else np.tile(v, width // c)
+    """(C,) ``v`` repeated along rows of ``width`` and LANES more elements: the streamed row loops load
+    LANES columns' coefficients as one vector from any column."""
+    return np.resize(_vec(v, acc, c), width + LANES)
 
 
 # ---------------------------------------------------------------------------
