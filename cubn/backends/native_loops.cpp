@@ -71,10 +71,6 @@ namespace {
 constexpr int LANES = 8;
 constexpr i64 BLOCK = 32;
 
-inline double lane_total(const double* a) {
-    return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
-}
-
 template <class T>
 inline T relu(T z) { return z < T(0) ? T(0) : z; }  // NaN stays NaN
 
@@ -206,7 +202,7 @@ inline void lane_sums_into(i64 len, VTerm vterm, STerm sterm, Lanes& A, Lanes& B
         b += bb;
     }
     if (i < len) {
-        typedef long long Mask __attribute__((vector_size(LANES * sizeof(long long))));
+        typedef LanesOf<double>::mask Mask;
         const Mask lane = {0, 1, 2, 3, 4, 5, 6, 7};
         const Mask keep = lane >= LANES - (len - i);
         Lanes u, w;
@@ -219,6 +215,7 @@ inline void lane_sums_into(i64 len, VTerm vterm, STerm sterm, Lanes& A, Lanes& B
     B += b;
 }
 
+// the lanes added in a fixed tree
 inline double lane_total(Lanes a) {
     return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
 }

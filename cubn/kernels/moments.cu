@@ -299,7 +299,7 @@ __device__ __forceinline__ void cf_walk(const T* __restrict__ x, int C, int c, i
         }
       } else if (WMODE == 0) {
         kn += A(1);
-        const A inv = A(1) / kn;
+        const A inv = m_rcp(kn);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
           const A d = v[k] - kmean[k];
