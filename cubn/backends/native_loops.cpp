@@ -547,11 +547,10 @@ void normalize_runs(const T* x, const T* side, T* y, i64 inner, i64 channels, i6
 
 // the same two loops, the output streamed (flag 8); the rows' coefficients
 // padded (RowWalk)
-template <class T, bool SIDE, bool RELU>
-void normalize_rows_streamed(const T* x, const T* side, T* y, i64 rows, i64 width,
-                             const T* mean, const T* scale, const T* shift) {
-    RowWalk<T> w{0, width};
-    stream_elements<T>(y, nullptr, 0, rows * width, w, [&](i64 e) {
+template <class T, bool SIDE, bool RELU, class Walk>
+inline void normalize_streamed(const T* x, const T* side, T* y, i64 e0, i64 e1, Walk& w, const T* mean,
+                               const T* scale, const T* shift) {
+    stream_elements<T>(y, nullptr, e0, e1, w, [&](i64 e) {
         T z = (x[e] - w.at(mean)) * w.at(scale) + w.at(shift);
         if (SIDE) z = z + side[e];
         y[e] = RELU ? relu(z) : z;
@@ -563,6 +562,13 @@ void normalize_rows_streamed(const T* x, const T* side, T* y, i64 rows, i64 widt
 }
 
 template <class T, bool SIDE, bool RELU>
+void normalize_rows_streamed(const T* x, const T* side, T* y, i64 rows, i64 width,
+                             const T* mean, const T* scale, const T* shift) {
+    RowWalk<T> w{0, width};
+    normalize_streamed<T, SIDE, RELU>(x, side, y, 0, rows * width, w, mean, scale, shift);
+}
+
+template <class T, bool SIDE, bool RELU>
 void normalize_runs_streamed(const T* x, const T* side, T* y, i64 inner, i64 channels, i64 run0, i64 run1,
                              const T* mean, const T* scale, const T* shift) {
     if (inner < LANES) {
@@ -570,15 +576,7 @@ void normalize_runs_streamed(const T* x, const T* side, T* y, i64 inner, i64 cha
         return;
     }
     RunWalk<T> w{run0 % channels, 0, inner, channels};
-    stream_elements<T>(y, nullptr, run0 * inner, run1 * inner, w, [&](i64 e) {
-        T z = (x[e] - w.at(mean)) * w.at(scale) + w.at(shift);
-        if (SIDE) z = z + side[e];
-        y[e] = RELU ? relu(z) : z;
-    }, [&](i64 e, TLanes<T>& v, TLanes<T>&) {
-        TLanes<T> z = (load_lanes(x + e) - w.lanes(mean)) * w.lanes(scale) + w.lanes(shift);
-        if (SIDE) z = z + load_lanes(side + e);
-        v = RELU ? relu_lanes<T>(z) : z;
-    });
+    normalize_streamed<T, SIDE, RELU>(x, side, y, run0 * inner, run1 * inner, w, mean, scale, shift);
 }
 
 // -- backward sums: S1 = sum(dy'), S2 = sum(dy' (x - mean)) ------------------
