@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import pathlib
 import shutil
 import sys
+import sysconfig
 import traceback
 
 import numpy as np
@@ -145,6 +147,9 @@ def main(argv=None) -> int:
     if shutil.which("c++") or shutil.which("g++"):
         if not status.startswith("in use"):
             print("FAIL: a C++ compiler is installed, but the compiled loops are not in use")
+            return 1
+        if (pathlib.Path(sysconfig.get_paths()["include"]) / "Python.h").exists() and "direct calls" not in status:
+            print("FAIL: Python's headers are installed, but the compiled loops' direct calls are not built")
             return 1
     check = Checker()
     rng = np.random.default_rng()

@@ -258,7 +258,9 @@ def test_inputs_the_loops_do_not_take_fall_back(rng):
     assert not native.accepts(x.T.reshape(300, 64, 1)[:, :, :], acc) or x.T.flags.c_contiguous
     assert not native.accepts(x.astype(">f4").reshape(64, 300, 1), acc)  # byte order: the NumPy code
     assert not native.accepts(x.astype(np.float16).reshape(64, 300, 1), np.dtype(np.float32))
-    assert not native.accepts(x[:8, :8].copy().reshape(8, 8, 1), acc)  # small: numpy_small's path
+    # small: the loops with the direct calls (a C call is then cheaper than a few ufuncs), else numpy_small's
+    assert native.accepts(x[:8, :8].copy().reshape(8, 8, 1), acc) == (native._calls is not None)
+    assert not native.accepts(np.empty((0, 8, 1), np.float32), acc)  # empty: the NumPy code, always
     # and the public ops agree on them with the loops' inputs
     for v in (x.T, x.astype(">f4"), x[:, ::2]):
         m, var = cubn.moments(v, [0])
@@ -430,14 +432,17 @@ def test_a_damaged_cached_build_is_rebuilt(tmp_path):
     first = _child(_CHILD, env)
     assert first.returncode == 0, first.stderr
     assert first.stdout.strip().startswith("in use")
-    objects = list(pathlib.Path(tmp_path, "native").glob("*.so"))
-    assert len(objects) == 1
-    data = objects[0].read_bytes()
-    objects[0].write_bytes(data[: len(data) // 3])  # truncated, as a full disk or a killed copy leaves it
-    second = _child(_CHILD, env)
-    assert second.returncode == 0, second.stderr
-    assert second.stdout.strip().startswith("in use")
-    assert objects[0].read_bytes() == data or len(objects[0].read_bytes()) > len(data) // 3
+    for pattern in ("native_loops-*.so", "native_calls-*.so"):  # the loops, then the direct-call extension
+        objects = list(pathlib.Path(tmp_path, "native").glob(pattern))
+        if pattern.startswith("native_calls") and "direct calls" not in first.stdout:
+            continue  # not built here (its reason is in the status line, checked where it is built)
+        assert len(objects) == 1, (pattern, objects)
+        data = objects[0].read_bytes()
+        objects[0].write_bytes(data[: len(data) // 3])  # truncated, as a full disk or a killed copy leaves it
+        second = _child(_CHILD, env)
+        assert second.returncode == 0, second.stderr
+        assert second.stdout.strip() == first.stdout.strip()
+        assert objects[0].read_bytes() == data or len(objects[0].read_bytes()) > len(data) // 3
 
 
 def test_without_a_compiler_or_when_disabled_the_numpy_code_runs(tmp_path):
@@ -465,3 +470,86 @@ def test_a_pivot_far_from_the_mean_costs_no_precision(rng, monkeypatch, shape, d
     mean, m2 = native.statistics(x3, np.dtype(dt))
     _assert_close(mean, tm, np.abs(tm) + np.sqrt(tv), dt, "mean")
     _assert_close(m2 / (shape[0] * shape[2]), tv, tv, dt, "var")
+
+
+# -- direct calls (native_calls.c) ------------------------------------------------------------------
+HAVE_PYTHON_H = (pathlib.Path(__import__("sysconfig").get_paths()["include"]) / "Python.h").exists()
+
+
+@needs_loops
+def test_direct_calls_are_built_wherever_python_headers_are():
+    if not HAVE_PYTHON_H:
+        assert native._calls is None and "Python.h" in native.status()
+        return
+    assert native._calls is not None, native.status()
+    assert "direct calls" in native.status()
+
+
+def _serial_outputs(rng, shape, dt):
+    """Every one-thread C call (statistics, training forward with moving statistics, inference, backward) on
+    fresh data with a NaN channel and an offset, and their outputs."""
+    acc = np.dtype(dt)
+    c = shape[1]
+    x3 = (rng.standard_normal(shape) * 2 + 1e3).astype(dt)
+    x3[0, c - 1, 0] = np.nan
+    dy3 = rng.standard_normal(shape).astype(dt)
+    side3 = rng.standard_normal(shape).astype(dt)
+    g, b, mi, vi = (rng.uniform(0.5, 2, c).astype(dt) for _ in range(4))
+    mo, vo = np.empty(c, dt), np.empty(c, dt)
+    out = list(native.statistics(x3, acc))
+    out += [o for o in native.forward(x3, side3, activations.get("relu", "t"), acc, 1e-3, g, b, True, 0.3, True,
+                                      mi, vi, mo, vo) if o is not None] + [mo, vo]
+    out.append(native.infer(x3, side3, None, acc, 1e-3, g, b, mi, vi))
+    dx3, ds3 = np.empty_like(x3), np.empty_like(x3)
+    st = type("S", (), dict(mean=out[0], scale=g, shift=b, gcoef=vi, hcoef=mi, count=np.full(c, 7.0, dt),
+                            invstd=g))()
+    out += list(native.backward(dy3, x3, side3, dx3, ds3, st, activations.get("relu", "t"), acc, True)) + [dx3, ds3]
+    return out
+
+
+@needs_loops
+@pytest.mark.skipif(not HAVE_PYTHON_H, reason="no Python headers: the ctypes calls are the only ones")
+@pytest.mark.parametrize("dt", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape", [(200, 24, 1), (30, 10, 49), (3, 2, 5000), (8, 16, 1)], ids=str)
+def test_direct_calls_give_the_ctypes_calls_results(rng, monkeypatch, shape, dt):
+    """The extension passes the same arguments as the ctypes calls: the same bits, every output."""
+    assert native._calls is not None, native.status()
+    seed = int(rng.integers(1 << 31))
+    direct = _serial_outputs(np.random.default_rng(seed), shape, dt)
+    monkeypatch.setattr(native, "_calls", None)
+    via_ctypes = _serial_outputs(np.random.default_rng(seed), shape, dt)
+    assert len(direct) == len(via_ctypes) == 15
+    for k, (a, b) in enumerate(zip(direct, via_ctypes)):
+        assert a.tobytes() == b.tobytes(), k
+
+
+@needs_loops
+@pytest.mark.skipif(not HAVE_PYTHON_H, reason="no Python headers: the ctypes calls are the only ones")
+def test_direct_calls_reject_what_is_not_an_array():
+    calls = native._calls
+    assert calls is not None, native.status()
+    x = np.zeros((8, 16, 1), np.float32)
+    m = np.zeros(16, np.float32)
+    block = native._plan_block(8, 16, 1, 4)
+    with pytest.raises(TypeError, match="NumPy array or None, got list"):
+        calls.stats(0, [0.0] * 128, block[1], 1e4, m, m)
+    with pytest.raises(TypeError, match="takes 6 arguments"):
+        calls.stats(0, x, block[1], 1e4, m)
+    with pytest.raises(ValueError, match="kind is 0"):
+        calls.stats(2, x, block[1], 1e4, m, m)
+    calls.stats(0, x, block[1], 1e4, m, m.copy())  # and the right call runs
+
+
+def test_without_python_headers_or_when_disabled_the_ctypes_calls_run(tmp_path):
+    env = dict(os.environ, CUBN_CACHE_DIR=str(tmp_path), CUBN_NATIVE_CALLS="0")
+    out = _child(_CHILD, env)
+    assert out.returncode == 0, out.stderr
+    if out.stdout.startswith("in use"):
+        assert "ctypes calls (disabled by CUBN_NATIVE_CALLS=0)" in out.stdout
+        assert not list(pathlib.Path(tmp_path).glob("native/native_calls-*"))
+    code = ("import sysconfig; real = sysconfig.get_paths; "
+            f"sysconfig.get_paths = lambda *a, **k: dict(real(*a, **k), include={str(tmp_path)!r})\n" + textwrap.dedent(_CHILD))
+    out = _child(code, dict(os.environ, CUBN_CACHE_DIR=str(tmp_path)))
+    assert out.returncode == 0, out.stderr
+    if out.stdout.startswith("in use"):
+        assert "ctypes calls (Python's headers (Python.h) are not installed)" in out.stdout

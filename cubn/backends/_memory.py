@@ -54,11 +54,14 @@ def _struct_reader():
         probes = [base, base[3:], base[1::2], base.reshape(8, 8)[2:, 1:], np.empty(0), np.zeros((3, 5), ">f8")]
         if any(read(id(a) + offset).value != a.__array_interface__["data"][0] for a in probes):
             return None
+        global DATA_OFFSET
+        DATA_OFFSET = offset
         return lambda a: read(id(a) + offset).value
     except Exception:  # noqa: BLE001 - any doubt: the documented interface
         return None
 
 
+DATA_OFFSET = None  # where an ndarray object holds its data pointer, once _struct_reader has verified it
 _read_data = _struct_reader()
 
 

@@ -29,12 +29,16 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib.machinery
+import importlib.util
 import math
 import os
 import pathlib
 import platform
 import shutil
 import subprocess
+import sys
+import sysconfig
 import tempfile
 import threading
 from typing import NamedTuple
@@ -55,6 +59,7 @@ pointer = _memory._read_data or _address
 __all__ = ["MIN_ELEMENTS", "available", "disabled", "status", "build"]
 
 SOURCE = pathlib.Path(__file__).resolve().parent / "native_loops.cpp"
+CALLS_SOURCE = SOURCE.with_name("native_calls.c")  # direct calls of the one-thread entry points
 MIN_ELEMENTS = 8192  # smaller arrays take numpy_small's few NumPy calls (a ctypes call costs ~1 us)
 PART_BYTES = 256 << 10  # one part of the statistics: read twice, the second time from L2
 TASK_BYTES = 1 << 20  # bytes below which a call runs in the calling thread; tasks of at least a quarter of it
@@ -74,6 +79,11 @@ _INT = ctypes.c_int
 _lock = threading.Lock()
 _lib = None
 _why: str | None = None  # why the loops are not in use (None: not tried yet, or in use)
+# The extension of native_calls.c, where it could be built: the one-thread C calls with the arrays
+# themselves as arguments (a ctypes call costs ~0.15 us an argument and ~0.25 us an array address)
+_calls = None
+_calls_why: str | None = None
+_DT_INDEX = {np.dtype(np.float32): 0, np.dtype(np.float64): 1}  # native_calls.c's `kind`
 _tried = False
 _local = threading.local()  # .off: the loops are disabled in this thread (``disabled()``)
 
@@ -151,13 +161,18 @@ def _verified(target: pathlib.Path) -> bool:
 
 
 def _compile(cxx: str, target: pathlib.Path) -> None:
+    _build(target, [cxx, *_FLAGS, str(SOURCE)])
+
+
+def _build(target: pathlib.Path, command: list) -> None:
+    """``command -o <staged>``, then the object and its digest moved to ``target`` (and beside it)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
         staged = pathlib.Path(tmp) / target.name
-        proc = subprocess.run([cxx, *_FLAGS, str(SOURCE), "-o", str(staged)],
-                              capture_output=True, text=True, timeout=600)
+        proc = subprocess.run([*command, "-o", str(staged)], capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
-            raise RuntimeError(f"{cxx} failed on {SOURCE.name}: {proc.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{command[0]} failed on {pathlib.Path(command[-1]).name}: "
+                               f"{proc.stderr.strip()[-2000:]}")
         digest = staged.with_suffix(".sha256")
         digest.write_text(_digest(staged) + "\n")
         # the object first, then its digest: a reader in between sees a mismatch and rebuilds
@@ -184,9 +199,42 @@ def _load():
     return funcs
 
 
+def _calls_target(cc: str) -> pathlib.Path:
+    h = hashlib.sha256()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    for part in (CALLS_SOURCE.read_bytes(), version.encode(), sys.version.encode(), sysconfig.get_paths()["include"].encode()):
+        h.update(part)
+        h.update(b"\0")
+    return _cache_dir() / f"native_calls-{h.hexdigest()[:24]}{importlib.machinery.EXTENSION_SUFFIXES[0]}"
+
+
+def _load_calls(funcs):
+    """Build (or load from the cache) the extension of native_calls.c and point it at ``funcs``' one-thread
+    entry points; raises RuntimeError where it cannot be built here."""
+    if _memory.DATA_OFFSET is None:
+        raise RuntimeError("an array's data pointer cannot be read from its object in this Python")
+    include = sysconfig.get_paths().get("include")
+    if not include or not (pathlib.Path(include) / "Python.h").exists():
+        raise RuntimeError("Python's headers (Python.h) are not installed")
+    cc = _compiler()
+    target = _calls_target(cc)
+    if not _verified(target):
+        _build(target, [cc, "-x", "c", "-O2", "-fPIC", "-shared", "-fvisibility=hidden", "-Wall", f"-I{include}",
+                        str(CALLS_SOURCE)])
+    spec = importlib.util.spec_from_file_location("_cubn_native_calls", target)
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"{target} cannot be loaded as an extension module")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    entry = tuple(ctypes.cast(funcs[name, dt], ctypes.c_void_p).value
+                  for name in ("train_serial", "infer_serial", "stats_serial", "backward_serial") for dt in _DT_INDEX)
+    mod.init(np.ndarray, _memory.DATA_OFFSET, entry)
+    return mod
+
+
 def build() -> bool:
     """Build (or load from the cache) the compiled loops now; True if they are in use."""
-    global _lib, _why, _tried
+    global _lib, _why, _tried, _calls, _calls_why
     with _lock:
         if not _tried:
             _tried = True
@@ -199,6 +247,15 @@ def build() -> bool:
                     _why = None
                 except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
                     _lib, _why = None, f"could not build them: {e}"
+            if _lib is not None:
+                if os.environ.get("CUBN_NATIVE_CALLS", "1").strip().lower() in ("0", "false", "no", "off"):
+                    _calls_why = "disabled by CUBN_NATIVE_CALLS=0"
+                else:
+                    try:
+                        _calls = _load_calls(_lib)
+                    except (OSError, RuntimeError, subprocess.SubprocessError, ImportError, AttributeError,
+                            TypeError, ValueError) as e:
+                        _calls, _calls_why = None, f"{e}"
     return _lib is not None
 
 
@@ -213,7 +270,8 @@ def status() -> str:
     """Whether the NumPy backend's compiled loops are in use, and if not, why."""
     build()
     if _lib is not None:
-        return f"in use ({_cache_dir()})"
+        calls = "direct calls" if _calls is not None else f"ctypes calls ({_calls_why})"
+        return f"in use ({_cache_dir()}; {calls})"
     return f"not in use: {_why}"
 
 
@@ -233,16 +291,26 @@ class disabled:
 # ---------------------------------------------------------------------------
 # Which calls take the loops
 # ---------------------------------------------------------------------------
+def smallest() -> int:
+    """Arrays of more elements than this take the loops: none but empty ones with the direct calls
+    (a C call then costs less than the NumPy code's ufunc calls at any size), else more than
+    MIN_ELEMENTS (a ctypes call costs several microseconds). Builds the loops first."""
+    return (0 if _calls is not None else MIN_ELEMENTS) if available() else -1
+
+
 def accepts(x3, acc, *others) -> bool:
     """x3 and each of ``others`` (None: absent) C-contiguous, of dtype ``acc`` (float32 or float64),
-    of x3's shape, and x3 larger than MIN_ELEMENTS; the loops built."""
+    of x3's shape, and x3 larger than ``smallest()``; the loops built."""
     acc = np.dtype(acc)
-    if x3.dtype != acc or acc not in _SUFFIX or x3.size <= MIN_ELEMENTS or not x3.flags.c_contiguous:
+    if x3.dtype != acc or acc not in _SUFFIX or not x3.flags.c_contiguous:
+        return False
+    least = smallest()
+    if least < 0 or x3.size <= least:
         return False
     for a in others:
         if a is not None and (a.dtype != acc or not a.flags.c_contiguous or a.shape != x3.shape):
             return False
-    return available()
+    return True
 
 
 def takes_act(act) -> bool:
@@ -297,6 +365,8 @@ def _run_ranges(n_items: int, item_bytes: int, body) -> None:
 
 
 def _vec(v, acc, c):
+    if type(v) is np.ndarray and v.dtype == acc and v.shape == (c,) and v.flags.c_contiguous:
+        return v  # (most calls: the checks are cheaper than the conversion's)
     v = np.ascontiguousarray(v, dtype=acc).reshape(-1)
     return np.full(c, v[0], acc) if v.size == 1 and c != 1 else v
 
@@ -429,15 +499,17 @@ def statistics(x3, acc):
     isz = x3.itemsize
     red = _reduction(outer, c, inner, isz)
     lib = _lib
-    px = pointer(x3)
     mean = np.empty(c, acc)
     m2 = np.empty(c, acc)
     if x3.nbytes < TASK_BYTES or _threads.get_num_threads() <= 1:
         # one task: the same parts and sums in one C call (no Python per part)
         block = _plan_block(outer, c, inner, isz)  # (held until the call returns)
-        lib["stats_serial", acc](px, block[1], FAR_PIVOT_RATIO[acc], pointer(mean),
-                                 pointer(m2))
+        if _calls is not None:
+            _calls.stats(_DT_INDEX[acc], x3, block[1], FAR_PIVOT_RATIO[acc], mean, m2)
+        else:
+            lib["stats_serial", acc](pointer(x3), block[1], FAR_PIVOT_RATIO[acc], pointer(mean), pointer(m2))
         return mean, m2
+    px = pointer(x3)
     pivot = _pivots(x3, red.width, acc)
     buf = _buffer(red, c)
     for again in (False, True):
@@ -493,11 +565,16 @@ def forward(x3, side3, act, acc, eps, gamma, beta, norm, a=0.0, bessel=False, me
         flags = (((1 if side3 is not None else 0) | (2 if act is not None else 0)
                   | (8 if x3.nbytes >= STREAM_BYTES else 0)) if norm else 0)
         block = _plan_block(outer, c, inner, x3.itemsize)  # (held until the call returns)
-        _lib["train_serial", acc](
-            flags, pointer(x3), _opt(side3) if norm else None, _opt(y3), block[1],
-            FAR_PIVOT_RATIO[acc], float(eps), _opt(gamma), _opt(beta), pointer(mean), pointer(var), pointer(invstd),
-            pointer(scale), pointer(shift), float(a), int(bool(bessel)), _opt(mean_in), _opt(var_in), _opt(mean_out),
-            _opt(var_out))
+        if _calls is not None:
+            _calls.train(_DT_INDEX[acc], flags, x3, side3 if norm else None, y3, block[1], FAR_PIVOT_RATIO[acc],
+                         float(eps), gamma, beta, mean, var, invstd, scale, shift, float(a), int(bool(bessel)),
+                         mean_in, var_in, mean_out, var_out)
+        else:
+            _lib["train_serial", acc](
+                flags, pointer(x3), _opt(side3) if norm else None, _opt(y3), block[1],
+                FAR_PIVOT_RATIO[acc], float(eps), _opt(gamma), _opt(beta), pointer(mean), pointer(var),
+                pointer(invstd), pointer(scale), pointer(shift), float(a), int(bool(bessel)), _opt(mean_in),
+                _opt(var_in), _opt(mean_out), _opt(var_out))
         return y3, mean, var, invstd, scale, shift
     mean, var = statistics(x3, acc)  # var holds M2 until the fold
     _lib["fold", acc](c, outer * inner, pointer(var), float(eps), _opt(gamma), _opt(beta), pointer(invstd),
@@ -523,9 +600,13 @@ def infer(x3, side3, act, acc, eps, gamma, beta, mean, var):
     y3 = np.empty(x3.shape, acc)
     serial = x3.nbytes < TASK_BYTES or _threads.get_num_threads() <= 1
     flags = (1 if side3 is not None else 0) | (2 if act is not None else 0) | (8 if x3.nbytes >= STREAM_BYTES else 0)
-    _lib["infer_serial", acc](flags, pointer(x3), _opt(side3), pointer(y3) if serial else None, outer, c, inner,
-                              _width(c), float(eps), _opt(gamma), _opt(beta), pointer(mean), pointer(var),
-                              pointer(scale), pointer(shift))
+    if _calls is not None:
+        _calls.infer(_DT_INDEX[acc], flags, x3, side3, y3 if serial else None, outer, c, inner, _width(c),
+                     float(eps), gamma, beta, mean, var, scale, shift)
+    else:
+        _lib["infer_serial", acc](flags, pointer(x3), _opt(side3), pointer(y3) if serial else None, outer, c,
+                                  inner, _width(c), float(eps), _opt(gamma), _opt(beta), pointer(mean),
+                                  pointer(var), pointer(scale), pointer(shift))
     if not serial:
         normalize(x3, side3, y3, mean, scale, shift, act, acc)
     return y3
@@ -646,11 +727,15 @@ def backward(dy3, x3, side3, dx3, dside3, stats, act, acc, training):
         flags = ((1 if side3 is not None else 0) | (2 if act is not None else 0) | (4 if dside3 is not None else 0)
                  | (8 if dx3.nbytes >= STREAM_BYTES else 0))
         block = _plan_block(outer, c, inner, x3.itemsize)  # (held until the call returns)
-        _lib["backward_serial", acc](
-            flags, pointer(dy3), pointer(x3), _opt(side3), pointer(dx3), _opt(dside3),
-            block[1], int(bool(training)), pointer(mean), pointer(scale),
-            pointer(shift), pointer(gcoef), pointer(hcoef), pointer(count), pointer(invstd), pointer(s1), pointer(s2),
-            pointer(dgamma), pointer(k1), pointer(k2))
+        if _calls is not None:
+            _calls.backward(_DT_INDEX[acc], flags, dy3, x3, side3, dx3, dside3, block[1], int(bool(training)), mean,
+                            scale, shift, gcoef, hcoef, count, invstd, s1, s2, dgamma, k1, k2)
+        else:
+            _lib["backward_serial", acc](
+                flags, pointer(dy3), pointer(x3), _opt(side3), pointer(dx3), _opt(dside3),
+                block[1], int(bool(training)), pointer(mean), pointer(scale),
+                pointer(shift), pointer(gcoef), pointer(hcoef), pointer(count), pointer(invstd), pointer(s1),
+                pointer(s2), pointer(dgamma), pointer(k1), pointer(k2))
         return dgamma, s1
     s1, s2 = backward_sums(dy3, x3, side3, mean, (mean, scale, shift), act, acc)
     _lib["bwd_coefficients", acc](c, int(bool(training)), pointer(s1), pointer(s2), pointer(gcoef), pointer(hcoef),

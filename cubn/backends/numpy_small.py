@@ -66,8 +66,9 @@ def whole(x3, side3=None, act=None, dy3=None) -> bool:
 
 
 def _loops(x3, acc, *others) -> bool:
-    """The compiled loops take this call (``whole`` said so, and they are still in use)."""
-    return x3.size > LIMIT and _native.accepts(x3, acc, *others)
+    """The compiled loops take this call (``numpy_native.accepts``: any non-empty float32 or float64 input
+    where the direct calls are built, else inputs above LIMIT that ``whole`` passed)."""
+    return _native.accepts(x3, acc, *others)
 
 
 def _view(x3):
