@@ -167,11 +167,14 @@ def test_save_and_load_keep_the_new_arguments(tmp_path, rng):
 
 
 # The same rules (test_batchnorm_eval / test_batchnorm_affine, and autograd's gradients) at sizes the NumPy
-# backend's compiled loops take (more than 8192 elements: short runs, long runs, one batch entry), on data
-# at an offset of 1e4 with a NaN channel, in float64 and float32
+# backend's compiled loops take (short runs, long runs, one batch entry, rows; and, where their direct calls
+# are built, small inputs too: (8, 16), a batch of one 4x4 map, runs shorter than a vector), on data at an
+# offset of 1e4 with a NaN channel, in float64 and float32
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("module,shape", [(torch.nn.BatchNorm2d, (24, 5, 9, 9)), (torch.nn.BatchNorm1d, (3, 4, 5000)),
-                                          (torch.nn.BatchNorm2d, (1, 3, 80, 80)), (torch.nn.BatchNorm1d, (9000, 3))])
+                                          (torch.nn.BatchNorm2d, (1, 3, 80, 80)), (torch.nn.BatchNorm1d, (9000, 3)),
+                                          (torch.nn.BatchNorm1d, (8, 16)), (torch.nn.BatchNorm2d, (1, 3, 4, 4)),
+                                          (torch.nn.BatchNorm1d, (4, 6, 3))])
 def test_modules_at_compiled_loop_sizes(rng, dtype, module, shape):
     m = module(shape[1], eps=1e-3, momentum=0.3).double()
     with torch.no_grad():
