@@ -31,7 +31,6 @@ import functools
 import hashlib
 import importlib.machinery
 import importlib.util
-import math
 import os
 import pathlib
 import platform
