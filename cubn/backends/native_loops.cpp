@@ -227,30 +227,46 @@ inline double lane_total(Lanes a) {
 // registers across the group (the group's runs are that many sequential
 // streams); per channel the additions are in the order of n either way.
 // Runs of 1 KiB or more are long enough to pay for their lanes' trip to memory
-// and are walked in memory order (groups of one).
+// and are walked in memory order (groups of one). The sums stay two-level
+// across runs too: a group's sums start from zero and join a block, which
+// joins the channel's total every BLOCK groups (a run shorter than LANES puts
+// one term in a lane: added straight across n, the lane's error would grow
+// with the count of runs).
 constexpr i64 SHORT_GROUP = 8, GROUPED_RUN_BYTES = 1024;
 
 template <class Run>
 inline void short_runs(i64 n0, i64 n1, i64 channels, i64 run_bytes, Run run, double* s, double* q) {
     const i64 group = run_bytes < GROUPED_RUN_BYTES ? SHORT_GROUP : 1;
     const bool one_group = n1 - n0 <= group;
-    std::vector<double> lanes(one_group ? 0 : 2 * channels * LANES, 0.0);
+    // per channel: the block's sums (two vectors), then the total's (two)
+    std::vector<double> lanes(one_group ? 0 : 4 * channels * LANES, 0.0);
+    i64 groups = 0;
     for (i64 g0 = n0; g0 < n1; g0 += group) {
         const i64 g1 = (g0 + group < n1) ? g0 + group : n1;
+        const bool last = g1 == n1, flush = last || ++groups % BLOCK == 0;
         for (i64 c = 0; c < channels; ++c) {
-            double* la = one_group ? nullptr : lanes.data() + 2 * c * LANES;
             Lanes a = {}, b = {};
-            if (la) {
-                a = load_sum(la);
-                b = load_sum(la + LANES);
-            }
             for (i64 n = g0; n < g1; ++n) run(n, c, a, b);
-            if (g1 == n1) {
-                s[c] = lane_total(a);
-                q[c] = lane_total(b);
-            } else {
+            if (!one_group) {
+                double* la = lanes.data() + 4 * c * LANES;
+                a += load_sum(la);
+                b += load_sum(la + LANES);
+                if (flush) {
+                    a += load_sum(la + 2 * LANES);
+                    b += load_sum(la + 3 * LANES);
+                    store_sum(la + 2 * LANES, a);
+                    store_sum(la + 3 * LANES, b);
+                    a = b = Lanes{};
+                }
                 store_sum(la, a);
                 store_sum(la + LANES, b);
+                if (!last) continue;
+                a = load_sum(la + 2 * LANES);
+                b = load_sum(la + 3 * LANES);
+            }
+            if (last) {
+                s[c] = lane_total(a);
+                q[c] = lane_total(b);
             }
         }
     }
