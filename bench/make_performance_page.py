@@ -121,6 +121,9 @@ def main():
     cpu_runs = [r for r in runs if json.loads(r.read_text()).get("kind") == "cpu-peers"]
     if cpu_runs:
         out.append(cpu_section(cpu_runs))
+    small_runs = sorted(RESULTS.glob("*/small_calls.json"))
+    if small_runs:
+        out.append(small_calls_section(small_runs))
     for r in runs:
         if r in cpu_runs:
             continue
@@ -159,6 +162,23 @@ def cpu_section(runs):
         body = readme.read_text().split("\n", 1)[1] if readme.exists() else ""
         out.append(f"### Run `{r.parent.name}`\n")
         out.append(body.replace("\n## ", "\n#### ").strip() + "\n")
+    return "\n".join(out)
+
+
+def small_calls_section(runs):
+    """The runs of bench/small_calls.py: per-call time of small inputs, warm, beside PyTorch."""
+    out = ["\n## CPU: per-call time of small inputs\n",
+           "Measured by `bench/small_calls.py`: a tight loop of calls on the same small arrays (warm caches), "
+           "thread CPU time, batches interleaved across the columns, median of the batches; the cold-cache "
+           "regime is the CPU benchmark's above. What the columns are: "
+           "[Small inputs and per-call cost](cpu.md#small-inputs-and-per-call-cost).\n"]
+    for r in runs:
+        env = json.loads(r.read_text())["environment"]
+        out.append(f"### Run `{r.parent.name}`\n")
+        out.append(f"{env.get('cpu')}; shape {tuple(env.get('shape', ()))} {env.get('dtype')}, {env.get('batches')} "
+                   f"batches of {env.get('calls')} calls; numpy {env.get('numpy')}, torch {env.get('torch', '-')}; "
+                   f"compiled loops {env.get('cubn_native')}.\n")
+        out.append((r.parent / "table.md").read_text().strip() + "\n")
     return "\n".join(out)
 
 

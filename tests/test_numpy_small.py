@@ -12,6 +12,7 @@ import pytest
 import cubn
 from cubn import activations
 from cubn._dtypes import acc_dtype
+from cubn.backends import numpy_direct
 from cubn.backends import numpy_small as ns
 from cubn.backends.base import Affine, Fold, MovingUpdate, RawAffine
 from cubn.backends.numpy_backend import NumpyBackend
@@ -100,7 +101,13 @@ def test_whole_calls_are_the_primitives_bit_for_bit(rng, dt, shape, kind):
 
 @pytest.fixture
 def small_calls(monkeypatch):
-    """Counts the calls of the small path's entry points."""
+    """Counts the calls of the small path's entry points, with the ops' direct route to the compiled
+    loops off (it takes float32/float64 calls past this path: tests/test_numpy_direct.py)."""
+    with numpy_direct.disabled():
+        yield from _counting(monkeypatch)
+
+
+def _counting(monkeypatch):
     count = {}
     for name in ("moments", "train", "fused_train", "infer", "backward"):
         real = getattr(ns, name)
@@ -110,7 +117,7 @@ def small_calls(monkeypatch):
             return _real(*a, **k)
 
         monkeypatch.setattr(ns, name, spy)
-    return count
+    yield count
 
 
 def _ref(x, g, b, eps):

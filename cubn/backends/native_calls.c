@@ -16,6 +16,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
 
 typedef int64_t i64;
@@ -187,12 +188,102 @@ static PyObject *backward(PyObject *self, PyObject *const *args, Py_ssize_t narg
     Py_RETURN_NONE;
 }
 
+/* A shape's plan block (numpy_native._plan_block): [kind, outer, C, inner, ...] */
+static i64 plan_channels(const i64 *plan) { return plan[2]; }
+static i64 plan_count(const i64 *plan) { return plan[1] * plan[3]; }
+
+/* moments(kind, x, plan, ratio, mean, var): the statistics, then var = M2 / n in the data's type (as
+   np.divide(m2, n) rounds: n converted to the type, one correctly rounded division) */
+static PyObject *moments(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    i64 kind = 0, plan;
+    double ratio;
+    void *x, *p2[2];
+    if ((nargs > 0 && arg_int(args[0], &kind) < 0) || check(nargs, 6, "moments", kind) < 0) return NULL;
+    if (arg_array(args[1], &x) < 0 || arg_int(args[2], &plan) < 0 || arg_double(args[3], &ratio) < 0 ||
+        arg_arrays(args, 4, 2, p2) < 0)
+        return NULL;
+    const i64 *pl = (const i64 *)(intptr_t)plan;
+    const i64 c = plan_channels(pl), n = plan_count(pl);
+    Py_BEGIN_ALLOW_THREADS
+    stats_f[kind](x, pl, ratio, p2[0], p2[1]);
+    if (kind == 0) {
+        float *v = (float *)p2[1];
+        const float fn = (float)n;
+        for (i64 k = 0; k < c; ++k) v[k] = v[k] / fn;
+    } else {
+        double *v = (double *)p2[1];
+        const double dn = (double)n;
+        for (i64 k = 0; k < c; ++k) v[k] = v[k] / dn;
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* The fold of given statistics, as numpy_small.given_stats rounds it (one ufunc per step): invstd =
+   1 / sqrt(var + eps), scale = gamma * invstd (invstd without gamma), shift = gamma * 0 + beta (gamma * 0
+   without beta, beta + 0 without gamma, else 0), hcoef = 0, count = n; into work[0 .. 5c) as invstd,
+   scale, shift, hcoef, count. Returns the scale's address (invstd's without gamma). */
+#define CUBN_FOLD_GIVEN(T, SQRT)                                                                           \
+    static T *fold_given_##T(i64 c, i64 n, double eps, const T *var, const T *gamma, const T *beta, T *w) { \
+        T *inv = w, *sc = w + c, *sh = w + 2 * c, *hc = w + 3 * c, *cnt = w + 4 * c;                       \
+        const T e = (T)eps, tn = (T)n, zero = (T)0;                                                        \
+        for (i64 k = 0; k < c; ++k) {                                                                      \
+            volatile T t = var[k] + e;                                                                     \
+            t = SQRT(t);                                                                                   \
+            inv[k] = (T)1 / t;                                                                             \
+            hc[k] = zero;                                                                                  \
+            cnt[k] = tn;                                                                                   \
+            if (gamma) {                                                                                   \
+                sc[k] = gamma[k] * inv[k];                                                                 \
+                volatile T g0 = gamma[k] * zero;                                                           \
+                sh[k] = beta ? g0 + beta[k] : g0;                                                          \
+            } else {                                                                                       \
+                sh[k] = beta ? beta[k] + zero : zero;                                                      \
+            }                                                                                              \
+        }                                                                                                  \
+        return gamma ? sc : inv;                                                                           \
+    }
+CUBN_FOLD_GIVEN(float, sqrtf)
+CUBN_FOLD_GIVEN(double, sqrt)
+
+/* backward_given(kind, flags, dy, x, side, dx, dside, plan, training, eps, mean, var, gamma, beta, work,
+                  dgamma, s1): the fold of the given statistics (above; work holds 8 C values: the fold's five,
+                  then S2, k1, k2), then the one-thread backward */
+static PyObject *backward_given(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    i64 kind = 0, flags, plan, training;
+    double eps;
+    void *p5[5], *p7[7];
+    if ((nargs > 0 && arg_int(args[0], &kind) < 0) || check(nargs, 17, "backward_given", kind) < 0) return NULL;
+    if (arg_int(args[1], &flags) < 0 || arg_arrays(args, 2, 5, p5) < 0 || arg_int(args[7], &plan) < 0 ||
+        arg_int(args[8], &training) < 0 || arg_double(args[9], &eps) < 0 || arg_arrays(args, 10, 7, p7) < 0)
+        return NULL;
+    const i64 *pl = (const i64 *)(intptr_t)plan;
+    const i64 c = plan_channels(pl), n = plan_count(pl);
+    Py_BEGIN_ALLOW_THREADS
+    if (kind == 0) {
+        float *w = (float *)p7[4], *scale = fold_given_float(c, n, eps, p7[1], p7[2], p7[3], w);
+        backward_f[0]((int)flags, p5[0], p5[1], p5[2], p5[3], p5[4], pl, (int)training, p7[0], scale, w + 2 * c,
+                      w, w + 3 * c, w + 4 * c, w, p7[6], w + 5 * c, p7[5], w + 6 * c, w + 7 * c);
+    } else {
+        double *w = (double *)p7[4], *scale = fold_given_double(c, n, eps, p7[1], p7[2], p7[3], w);
+        backward_f[1]((int)flags, p5[0], p5[1], p5[2], p5[3], p5[4], pl, (int)training, p7[0], scale, w + 2 * c,
+                      w, w + 3 * c, w + 4 * c, w, p7[6], w + 5 * c, p7[5], w + 6 * c, w + 7 * c);
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"init", (PyCFunction)(void (*)(void))init, METH_FASTCALL, "init(ndarray, data_offset, entry points)"},
     {"train", (PyCFunction)(void (*)(void))train, METH_FASTCALL, "the one-thread training forward"},
     {"infer", (PyCFunction)(void (*)(void))infer, METH_FASTCALL, "the one-thread inference forward"},
     {"stats", (PyCFunction)(void (*)(void))stats, METH_FASTCALL, "the one-thread statistics"},
     {"backward", (PyCFunction)(void (*)(void))backward, METH_FASTCALL, "the one-thread backward"},
+    {"moments", (PyCFunction)(void (*)(void))moments, METH_FASTCALL, "the one-thread statistics as (mean, var)"},
+    {"backward_given", (PyCFunction)(void (*)(void))backward_given, METH_FASTCALL,
+     "the one-thread backward from given statistics"},
     {NULL, NULL, 0, NULL},
 };
 

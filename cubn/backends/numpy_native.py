@@ -69,6 +69,8 @@ TASK_BYTES = 1 << 20  # bytes below which a call runs in the calling thread; tas
 STREAM_BYTES = 8 << 20
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-std=c++17",
           "-fPIC", "-shared", "-fvisibility=hidden", "-Wall")  # fmt: skip
+# (no contraction: the extension's few per-channel steps round as NumPy's ufuncs do)
+_CALLS_FLAGS = ("-O2", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-fvisibility=hidden", "-Wall")
 _ABI = 11  # cubn_native_abi() of this version of native_loops.cpp
 _SUFFIX = {np.dtype(np.float32): "f4", np.dtype(np.float64): "f8"}
 _I64 = ctypes.c_int64
@@ -201,7 +203,8 @@ def _load():
 def _calls_target(cc: str) -> pathlib.Path:
     h = hashlib.sha256()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    for part in (CALLS_SOURCE.read_bytes(), version.encode(), sys.version.encode(), sysconfig.get_paths()["include"].encode()):
+    for part in (CALLS_SOURCE.read_bytes(), " ".join(_CALLS_FLAGS).encode(), version.encode(), sys.version.encode(),
+                 sysconfig.get_paths()["include"].encode()):
         h.update(part)
         h.update(b"\0")
     return _cache_dir() / f"native_calls-{h.hexdigest()[:24]}{importlib.machinery.EXTENSION_SUFFIXES[0]}"
@@ -218,8 +221,7 @@ def _load_calls(funcs):
     cc = _compiler()
     target = _calls_target(cc)
     if not _verified(target):
-        _build(target, [cc, "-x", "c", "-O2", "-fPIC", "-shared", "-fvisibility=hidden", "-Wall", f"-I{include}",
-                        str(CALLS_SOURCE)])
+        _build(target, [cc, "-x", "c", *_CALLS_FLAGS, f"-I{include}", str(CALLS_SOURCE)])
     spec = importlib.util.spec_from_file_location("_cubn_native_calls", target)
     if spec is None or spec.loader is None:
         raise RuntimeError(f"{target} cannot be loaded as an extension module")

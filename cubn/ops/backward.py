@@ -13,6 +13,8 @@ from .._options import one_launch_enabled
 from ..backends._memory import alignment_of
 from .._backend import fast_select, select, take_dlpack
 from .._fast import plain_like, plain_vector
+from ..backends import numpy_direct as _direct
+from ..backends import numpy_native as _native
 from ..backends import numpy_small as _small
 from .._checks import arg_error, check_float_input, check_positive_epsilon
 from .._memory import readable_all
@@ -119,7 +121,11 @@ def _backward_fast(dy, x, scale, mean, variance, epsilon, offset, data_format, i
         return None
     if type(epsilon) is not float or not 0.0 <= epsilon < math.inf:
         return None
-    if activation is not None and not isinstance(activation, activations.Activation):
+    if type(activation) is str:  # a known name (an unknown one: the ordinary path's error)
+        activation = activations.by_name(activation)
+        if activation is None:
+            return None
+    elif activation is not None and not isinstance(activation, activations.Activation):
         return None
     plan = plan_for_channels(x.shape, data_format, "batch_norm_backward")
     acc = _dtypes.acc_dtype(x.dtype)
@@ -129,6 +135,18 @@ def _backward_fast(dy, x, scale, mean, variance, epsilon, offset, data_format, i
     if not (plain_vector(scale, c, acc) and plain_vector(offset, c, acc) and plain_vector(mean, c, acc)
             and plain_vector(variance, c, acc) and plain_like(side_input, x)):
         return None
+    if (backend.info is None and plan.perm is None and _direct.takes(x) and dy.flags.c_contiguous
+            and _native.takes_act(activation) and (side_input is None or side_input.flags.c_contiguous)):
+        training = bool(is_training)
+        dx, dgamma, dbeta, dside, invstd, fscale, hcoef = _direct.backward(
+            dy, x, plan, scale, offset, mean, variance, epsilon, activation, side_input, training,
+            side_input is not None)
+        dmean = dvar = None
+        if not training:  # as _backward
+            g1 = 1 if scale is None else scale
+            dmean = -fscale * dbeta
+            dvar = -0.5 * g1 * invstd * invstd * (dgamma - hcoef * dbeta)
+        return BatchNormGrads(dx, dgamma, dbeta, dside, dmean, dvar)
     return _backward(backend, plan, dy, x, scale, offset, mean, variance, None, None, None, epsilon, activation,
                      side_input, is_training, backend.xp, acc)
 

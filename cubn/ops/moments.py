@@ -6,6 +6,7 @@ import numpy as np
 from .. import _dtypes
 from .. import _launch_cache as _lc
 from .._backend import fast_select, select, take_dlpack
+from ..backends import numpy_direct as _direct
 from ..backends import numpy_mid as _mid
 from ..backends import numpy_small as _small
 from ..backends._memory import alignment_of
@@ -20,7 +21,10 @@ def _reduce(func, x, axes, keepdims, weights_arg=None, weights_name="weights"):
     if weights_arg is None:
         backend = fast_select(x, ())
         if backend is not None and _dtypes.is_supported_float(x.dtype):
-            return _moments(backend, plan_for_reduction(x.shape, axes, func), x, keepdims)
+            plan = plan_for_reduction(x.shape, axes, func)
+            if backend.info is None and plan.perm is None and plan.channels and _direct.takes(x):
+                return _direct.moments(x, plan, keepdims)
+            return _moments(backend, plan, x, keepdims)
     x, weights_arg = take_dlpack(func, x=x, **{weights_name: weights_arg})
     check_float_input(func, "x", x)
     backend = select(func, "x", x, **({weights_name: weights_arg} if weights_arg is not None else {}))

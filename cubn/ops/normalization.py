@@ -14,7 +14,9 @@ from .._checks import arg_error, check_float_input, check_positive_epsilon, desc
 from .._memory import readable, readable_all
 from .._options import one_launch_enabled
 from .._plan import channel_axis, plan_for_channels, plan_for_kept_axes
+from ..backends import numpy_direct as _direct
 from ..backends import numpy_mid as _mid
+from ..backends import numpy_native as _native
 from ..backends import numpy_small as _small
 from ..backends import one_launch
 from .. import _launch_cache as _lc
@@ -529,6 +531,11 @@ def _fused_fast(func, backend, x, scale, offset, mean, variance, epsilon, data_f
             return None
     elif mean is None or variance is None:
         return None
+    if (backend.info is None and plan.perm is None and _direct.takes(x) and _native.takes_act(activation)
+            and (side_input is None or side_input.flags.c_contiguous)):
+        if is_training:
+            return _direct.fused_train(x, plan, scale, offset, side_input, activation, epsilon, f, mean, variance)
+        return _direct.infer(x, plan, scale, offset, mean, variance, side_input, activation, epsilon), mean, variance
     return _fused(backend, plan, x, acc, scale, offset, mean, variance, side_input, epsilon, f, activation,
                   is_training)
 
