@@ -154,18 +154,29 @@ static PyObject *infer(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     Py_RETURN_NONE;
 }
 
+/* (kind, x, plan, ratio, mean, out) of stats() and moments(); -1 and an exception when they are not */
+static int stats_args(PyObject *const *args, Py_ssize_t nargs, const char *name, i64 *kind, void **x,
+                      const i64 **plan, double *ratio, void **p2) {
+    i64 address;
+    *kind = 0;
+    if ((nargs > 0 && arg_int(args[0], kind) < 0) || check(nargs, 6, name, *kind) < 0) return -1;
+    if (arg_array(args[1], x) < 0 || arg_int(args[2], &address) < 0 || arg_double(args[3], ratio) < 0 ||
+        arg_arrays(args, 4, 2, p2) < 0)
+        return -1;
+    *plan = (const i64 *)(intptr_t)address;
+    return 0;
+}
+
 /* stats(kind, x, plan, ratio, mean, m2) */
 static PyObject *stats(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    i64 kind = 0, plan;
+    i64 kind;
+    const i64 *plan;
     double ratio;
     void *x, *p2[2];
-    if ((nargs > 0 && arg_int(args[0], &kind) < 0) || check(nargs, 6, "stats", kind) < 0) return NULL;
-    if (arg_array(args[1], &x) < 0 || arg_int(args[2], &plan) < 0 || arg_double(args[3], &ratio) < 0 ||
-        arg_arrays(args, 4, 2, p2) < 0)
-        return NULL;
+    if (stats_args(args, nargs, "stats", &kind, &x, &plan, &ratio, p2) < 0) return NULL;
     Py_BEGIN_ALLOW_THREADS
-    stats_f[kind](x, (const i64 *)(intptr_t)plan, ratio, p2[0], p2[1]);
+    stats_f[kind](x, plan, ratio, p2[0], p2[1]);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -196,14 +207,11 @@ static i64 plan_count(const i64 *plan) { return plan[1] * plan[3]; }
    np.divide(m2, n) rounds: n converted to the type, one correctly rounded division) */
 static PyObject *moments(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    i64 kind = 0, plan;
+    i64 kind;
+    const i64 *pl;
     double ratio;
     void *x, *p2[2];
-    if ((nargs > 0 && arg_int(args[0], &kind) < 0) || check(nargs, 6, "moments", kind) < 0) return NULL;
-    if (arg_array(args[1], &x) < 0 || arg_int(args[2], &plan) < 0 || arg_double(args[3], &ratio) < 0 ||
-        arg_arrays(args, 4, 2, p2) < 0)
-        return NULL;
-    const i64 *pl = (const i64 *)(intptr_t)plan;
+    if (stats_args(args, nargs, "moments", &kind, &x, &pl, &ratio, p2) < 0) return NULL;
     const i64 c = plan_channels(pl), n = plan_count(pl);
     Py_BEGIN_ALLOW_THREADS
     stats_f[kind](x, pl, ratio, p2[0], p2[1]);

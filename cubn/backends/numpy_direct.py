@@ -31,18 +31,11 @@ def takes(x) -> bool:
             and not getattr(_local, "direct_off", False))
 
 
-class disabled:
+class disabled(_native.ThreadSwitch):
     """Within ``with numpy_direct.disabled():`` (this thread) the ops take their longer route to the
     same C calls (for tests)."""
 
-    def __enter__(self):
-        self._old = getattr(_local, "direct_off", False)
-        _local.direct_off = True
-        return self
-
-    def __exit__(self, *exc):
-        _local.direct_off = self._old
-        return False
+    flag = "direct_off"
 
 
 def _block(plan, itemsize):

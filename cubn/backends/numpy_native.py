@@ -276,17 +276,26 @@ def status() -> str:
     return f"not in use: {_why}"
 
 
-class disabled:
-    """``with numpy_native.disabled():`` the NumPy code throughout, in this thread (tests, A/B timing)."""
+class ThreadSwitch:
+    """A context manager that sets the thread-local flag ``flag`` (on ``_local``) for its block, and
+    restores the flag's previous value after it (nested blocks and other threads are unaffected)."""
+
+    flag = "off"
 
     def __enter__(self):
-        self._old = getattr(_local, "off", False)
-        _local.off = True
+        self._old = getattr(_local, self.flag, False)
+        setattr(_local, self.flag, True)
         return self
 
     def __exit__(self, *exc):
-        _local.off = self._old
+        setattr(_local, self.flag, self._old)
         return False
+
+
+class disabled(ThreadSwitch):
+    """``with numpy_native.disabled():`` the NumPy code throughout, in this thread (tests, A/B timing)."""
+
+    flag = "off"
 
 
 # ---------------------------------------------------------------------------
